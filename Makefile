@@ -1,0 +1,35 @@
+# fanout — the two commands of the README, and the helpers they use.
+#   make run    the gateway on its built-in demo configuration
+#   make test   unit and integration tests
+# Both install what a fresh Debian machine lacks (cmake, which Pingora's build needs).
+
+CARGO ?= cargo
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: run test deps build lint fmt bench check-conf
+
+deps:
+	@command -v cargo >/dev/null || { echo "cargo is missing: install Rust with rustup first" >&2; exit 1; }
+	@command -v cmake >/dev/null || { \
+		echo "installing cmake (needed to build Pingora)"; \
+		$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq cmake; }
+	@command -v cc >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq build-essential; }
+
+build: deps
+	$(CARGO) build --release --locked
+
+run: build
+	./target/release/fanout --demo
+
+test: deps
+	$(CARGO) test --release --locked
+
+lint: deps
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --release --locked --all-targets -- -D warnings
+
+check-conf: build
+	@for f in conf/*.yaml; do ./target/release/fanout -t -c $$f || exit 1; done
+
+bench: build
+	bench/run.sh

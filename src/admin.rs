@@ -1,0 +1,197 @@
+//! The admin listener (`admin:` in the configuration), separate from the proxy listeners:
+//! `/health` (the process is up), `/ready` (every upstream has a backend to send to),
+//! `/metrics` (Prometheus text) and `/status` (upstreams, backends, routes, totals as JSON).
+
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use http::{Method, Response, StatusCode};
+use pingora_core::apps::http_app::ServeHttp;
+use pingora_core::protocols::http::ServerSession;
+use serde_json::{json, Value};
+
+use crate::config::RouteKind;
+use crate::gateway::Gateway;
+
+pub struct AdminApp {
+    gw: Arc<Gateway>,
+}
+
+impl AdminApp {
+    pub fn new(gw: Arc<Gateway>) -> Self {
+        AdminApp { gw }
+    }
+
+    fn health(&self) -> (StatusCode, Value) {
+        let secs = self.gw.started.elapsed().as_secs();
+        (
+            StatusCode::OK,
+            json!({ "status": "UP", "uptime": human_uptime(secs), "uptime_seconds": secs }),
+        )
+    }
+
+    fn ready(&self) -> (StatusCode, Value) {
+        let missing: Vec<&str> = self
+            .gw
+            .upstreams
+            .iter()
+            .filter(|u| !u.has_available())
+            .map(|u| u.name())
+            .collect();
+        if missing.is_empty() {
+            (StatusCode::OK, json!({ "status": "READY" }))
+        } else {
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                json!({ "status": "NOT_READY", "upstreams_without_healthy_backend": missing }),
+            )
+        }
+    }
+
+    fn status(&self) -> (StatusCode, Value) {
+        let gw = &self.gw;
+        let upstreams: Vec<Value> = gw
+            .upstreams
+            .iter()
+            .map(|u| {
+                let backends: Vec<Value> = u
+                    .backends
+                    .iter()
+                    .map(|b| {
+                        json!({
+                            "address": b.label,
+                            "weight": b.weight,
+                            "healthy": b.healthy(),
+                            "circuit": "closed",
+                            "inflight": b.inflight(),
+                        })
+                    })
+                    .collect();
+                json!({
+                    "name": u.name(),
+                    "balance": format!("{:?}", u.config.balance).to_lowercase(),
+                    "backends": backends,
+                })
+            })
+            .collect();
+        let name = |id: &usize| gw.upstreams[*id].name().to_string();
+        let routes: Vec<Value> = gw
+            .routes
+            .iter()
+            .map(|r| {
+                let c = &r.config;
+                let mut v = json!({
+                    "route": c.label,
+                    "kind": r.kind_name(),
+                    "host": c.host,
+                    "match": match &c.path {
+                        crate::config::PathMatch::Exact(p) => json!({ "path": p }),
+                        crate::config::PathMatch::Prefix(p) => json!({ "prefix": p }),
+                    },
+                    "methods": c.methods.as_ref().map(|ms| ms.iter().map(|m| m.as_str()).collect::<Vec<_>>()),
+                });
+                match &c.kind {
+                    RouteKind::Proxy { upstream, fallback, .. } => {
+                        v["upstream"] = json!(name(upstream));
+                        if !fallback.is_empty() {
+                            v["fallback"] = json!(fallback.iter().map(name).collect::<Vec<_>>());
+                        }
+                    }
+                    RouteKind::Broadcast { targets } => {
+                        v["broadcast"] = json!(targets.iter().map(name).collect::<Vec<_>>());
+                    }
+                }
+                v
+            })
+            .collect();
+        let t = &gw.metrics.totals;
+        (
+            StatusCode::OK,
+            json!({
+                "uptime_seconds": gw.started.elapsed().as_secs(),
+                "upstreams": upstreams,
+                "routes": routes,
+                "totals": {
+                    "requests": t.requests.load(Relaxed),
+                    "responses": t.responses.load(Relaxed),
+                    "errors": t.errors.load(Relaxed),
+                },
+            }),
+        )
+    }
+
+    /// Copies live backend state into the gauges, then renders every family.
+    fn metrics(&self) -> Vec<u8> {
+        let m = &self.gw.metrics;
+        for u in &self.gw.upstreams {
+            for b in &u.backends {
+                let labels = [u.name(), b.label.as_str()];
+                m.backend_healthy.with_label_values(&labels).set(b.healthy() as i64);
+                m.backend_inflight.with_label_values(&labels).set(b.inflight() as i64);
+                m.circuit_open.with_label_values(&labels).set(0);
+            }
+        }
+        m.render()
+    }
+}
+
+/// `125` → `2m5s`.
+pub fn human_uptime(secs: u64) -> String {
+    let (d, h, m, s) = (secs / 86400, secs / 3600 % 24, secs / 60 % 60, secs % 60);
+    let mut out = String::new();
+    for (n, unit) in [(d, "d"), (h, "h"), (m, "m")] {
+        if n > 0 || !out.is_empty() {
+            out.push_str(&format!("{n}{unit}"));
+        }
+    }
+    out.push_str(&format!("{s}s"));
+    out
+}
+
+fn answer(status: StatusCode, content_type: &str, body: Vec<u8>) -> Response<Vec<u8>> {
+    let mut resp = Response::new(body);
+    *resp.status_mut() = status;
+    if let Ok(v) = content_type.parse() {
+        resp.headers_mut().insert(http::header::CONTENT_TYPE, v);
+    }
+    if let Ok(v) = resp.body().len().to_string().parse() {
+        resp.headers_mut().insert(http::header::CONTENT_LENGTH, v);
+    }
+    resp
+}
+
+fn json_answer((status, body): (StatusCode, Value)) -> Response<Vec<u8>> {
+    answer(status, "application/json", body.to_string().into_bytes())
+}
+
+#[async_trait]
+impl ServeHttp for AdminApp {
+    async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
+        let req = session.req_header();
+        if req.method != Method::GET && req.method != Method::HEAD {
+            return json_answer((StatusCode::METHOD_NOT_ALLOWED, json!({ "error": "method not allowed" })));
+        }
+        match req.uri.path() {
+            "/health" => json_answer(self.health()),
+            "/ready" => json_answer(self.ready()),
+            "/status" => json_answer(self.status()),
+            "/metrics" => answer(StatusCode::OK, "text/plain; version=0.0.4", self.metrics()),
+            _ => json_answer((
+                StatusCode::NOT_FOUND,
+                json!({ "error": "not found", "endpoints": ["/health", "/ready", "/metrics", "/status"] }),
+            )),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn uptime_reads_naturally() {
+        assert_eq!(super::human_uptime(125), "2m5s");
+        assert_eq!(super::human_uptime(5), "5s");
+        assert_eq!(super::human_uptime(3600), "1h0m0s");
+        assert_eq!(super::human_uptime(90061), "1d1h1m1s");
+    }
+}

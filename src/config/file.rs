@@ -1,0 +1,224 @@
+//! The configuration file's own shape: serde types that mirror the YAML keys of SPEC.md one
+//! to one, and nothing more. Every struct refuses unknown keys, and values with units parse
+//! into [`Size`] and [`Dur`] right here, so a mistake is reported with its key path. Turning
+//! these into the validated runtime model (names resolved, addresses parsed, defaults
+//! applied) is `config::model`'s job, not this file's.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::Duration;
+
+use serde::de::{self, Deserializer, Visitor};
+use serde::Deserialize;
+
+use super::units::{parse_duration, parse_size};
+
+/// A size in bytes, written as a number or a string with a unit (`10MiB`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Size(pub u64);
+
+impl<'de> Deserialize<'de> for Size {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = Size;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a size such as 1048576, 512KiB or 10MiB")
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Size, E> {
+                Ok(Size(v))
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Size, E> {
+                u64::try_from(v)
+                    .map(Size)
+                    .map_err(|_| E::custom(format!("size {v} is negative")))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Size, E> {
+                parse_size(v).map(Size).map_err(E::custom)
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// A duration, written as a string with a unit (`250ms`, `10s`, `5m`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Dur(pub Duration);
+
+impl<'de> Deserialize<'de> for Dur {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = Dur;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a duration with a unit such as 250ms, 10s or 5m")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Dur, E> {
+                parse_duration(v).map(Dur).map_err(E::custom)
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Dur, E> {
+                Err(E::custom(format!(
+                    "duration {v} needs a unit, e.g. \"{v}s\" or \"{v}ms\""
+                )))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// `listen:` takes one address or a list of them.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl OneOrMany {
+    pub fn into_vec(self) -> Vec<String> {
+        match self {
+            OneOrMany::One(s) => vec![s],
+            OneOrMany::Many(v) => v,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AccessLog {
+    Json,
+    Off,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileDefaults {
+    pub max_body_bytes: Option<Size>,
+    pub access_log: Option<AccessLog>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Balance {
+    RoundRobin,
+    Weighted,
+    LeastConn,
+    ConsistentHash,
+}
+
+/// One upstream. `backends` entries are either `"host:port"` or `{address, weight}`; they
+/// are kept as raw YAML here and parsed one by one so that each bad entry gets its own line.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileUpstream {
+    pub balance: Option<Balance>,
+    pub hash_key: Option<String>,
+    pub backends: Vec<serde_yaml::Value>,
+    pub health_check: Option<FileHealthCheck>,
+    pub breaker: Option<FileBreaker>,
+    pub timeouts: Option<FileTimeouts>,
+    pub retries: Option<u32>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileBackend {
+    pub address: String,
+    pub weight: Option<u32>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HealthCheckType {
+    Http,
+    Tcp,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileHealthCheck {
+    #[serde(rename = "type")]
+    pub kind: Option<HealthCheckType>,
+    pub path: Option<String>,
+    pub interval: Option<Dur>,
+    pub timeout: Option<Dur>,
+    pub healthy_after: Option<u32>,
+    pub unhealthy_after: Option<u32>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileBreaker {
+    pub failures: Option<u32>,
+    pub open: Option<Dur>,
+    pub max_open: Option<Dur>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileTimeouts {
+    pub connect: Option<Dur>,
+    pub read: Option<Dur>,
+    pub write: Option<Dur>,
+    pub idle: Option<Dur>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileRoute {
+    pub name: Option<String>,
+    #[serde(rename = "match")]
+    pub matcher: FileMatch,
+    pub upstream: Option<String>,
+    pub broadcast: Option<Vec<String>>,
+    pub fallback: Option<Vec<String>>,
+    pub fallback_max_body: Option<Size>,
+    pub strip_prefix: Option<bool>,
+    pub request_headers: Option<FileHeaderRules>,
+    pub response_headers: Option<FileHeaderRules>,
+    pub rate_limit: Option<FileRateLimit>,
+    pub max_body_bytes: Option<Size>,
+    pub access_log: Option<AccessLog>,
+    pub mirror: Option<Vec<FileMirror>>,
+    pub redact_headers: Option<Vec<String>>,
+}
+
+/// `match:` — exactly one of `path` (exact) and `prefix`, optionally `host` and `methods`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileMatch {
+    pub path: Option<String>,
+    pub prefix: Option<String>,
+    pub host: Option<String>,
+    pub methods: Option<Vec<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileHeaderRules {
+    #[serde(default)]
+    pub set: BTreeMap<String, String>,
+    #[serde(default)]
+    pub remove: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileRateLimit {
+    pub requests_per_second: f64,
+    pub burst: Option<u32>,
+    pub key: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileMirror {
+    pub upstream: String,
+    pub percent: Option<f64>,
+    pub sample_by: Option<String>,
+    pub redact_headers: Option<Vec<String>>,
+    pub headers: Option<FileHeaderRules>,
+    pub max_body_bytes: Option<Size>,
+    pub max_inflight: Option<usize>,
+    pub timeout: Option<Dur>,
+}

@@ -1,0 +1,198 @@
+//! The validated runtime model: what the rest of the gateway reads. Every name is resolved
+//! to an index, every address parsed, every default applied, so no request-time code ever
+//! has to handle a configuration mistake.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use http::{HeaderName, HeaderValue, Method};
+use pingora_core::server::configuration::ServerConf;
+
+pub use super::file::{AccessLog, Balance, HealthCheckType};
+
+/// Index of an upstream in [`Config::upstreams`].
+pub type UpstreamId = usize;
+/// Index of a route in [`Config::routes`].
+pub type RouteId = usize;
+
+pub const DEFAULT_MAX_BODY_BYTES: u64 = 10 * 1024 * 1024;
+pub const DEFAULT_REDACT_HEADERS: [&str; 4] =
+    ["authorization", "x-api-key", "cookie", "proxy-authorization"];
+
+#[derive(Debug)]
+pub struct Config {
+    /// Pingora's own settings, from `server:` (threads already resolved: 0 means per core).
+    pub server: ServerConf,
+    pub listen: Vec<SocketAddr>,
+    pub admin: Option<SocketAddr>,
+    pub upstreams: Vec<UpstreamConfig>,
+    pub routes: Vec<RouteConfig>,
+}
+
+impl Config {
+    pub fn upstream_id(&self, name: &str) -> Option<UpstreamId> {
+        self.upstreams.iter().position(|u| u.name == name)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct UpstreamConfig {
+    pub name: String,
+    pub balance: Balance,
+    pub hash_key: KeySource,
+    pub backends: Vec<BackendConfig>,
+    pub health_check: Option<HealthCheckConfig>,
+    pub breaker: Option<BreakerConfig>,
+    pub timeouts: Timeouts,
+    pub retries: u32,
+}
+
+#[derive(Debug, Clone)]
+pub struct BackendConfig {
+    pub addr: SocketAddr,
+    pub weight: u32,
+}
+
+/// Where a per-request key comes from (consistent hashing, rate limits, mirror sampling).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeySource {
+    ClientIp,
+    Path,
+    Global,
+    Header(HeaderName),
+}
+
+impl KeySource {
+    /// Parses `client_ip`, `path`, `global` or `header:NAME`, accepting only `allowed` kinds.
+    pub fn parse(text: &str, allowed: &[&str]) -> Result<KeySource, String> {
+        let expected = || format!("expected one of {}", allowed.join(", "));
+        let key = if let Some(name) = text.strip_prefix("header:") {
+            let name = HeaderName::from_bytes(name.trim().as_bytes())
+                .map_err(|_| format!("invalid header name {name:?} in {text:?}"))?;
+            KeySource::Header(name)
+        } else {
+            match text {
+                "client_ip" => KeySource::ClientIp,
+                "path" => KeySource::Path,
+                "global" => KeySource::Global,
+                _ => return Err(format!("invalid key {text:?}, {}", expected())),
+            }
+        };
+        let kind = match key {
+            KeySource::ClientIp => "client_ip",
+            KeySource::Path => "path",
+            KeySource::Global => "global",
+            KeySource::Header(_) => "header:NAME",
+        };
+        if allowed.contains(&kind) {
+            Ok(key)
+        } else {
+            Err(format!("key {text:?} is not allowed here, {}", expected()))
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct HealthCheckConfig {
+    pub kind: HealthCheckType,
+    pub path: String,
+    pub interval: Duration,
+    pub timeout: Duration,
+    pub healthy_after: u32,
+    pub unhealthy_after: u32,
+}
+
+#[derive(Debug, Clone)]
+pub struct BreakerConfig {
+    pub failures: u32,
+    pub open: Duration,
+    pub max_open: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct Timeouts {
+    pub connect: Duration,
+    pub read: Duration,
+    pub write: Duration,
+    pub idle: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            connect: Duration::from_secs(5),
+            read: Duration::from_secs(60),
+            write: Duration::from_secs(60),
+            idle: Duration::from_secs(60),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PathMatch {
+    Exact(String),
+    Prefix(String),
+}
+
+#[derive(Debug, Clone)]
+pub enum RouteKind {
+    /// One backend of `upstream` answers; `fallback` upstreams race it (issue: fallback).
+    Proxy {
+        upstream: UpstreamId,
+        fallback: Vec<UpstreamId>,
+        fallback_max_body: u64,
+    },
+    /// Answer 202 at once and deliver to every target in the background.
+    Broadcast { targets: Vec<UpstreamId> },
+}
+
+#[derive(Debug, Clone)]
+pub struct RouteConfig {
+    /// The `route` label of metrics and logs: `name:` or the match written out.
+    pub label: String,
+    pub host: Option<String>,
+    pub path: PathMatch,
+    /// `None`: every method.
+    pub methods: Option<Vec<Method>>,
+    pub kind: RouteKind,
+    pub strip_prefix: bool,
+    pub request_headers: HeaderRules,
+    pub response_headers: HeaderRules,
+    pub rate_limit: Option<RateLimitConfig>,
+    pub max_body_bytes: u64,
+    pub access_log: AccessLog,
+    pub mirrors: Vec<MirrorConfig>,
+    /// Headers removed from broadcast copies.
+    pub redact_headers: Vec<HeaderName>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct HeaderRules {
+    pub set: Vec<(HeaderName, HeaderValue)>,
+    pub remove: Vec<HeaderName>,
+}
+
+impl HeaderRules {
+    pub fn is_empty(&self) -> bool {
+        self.set.is_empty() && self.remove.is_empty()
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct RateLimitConfig {
+    pub requests_per_second: f64,
+    pub burst: u32,
+    pub key: KeySource,
+}
+
+#[derive(Debug, Clone)]
+pub struct MirrorConfig {
+    pub upstream: UpstreamId,
+    pub percent: f64,
+    pub sample_by: Option<KeySource>,
+    pub redact_headers: Vec<HeaderName>,
+    pub headers: HeaderRules,
+    pub max_body_bytes: u64,
+    pub max_inflight: usize,
+    pub timeout: Duration,
+}

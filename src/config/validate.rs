@@ -1,0 +1,690 @@
+//! File types → runtime model. Each section and each list item is deserialized on its own,
+//! so one bad route does not hide the problems of the next; then names, addresses, ranges
+//! and cross references are checked. Everything found is returned at once.
+
+use std::collections::{BTreeMap, HashSet};
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::time::Duration;
+
+use http::{HeaderName, HeaderValue, Method};
+use pingora_core::server::configuration::ServerConf;
+use serde::de::DeserializeOwned;
+use serde_yaml::{Mapping, Value};
+
+use super::file::*;
+use super::model::*;
+use super::ConfigError;
+
+const TOP_KEYS: [&str; 6] = ["server", "listen", "admin", "defaults", "upstreams", "routes"];
+
+/// Collects errors under key paths.
+#[derive(Default)]
+struct Checker {
+    errors: Vec<ConfigError>,
+}
+
+impl Checker {
+    fn err(&mut self, path: &str, message: impl Into<String>) {
+        self.errors.push(ConfigError::new(path, message));
+    }
+
+    /// Deserializes `value` as `T`, reporting each failure under `path` plus the inner path.
+    /// serde stops at the first error, so the offending key is removed and parsing retried,
+    /// until it succeeds or cannot go on: every problem in the item gets its own line.
+    fn parse<T: DeserializeOwned>(&mut self, path: &str, mut value: Value) -> Option<T> {
+        let mut failed = false;
+        for _ in 0..64 {
+            match serde_path_to_error::deserialize::<_, T>(value.clone()) {
+                Ok(v) => return Some(v),
+                Err(e) => {
+                    let inner = e.path().clone();
+                    let message = e.into_inner().to_string();
+                    // A field we removed ourselves is now "missing": already reported.
+                    if failed && message.starts_with("missing field") {
+                        return None;
+                    }
+                    let rendered = inner.to_string();
+                    self.err(&join(path, if rendered == "." { "" } else { &rendered }), message);
+                    failed = true;
+                    if !remove_at(&mut value, &inner) {
+                        return None;
+                    }
+                }
+            }
+        }
+        None
+    }
+}
+
+/// Removes the value at `path` inside `value`; false if there is nothing to remove.
+fn remove_at(value: &mut Value, path: &serde_path_to_error::Path) -> bool {
+    use serde_path_to_error::Segment;
+    let segments: Vec<&Segment> = path.iter().collect();
+    let Some((last, parents)) = segments.split_last() else { return false };
+    let mut node = value;
+    for seg in parents {
+        let next = match (seg, node) {
+            (Segment::Seq { index }, Value::Sequence(items)) => items.get_mut(*index),
+            (Segment::Map { key }, Value::Mapping(map)) => map.get_mut(key.as_str()),
+            _ => None,
+        };
+        match next {
+            Some(n) => node = n,
+            None => return false,
+        }
+    }
+    match (last, node) {
+        (Segment::Map { key }, Value::Mapping(map)) => map.remove(key.as_str()).is_some(),
+        (Segment::Seq { index }, Value::Sequence(items)) if *index < items.len() => {
+            items.remove(*index);
+            true
+        }
+        _ => false,
+    }
+}
+
+fn join(base: &str, rest: &str) -> String {
+    match (base.is_empty(), rest.is_empty()) {
+        (_, true) => base.to_string(),
+        (true, false) => rest.to_string(),
+        (false, false) if rest.starts_with('[') => format!("{base}{rest}"),
+        (false, false) => format!("{base}.{rest}"),
+    }
+}
+
+/// Parses and validates configuration text into the runtime model.
+pub(super) fn build(text: &str) -> Result<Config, Vec<ConfigError>> {
+    let mut ck = Checker::default();
+    let root: Value = match serde_yaml::from_str(text) {
+        Ok(v) => v,
+        Err(e) => {
+            let mut err = ConfigError::new("", format!("invalid YAML: {e}"));
+            err.line = e.location().map(|l| l.line());
+            return Err(vec![err]);
+        }
+    };
+    let mut root = match root {
+        Value::Mapping(m) => m,
+        Value::Null => Mapping::new(),
+        _ => return Err(vec![ConfigError::new("", "the file must be a YAML mapping")]),
+    };
+    for key in root.keys() {
+        let name = key.as_str().unwrap_or("?");
+        if !TOP_KEYS.contains(&name) {
+            ck.err(
+                name,
+                format!("unknown key, expected one of {}", TOP_KEYS.join(", ")),
+            );
+        }
+    }
+
+    let server = build_server(&mut ck, root.remove("server"));
+    let listen: Vec<SocketAddr> = match root.remove("listen") {
+        None | Some(Value::Null) => {
+            ck.err("listen", "at least one listen address is required");
+            Vec::new()
+        }
+        Some(v) => ck
+            .parse::<OneOrMany>("listen", v)
+            .map(OneOrMany::into_vec)
+            .unwrap_or_default()
+            .iter()
+            .enumerate()
+            .filter_map(|(i, a)| parse_listen(&mut ck, &format!("listen[{i}]"), a))
+            .collect(),
+    };
+    let admin = match root.remove("admin") {
+        None | Some(Value::Null) => None,
+        Some(v) => ck
+            .parse::<String>("admin", v)
+            .and_then(|a| parse_listen(&mut ck, "admin", &a)),
+    };
+    let defaults = match root.remove("defaults") {
+        None | Some(Value::Null) => FileDefaults::default(),
+        Some(v) => ck.parse("defaults", v).unwrap_or_default(),
+    };
+
+    let upstreams = match root.remove("upstreams") {
+        None | Some(Value::Null) => Vec::new(),
+        Some(v) => ck
+            .parse::<Mapping>("upstreams", v)
+            .map(|m| build_upstreams(&mut ck, m))
+            .unwrap_or_default(),
+    };
+    let routes = match root.remove("routes") {
+        None | Some(Value::Null) => {
+            ck.err("routes", "at least one route is required");
+            Vec::new()
+        }
+        Some(v) => ck
+            .parse::<Vec<Value>>("routes", v)
+            .map(|items| build_routes(&mut ck, items, &upstreams, &defaults))
+            .unwrap_or_default(),
+    };
+
+    if ck.errors.is_empty() {
+        Ok(Config {
+            server,
+            listen,
+            admin,
+            upstreams: upstreams.into_iter().filter_map(|(_, u)| u).collect(),
+            routes,
+        })
+    } else {
+        Err(ck.errors)
+    }
+}
+
+/// `server:` holds Pingora's `ServerConf` keys unchanged; unknown ones are refused (Pingora
+/// itself would silently ignore them). Absent values get gateway defaults.
+fn build_server(ck: &mut Checker, value: Option<Value>) -> ServerConf {
+    let mut conf = ServerConf {
+        grace_period_seconds: Some(10),
+        graceful_shutdown_timeout_seconds: Some(5),
+        pid_file: "/tmp/fanout.pid".into(),
+        upgrade_sock: "/tmp/fanout_upgrade.sock".into(),
+        threads: 0,
+        ..ServerConf::default()
+    };
+    if let Some(Value::Mapping(given)) = value {
+        let known: HashSet<String> = match serde_yaml::to_value(ServerConf::default()) {
+            Ok(Value::Mapping(m)) => m.keys().filter_map(|k| k.as_str().map(String::from)).collect(),
+            _ => HashSet::new(),
+        };
+        let mut merged = match serde_yaml::to_value(&conf) {
+            Ok(Value::Mapping(m)) => m,
+            _ => Mapping::new(),
+        };
+        for (k, v) in given {
+            let name = k.as_str().unwrap_or("?").to_string();
+            if known.contains(&name) {
+                merged.insert(k, v);
+            } else {
+                ck.err(&format!("server.{name}"), "unknown Pingora server setting");
+            }
+        }
+        if let Some(parsed) = ck.parse::<ServerConf>("server", Value::Mapping(merged)) {
+            conf = parsed;
+        }
+    } else if let Some(v) = value {
+        if !v.is_null() {
+            ck.err("server", "expected a mapping of Pingora server settings");
+        }
+    }
+    if conf.threads == 0 {
+        conf.threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    }
+    conf
+}
+
+fn parse_listen(ck: &mut Checker, path: &str, text: &str) -> Option<SocketAddr> {
+    match text.parse::<SocketAddr>() {
+        Ok(a) => Some(a),
+        Err(_) => {
+            ck.err(path, format!("invalid listen address {text:?} (expected IP:PORT)"));
+            None
+        }
+    }
+}
+
+/// Parses a backend address: `IP:PORT`, `host:PORT` (resolved once, now) or the same behind
+/// `http://`.
+pub fn parse_backend_addr(text: &str) -> Result<SocketAddr, String> {
+    let t = text.trim();
+    let t = t.strip_prefix("http://").unwrap_or(t).trim_end_matches('/');
+    if let Ok(a) = t.parse::<SocketAddr>() {
+        return Ok(a);
+    }
+    let invalid = || format!("invalid address {text:?} (expected HOST:PORT)");
+    let (host, port) = t.rsplit_once(':').ok_or_else(invalid)?;
+    if host.is_empty() || port.parse::<u16>().is_err() || host.contains('/') {
+        return Err(invalid());
+    }
+    (host, port.parse::<u16>().map_err(|_| invalid())?)
+        .to_socket_addrs()
+        .ok()
+        .and_then(|mut addrs| addrs.next())
+        .ok_or_else(|| format!("cannot resolve address {text:?}"))
+}
+
+/// Every declared upstream by name; `None` where it has errors (already reported), so
+/// routes naming it are not reported again.
+fn build_upstreams(ck: &mut Checker, map: Mapping) -> Vec<(String, Option<UpstreamConfig>)> {
+    let mut out = Vec::new();
+    for (name, value) in map {
+        let Some(name) = name.as_str().map(String::from) else {
+            ck.err("upstreams", "upstream names must be strings");
+            continue;
+        };
+        let path = format!("upstreams.{name}");
+        let built = ck
+            .parse::<FileUpstream>(&path, value)
+            .and_then(|file| build_upstream(ck, &path, &name, file));
+        out.push((name, built));
+    }
+    out
+}
+
+fn build_upstream(ck: &mut Checker, path: &str, name: &str, f: FileUpstream) -> Option<UpstreamConfig> {
+    let before = ck.errors.len();
+    let balance = f.balance.unwrap_or(Balance::RoundRobin);
+    let hash_key = match (&f.hash_key, balance) {
+        (None, _) => KeySource::ClientIp,
+        (Some(k), Balance::ConsistentHash) => {
+            match KeySource::parse(k, &["client_ip", "path", "header:NAME"]) {
+                Ok(k) => k,
+                Err(e) => {
+                    ck.err(&format!("{path}.hash_key"), e);
+                    KeySource::ClientIp
+                }
+            }
+        }
+        (Some(_), _) => {
+            ck.err(&format!("{path}.hash_key"), "hash_key applies only to balance: consistent_hash");
+            KeySource::ClientIp
+        }
+    };
+    if f.backends.is_empty() {
+        ck.err(&format!("{path}.backends"), "at least one backend is required");
+    }
+    let mut backends: Vec<BackendConfig> = Vec::new();
+    for (i, value) in f.backends.into_iter().enumerate() {
+        let bpath = format!("{path}.backends[{i}]");
+        let (address, weight) = match value {
+            Value::String(s) => (s, None),
+            other => match ck.parse::<FileBackend>(&bpath, other) {
+                Some(b) => (b.address, b.weight),
+                None => continue,
+            },
+        };
+        let weight = weight.unwrap_or(1);
+        if !(1..=10_000).contains(&weight) {
+            ck.err(&format!("{bpath}.weight"), format!("weight {weight} is out of range 1..=10000"));
+            continue;
+        }
+        match parse_backend_addr(&address) {
+            Ok(addr) if backends.iter().any(|b| b.addr == addr) => {
+                ck.err(&bpath, format!("duplicate backend {addr}"));
+            }
+            Ok(addr) => backends.push(BackendConfig { addr, weight }),
+            Err(e) => ck.err(&bpath, e),
+        }
+    }
+    let health_check = f.health_check.map(|h| {
+        let hpath = format!("{path}.health_check");
+        let kind = h.kind.unwrap_or(HealthCheckType::Http);
+        let check_path = h.path.unwrap_or_else(|| "/health".into());
+        if kind == HealthCheckType::Http && !check_path.starts_with('/') {
+            ck.err(&format!("{hpath}.path"), format!("path {check_path:?} must start with /"));
+        }
+        if kind == HealthCheckType::Tcp && check_path != "/health" {
+            ck.err(&format!("{hpath}.path"), "path applies only to type: http");
+        }
+        let interval = h.interval.map_or(Duration::from_secs(5), |d| d.0);
+        let timeout = h.timeout.map_or(Duration::from_secs(1), |d| d.0);
+        positive(ck, &format!("{hpath}.interval"), interval);
+        positive(ck, &format!("{hpath}.timeout"), timeout);
+        let healthy_after = at_least_one(ck, &format!("{hpath}.healthy_after"), h.healthy_after.unwrap_or(2));
+        let unhealthy_after =
+            at_least_one(ck, &format!("{hpath}.unhealthy_after"), h.unhealthy_after.unwrap_or(2));
+        HealthCheckConfig { kind, path: check_path, interval, timeout, healthy_after, unhealthy_after }
+    });
+    let breaker = f.breaker.map(|b| {
+        let bpath = format!("{path}.breaker");
+        let failures = at_least_one(ck, &format!("{bpath}.failures"), b.failures.unwrap_or(5));
+        let open = b.open.map_or(Duration::from_secs(10), |d| d.0);
+        let max_open = b.max_open.map_or(Duration::from_secs(300), |d| d.0);
+        positive(ck, &format!("{bpath}.open"), open);
+        if max_open < open {
+            ck.err(&format!("{bpath}.max_open"), "max_open must not be shorter than open");
+        }
+        BreakerConfig { failures, open, max_open }
+    });
+    let mut timeouts = Timeouts::default();
+    if let Some(t) = f.timeouts {
+        let tpath = format!("{path}.timeouts");
+        for (key, given, slot) in [
+            ("connect", t.connect, &mut timeouts.connect),
+            ("read", t.read, &mut timeouts.read),
+            ("write", t.write, &mut timeouts.write),
+            ("idle", t.idle, &mut timeouts.idle),
+        ] {
+            if let Some(d) = given {
+                positive(ck, &format!("{tpath}.{key}"), d.0);
+                *slot = d.0;
+            }
+        }
+    }
+    let retries = f.retries.unwrap_or(1);
+    if retries > 16 {
+        ck.err(&format!("{path}.retries"), format!("retries {retries} is out of range 0..=16"));
+    }
+    (ck.errors.len() == before).then(|| UpstreamConfig {
+        name: name.to_string(),
+        balance,
+        hash_key,
+        backends,
+        health_check,
+        breaker,
+        timeouts,
+        retries,
+    })
+}
+
+fn positive(ck: &mut Checker, path: &str, d: Duration) {
+    if d.is_zero() {
+        ck.err(path, "must be longer than zero");
+    }
+}
+
+fn at_least_one(ck: &mut Checker, path: &str, n: u32) -> u32 {
+    if n == 0 {
+        ck.err(path, "must be at least 1");
+    }
+    n.max(1)
+}
+
+fn build_routes(
+    ck: &mut Checker,
+    items: Vec<Value>,
+    upstreams: &[(String, Option<UpstreamConfig>)],
+    defaults: &FileDefaults,
+) -> Vec<RouteConfig> {
+    let lookup = |ck: &mut Checker, path: &str, name: &str| -> Option<UpstreamId> {
+        let found = upstreams.iter().position(|(n, _)| n == name);
+        if found.is_none() {
+            ck.err(path, format!("unknown upstream {name:?}"));
+        }
+        found
+    };
+    let mut out: Vec<RouteConfig> = Vec::new();
+    let mut seen: BTreeMap<(Option<String>, String), usize> = BTreeMap::new();
+    for (i, value) in items.into_iter().enumerate() {
+        let path = format!("routes[{i}]");
+        let Some(f) = ck.parse::<FileRoute>(&path, value) else { continue };
+        let before = ck.errors.len();
+        let mpath = format!("{path}.match");
+        let matcher = match (f.matcher.path, f.matcher.prefix) {
+            (Some(p), None) => Some(PathMatch::Exact(p)),
+            (None, Some(p)) => Some(PathMatch::Prefix(p)),
+            _ => {
+                ck.err(&mpath, "needs exactly one of `path` (exact) and `prefix`");
+                None
+            }
+        };
+        if let Some(PathMatch::Exact(p) | PathMatch::Prefix(p)) = &matcher {
+            if !p.starts_with('/') {
+                ck.err(&mpath, format!("path {p:?} must start with /"));
+            }
+        }
+        let host = f.matcher.host.map(|h| crate::routing::normalize_host(&h));
+        if host.as_deref() == Some("") {
+            ck.err(&format!("{mpath}.host"), "host must not be empty");
+        }
+        let methods = f.matcher.methods.map(|ms| {
+            ms.iter()
+                .enumerate()
+                .filter_map(|(j, m)| match Method::from_bytes(m.to_ascii_uppercase().as_bytes()) {
+                    Ok(m) => Some(m),
+                    Err(_) => {
+                        ck.err(&format!("{mpath}.methods[{j}]"), format!("invalid method {m:?}"));
+                        None
+                    }
+                })
+                .collect::<Vec<_>>()
+        });
+        let kind = match (f.upstream, f.broadcast) {
+            (Some(name), None) => {
+                let upstream = lookup(ck, &format!("{path}.upstream"), &name);
+                let fallback: Vec<UpstreamId> = f
+                    .fallback
+                    .unwrap_or_default()
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(j, n)| lookup(ck, &format!("{path}.fallback[{j}]"), n))
+                    .collect();
+                upstream.map(|upstream| RouteKind::Proxy {
+                    upstream,
+                    fallback,
+                    fallback_max_body: f.fallback_max_body.map_or(1024 * 1024, |s| s.0),
+                })
+            }
+            (None, Some(targets)) => {
+                if targets.is_empty() {
+                    ck.err(&format!("{path}.broadcast"), "needs at least one upstream");
+                }
+                if f.fallback.is_some() {
+                    ck.err(&format!("{path}.fallback"), "fallback applies only to proxy routes (`upstream:`)");
+                }
+                let targets = targets
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(j, n)| lookup(ck, &format!("{path}.broadcast[{j}]"), n))
+                    .collect();
+                Some(RouteKind::Broadcast { targets })
+            }
+            _ => {
+                ck.err(&path, "needs exactly one of `upstream` (proxy) and `broadcast`");
+                None
+            }
+        };
+        let strip_prefix = f.strip_prefix.unwrap_or(false);
+        if strip_prefix && !matches!(matcher, Some(PathMatch::Prefix(_))) {
+            ck.err(&format!("{path}.strip_prefix"), "strip_prefix needs a `prefix` match");
+        }
+        let request_headers = header_rules(ck, &format!("{path}.request_headers"), f.request_headers);
+        let response_headers = header_rules(ck, &format!("{path}.response_headers"), f.response_headers);
+        let rate_limit = f.rate_limit.map(|r| {
+            let rpath = format!("{path}.rate_limit");
+            if !(r.requests_per_second.is_finite() && r.requests_per_second > 0.0) {
+                ck.err(&format!("{rpath}.requests_per_second"), "must be a number above zero");
+            }
+            let burst = r.burst.unwrap_or_else(|| r.requests_per_second.ceil().max(1.0) as u32);
+            let burst = at_least_one(ck, &format!("{rpath}.burst"), burst);
+            let key = match r.key.as_deref().map(|k| KeySource::parse(k, &["client_ip", "global", "header:NAME"])) {
+                None => KeySource::ClientIp,
+                Some(Ok(k)) => k,
+                Some(Err(e)) => {
+                    ck.err(&format!("{rpath}.key"), e);
+                    KeySource::ClientIp
+                }
+            };
+            RateLimitConfig { requests_per_second: r.requests_per_second, burst, key }
+        });
+        let max_body_bytes = f
+            .max_body_bytes
+            .or(defaults.max_body_bytes)
+            .map_or(DEFAULT_MAX_BODY_BYTES, |s| s.0);
+        let access_log = f.access_log.or(defaults.access_log).unwrap_or(AccessLog::Json);
+        let mut mirrors = Vec::new();
+        for (j, m) in f.mirror.unwrap_or_default().into_iter().enumerate() {
+            let mp = format!("{path}.mirror[{j}]");
+            let upstream = lookup(ck, &format!("{mp}.upstream"), &m.upstream);
+            let percent = m.percent.unwrap_or(100.0);
+            if !(0.0..=100.0).contains(&percent) {
+                ck.err(&format!("{mp}.percent"), format!("percent {percent} is out of range 0..=100"));
+            }
+            let sample_by = match m.sample_by.as_deref().map(|k| KeySource::parse(k, &["client_ip", "header:NAME"])) {
+                None => None,
+                Some(Ok(k)) => Some(k),
+                Some(Err(e)) => {
+                    ck.err(&format!("{mp}.sample_by"), e);
+                    None
+                }
+            };
+            let redact_headers = header_names(ck, &format!("{mp}.redact_headers"), m.redact_headers);
+            let headers = header_rules(ck, &format!("{mp}.headers"), m.headers);
+            let max_inflight = m.max_inflight.unwrap_or(1024);
+            if max_inflight == 0 {
+                ck.err(&format!("{mp}.max_inflight"), "must be at least 1");
+            }
+            let timeout = m.timeout.map_or(Duration::from_secs(5), |d| d.0);
+            positive(ck, &format!("{mp}.timeout"), timeout);
+            if let Some(upstream) = upstream {
+                mirrors.push(MirrorConfig {
+                    upstream,
+                    percent,
+                    sample_by,
+                    redact_headers,
+                    headers,
+                    max_body_bytes: m.max_body_bytes.map_or(1024 * 1024, |s| s.0),
+                    max_inflight,
+                    timeout,
+                });
+            }
+        }
+        if !mirrors.is_empty() && matches!(kind, Some(RouteKind::Broadcast { .. })) {
+            ck.err(&format!("{path}.mirror"), "mirror applies only to proxy routes (`upstream:`)");
+        }
+        let redact_headers = header_names(ck, &format!("{path}.redact_headers"), f.redact_headers);
+
+        let (Some(matcher), Some(kind)) = (matcher, kind) else { continue };
+        if ck.errors.len() != before {
+            continue;
+        }
+        // Two routes with the same host and path conflict unless their methods are disjoint.
+        let key = (host.clone(), format!("{matcher:?}"));
+        if let Some(&other) = seen.get(&key) {
+            let prev: &RouteConfig = &out[other];
+            let overlap = match (&prev.methods, &methods) {
+                (Some(a), Some(b)) => a.iter().any(|m| b.contains(m)),
+                _ => true,
+            };
+            if overlap {
+                ck.err(&mpath, format!("same match as route {:?}", prev.label));
+                continue;
+            }
+        }
+        let label = f.name.unwrap_or_else(|| match &matcher {
+            PathMatch::Exact(p) => format!("path:{p}"),
+            PathMatch::Prefix(p) => format!("prefix:{p}"),
+        });
+        seen.insert(key, out.len());
+        out.push(RouteConfig {
+            label,
+            host,
+            path: matcher,
+            methods,
+            kind,
+            strip_prefix,
+            request_headers,
+            response_headers,
+            rate_limit,
+            max_body_bytes,
+            access_log,
+            mirrors,
+            redact_headers,
+        });
+    }
+    out
+}
+
+fn header_names(ck: &mut Checker, path: &str, names: Option<Vec<String>>) -> Vec<HeaderName> {
+    match names {
+        None => DEFAULT_REDACT_HEADERS.iter().map(|n| HeaderName::from_static(n)).collect(),
+        Some(list) => list
+            .iter()
+            .enumerate()
+            .filter_map(|(i, n)| match HeaderName::from_bytes(n.as_bytes()) {
+                Ok(h) => Some(h),
+                Err(_) => {
+                    ck.err(&format!("{path}[{i}]"), format!("invalid header name {n:?}"));
+                    None
+                }
+            })
+            .collect(),
+    }
+}
+
+fn header_rules(ck: &mut Checker, path: &str, rules: Option<FileHeaderRules>) -> HeaderRules {
+    let Some(rules) = rules else { return HeaderRules::default() };
+    let mut out = HeaderRules::default();
+    for (name, value) in rules.set {
+        let key = format!("{path}.set.{name}");
+        match (HeaderName::from_bytes(name.as_bytes()), HeaderValue::from_str(&value)) {
+            (Ok(n), Ok(v)) => out.set.push((n, v)),
+            (Err(_), _) => ck.err(&key, format!("invalid header name {name:?}")),
+            (_, Err(_)) => ck.err(&key, format!("invalid header value {value:?}")),
+        }
+    }
+    for (i, name) in rules.remove.iter().enumerate() {
+        match HeaderName::from_bytes(name.as_bytes()) {
+            Ok(n) => out.remove.push(n),
+            Err(_) => ck.err(&format!("{path}.remove[{i}]"), format!("invalid header name {name:?}")),
+        }
+    }
+    out
+}
+
+/// Finds the line of each error's key path in block-style YAML, where it can be found.
+pub(super) fn attach_lines(text: &str, errors: &mut [ConfigError]) {
+    for e in errors.iter_mut().filter(|e| e.line.is_none() && !e.path.is_empty()) {
+        e.line = locate(text, &e.path);
+    }
+}
+
+fn content(l: &str) -> Option<(usize, &str)> {
+    let t = l.trim_start();
+    (!t.is_empty() && !t.starts_with('#')).then(|| (l.len() - t.len(), t))
+}
+
+/// Walks `a.b[2].c` down the text by indentation. A best effort: flow mappings and
+/// unusual layouts stop the walk at the last line found.
+fn locate(text: &str, path: &str) -> Option<usize> {
+    let lines: Vec<&str> = text.lines().collect();
+    let mut found: Option<usize> = None;
+    let mut start = 0usize;
+    let mut parent_indent: Option<usize> = None;
+    for seg in path.split('.') {
+        let (key, indices) = match seg.find('[') {
+            Some(p) => (&seg[..p], &seg[p..]),
+            None => (seg, ""),
+        };
+        let mut hit = None;
+        for (i, l) in lines.iter().enumerate().skip(start) {
+            let Some((indent, t)) = content(l) else { continue };
+            if parent_indent.is_some_and(|p| indent <= p) && !(i == start && t.starts_with("- ")) {
+                break;
+            }
+            let t2 = t.strip_prefix("- ").unwrap_or(t);
+            let k2 = t2.trim_start_matches(['"', '\'']);
+            if k2.starts_with(key) && k2[key.len()..].trim_start_matches(['"', '\'']).starts_with(':') {
+                hit = Some((i, indent + (t.len() - t2.len())));
+                break;
+            }
+        }
+        let Some((line, indent)) = hit else { return found.map(|l| l + 1) };
+        found = Some(line);
+        start = line + 1;
+        parent_indent = Some(indent);
+        for idx in indices.split(|c| c == '[' || c == ']').filter(|s| !s.is_empty()) {
+            let Ok(n) = idx.parse::<usize>() else { break };
+            let mut count = 0usize;
+            let mut item_indent = None;
+            let mut item = None;
+            for (i, l) in lines.iter().enumerate().skip(start) {
+                let Some((ind, t)) = content(l) else { continue };
+                if parent_indent.is_some_and(|p| ind < p) || (Some(ind) == parent_indent && !t.starts_with("- ")) {
+                    break;
+                }
+                if t.starts_with("- ") || t == "-" {
+                    if item_indent.is_none() {
+                        item_indent = Some(ind);
+                    }
+                    if Some(ind) == item_indent {
+                        if count == n {
+                            item = Some((i, ind));
+                            break;
+                        }
+                        count += 1;
+                    }
+                }
+            }
+            let Some((line, ind)) = item else { return found.map(|l| l + 1) };
+            found = Some(line);
+            start = line;
+            parent_indent = Some(ind);
+        }
+    }
+    found.map(|l| l + 1)
+}

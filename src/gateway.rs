@@ -1,0 +1,72 @@
+//! The gateway's shared runtime, built once from a validated [`Config`]: the router, the
+//! routes with their metric handles, the upstreams with their live backend state, and the
+//! metrics registry. The proxy phases, the admin listener and the health checker all read
+//! this one value through an `Arc`.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::config::{Config, RouteConfig, RouteKind, UpstreamId};
+use crate::metrics::{Metrics, RouteMetrics};
+use crate::routing::Router;
+use crate::upstream::Upstream;
+
+pub struct Route {
+    pub config: RouteConfig,
+    pub metrics: RouteMetrics,
+}
+
+impl Route {
+    /// The upstream that answers a proxy route.
+    pub fn upstream(&self) -> Option<UpstreamId> {
+        match &self.config.kind {
+            RouteKind::Proxy { upstream, .. } => Some(*upstream),
+            RouteKind::Broadcast { .. } => None,
+        }
+    }
+
+    pub fn kind_name(&self) -> &'static str {
+        match &self.config.kind {
+            RouteKind::Proxy { fallback, .. } if !fallback.is_empty() => "fallback",
+            RouteKind::Proxy { .. } => "proxy",
+            RouteKind::Broadcast { .. } => "broadcast",
+        }
+    }
+}
+
+pub struct Gateway {
+    pub router: Router,
+    pub routes: Vec<Route>,
+    pub upstreams: Vec<Arc<Upstream>>,
+    pub metrics: Metrics,
+    /// Metric handles for requests that matched no route.
+    pub unrouted: RouteMetrics,
+    pub started: Instant,
+}
+
+impl Gateway {
+    pub fn new(config: &Config) -> prometheus::Result<Gateway> {
+        let metrics = Metrics::new()?;
+        let upstreams = config
+            .upstreams
+            .iter()
+            .map(|u| Arc::new(Upstream::new(u, &metrics)))
+            .collect();
+        let routes = config
+            .routes
+            .iter()
+            .map(|r| Route {
+                metrics: RouteMetrics::new(&r.label),
+                config: r.clone(),
+            })
+            .collect();
+        Ok(Gateway {
+            router: Router::new(&config.routes),
+            routes,
+            upstreams,
+            unrouted: RouteMetrics::new("none"),
+            metrics,
+            started: Instant::now(),
+        })
+    }
+}

@@ -1,0 +1,15 @@
+//! fanout: an HTTP gateway on Pingora. One module per concern; `proxy` is the thin layer
+//! of Pingora phases that delegates to the others, and `main.rs` only wires.
+
+pub mod admin;
+pub mod cli;
+pub mod config;
+pub mod demo;
+pub mod gateway;
+pub mod metrics;
+pub mod proxy;
+pub mod request_id;
+pub mod respond;
+pub mod routing;
+pub mod server;
+pub mod upstream;

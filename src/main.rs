@@ -1,0 +1,49 @@
+//! `fanout`: parse the command line, load and validate the configuration, then hand the
+//! wired server to Pingora. All logic lives in the library's modules.
+
+use clap::Parser;
+use fanout::cli::{self, Cli, Mode};
+use fanout::{demo, server};
+
+fn main() {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    std::process::exit(run(Cli::parse()));
+}
+
+fn run(cli: Cli) -> i32 {
+    let mode = match cli.mode() {
+        Ok(m) => m,
+        Err(e) => {
+            eprintln!("fanout: {e}");
+            return 2;
+        }
+    };
+    let config = match cli::load(&cli, &mode) {
+        Ok(c) => c,
+        Err(errors) => {
+            eprintln!("{errors}");
+            return 1;
+        }
+    };
+    if cli.test {
+        println!("configuration OK");
+        return 0;
+    }
+    let demo_mode = matches!(mode, Mode::Demo);
+    let extra = if demo_mode { demo::backend_services() } else { Vec::new() };
+    let process = server::ProcessOptions {
+        daemon: cli.daemon,
+        upgrade: cli.upgrade,
+    };
+    let (server, _gateway) = match server::build(config, process, extra) {
+        Ok(built) => built,
+        Err(e) => {
+            eprintln!("fanout: {e}");
+            return 1;
+        }
+    };
+    if demo_mode {
+        println!("{}", demo::banner(cli.listen.as_deref()));
+    }
+    server.run_forever()
+}

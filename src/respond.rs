@@ -1,0 +1,76 @@
+//! Answers the gateway writes itself: the short JSON error bodies of SPEC.md
+//! (`{"error": "...", "request_id": "..."}`) and the mapping from proxy failures to status
+//! codes (timeouts 504, other upstream failures 502, no backend 503).
+
+use bytes::Bytes;
+use pingora_error::{Error, ErrorSource, ErrorType, Result};
+use pingora_http::ResponseHeader;
+use pingora_proxy::Session;
+use serde_json::json;
+
+use crate::request_id;
+
+/// The status code for a proxy failure.
+pub fn status_for(e: &Error) -> u16 {
+    match e.etype() {
+        ErrorType::HTTPStatus(code) => *code,
+        ErrorType::ConnectTimedout | ErrorType::ReadTimedout | ErrorType::WriteTimedout => 504,
+        _ => match e.esource() {
+            ErrorSource::Upstream => 502,
+            ErrorSource::Downstream => match e.etype() {
+                ErrorType::WriteError | ErrorType::ReadError | ErrorType::ConnectionClosed => 0,
+                _ => 400,
+            },
+            ErrorSource::Internal | ErrorSource::Unset => 500,
+        },
+    }
+}
+
+/// Whether an error is a timeout (for the `outcome` label).
+pub fn is_timeout(e: &Error) -> bool {
+    matches!(
+        e.etype(),
+        ErrorType::ConnectTimedout | ErrorType::ReadTimedout | ErrorType::WriteTimedout
+    )
+}
+
+/// The words of the `error` field for a status the gateway produced.
+pub fn reason(status: u16) -> &'static str {
+    match status {
+        400 => "bad request",
+        404 => "no route",
+        405 => "method not allowed",
+        413 => "request body too large",
+        429 => "rate limit exceeded",
+        501 => "not implemented",
+        502 => "upstream unavailable",
+        503 => "no healthy backend",
+        504 => "upstream timed out",
+        _ => "internal error",
+    }
+}
+
+/// The JSON body of an error answer.
+pub fn error_body(message: &str, request_id: &str) -> Bytes {
+    Bytes::from(json!({ "error": message, "request_id": request_id }).to_string())
+}
+
+/// Writes a complete JSON error answer; `extra` headers are added to it.
+pub async fn send_error(
+    session: &mut Session,
+    status: u16,
+    message: &str,
+    request_id: &str,
+    extra: &[(&'static str, String)],
+) -> Result<()> {
+    let body = error_body(message, request_id);
+    let mut resp = ResponseHeader::build(status, Some(4 + extra.len()))?;
+    resp.insert_header("content-type", "application/json")?;
+    resp.insert_header("content-length", body.len().to_string())?;
+    resp.insert_header(request_id::HEADER, request_id)?;
+    for (name, value) in extra {
+        resp.insert_header(*name, value.as_str())?;
+    }
+    session.write_response_header(Box::new(resp), false).await?;
+    session.write_response_body(Some(body), true).await
+}

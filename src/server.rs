@@ -1,0 +1,65 @@
+//! Wiring: a validated [`Config`] and the command line's process options become one Pingora
+//! `Server` with its services — the proxy on every `listen` address, the admin listener,
+//! and the health checker in the background.
+
+use std::sync::Arc;
+
+use pingora_core::apps::http_app::HttpServer;
+use pingora_core::server::configuration::Opt;
+use pingora_core::server::Server;
+use pingora_core::services::background::background_service;
+use pingora_core::services::listening::Service;
+use pingora_core::services::ServiceWithDependents;
+
+use crate::admin::AdminApp;
+use crate::config::Config;
+use crate::gateway::Gateway;
+use crate::proxy::FanoutProxy;
+use crate::upstream::health::HealthChecker;
+
+/// Process options from the command line (Pingora's `-d` and `-u`).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct ProcessOptions {
+    pub daemon: bool,
+    pub upgrade: bool,
+}
+
+/// Builds the server and its services. Extra services (the demo's backends) ride along.
+pub fn build(
+    config: Config,
+    process: ProcessOptions,
+    extra: Vec<Box<dyn ServiceWithDependents>>,
+) -> Result<(Server, Arc<Gateway>), String> {
+    let opt = Opt {
+        upgrade: process.upgrade,
+        daemon: process.daemon,
+        nocapture: false,
+        test: false,
+        conf: None,
+    };
+    let gateway = Arc::new(Gateway::new(&config).map_err(|e| format!("metrics: {e}"))?);
+    let mut server = Server::new_with_opt_and_conf(opt, config.server);
+    server.bootstrap();
+
+    let mut proxy = pingora_proxy::http_proxy_service_with_name(
+        &server.configuration,
+        FanoutProxy::new(Arc::clone(&gateway)),
+        "fanout proxy",
+    );
+    for addr in &config.listen {
+        proxy.add_tcp(&addr.to_string());
+    }
+    server.add_service(proxy);
+
+    if let Some(addr) = config.admin {
+        let mut admin = Service::new("fanout admin".into(), HttpServer::new_app(AdminApp::new(Arc::clone(&gateway))));
+        admin.add_tcp(&addr.to_string());
+        server.add_service(admin);
+    }
+    server.add_service(background_service(
+        "health checks",
+        HealthChecker::new(gateway.upstreams.clone()),
+    ));
+    server.add_services(extra);
+    Ok((server, gateway))
+}
