@@ -70,7 +70,7 @@ impl AdminApp {
                     .collect();
                 json!({
                     "name": u.name(),
-                    "balance": format!("{:?}", u.config.balance).to_lowercase(),
+                    "balance": u.config.balance.as_str(),
                     "backends": backends,
                 })
             })
@@ -127,8 +127,12 @@ impl AdminApp {
         for u in &self.gw.upstreams {
             for b in &u.backends {
                 let labels = [u.name(), b.label.as_str()];
-                m.backend_healthy.with_label_values(&labels).set(b.healthy() as i64);
-                m.backend_inflight.with_label_values(&labels).set(b.inflight() as i64);
+                m.backend_healthy
+                    .with_label_values(&labels)
+                    .set(b.healthy() as i64);
+                m.backend_inflight
+                    .with_label_values(&labels)
+                    .set(b.inflight() as i64);
                 m.circuit_open.with_label_values(&labels).set(0);
             }
         }
@@ -170,7 +174,10 @@ impl ServeHttp for AdminApp {
     async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
         let req = session.req_header();
         if req.method != Method::GET && req.method != Method::HEAD {
-            return json_answer((StatusCode::METHOD_NOT_ALLOWED, json!({ "error": "method not allowed" })));
+            return json_answer((
+                StatusCode::METHOD_NOT_ALLOWED,
+                json!({ "error": "method not allowed" }),
+            ));
         }
         match req.uri.path() {
             "/health" => json_answer(self.health()),

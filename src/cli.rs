@@ -65,11 +65,16 @@ impl Cli {
         match (&self.conf, self.demo, quick) {
             (Some(path), false, false) => Ok(Mode::File(path.clone())),
             (None, true, _) if self.backends.is_empty() => Ok(Mode::Demo),
-            (None, false, true) if self.listen.is_some() && !self.backends.is_empty() => Ok(Mode::Quick),
-            (None, false, true) => Err("quick mode needs both --listen ADDR and --backends URL[,URL...]".into()),
-            (None, false, false) => {
-                Err("nothing to run: give -c FILE, --demo, or --listen ADDR --backends URL[,URL...]".into())
+            (None, false, true) if self.listen.is_some() && !self.backends.is_empty() => {
+                Ok(Mode::Quick)
             }
+            (None, false, true) => {
+                Err("quick mode needs both --listen ADDR and --backends URL[,URL...]".into())
+            }
+            (None, false, false) => Err(
+                "nothing to run: give -c FILE, --demo, or --listen ADDR --backends URL[,URL...]"
+                    .into(),
+            ),
             _ => Err("choose one of -c FILE, --demo, and --listen/--backends".into()),
         }
     }

@@ -24,7 +24,12 @@ struct DemoBackend {
 impl ServeHttp for DemoBackend {
     async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
         let req = session.req_header();
-        let header = |n: &str| req.headers.get(n).and_then(|v| v.to_str().ok()).map(String::from);
+        let header = |n: &str| {
+            req.headers
+                .get(n)
+                .and_then(|v| v.to_str().ok())
+                .map(String::from)
+        };
         let body = json!({
             "backend": self.name,
             "method": req.method.as_str(),
@@ -34,7 +39,10 @@ impl ServeHttp for DemoBackend {
         });
         let mut resp = Response::new(format!("{body}\n").into_bytes());
         *resp.status_mut() = StatusCode::OK;
-        resp.headers_mut().insert("content-type", http::HeaderValue::from_static("application/json"));
+        resp.headers_mut().insert(
+            "content-type",
+            http::HeaderValue::from_static("application/json"),
+        );
         resp
     }
 }
@@ -54,7 +62,11 @@ fn ports() -> &'static Ports {
         let listeners: Vec<TcpListener> = (0..BACKENDS.len())
             .filter_map(|_| TcpListener::bind("127.0.0.1:0").ok())
             .collect();
-        let mut ports: Vec<u16> = listeners.iter().filter_map(|l| l.local_addr().ok()).map(|a| a.port()).collect();
+        let mut ports: Vec<u16> = listeners
+            .iter()
+            .filter_map(|l| l.local_addr().ok())
+            .map(|a| a.port())
+            .collect();
         while ports.len() < BACKENDS.len() {
             ports.push(free_port());
         }
@@ -102,7 +114,10 @@ pub fn backend_services() -> Vec<Box<dyn ServiceWithDependents>> {
         .iter()
         .zip(&ports().0)
         .map(|(name, port)| {
-            let mut svc = Service::new(format!("demo backend {name}"), HttpServer::new_app(DemoBackend { name }));
+            let mut svc = Service::new(
+                format!("demo backend {name}"),
+                HttpServer::new_app(DemoBackend { name }),
+            );
             svc.add_tcp(&format!("127.0.0.1:{port}"));
             Box::new(svc) as Box<dyn ServiceWithDependents>
         })

@@ -46,6 +46,7 @@ pub struct Gateway {
 
 impl Gateway {
     pub fn new(config: &Config) -> prometheus::Result<Gateway> {
+        warn_inactive(config);
         let metrics = Metrics::new()?;
         let upstreams = config
             .upstreams
@@ -68,5 +69,35 @@ impl Gateway {
             metrics,
             started: Instant::now(),
         })
+    }
+}
+
+/// Keys the file accepts whose behaviour has not landed yet: said once at start-up, so an
+/// operator is never misled into thinking they are in force.
+fn warn_inactive(config: &Config) {
+    for r in &config.routes {
+        let mut inactive = Vec::new();
+        if !r.mirrors.is_empty() {
+            inactive.push("mirror");
+        }
+        if r.rate_limit.is_some() {
+            inactive.push("rate_limit");
+        }
+        if matches!(&r.kind, RouteKind::Proxy { fallback, .. } if !fallback.is_empty()) {
+            inactive.push("fallback");
+        }
+        if matches!(r.kind, RouteKind::Broadcast { .. }) {
+            inactive.push("broadcast (answers 501)");
+        }
+        if !inactive.is_empty() {
+            log::warn!(
+                "route {}: not active in this version: {}",
+                r.label,
+                inactive.join(", ")
+            );
+        }
+    }
+    for u in config.upstreams.iter().filter(|u| u.breaker.is_some()) {
+        log::warn!("upstream {}: breaker is not active in this version", u.name);
     }
 }

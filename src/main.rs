@@ -30,7 +30,11 @@ fn run(cli: Cli) -> i32 {
         return 0;
     }
     let demo_mode = matches!(mode, Mode::Demo);
-    let extra = if demo_mode { demo::backend_services() } else { Vec::new() };
+    let extra = if demo_mode {
+        demo::backend_services()
+    } else {
+        Vec::new()
+    };
     let process = server::ProcessOptions {
         daemon: cli.daemon,
         upgrade: cli.upgrade,

@@ -33,13 +33,23 @@ pub struct Totals {
     pub errors: AtomicU64,
 }
 
-fn counter(reg: &Registry, name: &str, help: &str, labels: &[&str]) -> prometheus::Result<IntCounterVec> {
+fn counter(
+    reg: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+) -> prometheus::Result<IntCounterVec> {
     let c = IntCounterVec::new(Opts::new(name, help), labels)?;
     reg.register(Box::new(c.clone()))?;
     Ok(c)
 }
 
-fn gauge(reg: &Registry, name: &str, help: &str, labels: &[&str]) -> prometheus::Result<IntGaugeVec> {
+fn gauge(
+    reg: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+) -> prometheus::Result<IntGaugeVec> {
     let g = IntGaugeVec::new(Opts::new(name, help), labels)?;
     reg.register(Box::new(g.clone()))?;
     Ok(g)
@@ -50,13 +60,24 @@ impl Metrics {
         let reg = Registry::new();
         let ub = ["upstream", "backend"];
         let request_duration = HistogramVec::new(
-            HistogramOpts::new("fanout_request_duration_seconds", "Time from request to the end of the answer")
-                .buckets(vec![0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]),
+            HistogramOpts::new(
+                "fanout_request_duration_seconds",
+                "Time from request to the end of the answer",
+            )
+            .buckets(vec![
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                10.0,
+            ]),
             &["route"],
         )?;
         reg.register(Box::new(request_duration.clone()))?;
         Ok(Metrics {
-            requests: counter(&reg, "fanout_requests_total", "Requests answered, by route and status", &["route", "status"])?,
+            requests: counter(
+                &reg,
+                "fanout_requests_total",
+                "Requests answered, by route and status",
+                &["route", "status"],
+            )?,
             request_duration,
             upstream_requests: counter(
                 &reg,
@@ -64,9 +85,24 @@ impl Metrics {
                 "Requests sent to backends, by outcome (ok, error, timeout)",
                 &["upstream", "backend", "outcome"],
             )?,
-            backend_healthy: gauge(&reg, "fanout_backend_healthy", "1 when the backend passes its health checks", &ub)?,
-            backend_inflight: gauge(&reg, "fanout_backend_inflight", "Requests in flight to the backend", &ub)?,
-            circuit_open: gauge(&reg, "fanout_circuit_open", "1 when the backend's circuit breaker is open", &ub)?,
+            backend_healthy: gauge(
+                &reg,
+                "fanout_backend_healthy",
+                "1 when the backend passes its health checks",
+                &ub,
+            )?,
+            backend_inflight: gauge(
+                &reg,
+                "fanout_backend_inflight",
+                "Requests in flight to the backend",
+                &ub,
+            )?,
+            circuit_open: gauge(
+                &reg,
+                "fanout_circuit_open",
+                "1 when the backend's circuit breaker is open",
+                &ub,
+            )?,
             mirror_requests: counter(
                 &reg,
                 "fanout_mirror_requests_total",
@@ -79,7 +115,12 @@ impl Metrics {
                 "Broadcast deliveries, by outcome (ok, error, dropped)",
                 &["route", "upstream", "outcome"],
             )?,
-            rate_limited: counter(&reg, "fanout_rate_limited_total", "Requests refused by a rate limit", &["route"])?,
+            rate_limited: counter(
+                &reg,
+                "fanout_rate_limited_total",
+                "Requests refused by a rate limit",
+                &["route"],
+            )?,
             registry: reg,
             totals: Totals::default(),
         })
@@ -95,7 +136,9 @@ impl Metrics {
 }
 
 /// Status codes that get a pre-resolved counter per route; others resolve on use.
-const COMMON_STATUS: [u16; 18] = [200, 201, 202, 204, 301, 302, 304, 400, 401, 403, 404, 405, 413, 429, 500, 502, 503, 504];
+const COMMON_STATUS: [u16; 18] = [
+    200, 201, 202, 204, 301, 302, 304, 400, 401, 403, 404, 405, 413, 429, 500, 502, 503, 504,
+];
 
 /// A route's metric handles, resolved on first use.
 pub struct RouteMetrics {
@@ -124,9 +167,15 @@ impl RouteMetrics {
             .observe(seconds);
         match COMMON_STATUS.iter().position(|&s| s == status) {
             Some(i) => self.status[i]
-                .get_or_init(|| m.requests.with_label_values(&[&self.label, &status.to_string()]))
+                .get_or_init(|| {
+                    m.requests
+                        .with_label_values(&[&self.label, &status.to_string()])
+                })
                 .inc(),
-            None => m.requests.with_label_values(&[&self.label, &status.to_string()]).inc(),
+            None => m
+                .requests
+                .with_label_values(&[&self.label, &status.to_string()])
+                .inc(),
         }
     }
 }

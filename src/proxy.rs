@@ -22,7 +22,7 @@ use pingora_error::{Error, ErrorType, Result};
 use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::{FailToProxy, ProxyHttp, Session};
 
-use crate::config::{Balance, KeySource, RouteKind, RouteId};
+use crate::config::{Balance, KeySource, RouteId, RouteKind};
 use crate::gateway::{Gateway, Route};
 use crate::request_id;
 use crate::respond::{self, send_error};
@@ -76,7 +76,11 @@ fn count_failure(ctx: &RequestCtx, e: &Error) {
 fn hash_key<'a>(session: &'a Session, key: &KeySource, buf: &'a mut [u8; 16]) -> &'a [u8] {
     let req = session.req_header();
     match key {
-        KeySource::ClientIp => match session.client_addr().and_then(|a| a.as_inet()).map(|a| a.ip()) {
+        KeySource::ClientIp => match session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map(|a| a.ip())
+        {
             Some(IpAddr::V4(ip)) => {
                 buf[..4].copy_from_slice(&ip.octets());
                 &buf[..4]
@@ -111,7 +115,8 @@ impl ProxyHttp for FanoutProxy {
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
         self.gw.metrics.totals.count_request();
         let req = session.req_header();
-        ctx.request_id = request_id::from_client(req.headers.get(request_id::HEADER).map(|v| v.as_bytes()));
+        ctx.request_id =
+            request_id::from_client(req.headers.get(request_id::HEADER).map(|v| v.as_bytes()));
         let host = req
             .headers
             .get(header::HOST)
@@ -129,16 +134,29 @@ impl ProxyHttp for FanoutProxy {
             RouteMatch::MethodNotAllowed => 405,
             RouteMatch::NotFound => 404,
         };
-        send_error(session, status, respond::reason(status), &ctx.request_id, &[]).await?;
+        send_error(
+            session,
+            status,
+            respond::reason(status),
+            &ctx.request_id,
+            &[],
+        )
+        .await?;
         Ok(true)
     }
 
-    async fn upstream_peer(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<Box<HttpPeer>> {
+    async fn upstream_peer(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+    ) -> Result<Box<HttpPeer>> {
         let upstream = self
             .route(ctx)
             .and_then(Route::upstream)
             .map(|u| &self.gw.upstreams[u])
-            .ok_or_else(|| Error::explain(ErrorType::InternalError, "request has no proxy route"))?;
+            .ok_or_else(|| {
+                Error::explain(ErrorType::InternalError, "request has no proxy route")
+            })?;
         let mut buf = [0u8; 16];
         let key: &[u8] = match upstream.config.balance {
             Balance::ConsistentHash => hash_key(session, &upstream.config.hash_key, &mut buf),
@@ -225,11 +243,18 @@ impl ProxyHttp for FanoutProxy {
         e
     }
 
-    async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut RequestCtx) -> FailToProxy {
+    async fn fail_to_proxy(
+        &self,
+        session: &mut Session,
+        e: &Error,
+        ctx: &mut RequestCtx,
+    ) -> FailToProxy {
         let code = respond::status_for(e);
         // Only answer if no answer has started; otherwise the connection is simply closed.
         if code > 0 && session.as_downstream().response_written().is_none() {
-            if let Err(write_error) = send_error(session, code, respond::reason(code), &ctx.request_id, &[]).await {
+            if let Err(write_error) =
+                send_error(session, code, respond::reason(code), &ctx.request_id, &[]).await
+            {
                 log::debug!("could not send the {code} answer: {write_error}");
             }
         }
@@ -241,7 +266,10 @@ impl ProxyHttp for FanoutProxy {
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
         ctx.lease = None;
-        let status = session.as_downstream().response_written().map_or(0, |r| r.status.as_u16());
+        let status = session
+            .as_downstream()
+            .response_written()
+            .map_or(0, |r| r.status.as_u16());
         let route_metrics = self.route(ctx).map_or(&self.gw.unrouted, |r| &r.metrics);
         route_metrics.observe(&self.gw.metrics, status, ctx.start.elapsed().as_secs_f64());
         self.gw.metrics.totals.count_answer(status, e.is_some());

@@ -60,7 +60,11 @@ impl Router {
                 route: id,
             };
             match &r.path {
-                PathMatch::Exact(p) => table.exact.entry(p.as_str().into()).or_default().push(entry),
+                PathMatch::Exact(p) => table
+                    .exact
+                    .entry(p.as_str().into())
+                    .or_default()
+                    .push(entry),
                 PathMatch::Prefix(p) => table.prefix.entry(p.as_bytes()).push(entry),
             }
         }
@@ -123,10 +127,11 @@ impl Table {
         }
         // Walk from the shortest to the longest matching prefix; the last accepted wins.
         let mut best = None;
-        self.prefix.walk(path.as_bytes(), |entries| match pick(entries, method) {
-            Some(id) => best = Some(id),
-            None => mismatch = true,
-        });
+        self.prefix
+            .walk(path.as_bytes(), |entries| match pick(entries, method) {
+                Some(id) => best = Some(id),
+                None => mismatch = true,
+            });
         match best {
             Some(id) => RouteMatch::Found(id),
             None if mismatch => RouteMatch::MethodNotAllowed,
@@ -267,8 +272,14 @@ mod tests {
              \x20 - { match: { prefix: /api/v2 }, upstream: u }\n\
              \x20 - { match: { path: /api/v2/exact }, upstream: u }\n",
         );
-        assert_eq!(find(&r, None, "/api/v2/exact", Method::GET), "path:/api/v2/exact");
-        assert_eq!(find(&r, None, "/api/v2/exact/more", Method::GET), "prefix:/api/v2");
+        assert_eq!(
+            find(&r, None, "/api/v2/exact", Method::GET),
+            "path:/api/v2/exact"
+        );
+        assert_eq!(
+            find(&r, None, "/api/v2/exact/more", Method::GET),
+            "prefix:/api/v2"
+        );
         assert_eq!(find(&r, None, "/api/v1", Method::GET), "prefix:/api");
         assert_eq!(find(&r, None, "/apix", Method::GET), "prefix:/api");
         assert_eq!(find(&r, None, "/ap", Method::GET), "prefix:/");
@@ -282,8 +293,14 @@ mod tests {
              \x20 - { name: host, match: { prefix: /, host: API.example.com }, upstream: u }\n",
         );
         assert_eq!(find(&r, Some("api.example.com"), "/x", Method::GET), "host");
-        assert_eq!(find(&r, Some("Api.Example.com:8080"), "/x", Method::GET), "host");
-        assert_eq!(find(&r, Some("other.example.com"), "/x", Method::GET), "any");
+        assert_eq!(
+            find(&r, Some("Api.Example.com:8080"), "/x", Method::GET),
+            "host"
+        );
+        assert_eq!(
+            find(&r, Some("other.example.com"), "/x", Method::GET),
+            "any"
+        );
         assert_eq!(find(&r, None, "/x", Method::GET), "any");
         assert_eq!(find(&r, Some("other"), "/y", Method::GET), "NotFound");
     }
@@ -306,10 +323,13 @@ mod tests {
     #[test]
     fn trie_splits_and_shares_prefixes() {
         let mut t: RadixTrie<Vec<u32>> = RadixTrie::default();
-        for (i, k) in ["/abc", "/abd", "/a", "/abcdef", "/b", ""].iter().enumerate() {
+        for (i, k) in ["/abc", "/abd", "/a", "/abcdef", "/b", ""]
+            .iter()
+            .enumerate()
+        {
             t.entry(k.as_bytes()).push(i as u32);
         }
-        let mut seen = Vec::new();
+        let mut seen: Vec<u32> = Vec::new();
         t.walk(b"/abcdefg", |v| seen.extend(v));
         assert_eq!(seen, vec![5, 2, 0, 3]);
         seen.clear();

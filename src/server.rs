@@ -52,7 +52,10 @@ pub fn build(
     server.add_service(proxy);
 
     if let Some(addr) = config.admin {
-        let mut admin = Service::new("fanout admin".into(), HttpServer::new_app(AdminApp::new(Arc::clone(&gateway))));
+        let mut admin = Service::new(
+            "fanout admin".into(),
+            HttpServer::new_app(AdminApp::new(Arc::clone(&gateway))),
+        );
         admin.add_tcp(&addr.to_string());
         server.add_service(admin);
     }

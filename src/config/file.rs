@@ -106,6 +106,18 @@ pub enum Balance {
     ConsistentHash,
 }
 
+impl Balance {
+    /// The name used in the file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Balance::RoundRobin => "round_robin",
+            Balance::Weighted => "weighted",
+            Balance::LeastConn => "least_conn",
+            Balance::ConsistentHash => "consistent_hash",
+        }
+    }
+}
+
 /// One upstream. `backends` entries are either `"host:port"` or `{address, weight}`; they
 /// are kept as raw YAML here and parsed one by one so that each bad entry gets its own line.
 #[derive(Debug, Deserialize)]

@@ -16,8 +16,12 @@ pub type UpstreamId = usize;
 pub type RouteId = usize;
 
 pub const DEFAULT_MAX_BODY_BYTES: u64 = 10 * 1024 * 1024;
-pub const DEFAULT_REDACT_HEADERS: [&str; 4] =
-    ["authorization", "x-api-key", "cookie", "proxy-authorization"];
+pub const DEFAULT_REDACT_HEADERS: [&str; 4] = [
+    "authorization",
+    "x-api-key",
+    "cookie",
+    "proxy-authorization",
+];
 
 #[derive(Debug)]
 pub struct Config {

@@ -1,0 +1,138 @@
+use super::*;
+
+const BASE: &str = "listen: 127.0.0.1:8080\nupstreams:\n  u: { backends: [127.0.0.1:9000] }\n";
+
+fn ok(text: &str) -> Config {
+    match from_yaml(text, "t") {
+        Ok(c) => c,
+        Err(e) => panic!("unexpected errors:\n{e}"),
+    }
+}
+
+fn errors(text: &str) -> Vec<String> {
+    match from_yaml(text, "t") {
+        Ok(_) => panic!("accepted:\n{text}"),
+        Err(e) => e
+            .errors
+            .iter()
+            .map(|e| format!("{}: {}", e.path, e.message))
+            .collect(),
+    }
+}
+
+fn has(errs: &[String], needle: &str) -> bool {
+    errs.iter().any(|e| e.contains(needle))
+}
+
+#[test]
+fn defaults_are_applied() {
+    let c = ok(&format!(
+        "{BASE}routes:\n  - {{ match: {{ prefix: / }}, upstream: u }}\n"
+    ));
+    let r = &c.routes[0];
+    assert_eq!(r.label, "prefix:/");
+    assert_eq!(r.max_body_bytes, DEFAULT_MAX_BODY_BYTES);
+    assert_eq!(r.access_log, AccessLog::Json);
+    let u = &c.upstreams[0];
+    assert_eq!(u.balance, Balance::RoundRobin);
+    assert_eq!(u.retries, 1);
+    assert!(
+        c.server.threads >= 1,
+        "threads 0 resolves to the core count"
+    );
+    assert_eq!(c.server.grace_period_seconds, Some(10));
+}
+
+#[test]
+fn server_keys_pass_through_and_unknown_ones_fail() {
+    let c = ok(&format!(
+        "server: {{ threads: 3, upstream_keepalive_pool_size: 64, work_stealing: false }}\n{BASE}routes:\n  - {{ match: {{ prefix: / }}, upstream: u }}\n"
+    ));
+    assert_eq!(c.server.threads, 3);
+    assert_eq!(c.server.upstream_keepalive_pool_size, 64);
+    assert!(!c.server.work_stealing);
+    let e = errors(&format!(
+        "server: {{ thread: 3 }}\n{BASE}routes:\n  - {{ match: {{ prefix: / }}, upstream: u }}\n"
+    ));
+    assert!(
+        has(&e, "server.thread: unknown Pingora server setting"),
+        "{e:?}"
+    );
+}
+
+#[test]
+fn route_rules_are_checked() {
+    let e = errors(&format!(
+        "{BASE}routes:\n\
+         \x20 - {{ match: {{ path: /a, prefix: /b }}, upstream: u }}\n\
+         \x20 - {{ match: {{ path: nope }}, upstream: u }}\n\
+         \x20 - {{ match: {{ path: /c }}, upstream: u, strip_prefix: true }}\n\
+         \x20 - {{ match: {{ prefix: /d, methods: [G E T] }}, upstream: u }}\n\
+         \x20 - {{ match: {{ prefix: /e }}, upstream: u, broadcast: [u] }}\n\
+         \x20 - {{ match: {{ prefix: /f }}, upstream: u, mirror: [{{ upstream: u, percent: 120 }}] }}\n\
+         \x20 - {{ match: {{ prefix: /g }}, upstream: u, rate_limit: {{ requests_per_second: 0 }} }}\n\
+         \x20 - {{ match: {{ prefix: /h }}, upstream: u, request_headers: {{ set: {{ \"bad name\": x }} }} }}\n"
+    ));
+    for needle in [
+        "routes[0].match: needs exactly one of `path` (exact) and `prefix`",
+        "routes[1].match: path \"nope\" must start with /",
+        "routes[2].strip_prefix: strip_prefix needs a `prefix` match",
+        "routes[3].match.methods[0]: invalid method",
+        "routes[4]: needs exactly one of `upstream` (proxy) and `broadcast`",
+        "routes[5].mirror[0].percent: percent 120 is out of range",
+        "routes[6].rate_limit.requests_per_second: must be a number above zero",
+        "routes[7].request_headers.set.bad name: invalid header name",
+    ] {
+        assert!(has(&e, needle), "missing {needle:?} in {e:#?}");
+    }
+}
+
+#[test]
+fn duplicate_routes_conflict_unless_methods_are_disjoint() {
+    let e = errors(&format!(
+        "{BASE}routes:\n  - {{ match: {{ prefix: /a }}, upstream: u }}\n  - {{ match: {{ prefix: /a, methods: [GET] }}, upstream: u }}\n"
+    ));
+    assert!(
+        has(&e, "routes[1].match: same match as route \"prefix:/a\""),
+        "{e:?}"
+    );
+    ok(&format!(
+        "{BASE}routes:\n  - {{ match: {{ prefix: /a, methods: [POST] }}, upstream: u }}\n  - {{ match: {{ prefix: /a, methods: [GET] }}, upstream: u }}\n  - {{ match: {{ prefix: /a, host: x.example }}, upstream: u }}\n"
+    ));
+}
+
+#[test]
+fn upstream_rules_are_checked() {
+    let e = errors(
+        "listen: 127.0.0.1:1\nupstreams:\n  a: { backends: [] }\n  b: { hash_key: path, backends: [127.0.0.1:1, 127.0.0.1:1] }\n  \
+         c: { backends: [127.0.0.1:2], breaker: { open: 10s, max_open: 1s }, health_check: { healthy_after: 0 }, retries: 99 }\n\
+         routes:\n  - { match: { prefix: / }, upstream: a }\n",
+    );
+    for needle in [
+        "upstreams.a.backends: at least one backend is required",
+        "upstreams.b.hash_key: hash_key applies only to balance: consistent_hash",
+        "upstreams.b.backends[1]: duplicate backend 127.0.0.1:1",
+        "upstreams.c.breaker.max_open: max_open must not be shorter than open",
+        "upstreams.c.health_check.healthy_after: must be at least 1",
+        "upstreams.c.retries: retries 99 is out of range",
+    ] {
+        assert!(has(&e, needle), "missing {needle:?} in {e:#?}");
+    }
+}
+
+#[test]
+fn keys_parse_by_place() {
+    assert_eq!(
+        KeySource::parse("header:X-User", &["header:NAME"]),
+        Ok(KeySource::Header(http::HeaderName::from_static("x-user")))
+    );
+    assert!(KeySource::parse("path", &["client_ip", "global"]).is_err());
+    assert!(KeySource::parse("header:bad name", &["header:NAME"]).is_err());
+}
+
+#[test]
+fn missing_sections_are_reported() {
+    let e = errors("upstreams: {}\n");
+    assert!(has(&e, "listen: at least one listen address is required"));
+    assert!(has(&e, "routes: at least one route is required"));
+}

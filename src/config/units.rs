@@ -20,7 +20,11 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         "s" => 1.0,
         "m" => 60.0,
         "h" => 3600.0,
-        other => return Err(format!("invalid duration unit {other:?} in {text:?} (use ms, s, m or h)")),
+        other => {
+            return Err(format!(
+                "invalid duration unit {other:?} in {text:?} (use ms, s, m or h)"
+            ))
+        }
     };
     let secs = value * scale;
     if !secs.is_finite() || secs > 365.0 * 86400.0 {
@@ -37,7 +41,9 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))
         .unwrap_or(t.len());
     let (number, unit) = t.split_at(split);
-    let value: f64 = number.parse().map_err(|_| format!("invalid size {text:?}"))?;
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("invalid size {text:?}"))?;
     let scale: f64 = match unit.trim() {
         "" | "B" => 1.0,
         "KB" | "kB" => 1e3,
@@ -57,16 +63,6 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
         return Err(format!("size {text:?} is out of range"));
     }
     Ok(bytes.round() as u64)
-}
-
-/// Writes a duration back in the most natural unit, for `/status` and messages.
-pub fn format_duration(d: Duration) -> String {
-    let ms = d.as_millis();
-    if ms % 1000 != 0 || ms == 0 {
-        format!("{ms}ms")
-    } else {
-        format!("{}s", ms / 1000)
-    }
 }
 
 #[cfg(test)]

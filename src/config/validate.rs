@@ -15,7 +15,14 @@ use super::file::*;
 use super::model::*;
 use super::ConfigError;
 
-const TOP_KEYS: [&str; 6] = ["server", "listen", "admin", "defaults", "upstreams", "routes"];
+const TOP_KEYS: [&str; 6] = [
+    "server",
+    "listen",
+    "admin",
+    "defaults",
+    "upstreams",
+    "routes",
+];
 
 /// Collects errors under key paths.
 #[derive(Default)]
@@ -44,7 +51,10 @@ impl Checker {
                         return None;
                     }
                     let rendered = inner.to_string();
-                    self.err(&join(path, if rendered == "." { "" } else { &rendered }), message);
+                    self.err(
+                        &join(path, if rendered == "." { "" } else { &rendered }),
+                        message,
+                    );
                     failed = true;
                     if !remove_at(&mut value, &inner) {
                         return None;
@@ -60,7 +70,9 @@ impl Checker {
 fn remove_at(value: &mut Value, path: &serde_path_to_error::Path) -> bool {
     use serde_path_to_error::Segment;
     let segments: Vec<&Segment> = path.iter().collect();
-    let Some((last, parents)) = segments.split_last() else { return false };
+    let Some((last, parents)) = segments.split_last() else {
+        return false;
+    };
     let mut node = value;
     for seg in parents {
         let next = match (seg, node) {
@@ -106,7 +118,12 @@ pub(super) fn build(text: &str) -> Result<Config, Vec<ConfigError>> {
     let mut root = match root {
         Value::Mapping(m) => m,
         Value::Null => Mapping::new(),
-        _ => return Err(vec![ConfigError::new("", "the file must be a YAML mapping")]),
+        _ => {
+            return Err(vec![ConfigError::new(
+                "",
+                "the file must be a YAML mapping",
+            )])
+        }
     };
     for key in root.keys() {
         let name = key.as_str().unwrap_or("?");
@@ -188,7 +205,10 @@ fn build_server(ck: &mut Checker, value: Option<Value>) -> ServerConf {
     };
     if let Some(Value::Mapping(given)) = value {
         let known: HashSet<String> = match serde_yaml::to_value(ServerConf::default()) {
-            Ok(Value::Mapping(m)) => m.keys().filter_map(|k| k.as_str().map(String::from)).collect(),
+            Ok(Value::Mapping(m)) => m
+                .keys()
+                .filter_map(|k| k.as_str().map(String::from))
+                .collect(),
             _ => HashSet::new(),
         };
         let mut merged = match serde_yaml::to_value(&conf) {
@@ -221,7 +241,10 @@ fn parse_listen(ck: &mut Checker, path: &str, text: &str) -> Option<SocketAddr> 
     match text.parse::<SocketAddr>() {
         Ok(a) => Some(a),
         Err(_) => {
-            ck.err(path, format!("invalid listen address {text:?} (expected IP:PORT)"));
+            ck.err(
+                path,
+                format!("invalid listen address {text:?} (expected IP:PORT)"),
+            );
             None
         }
     }
@@ -265,7 +288,12 @@ fn build_upstreams(ck: &mut Checker, map: Mapping) -> Vec<(String, Option<Upstre
     out
 }
 
-fn build_upstream(ck: &mut Checker, path: &str, name: &str, f: FileUpstream) -> Option<UpstreamConfig> {
+fn build_upstream(
+    ck: &mut Checker,
+    path: &str,
+    name: &str,
+    f: FileUpstream,
+) -> Option<UpstreamConfig> {
     let before = ck.errors.len();
     let balance = f.balance.unwrap_or(Balance::RoundRobin);
     let hash_key = match (&f.hash_key, balance) {
@@ -280,12 +308,18 @@ fn build_upstream(ck: &mut Checker, path: &str, name: &str, f: FileUpstream) -> 
             }
         }
         (Some(_), _) => {
-            ck.err(&format!("{path}.hash_key"), "hash_key applies only to balance: consistent_hash");
+            ck.err(
+                &format!("{path}.hash_key"),
+                "hash_key applies only to balance: consistent_hash",
+            );
             KeySource::ClientIp
         }
     };
     if f.backends.is_empty() {
-        ck.err(&format!("{path}.backends"), "at least one backend is required");
+        ck.err(
+            &format!("{path}.backends"),
+            "at least one backend is required",
+        );
     }
     let mut backends: Vec<BackendConfig> = Vec::new();
     for (i, value) in f.backends.into_iter().enumerate() {
@@ -299,7 +333,10 @@ fn build_upstream(ck: &mut Checker, path: &str, name: &str, f: FileUpstream) -> 
         };
         let weight = weight.unwrap_or(1);
         if !(1..=10_000).contains(&weight) {
-            ck.err(&format!("{bpath}.weight"), format!("weight {weight} is out of range 1..=10000"));
+            ck.err(
+                &format!("{bpath}.weight"),
+                format!("weight {weight} is out of range 1..=10000"),
+            );
             continue;
         }
         match parse_backend_addr(&address) {
@@ -315,7 +352,10 @@ fn build_upstream(ck: &mut Checker, path: &str, name: &str, f: FileUpstream) -> 
         let kind = h.kind.unwrap_or(HealthCheckType::Http);
         let check_path = h.path.unwrap_or_else(|| "/health".into());
         if kind == HealthCheckType::Http && !check_path.starts_with('/') {
-            ck.err(&format!("{hpath}.path"), format!("path {check_path:?} must start with /"));
+            ck.err(
+                &format!("{hpath}.path"),
+                format!("path {check_path:?} must start with /"),
+            );
         }
         if kind == HealthCheckType::Tcp && check_path != "/health" {
             ck.err(&format!("{hpath}.path"), "path applies only to type: http");
@@ -324,10 +364,24 @@ fn build_upstream(ck: &mut Checker, path: &str, name: &str, f: FileUpstream) -> 
         let timeout = h.timeout.map_or(Duration::from_secs(1), |d| d.0);
         positive(ck, &format!("{hpath}.interval"), interval);
         positive(ck, &format!("{hpath}.timeout"), timeout);
-        let healthy_after = at_least_one(ck, &format!("{hpath}.healthy_after"), h.healthy_after.unwrap_or(2));
-        let unhealthy_after =
-            at_least_one(ck, &format!("{hpath}.unhealthy_after"), h.unhealthy_after.unwrap_or(2));
-        HealthCheckConfig { kind, path: check_path, interval, timeout, healthy_after, unhealthy_after }
+        let healthy_after = at_least_one(
+            ck,
+            &format!("{hpath}.healthy_after"),
+            h.healthy_after.unwrap_or(2),
+        );
+        let unhealthy_after = at_least_one(
+            ck,
+            &format!("{hpath}.unhealthy_after"),
+            h.unhealthy_after.unwrap_or(2),
+        );
+        HealthCheckConfig {
+            kind,
+            path: check_path,
+            interval,
+            timeout,
+            healthy_after,
+            unhealthy_after,
+        }
     });
     let breaker = f.breaker.map(|b| {
         let bpath = format!("{path}.breaker");
@@ -336,9 +390,16 @@ fn build_upstream(ck: &mut Checker, path: &str, name: &str, f: FileUpstream) -> 
         let max_open = b.max_open.map_or(Duration::from_secs(300), |d| d.0);
         positive(ck, &format!("{bpath}.open"), open);
         if max_open < open {
-            ck.err(&format!("{bpath}.max_open"), "max_open must not be shorter than open");
+            ck.err(
+                &format!("{bpath}.max_open"),
+                "max_open must not be shorter than open",
+            );
         }
-        BreakerConfig { failures, open, max_open }
+        BreakerConfig {
+            failures,
+            open,
+            max_open,
+        }
     });
     let mut timeouts = Timeouts::default();
     if let Some(t) = f.timeouts {
@@ -357,7 +418,10 @@ fn build_upstream(ck: &mut Checker, path: &str, name: &str, f: FileUpstream) -> 
     }
     let retries = f.retries.unwrap_or(1);
     if retries > 16 {
-        ck.err(&format!("{path}.retries"), format!("retries {retries} is out of range 0..=16"));
+        ck.err(
+            &format!("{path}.retries"),
+            format!("retries {retries} is out of range 0..=16"),
+        );
     }
     (ck.errors.len() == before).then(|| UpstreamConfig {
         name: name.to_string(),
@@ -401,7 +465,9 @@ fn build_routes(
     let mut seen: BTreeMap<(Option<String>, String), usize> = BTreeMap::new();
     for (i, value) in items.into_iter().enumerate() {
         let path = format!("routes[{i}]");
-        let Some(f) = ck.parse::<FileRoute>(&path, value) else { continue };
+        let Some(f) = ck.parse::<FileRoute>(&path, value) else {
+            continue;
+        };
         let before = ck.errors.len();
         let mpath = format!("{path}.match");
         let matcher = match (f.matcher.path, f.matcher.prefix) {
@@ -424,13 +490,18 @@ fn build_routes(
         let methods = f.matcher.methods.map(|ms| {
             ms.iter()
                 .enumerate()
-                .filter_map(|(j, m)| match Method::from_bytes(m.to_ascii_uppercase().as_bytes()) {
-                    Ok(m) => Some(m),
-                    Err(_) => {
-                        ck.err(&format!("{mpath}.methods[{j}]"), format!("invalid method {m:?}"));
-                        None
-                    }
-                })
+                .filter_map(
+                    |(j, m)| match Method::from_bytes(m.to_ascii_uppercase().as_bytes()) {
+                        Ok(m) => Some(m),
+                        Err(_) => {
+                            ck.err(
+                                &format!("{mpath}.methods[{j}]"),
+                                format!("invalid method {m:?}"),
+                            );
+                            None
+                        }
+                    },
+                )
                 .collect::<Vec<_>>()
         });
         let kind = match (f.upstream, f.broadcast) {
@@ -454,7 +525,10 @@ fn build_routes(
                     ck.err(&format!("{path}.broadcast"), "needs at least one upstream");
                 }
                 if f.fallback.is_some() {
-                    ck.err(&format!("{path}.fallback"), "fallback applies only to proxy routes (`upstream:`)");
+                    ck.err(
+                        &format!("{path}.fallback"),
+                        "fallback applies only to proxy routes (`upstream:`)",
+                    );
                 }
                 let targets = targets
                     .iter()
@@ -464,24 +538,41 @@ fn build_routes(
                 Some(RouteKind::Broadcast { targets })
             }
             _ => {
-                ck.err(&path, "needs exactly one of `upstream` (proxy) and `broadcast`");
+                ck.err(
+                    &path,
+                    "needs exactly one of `upstream` (proxy) and `broadcast`",
+                );
                 None
             }
         };
         let strip_prefix = f.strip_prefix.unwrap_or(false);
         if strip_prefix && !matches!(matcher, Some(PathMatch::Prefix(_))) {
-            ck.err(&format!("{path}.strip_prefix"), "strip_prefix needs a `prefix` match");
+            ck.err(
+                &format!("{path}.strip_prefix"),
+                "strip_prefix needs a `prefix` match",
+            );
         }
-        let request_headers = header_rules(ck, &format!("{path}.request_headers"), f.request_headers);
-        let response_headers = header_rules(ck, &format!("{path}.response_headers"), f.response_headers);
+        let request_headers =
+            header_rules(ck, &format!("{path}.request_headers"), f.request_headers);
+        let response_headers =
+            header_rules(ck, &format!("{path}.response_headers"), f.response_headers);
         let rate_limit = f.rate_limit.map(|r| {
             let rpath = format!("{path}.rate_limit");
             if !(r.requests_per_second.is_finite() && r.requests_per_second > 0.0) {
-                ck.err(&format!("{rpath}.requests_per_second"), "must be a number above zero");
+                ck.err(
+                    &format!("{rpath}.requests_per_second"),
+                    "must be a number above zero",
+                );
             }
-            let burst = r.burst.unwrap_or_else(|| r.requests_per_second.ceil().max(1.0) as u32);
+            let burst = r
+                .burst
+                .unwrap_or_else(|| r.requests_per_second.ceil().max(1.0) as u32);
             let burst = at_least_one(ck, &format!("{rpath}.burst"), burst);
-            let key = match r.key.as_deref().map(|k| KeySource::parse(k, &["client_ip", "global", "header:NAME"])) {
+            let key = match r
+                .key
+                .as_deref()
+                .map(|k| KeySource::parse(k, &["client_ip", "global", "header:NAME"]))
+            {
                 None => KeySource::ClientIp,
                 Some(Ok(k)) => k,
                 Some(Err(e)) => {
@@ -489,22 +580,36 @@ fn build_routes(
                     KeySource::ClientIp
                 }
             };
-            RateLimitConfig { requests_per_second: r.requests_per_second, burst, key }
+            RateLimitConfig {
+                requests_per_second: r.requests_per_second,
+                burst,
+                key,
+            }
         });
         let max_body_bytes = f
             .max_body_bytes
             .or(defaults.max_body_bytes)
             .map_or(DEFAULT_MAX_BODY_BYTES, |s| s.0);
-        let access_log = f.access_log.or(defaults.access_log).unwrap_or(AccessLog::Json);
+        let access_log = f
+            .access_log
+            .or(defaults.access_log)
+            .unwrap_or(AccessLog::Json);
         let mut mirrors = Vec::new();
         for (j, m) in f.mirror.unwrap_or_default().into_iter().enumerate() {
             let mp = format!("{path}.mirror[{j}]");
             let upstream = lookup(ck, &format!("{mp}.upstream"), &m.upstream);
             let percent = m.percent.unwrap_or(100.0);
             if !(0.0..=100.0).contains(&percent) {
-                ck.err(&format!("{mp}.percent"), format!("percent {percent} is out of range 0..=100"));
+                ck.err(
+                    &format!("{mp}.percent"),
+                    format!("percent {percent} is out of range 0..=100"),
+                );
             }
-            let sample_by = match m.sample_by.as_deref().map(|k| KeySource::parse(k, &["client_ip", "header:NAME"])) {
+            let sample_by = match m
+                .sample_by
+                .as_deref()
+                .map(|k| KeySource::parse(k, &["client_ip", "header:NAME"]))
+            {
                 None => None,
                 Some(Ok(k)) => Some(k),
                 Some(Err(e)) => {
@@ -512,7 +617,8 @@ fn build_routes(
                     None
                 }
             };
-            let redact_headers = header_names(ck, &format!("{mp}.redact_headers"), m.redact_headers);
+            let redact_headers =
+                header_names(ck, &format!("{mp}.redact_headers"), m.redact_headers);
             let headers = header_rules(ck, &format!("{mp}.headers"), m.headers);
             let max_inflight = m.max_inflight.unwrap_or(1024);
             if max_inflight == 0 {
@@ -534,11 +640,16 @@ fn build_routes(
             }
         }
         if !mirrors.is_empty() && matches!(kind, Some(RouteKind::Broadcast { .. })) {
-            ck.err(&format!("{path}.mirror"), "mirror applies only to proxy routes (`upstream:`)");
+            ck.err(
+                &format!("{path}.mirror"),
+                "mirror applies only to proxy routes (`upstream:`)",
+            );
         }
         let redact_headers = header_names(ck, &format!("{path}.redact_headers"), f.redact_headers);
 
-        let (Some(matcher), Some(kind)) = (matcher, kind) else { continue };
+        let (Some(matcher), Some(kind)) = (matcher, kind) else {
+            continue;
+        };
         if ck.errors.len() != before {
             continue;
         }
@@ -581,14 +692,20 @@ fn build_routes(
 
 fn header_names(ck: &mut Checker, path: &str, names: Option<Vec<String>>) -> Vec<HeaderName> {
     match names {
-        None => DEFAULT_REDACT_HEADERS.iter().map(|n| HeaderName::from_static(n)).collect(),
+        None => DEFAULT_REDACT_HEADERS
+            .iter()
+            .map(|n| HeaderName::from_static(n))
+            .collect(),
         Some(list) => list
             .iter()
             .enumerate()
             .filter_map(|(i, n)| match HeaderName::from_bytes(n.as_bytes()) {
                 Ok(h) => Some(h),
                 Err(_) => {
-                    ck.err(&format!("{path}[{i}]"), format!("invalid header name {n:?}"));
+                    ck.err(
+                        &format!("{path}[{i}]"),
+                        format!("invalid header name {n:?}"),
+                    );
                     None
                 }
             })
@@ -597,11 +714,16 @@ fn header_names(ck: &mut Checker, path: &str, names: Option<Vec<String>>) -> Vec
 }
 
 fn header_rules(ck: &mut Checker, path: &str, rules: Option<FileHeaderRules>) -> HeaderRules {
-    let Some(rules) = rules else { return HeaderRules::default() };
+    let Some(rules) = rules else {
+        return HeaderRules::default();
+    };
     let mut out = HeaderRules::default();
     for (name, value) in rules.set {
         let key = format!("{path}.set.{name}");
-        match (HeaderName::from_bytes(name.as_bytes()), HeaderValue::from_str(&value)) {
+        match (
+            HeaderName::from_bytes(name.as_bytes()),
+            HeaderValue::from_str(&value),
+        ) {
             (Ok(n), Ok(v)) => out.set.push((n, v)),
             (Err(_), _) => ck.err(&key, format!("invalid header name {name:?}")),
             (_, Err(_)) => ck.err(&key, format!("invalid header value {value:?}")),
@@ -610,7 +732,10 @@ fn header_rules(ck: &mut Checker, path: &str, rules: Option<FileHeaderRules>) ->
     for (i, name) in rules.remove.iter().enumerate() {
         match HeaderName::from_bytes(name.as_bytes()) {
             Ok(n) => out.remove.push(n),
-            Err(_) => ck.err(&format!("{path}.remove[{i}]"), format!("invalid header name {name:?}")),
+            Err(_) => ck.err(
+                &format!("{path}.remove[{i}]"),
+                format!("invalid header name {name:?}"),
+            ),
         }
     }
     out
@@ -618,7 +743,10 @@ fn header_rules(ck: &mut Checker, path: &str, rules: Option<FileHeaderRules>) ->
 
 /// Finds the line of each error's key path in block-style YAML, where it can be found.
 pub(super) fn attach_lines(text: &str, errors: &mut [ConfigError]) {
-    for e in errors.iter_mut().filter(|e| e.line.is_none() && !e.path.is_empty()) {
+    for e in errors
+        .iter_mut()
+        .filter(|e| e.line.is_none() && !e.path.is_empty())
+    {
         e.line = locate(text, &e.path);
     }
 }
@@ -642,29 +770,39 @@ fn locate(text: &str, path: &str) -> Option<usize> {
         };
         let mut hit = None;
         for (i, l) in lines.iter().enumerate().skip(start) {
-            let Some((indent, t)) = content(l) else { continue };
+            let Some((indent, t)) = content(l) else {
+                continue;
+            };
             if parent_indent.is_some_and(|p| indent <= p) && !(i == start && t.starts_with("- ")) {
                 break;
             }
             let t2 = t.strip_prefix("- ").unwrap_or(t);
             let k2 = t2.trim_start_matches(['"', '\'']);
-            if k2.starts_with(key) && k2[key.len()..].trim_start_matches(['"', '\'']).starts_with(':') {
+            if k2.starts_with(key)
+                && k2[key.len()..]
+                    .trim_start_matches(['"', '\''])
+                    .starts_with(':')
+            {
                 hit = Some((i, indent + (t.len() - t2.len())));
                 break;
             }
         }
-        let Some((line, indent)) = hit else { return found.map(|l| l + 1) };
+        let Some((line, indent)) = hit else {
+            return found.map(|l| l + 1);
+        };
         found = Some(line);
         start = line + 1;
         parent_indent = Some(indent);
-        for idx in indices.split(|c| c == '[' || c == ']').filter(|s| !s.is_empty()) {
+        for idx in indices.split(['[', ']']).filter(|s| !s.is_empty()) {
             let Ok(n) = idx.parse::<usize>() else { break };
             let mut count = 0usize;
             let mut item_indent = None;
             let mut item = None;
             for (i, l) in lines.iter().enumerate().skip(start) {
                 let Some((ind, t)) = content(l) else { continue };
-                if parent_indent.is_some_and(|p| ind < p) || (Some(ind) == parent_indent && !t.starts_with("- ")) {
+                if parent_indent.is_some_and(|p| ind < p)
+                    || (Some(ind) == parent_indent && !t.starts_with("- "))
+                {
                     break;
                 }
                 if t.starts_with("- ") || t == "-" {
@@ -680,7 +818,9 @@ fn locate(text: &str, path: &str) -> Option<usize> {
                     }
                 }
             }
-            let Some((line, ind)) = item else { return found.map(|l| l + 1) };
+            let Some((line, ind)) = item else {
+                return found.map(|l| l + 1);
+            };
             found = Some(line);
             start = line;
             parent_indent = Some(ind);

@@ -65,7 +65,10 @@ fn probe_for(hc: &HealthCheckConfig, host: &str) -> Result<Probe, Box<Error>> {
                 if resp.status.is_success() {
                     Ok(())
                 } else {
-                    Error::e_explain(ErrorType::HTTPStatus(resp.status.as_u16()), "health check answer is not 2xx")
+                    Error::e_explain(
+                        ErrorType::HTTPStatus(resp.status.as_u16()),
+                        "health check answer is not 2xx",
+                    )
                 }
             }));
             Arc::new(probe)
@@ -74,13 +77,19 @@ fn probe_for(hc: &HealthCheckConfig, host: &str) -> Result<Probe, Box<Error>> {
 }
 
 async fn check_forever(up: Arc<Upstream>) {
-    let Some(hc) = up.config.health_check.clone() else { return };
+    let Some(hc) = up.config.health_check.clone() else {
+        return;
+    };
     let mut probes = Vec::new();
     for b in &up.backends {
         match (probe_for(&hc, &b.label), Backend::new(&b.label)) {
             (Ok(p), Ok(target)) => probes.push((p, target)),
             (Err(e), _) | (_, Err(e)) => {
-                warn!("upstream {}: cannot set up health check of {}: {e}", up.name(), b.label);
+                warn!(
+                    "upstream {}: cannot set up health check of {}: {e}",
+                    up.name(),
+                    b.label
+                );
                 return;
             }
         }
@@ -110,15 +119,29 @@ async fn check_forever(up: Arc<Upstream>) {
                 Ok(()) => {
                     failures[i] = 0;
                     successes[i] = successes[i].saturating_add(1);
-                    if !backend.healthy() && successes[i] >= hc.healthy_after && up.set_healthy(i, true) {
-                        info!("upstream {}: backend {} is healthy again", up.name(), backend.label);
+                    if !backend.healthy()
+                        && successes[i] >= hc.healthy_after
+                        && up.set_healthy(i, true)
+                    {
+                        info!(
+                            "upstream {}: backend {} is healthy again",
+                            up.name(),
+                            backend.label
+                        );
                     }
                 }
                 Err(why) => {
                     successes[i] = 0;
                     failures[i] = failures[i].saturating_add(1);
-                    if backend.healthy() && failures[i] >= hc.unhealthy_after && up.set_healthy(i, false) {
-                        warn!("upstream {}: backend {} is unhealthy: {why}", up.name(), backend.label);
+                    if backend.healthy()
+                        && failures[i] >= hc.unhealthy_after
+                        && up.set_healthy(i, false)
+                    {
+                        warn!(
+                            "upstream {}: backend {} is unhealthy: {why}",
+                            up.name(),
+                            backend.label
+                        );
                     }
                 }
             }

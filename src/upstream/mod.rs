@@ -134,7 +134,11 @@ impl Upstream {
                 peer.options.read_timeout = Some(t.read);
                 peer.options.write_timeout = Some(t.write);
                 peer.options.idle_timeout = Some(t.idle);
-                let outcome = |o: &str| metrics.upstream_requests.with_label_values(&[name, &label, o]);
+                let outcome = |o: &str| {
+                    metrics
+                        .upstream_requests
+                        .with_label_values(&[name, &label, o])
+                };
                 Arc::new(BackendState {
                     addr: b.addr,
                     weight: b.weight,
@@ -166,7 +170,8 @@ impl Upstream {
 
     /// Rebuilds the selection schedule after a backend left or returned.
     pub fn refresh(&self) {
-        self.balancer.refresh(&self.backends, |i| self.backends[i].available());
+        self.balancer
+            .refresh(&self.backends, |i| self.backends[i].available());
     }
 
     /// Marks a backend healthy or not; returns whether that changed anything.
@@ -187,7 +192,9 @@ impl Upstream {
     /// leases it. `key` feeds consistent hashing. `None`: no backend is available.
     pub fn select(&self, key: &[u8], tried: &Tried) -> Option<Lease> {
         let bs = &self.backends;
-        let fresh = self.balancer.pick(bs, key, |i| bs[i].available() && !tried.contains(i));
+        let fresh = self
+            .balancer
+            .pick(bs, key, |i| bs[i].available() && !tried.contains(i));
         let index = match fresh {
             Some(i) => Some(i),
             None if !tried.is_empty() => self.balancer.pick(bs, key, |i| bs[i].available()),

@@ -1,0 +1,82 @@
+//! The admin listener: /health, /ready, /metrics, /status.
+
+mod common;
+
+use common::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_endpoints_report_the_gateway() {
+    let (a, b) = (Backend::start("a").await, Backend::start("b").await);
+    b.set_status(500);
+    let gw = Gateway::start(&format!(
+        "upstreams:\n  ok: {{ backends: [{}] }}\n  failing:\n    backends: [{{ address: {}, weight: 3 }}]\n\
+         routes:\n  - {{ name: good, match: {{ prefix: /good }}, upstream: ok }}\n  - {{ match: {{ prefix: /bad }}, upstream: failing }}\n",
+        a.addr, b.addr
+    ));
+    let c = client();
+    for _ in 0..3 {
+        assert_eq!(get(&c, &gw.url("/good")).await.0, 200);
+    }
+    assert_eq!(get(&c, &gw.url("/bad")).await.0, 500);
+    assert_eq!(get(&c, &gw.url("/none")).await.0, 404);
+
+    let health = c.get(gw.admin_url("/health")).send().await.unwrap();
+    assert_eq!(health.status(), 200);
+    let health: serde_json::Value = health.json().await.unwrap();
+    assert_eq!(health["status"], "UP");
+    assert!(health["uptime_seconds"].is_u64());
+    assert!(health["uptime"].as_str().unwrap().ends_with('s'));
+
+    let ready = c.get(gw.admin_url("/ready")).send().await.unwrap();
+    assert_eq!(ready.status(), 200);
+
+    let metrics = c.get(gw.admin_url("/metrics")).send().await.unwrap();
+    assert_eq!(metrics.status(), 200);
+    let text = metrics.text().await.unwrap();
+    for needle in [
+        "fanout_requests_total{route=\"good\",status=\"200\"} 3",
+        "fanout_requests_total{route=\"prefix:/bad\",status=\"500\"} 1",
+        "fanout_requests_total{route=\"none\",status=\"404\"} 1",
+        "fanout_request_duration_seconds_count{route=\"good\"} 3",
+        &format!("fanout_upstream_requests_total{{backend=\"{}\",outcome=\"ok\",upstream=\"ok\"}} 3", a.addr),
+        &format!("fanout_upstream_requests_total{{backend=\"{}\",outcome=\"error\",upstream=\"failing\"}} 1", b.addr),
+        &format!("fanout_backend_healthy{{backend=\"{}\",upstream=\"ok\"}} 1", a.addr),
+        &format!("fanout_backend_inflight{{backend=\"{}\",upstream=\"ok\"}} 0", a.addr),
+    ] {
+        assert!(text.contains(needle), "missing {needle} in\n{text}");
+    }
+
+    let status: serde_json::Value = c
+        .get(gw.admin_url("/status"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(status["totals"]["requests"], 5);
+    assert_eq!(status["totals"]["responses"], 5);
+    assert_eq!(status["totals"]["errors"], 1);
+    let failing = &status["upstreams"][1];
+    assert_eq!(failing["name"], "failing");
+    assert_eq!(failing["backends"][0]["address"], b.addr.to_string());
+    assert_eq!(failing["backends"][0]["weight"], 3);
+    assert_eq!(failing["backends"][0]["healthy"], true);
+    assert_eq!(failing["backends"][0]["inflight"], 0);
+    assert_eq!(status["routes"][0]["route"], "good");
+    assert_eq!(status["routes"][0]["kind"], "proxy");
+    assert_eq!(status["routes"][1]["route"], "prefix:/bad");
+
+    assert_eq!(
+        c.get(gw.admin_url("/nope")).send().await.unwrap().status(),
+        404
+    );
+    assert_eq!(
+        c.post(gw.admin_url("/health"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        405
+    );
+}

@@ -1,0 +1,310 @@
+//! Test harness shared by the integration tests: real HTTP backends (hyper on loopback,
+//! each recording what it received and answering as told) and a real `fanout` process
+//! started on free loopback ports, waited for with a bound, and killed when dropped.
+#![allow(dead_code)]
+
+use std::convert::Infallible;
+use std::io::Write;
+use std::net::{SocketAddr, TcpListener as StdListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, AtomicUsize, Ordering::SeqCst};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+
+/// What a backend received.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub method: String,
+    pub path: String,
+    pub headers: http::HeaderMap,
+    pub body: Bytes,
+}
+
+pub struct BackendState {
+    pub name: String,
+    pub hits: AtomicUsize,
+    /// What `/health` answers: 200 when true, 503 when false.
+    pub healthy: AtomicBool,
+    pub delay_ms: AtomicU64,
+    pub status: AtomicU16,
+    pub inflight: AtomicUsize,
+    pub seen: Mutex<Vec<Seen>>,
+}
+
+/// A real HTTP/1.1 backend on 127.0.0.1 with an OS-chosen port.
+pub struct Backend {
+    pub addr: SocketAddr,
+    pub state: Arc<BackendState>,
+    tasks: Arc<Mutex<Vec<JoinHandle<()>>>>,
+}
+
+impl Backend {
+    pub async fn start(name: &str) -> Backend {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind backend");
+        let addr = listener.local_addr().expect("backend addr");
+        let state = Arc::new(BackendState {
+            name: name.to_string(),
+            hits: AtomicUsize::new(0),
+            healthy: AtomicBool::new(true),
+            delay_ms: AtomicU64::new(0),
+            status: AtomicU16::new(200),
+            inflight: AtomicUsize::new(0),
+            seen: Mutex::new(Vec::new()),
+        });
+        let tasks: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::default();
+        let (st, ts) = (Arc::clone(&state), Arc::clone(&tasks));
+        let accept = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
+                let st = Arc::clone(&st);
+                let conn = tokio::spawn(async move {
+                    let svc = service_fn(move |req| handle(Arc::clone(&st), req));
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+                ts.lock().unwrap().push(conn);
+            }
+        });
+        tasks.lock().unwrap().push(accept);
+        Backend { addr, state, tasks }
+    }
+
+    pub fn hits(&self) -> usize {
+        self.state.hits.load(SeqCst)
+    }
+
+    pub fn set_healthy(&self, healthy: bool) {
+        self.state.healthy.store(healthy, SeqCst);
+    }
+
+    pub fn set_delay(&self, ms: u64) {
+        self.state.delay_ms.store(ms, SeqCst);
+    }
+
+    pub fn set_status(&self, status: u16) {
+        self.state.status.store(status, SeqCst);
+    }
+
+    pub fn seen(&self) -> Vec<Seen> {
+        self.state.seen.lock().unwrap().clone()
+    }
+
+    /// Stops listening and closes every open connection: the backend is gone.
+    pub fn kill(&self) {
+        for t in self.tasks.lock().unwrap().drain(..) {
+            t.abort();
+        }
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+async fn handle(
+    st: Arc<BackendState>,
+    req: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    if req.uri().path() == "/health" {
+        let code = if st.healthy.load(SeqCst) { 200 } else { 503 };
+        return Ok(Response::builder()
+            .status(code)
+            .body(Full::new(Bytes::from_static(b"health")))
+            .unwrap());
+    }
+    st.inflight.fetch_add(1, SeqCst);
+    let method = req.method().to_string();
+    let path = req
+        .uri()
+        .path_and_query()
+        .map_or("/".into(), |p| p.to_string());
+    let headers = req.headers().clone();
+    let body = req
+        .into_body()
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    st.seen.lock().unwrap().push(Seen {
+        method,
+        path,
+        headers,
+        body,
+    });
+    st.hits.fetch_add(1, SeqCst);
+    let delay = st.delay_ms.load(SeqCst);
+    if delay > 0 {
+        tokio::time::sleep(Duration::from_millis(delay)).await;
+    }
+    st.inflight.fetch_sub(1, SeqCst);
+    let status = st.status.load(SeqCst);
+    Ok(Response::builder()
+        .status(status)
+        .header("x-backend", st.name.as_str())
+        .body(Full::new(Bytes::from(st.name.clone())))
+        .unwrap())
+}
+
+/// A free loopback port (bound then released; the gateway binds it right after).
+pub fn free_port() -> u16 {
+    StdListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn scratch_dir() -> PathBuf {
+    static N: AtomicUsize = AtomicUsize::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "fanout-test-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, SeqCst)
+    ));
+    std::fs::create_dir_all(&dir).expect("scratch dir");
+    dir
+}
+
+pub fn fanout_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_fanout")
+}
+
+/// A running `fanout` process; killed and cleaned up when dropped.
+pub struct Gateway {
+    child: Child,
+    pub port: u16,
+    pub admin_port: u16,
+    pub dir: PathBuf,
+}
+
+impl Gateway {
+    /// Starts fanout on `body` (upstreams, routes, defaults) with its own `server`,
+    /// `listen` and `admin` settings on free ports, and waits until both listen.
+    pub fn start(body: &str) -> Gateway {
+        let (port, admin_port, dir) = (free_port(), free_port(), scratch_dir());
+        let yaml = format!(
+            "server:\n  threads: 2\n  grace_period_seconds: 0\n  graceful_shutdown_timeout_seconds: 1\n  \
+             pid_file: {d}/fanout.pid\n  upgrade_sock: {d}/upgrade.sock\n\
+             listen: [\"127.0.0.1:{port}\"]\nadmin: 127.0.0.1:{admin_port}\n{body}",
+            d = dir.display()
+        );
+        let conf = dir.join("fanout.yaml");
+        std::fs::File::create(&conf)
+            .and_then(|mut f| f.write_all(yaml.as_bytes()))
+            .expect("write conf");
+        let child = Command::new(fanout_bin())
+            .arg("-c")
+            .arg(&conf)
+            .stdout(Stdio::from(
+                std::fs::File::create(dir.join("stdout")).unwrap(),
+            ))
+            .stderr(Stdio::from(
+                std::fs::File::create(dir.join("stderr")).unwrap(),
+            ))
+            .spawn()
+            .expect("spawn fanout");
+        let mut gw = Gateway {
+            child,
+            port,
+            admin_port,
+            dir,
+        };
+        gw.wait_listening(&[port, admin_port]);
+        gw
+    }
+
+    /// Waits (at most 15 s) until every port accepts connections.
+    pub fn wait_listening(&mut self, ports: &[u16]) {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        for &p in ports {
+            while TcpStream::connect(("127.0.0.1", p)).is_err() {
+                if let Ok(Some(status)) = self.child.try_wait() {
+                    panic!("fanout exited early ({status}):\n{}", self.stderr());
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "fanout did not listen on {p}:\n{}",
+                    self.stderr()
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.admin_port)
+    }
+
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(self.dir.join("stderr")).unwrap_or_default()
+    }
+
+    pub fn stdout(&self) -> String {
+        std::fs::read_to_string(self.dir.join("stdout")).unwrap_or_default()
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!("fanout stderr:\n{}", self.stderr());
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .expect("client")
+}
+
+/// Polls `check` every 20 ms until it holds, failing the test after `limit`.
+pub async fn eventually<F, Fut>(limit: Duration, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + limit;
+    while !check().await {
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// GET `url` and return (status, x-backend header, body).
+pub async fn get(c: &reqwest::Client, url: &str) -> (u16, String, String) {
+    let resp = c.get(url).send().await.expect("request");
+    let status = resp.status().as_u16();
+    let backend = resp
+        .headers()
+        .get("x-backend")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    (status, backend, resp.text().await.unwrap_or_default())
+}
