@@ -126,7 +126,7 @@ impl AdminApp {
         let m = &self.gw.metrics;
         for u in &self.gw.upstreams {
             for b in &u.backends {
-                let labels = [u.name(), b.label.as_str()];
+                let labels = [u.name(), &*b.label];
                 m.backend_healthy
                     .with_label_values(&labels)
                     .set(b.healthy() as i64);

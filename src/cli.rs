@@ -47,7 +47,7 @@ pub struct Cli {
     /// Quick mode: requests per second allowed per client IP.
     #[arg(long = "rate-limit", value_name = "N")]
     pub rate_limit: Option<f64>,
-    /// Quick mode: admin listener address (/health, /ready, /metrics, /status).
+    /// Admin listener address (/health, /ready, /metrics, /status), for quick mode and the demo.
     #[arg(long, value_name = "ADDR")]
     pub admin: Option<String>,
 }
@@ -110,6 +110,9 @@ pub fn load(cli: &Cli, mode: &Mode) -> Result<Config, ConfigErrors> {
     match mode {
         Mode::File(path) => config::load(path),
         Mode::Quick => config::from_yaml(&cli.quick_config_yaml(), "command line"),
-        Mode::Demo => config::from_yaml(&crate::demo::config_yaml(cli.listen.as_deref()), "demo"),
+        Mode::Demo => config::from_yaml(
+            &crate::demo::config_yaml(cli.listen.as_deref(), cli.admin.as_deref()),
+            "demo",
+        ),
     }
 }

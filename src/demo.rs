@@ -74,13 +74,14 @@ fn ports() -> &'static Ports {
     })
 }
 
-/// The demo's configuration, with the gateway on `listen` (default 127.0.0.1:8080).
-pub fn config_yaml(listen: Option<&str>) -> String {
+/// The demo's configuration, with the gateway on `listen` (default 127.0.0.1:8080) and the
+/// admin listener on `admin` (default 127.0.0.1:9091).
+pub fn config_yaml(listen: Option<&str>, admin: Option<&str>) -> String {
     let p = &ports().0;
     format!(
         r#"server: {{ threads: 2, grace_period_seconds: 1, graceful_shutdown_timeout_seconds: 1 }}
 listen: ["{listen}"]
-admin: {ADMIN}
+admin: {admin}
 upstreams:
   api:
     balance: weighted
@@ -102,6 +103,7 @@ routes:
     upstream: sticky
 "#,
         listen = listen.unwrap_or(DEFAULT_LISTEN),
+        admin = admin.unwrap_or(ADMIN),
         p0 = p[0],
         p1 = p[1],
         p2 = p[2],
@@ -125,11 +127,12 @@ pub fn backend_services() -> Vec<Box<dyn ServiceWithDependents>> {
 }
 
 /// What the demo prints once it is up.
-pub fn banner(listen: Option<&str>) -> String {
+pub fn banner(listen: Option<&str>, admin: Option<&str>) -> String {
     let gw = listen.unwrap_or(DEFAULT_LISTEN);
+    let admin = admin.unwrap_or(ADMIN);
     format!(
         r#"
-fanout demo is running: gateway on http://{gw}, admin on http://{ADMIN}
+fanout demo is running: gateway on http://{gw}, admin on http://{admin}
 Demo backends api-1, api-2, api-3 (weights 1:2:3) answer with their name.
 
 Try:
@@ -137,8 +140,8 @@ Try:
   for i in 1 2 3 4 5 6; do curl -s http://{gw}/api/$i; done   # watch the spread 1:2:3
   curl -s -H 'X-User-Id: alice' http://{gw}/sticky/cart  # consistent hashing: same user, same backend
   curl -s http://{gw}/nowhere                            # 404 with a JSON error
-  curl -s http://{ADMIN}/status                          # upstreams, backends, routes, totals
-  curl -s http://{ADMIN}/metrics | grep ^fanout_         # Prometheus metrics
+  curl -s http://{admin}/status                          # upstreams, backends, routes, totals
+  curl -s http://{admin}/metrics | grep ^fanout_         # Prometheus metrics
 Stop with Ctrl-C.
 "#
     )

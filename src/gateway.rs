@@ -6,7 +6,8 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::config::{Config, RouteConfig, RouteKind, UpstreamId};
+use crate::access_log::AccessLogger;
+use crate::config::{AccessLog, Config, RouteConfig, RouteKind, UpstreamId};
 use crate::metrics::{Metrics, RouteMetrics};
 use crate::routing::Router;
 use crate::upstream::Upstream;
@@ -41,6 +42,9 @@ pub struct Gateway {
     pub metrics: Metrics,
     /// Metric handles for requests that matched no route.
     pub unrouted: RouteMetrics,
+    /// Whether requests that matched no route are logged.
+    pub default_access_log: AccessLog,
+    pub access_log: AccessLogger,
     pub started: Instant,
 }
 
@@ -66,6 +70,8 @@ impl Gateway {
             routes,
             upstreams,
             unrouted: RouteMetrics::new("none"),
+            default_access_log: config.default_access_log,
+            access_log: AccessLogger::new(metrics.access_log_dropped.clone()),
             metrics,
             started: Instant::now(),
         })

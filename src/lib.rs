@@ -1,11 +1,14 @@
 //! fanout: an HTTP gateway on Pingora. One module per concern; `proxy` is the thin layer
 //! of Pingora phases that delegates to the others, and `main.rs` only wires.
 
+pub mod access_log;
 pub mod admin;
 pub mod cli;
 pub mod config;
 pub mod demo;
+pub mod forwarding;
 pub mod gateway;
+pub mod limits;
 pub mod metrics;
 pub mod proxy;
 pub mod request_id;

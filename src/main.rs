@@ -47,7 +47,10 @@ fn run(cli: Cli) -> i32 {
         }
     };
     if demo_mode {
-        println!("{}", demo::banner(cli.listen.as_deref()));
+        println!(
+            "{}",
+            demo::banner(cli.listen.as_deref(), cli.admin.as_deref())
+        );
     }
     server.run_forever()
 }

@@ -4,7 +4,7 @@
 //! are filled in when `/metrics` is scraped, not on every request.
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts,
@@ -22,6 +22,7 @@ pub struct Metrics {
     pub mirror_requests: IntCounterVec,
     pub broadcast_deliveries: IntCounterVec,
     pub rate_limited: IntCounterVec,
+    pub access_log_dropped: IntCounter,
     /// Totals for `/status`.
     pub totals: Totals,
 }
@@ -121,6 +122,14 @@ impl Metrics {
                 "Requests refused by a rate limit",
                 &["route"],
             )?,
+            access_log_dropped: {
+                let c = IntCounter::new(
+                    "fanout_access_log_dropped_total",
+                    "Access log lines dropped because stdout could not keep up",
+                )?;
+                reg.register(Box::new(c.clone()))?;
+                c
+            },
             registry: reg,
             totals: Totals::default(),
         })
@@ -142,7 +151,7 @@ const COMMON_STATUS: [u16; 18] = [
 
 /// A route's metric handles, resolved on first use.
 pub struct RouteMetrics {
-    label: String,
+    label: Arc<str>,
     duration: OnceLock<Histogram>,
     status: [OnceLock<IntCounter>; COMMON_STATUS.len()],
 }
@@ -150,31 +159,31 @@ pub struct RouteMetrics {
 impl RouteMetrics {
     pub fn new(label: &str) -> Self {
         RouteMetrics {
-            label: label.to_string(),
+            label: label.into(),
             duration: OnceLock::new(),
             status: Default::default(),
         }
     }
 
-    pub fn label(&self) -> &str {
+    pub fn label(&self) -> &Arc<str> {
         &self.label
     }
 
     /// Counts one answered request and its duration.
     pub fn observe(&self, m: &Metrics, status: u16, seconds: f64) {
         self.duration
-            .get_or_init(|| m.request_duration.with_label_values(&[&self.label]))
+            .get_or_init(|| m.request_duration.with_label_values(&[&*self.label]))
             .observe(seconds);
         match COMMON_STATUS.iter().position(|&s| s == status) {
             Some(i) => self.status[i]
                 .get_or_init(|| {
                     m.requests
-                        .with_label_values(&[&self.label, &status.to_string()])
+                        .with_label_values(&[&*self.label, &status.to_string()])
                 })
                 .inc(),
             None => m
                 .requests
-                .with_label_values(&[&self.label, &status.to_string()])
+                .with_label_values(&[&*self.label, &status.to_string()])
                 .inc(),
         }
     }

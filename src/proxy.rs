@@ -1,29 +1,36 @@
 //! The `ProxyHttp` implementation: Pingora's request phases, each delegating to the module
 //! that owns the concern. Read top to bottom it is the life of a request:
 //!
-//! 1. `request_filter`: count it, settle its request id, route it (404/405 answered here).
-//! 2. `upstream_peer`: lease a backend from the route's upstream (503 when none is left).
-//! 3. `upstream_request_filter` / `upstream_response_filter` / `response_filter`: headers
-//!    and per-backend outcomes.
-//! 4. `fail_to_connect` / `error_while_proxy`: decide retries (a connect failure, or an
+//! 1. `request_filter`: count it, settle its request id, refuse ambiguous framing (400),
+//!    route it (404/405), refuse a declared body over the limit (413).
+//! 2. `request_body_filter`: count the streaming body against the limit (413, upstream
+//!    request aborted).
+//! 3. `upstream_peer`: lease a backend from the route's upstream (503 when none is left).
+//! 4. `upstream_request_filter` / `response_filter`: forwarding headers, hop-by-hop
+//!    removal, route header rules, `strip_prefix` ([`forwarding`]).
+//! 5. `fail_to_connect` / `error_while_proxy`: decide retries (a connect failure, or an
 //!    idempotent request that failed before any answer reached the client, goes to another
 //!    backend while the upstream's `retries` allow).
-//! 5. `fail_to_proxy`: the JSON error answer (502, 503, 504).
-//! 6. `logging`: metrics and totals; the backend lease is released here at the latest.
+//! 6. `fail_to_proxy`: the JSON error answer (413, 502, 503, 504).
+//! 7. `logging`: metrics, totals, the access log line; the backend lease is released.
 
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant, SystemTime};
 
 use async_trait::async_trait;
+use bytes::Bytes;
 use http::header;
 use pingora_core::upstreams::peer::HttpPeer;
 use pingora_error::{Error, ErrorType, Result};
 use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::{FailToProxy, ProxyHttp, Session};
 
-use crate::config::{Balance, KeySource, RouteId, RouteKind};
+use crate::access_log::Record;
+use crate::config::{AccessLog, Balance, KeySource, RouteId, RouteKind};
+use crate::forwarding;
 use crate::gateway::{Gateway, Route};
+use crate::limits::{self, BodyCounter, Refusal};
 use crate::request_id;
 use crate::respond::{self, send_error};
 use crate::routing::RouteMatch;
@@ -56,8 +63,13 @@ pub struct RequestCtx {
     route: Option<RouteId>,
     /// The backend currently serving this request; dropping it releases its in-flight slot.
     lease: Option<Lease>,
+    /// The backend that served the last attempt, for the access log.
+    backend: Option<Arc<str>>,
     tried: Tried,
     attempts: u32,
+    body: BodyCounter,
+    /// Set when the gateway itself refused the request mid-way (body over the limit).
+    refused: Option<Refusal>,
 }
 
 /// Counts a failed attempt on the backend it was made to.
@@ -72,15 +84,25 @@ fn count_failure(ctx: &RequestCtx, e: &Error) {
     }
 }
 
+fn client_ip(session: &Session) -> Option<IpAddr> {
+    session
+        .client_addr()
+        .and_then(|a| a.as_inet())
+        .map(|a| a.ip())
+}
+
+fn request_host(req: &RequestHeader) -> Option<&str> {
+    req.headers
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .or_else(|| req.uri.host())
+}
+
 /// The consistent-hashing key of a request; `buf` holds a client IP's bytes.
 fn hash_key<'a>(session: &'a Session, key: &KeySource, buf: &'a mut [u8; 16]) -> &'a [u8] {
     let req = session.req_header();
     match key {
-        KeySource::ClientIp => match session
-            .client_addr()
-            .and_then(|a| a.as_inet())
-            .map(|a| a.ip())
-        {
+        KeySource::ClientIp => match client_ip(session) {
             Some(IpAddr::V4(ip)) => {
                 buf[..4].copy_from_slice(&ip.octets());
                 &buf[..4]
@@ -107,8 +129,11 @@ impl ProxyHttp for FanoutProxy {
             request_id: String::new(),
             route: None,
             lease: None,
+            backend: None,
             tried: Tried::default(),
             attempts: 0,
+            body: BodyCounter::default(),
+            refused: None,
         }
     }
 
@@ -117,32 +142,56 @@ impl ProxyHttp for FanoutProxy {
         let req = session.req_header();
         ctx.request_id =
             request_id::from_client(req.headers.get(request_id::HEADER).map(|v| v.as_bytes()));
-        let host = req
-            .headers
-            .get(header::HOST)
-            .and_then(|v| v.to_str().ok())
-            .or_else(|| req.uri.host());
-        let status = match self.gw.router.lookup(host, req.uri.path(), &req.method) {
-            RouteMatch::Found(id) => {
+        let raw_head = || {
+            session
+                .as_downstream()
+                .as_http1()
+                .map(|h1| h1.get_headers_raw_bytes())
+        };
+        let routed = limits::check_framing(req, raw_head).map(|()| {
+            self.gw
+                .router
+                .lookup(request_host(req), req.uri.path(), &req.method)
+        });
+        let (status, message) = match routed {
+            Err(refusal) => (refusal.status(), refusal.message()),
+            Ok(RouteMatch::Found(id)) => {
                 ctx.route = Some(id);
-                match self.gw.routes[id].config.kind {
-                    RouteKind::Proxy { .. } => return Ok(false),
+                let route = &self.gw.routes[id].config;
+                match (limits::check_length(req, route.max_body_bytes), &route.kind) {
+                    (Err(refusal), _) => (refusal.status(), refusal.message()),
+                    (Ok(()), RouteKind::Proxy { .. }) => return Ok(false),
                     // Broadcast delivery arrives with its own issue; say so rather than guess.
-                    RouteKind::Broadcast { .. } => 501,
+                    (Ok(()), RouteKind::Broadcast { .. }) => (501, respond::reason(501)),
                 }
             }
-            RouteMatch::MethodNotAllowed => 405,
-            RouteMatch::NotFound => 404,
+            Ok(RouteMatch::MethodNotAllowed) => (405, respond::reason(405)),
+            Ok(RouteMatch::NotFound) => (404, respond::reason(404)),
         };
-        send_error(
-            session,
-            status,
-            respond::reason(status),
-            &ctx.request_id,
-            &[],
-        )
-        .await?;
+        // A refused body is left unread: that connection cannot carry another request.
+        let close = matches!(status, 400 | 413);
+        send_error(session, status, message, &ctx.request_id, &[], close).await?;
         Ok(true)
+    }
+
+    async fn request_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        _end_of_stream: bool,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        if let (Some(chunk), Some(route)) = (body.as_ref(), ctx.route.map(|id| &self.gw.routes[id]))
+        {
+            if let Err(refusal) = ctx.body.add(chunk.len(), route.config.max_body_bytes) {
+                ctx.refused = Some(refusal);
+                return Error::e_explain(
+                    ErrorType::HTTPStatus(refusal.status()),
+                    refusal.message(),
+                );
+            }
+        }
+        Ok(())
     }
 
     async fn upstream_peer(
@@ -169,6 +218,7 @@ impl ProxyHttp for FanoutProxy {
             .ok_or_else(|| Error::explain(ErrorType::HTTPStatus(503), "no healthy backend"))?;
         ctx.tried.add(lease.index());
         ctx.attempts += 1;
+        ctx.backend = Some(Arc::clone(&lease.backend().label));
         let peer = lease.backend().peer();
         ctx.lease = Some(lease);
         Ok(peer)
@@ -176,12 +226,19 @@ impl ProxyHttp for FanoutProxy {
 
     async fn upstream_request_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         upstream_request: &mut RequestHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
-        upstream_request.insert_header(request_id::HEADER, ctx.request_id.as_str())?;
-        Ok(())
+        let route = self
+            .route(ctx)
+            .ok_or_else(|| Error::explain(ErrorType::InternalError, "request has no route"))?;
+        forwarding::upstream_request(
+            upstream_request,
+            &route.config,
+            client_ip(session),
+            &ctx.request_id,
+        )
     }
 
     async fn upstream_response_filter(
@@ -208,8 +265,11 @@ impl ProxyHttp for FanoutProxy {
         upstream_response: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
-        upstream_response.insert_header(request_id::HEADER, ctx.request_id.as_str())?;
-        Ok(())
+        forwarding::response(
+            upstream_response,
+            self.route(ctx).map(|r| &r.config),
+            &ctx.request_id,
+        )
     }
 
     fn fail_to_connect(
@@ -234,6 +294,11 @@ impl ProxyHttp for FanoutProxy {
         _client_reused: bool,
     ) -> Box<Error> {
         let mut e = e.more_context(format!("Peer: {peer}"));
+        if ctx.refused.is_some() {
+            // The gateway cut the request off itself: not the backend's fault, no retry.
+            e.set_retry(false);
+            return e;
+        }
         count_failure(ctx, &e);
         let downstream = session.as_downstream();
         let safe = session.req_header().method.is_idempotent()
@@ -249,11 +314,15 @@ impl ProxyHttp for FanoutProxy {
         e: &Error,
         ctx: &mut RequestCtx,
     ) -> FailToProxy {
-        let code = respond::status_for(e);
+        let code = match ctx.refused {
+            Some(refusal) => refusal.status(),
+            None => respond::status_for(e),
+        };
         // Only answer if no answer has started; otherwise the connection is simply closed.
         if code > 0 && session.as_downstream().response_written().is_none() {
+            let message = ctx.refused.map_or(respond::reason(code), Refusal::message);
             if let Err(write_error) =
-                send_error(session, code, respond::reason(code), &ctx.request_id, &[]).await
+                send_error(session, code, message, &ctx.request_id, &[], true).await
             {
                 log::debug!("could not send the {code} answer: {write_error}");
             }
@@ -266,12 +335,44 @@ impl ProxyHttp for FanoutProxy {
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
         ctx.lease = None;
+        let elapsed = ctx.start.elapsed();
         let status = session
             .as_downstream()
             .response_written()
             .map_or(0, |r| r.status.as_u16());
-        let route_metrics = self.route(ctx).map_or(&self.gw.unrouted, |r| &r.metrics);
-        route_metrics.observe(&self.gw.metrics, status, ctx.start.elapsed().as_secs_f64());
+        let route = self.route(ctx);
+        let route_metrics = route.map_or(&self.gw.unrouted, |r| &r.metrics);
+        route_metrics.observe(&self.gw.metrics, status, elapsed.as_secs_f64());
         self.gw.metrics.totals.count_answer(status, e.is_some());
+
+        let log = route.map_or(self.gw.default_access_log, |r| r.config.access_log);
+        if log == AccessLog::Json {
+            let req = session.req_header();
+            let downstream = session.as_downstream();
+            self.gw.access_log.log(Record {
+                ts: SystemTime::now()
+                    .checked_sub(elapsed)
+                    .unwrap_or(SystemTime::UNIX_EPOCH),
+                request_id: std::mem::take(&mut ctx.request_id),
+                client: client_ip(session),
+                method: req.method.as_str().to_string(),
+                host: request_host(req).map(String::from),
+                path: req.uri.path().to_string(),
+                status,
+                route: route.map(|r| Arc::clone(r.metrics.label())),
+                upstream: route
+                    .and_then(Route::upstream)
+                    .map(|u| Arc::clone(&self.gw.upstreams[u].name)),
+                backend: ctx.backend.take(),
+                duration_ms: millis(elapsed),
+                bytes_in: downstream.body_bytes_read() as u64,
+                bytes_out: downstream.body_bytes_sent() as u64,
+            });
+        }
     }
+}
+
+/// Milliseconds with microsecond precision.
+fn millis(d: Duration) -> f64 {
+    d.as_micros() as f64 / 1000.0
 }

@@ -55,13 +55,17 @@ pub fn error_body(message: &str, request_id: &str) -> Bytes {
     Bytes::from(json!({ "error": message, "request_id": request_id }).to_string())
 }
 
-/// Writes a complete JSON error answer; `extra` headers are added to it.
+/// Writes a complete JSON error answer; `extra` headers are added to it. With `close`, the
+/// answer says `Connection: close` and the connection is not reused (the request's body
+/// was not read, or the proxy will drop the connection), so no keep-alive client sends its
+/// next request into a closing socket.
 pub async fn send_error(
     session: &mut Session,
     status: u16,
     message: &str,
     request_id: &str,
     extra: &[(&'static str, String)],
+    close: bool,
 ) -> Result<()> {
     let body = error_body(message, request_id);
     let mut resp = ResponseHeader::build(status, Some(4 + extra.len()))?;
@@ -70,6 +74,10 @@ pub async fn send_error(
     resp.insert_header(request_id::HEADER, request_id)?;
     for (name, value) in extra {
         resp.insert_header(*name, value.as_str())?;
+    }
+    if close {
+        session.as_downstream_mut().set_keepalive(None);
+        resp.insert_header("connection", "close")?;
     }
     session.write_response_header(Box::new(resp), false).await?;
     session.write_response_body(Some(body), true).await

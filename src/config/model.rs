@@ -29,6 +29,8 @@ pub struct Config {
     pub server: ServerConf,
     pub listen: Vec<SocketAddr>,
     pub admin: Option<SocketAddr>,
+    /// `defaults.access_log`: for requests that match no route.
+    pub default_access_log: AccessLog,
     pub upstreams: Vec<UpstreamConfig>,
     pub routes: Vec<RouteConfig>,
 }

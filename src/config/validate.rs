@@ -184,6 +184,7 @@ pub(super) fn build(text: &str) -> Result<Config, Vec<ConfigError>> {
             server,
             listen,
             admin,
+            default_access_log: defaults.access_log.unwrap_or(AccessLog::Json),
             upstreams: upstreams.into_iter().filter_map(|(_, u)| u).collect(),
             routes,
         })

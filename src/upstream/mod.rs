@@ -31,7 +31,7 @@ pub struct Outcomes {
 pub struct BackendState {
     pub addr: SocketAddr,
     /// `IP:PORT`, the `backend` label of metrics and logs.
-    pub label: String,
+    pub label: Arc<str>,
     pub weight: u32,
     healthy: AtomicBool,
     inflight: AtomicUsize,
@@ -115,6 +115,7 @@ impl Tried {
 }
 
 pub struct Upstream {
+    pub name: Arc<str>,
     pub config: UpstreamConfig,
     pub backends: Vec<Arc<BackendState>>,
     balancer: Balancer,
@@ -127,7 +128,7 @@ impl Upstream {
             .backends
             .iter()
             .map(|b| {
-                let label = b.addr.to_string();
+                let label: Arc<str> = b.addr.to_string().into();
                 let mut peer = HttpPeer::new(b.addr, false, String::new());
                 let t = &config.timeouts;
                 peer.options.connection_timeout = Some(t.connect);
@@ -137,7 +138,7 @@ impl Upstream {
                 let outcome = |o: &str| {
                     metrics
                         .upstream_requests
-                        .with_label_values(&[name, &label, o])
+                        .with_label_values(&[name, &*label, o])
                 };
                 Arc::new(BackendState {
                     addr: b.addr,
@@ -156,6 +157,7 @@ impl Upstream {
             .collect();
         let addrs: Vec<(SocketAddr, u32)> = backends.iter().map(|b| (b.addr, b.weight)).collect();
         let upstream = Upstream {
+            name: config.name.as_str().into(),
             balancer: Balancer::new(config.balance, &addrs),
             config: config.clone(),
             backends,
@@ -165,7 +167,7 @@ impl Upstream {
     }
 
     pub fn name(&self) -> &str {
-        &self.config.name
+        &self.name
     }
 
     /// Rebuilds the selection schedule after a backend left or returned.

@@ -136,12 +136,17 @@ async fn handle(
         .path_and_query()
         .map_or("/".into(), |p| p.to_string());
     let headers = req.headers().clone();
-    let body = req
-        .into_body()
-        .collect()
-        .await
-        .map(|b| b.to_bytes())
-        .unwrap_or_default();
+    // A body that never completes (the gateway aborted the request) is not a request received.
+    let body = match req.into_body().collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(_) => {
+            st.inflight.fetch_sub(1, SeqCst);
+            return Ok(Response::builder()
+                .status(400)
+                .body(Full::new(Bytes::new()))
+                .unwrap());
+        }
+    };
     st.seen.lock().unwrap().push(Seen {
         method,
         path,
@@ -171,7 +176,7 @@ pub fn free_port() -> u16 {
         .port()
 }
 
-fn scratch_dir() -> PathBuf {
+pub fn scratch_dir() -> PathBuf {
     static N: AtomicUsize = AtomicUsize::new(0);
     let dir = std::env::temp_dir().join(format!(
         "fanout-test-{}-{}",
@@ -209,15 +214,19 @@ impl Gateway {
         std::fs::File::create(&conf)
             .and_then(|mut f| f.write_all(yaml.as_bytes()))
             .expect("write conf");
+        let args = vec!["-c".to_string(), conf.display().to_string()];
+        Gateway::spawn(&args, port, admin_port, dir)
+    }
+
+    /// Starts fanout with `args` (which must make it listen on `port` and `admin_port`) and
+    /// waits until both listen; stdout and stderr go to files in `dir`.
+    pub fn spawn(args: &[String], port: u16, admin_port: u16, dir: PathBuf) -> Gateway {
+        let file =
+            |name: &str| Stdio::from(std::fs::File::create(dir.join(name)).expect("log file"));
         let child = Command::new(fanout_bin())
-            .arg("-c")
-            .arg(&conf)
-            .stdout(Stdio::from(
-                std::fs::File::create(dir.join("stdout")).unwrap(),
-            ))
-            .stderr(Stdio::from(
-                std::fs::File::create(dir.join("stderr")).unwrap(),
-            ))
+            .args(args)
+            .stdout(file("stdout"))
+            .stderr(file("stderr"))
             .spawn()
             .expect("spawn fanout");
         let mut gw = Gateway {
@@ -228,6 +237,12 @@ impl Gateway {
         };
         gw.wait_listening(&[port, admin_port]);
         gw
+    }
+
+    /// Starts fanout with `args` built from two free ports (listen, admin).
+    pub fn spawn_with(args: impl Fn(u16, u16) -> Vec<String>) -> Gateway {
+        let (port, admin_port) = (free_port(), free_port());
+        Gateway::spawn(&args(port, admin_port), port, admin_port, scratch_dir())
     }
 
     /// Waits (at most 15 s) until every port accepts connections.
@@ -307,4 +322,46 @@ pub async fn get(c: &reqwest::Client, url: &str) -> (u16, String, String) {
         .unwrap_or("")
         .to_string();
     (status, backend, resp.text().await.unwrap_or_default())
+}
+
+/// Sends raw bytes on a fresh connection and reads until the server closes it or 5 s pass.
+/// Returns what was read and whether the server closed the connection.
+pub fn raw(port: u16, request: &[u8]) -> (String, bool) {
+    use std::io::Read;
+    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    s.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    s.write_all(request).expect("write");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return (String::from_utf8_lossy(&out).into_owned(), true),
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {
+                return (String::from_utf8_lossy(&out).into_owned(), true)
+            }
+            Err(_) => {}
+        }
+        if Instant::now() > deadline {
+            return (String::from_utf8_lossy(&out).into_owned(), false);
+        }
+    }
+}
+
+/// Waits (at most 5 s) for a line of the gateway's stdout containing `needle`.
+pub async fn stdout_line(gw: &Gateway, needle: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        if let Some(line) = gw.stdout().lines().find(|l| l.contains(needle)) {
+            return line.to_string();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no stdout line with {needle:?}:\n{}",
+            gw.stdout()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }

@@ -1,0 +1,128 @@
+//! The JSON access log: one line per request on stdout, written by a dedicated thread so a
+//! slow or blocked stdout never stalls a worker. Workers hand a record to a bounded queue
+//! with `try_send`; when the queue is full the line is dropped and counted
+//! (`fanout_access_log_dropped_total`), never waited for. The writer formats and buffers,
+//! and flushes whenever the queue runs dry.
+//!
+//! The thread starts on the first record, i.e. after Pingora has daemonized (a thread
+//! started before the fork would not survive it).
+
+use std::io::Write;
+use std::net::IpAddr;
+use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
+use std::sync::{Arc, OnceLock};
+use std::time::SystemTime;
+
+use prometheus::IntCounter;
+use serde::Serialize;
+
+/// Lines that may wait for the writer; beyond this they are dropped.
+const QUEUE: usize = 64 * 1024;
+
+/// One request, as logged.
+#[derive(Debug, Serialize)]
+pub struct Record {
+    #[serde(serialize_with = "rfc3339")]
+    pub ts: SystemTime,
+    pub request_id: String,
+    pub client: Option<IpAddr>,
+    pub method: String,
+    pub host: Option<String>,
+    pub path: String,
+    pub status: u16,
+    pub route: Option<Arc<str>>,
+    pub upstream: Option<Arc<str>>,
+    pub backend: Option<Arc<str>>,
+    pub duration_ms: f64,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+}
+
+fn rfc3339<S: serde::Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
+    let dt: chrono::DateTime<chrono::Utc> = (*t).into();
+    s.serialize_str(&dt.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
+}
+
+pub struct AccessLogger {
+    sender: OnceLock<SyncSender<Record>>,
+    dropped: IntCounter,
+}
+
+impl AccessLogger {
+    pub fn new(dropped: IntCounter) -> Self {
+        AccessLogger {
+            sender: OnceLock::new(),
+            dropped,
+        }
+    }
+
+    /// Queues a record for the writer; never blocks.
+    pub fn log(&self, record: Record) {
+        let sender = self.sender.get_or_init(|| {
+            let (tx, rx) = mpsc::sync_channel(QUEUE);
+            let spawned = std::thread::Builder::new()
+                .name("fanout-access-log".into())
+                .spawn(move || write_forever(rx, std::io::stdout().lock()));
+            if let Err(e) = spawned {
+                log::error!("cannot start the access log writer: {e}");
+            }
+            tx
+        });
+        match sender.try_send(record) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => self.dropped.inc(),
+        }
+    }
+}
+
+fn write_forever(rx: Receiver<Record>, out: impl Write) {
+    let mut out = std::io::BufWriter::with_capacity(64 * 1024, out);
+    while let Ok(first) = rx.recv() {
+        let mut next = Some(first);
+        while let Some(record) = next {
+            if serde_json::to_writer(&mut out, &record).is_ok() {
+                let _ = out.write_all(b"\n");
+            }
+            next = rx.try_recv().ok();
+        }
+        let _ = out.flush();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_are_one_json_line_each() {
+        let (tx, rx) = mpsc::sync_channel(4);
+        for status in [200, 404] {
+            tx.send(Record {
+                ts: SystemTime::UNIX_EPOCH,
+                request_id: "r".into(),
+                client: Some("127.0.0.1".parse().unwrap()),
+                method: "GET".into(),
+                host: None,
+                path: "/x".into(),
+                status,
+                route: Some("api".into()),
+                upstream: None,
+                backend: None,
+                duration_ms: 1.5,
+                bytes_in: 0,
+                bytes_out: 2,
+            })
+            .unwrap();
+        }
+        drop(tx);
+        let mut out = Vec::new();
+        write_forever(rx, &mut out);
+        let text = String::from_utf8(out).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 2);
+        let v: serde_json::Value = serde_json::from_str(lines[1]).unwrap();
+        assert_eq!(v["ts"], "1970-01-01T00:00:00.000Z");
+        assert_eq!(v["status"], 404);
+        assert_eq!(v["route"], "api");
+    }
+}

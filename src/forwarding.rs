@@ -1,0 +1,175 @@
+//! What the gateway changes in a request on its way upstream and in the answer on its way
+//! back: `X-Forwarded-For` (appended), `X-Forwarded-Proto`, `X-Request-Id`, the removal of
+//! hop-by-hop headers (`Connection` and the headers it names, `Keep-Alive`, `TE`,
+//! `Trailer`, `Upgrade`, `Proxy-*`), a route's `strip_prefix`, and its
+//! `request_headers` / `response_headers` rules.
+
+use std::net::IpAddr;
+
+use http::header::{self, HeaderName};
+use http::Uri;
+use pingora_error::{Error, ErrorType, Result};
+use pingora_http::{RequestHeader, ResponseHeader};
+
+use crate::config::{HeaderRules, PathMatch, RouteConfig};
+use crate::request_id;
+
+/// Hop-by-hop headers that are never forwarded, besides those `Connection` names and the
+/// `Proxy-*` family.
+const HOP_BY_HOP: [HeaderName; 5] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    header::TE,
+    header::TRAILER,
+    header::UPGRADE,
+];
+
+/// Names of the headers to drop from `headers` as hop-by-hop.
+fn hop_by_hop(headers: &http::HeaderMap) -> Vec<HeaderName> {
+    let mut names: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .collect();
+    names.extend(
+        headers
+            .keys()
+            .filter(|k| k.as_str().starts_with("proxy-"))
+            .cloned(),
+    );
+    names.extend(
+        HOP_BY_HOP
+            .iter()
+            .filter(|h| headers.contains_key(*h))
+            .cloned(),
+    );
+    names
+}
+
+fn apply_rules_req(req: &mut RequestHeader, rules: &HeaderRules) -> Result<()> {
+    for name in &rules.remove {
+        req.remove_header(name);
+    }
+    for (name, value) in &rules.set {
+        req.insert_header(name.clone(), value.clone())?;
+    }
+    Ok(())
+}
+
+/// The path a route with `strip_prefix` sends upstream: the prefix removed, a leading `/`
+/// kept, the query untouched.
+pub fn stripped_uri(uri: &Uri, prefix: &str) -> Option<Uri> {
+    let rest = uri.path().strip_prefix(prefix)?;
+    let mut target = String::with_capacity(rest.len() + 1 + uri.query().map_or(0, |q| q.len() + 1));
+    if !rest.starts_with('/') {
+        target.push('/');
+    }
+    target.push_str(rest);
+    if let Some(q) = uri.query() {
+        target.push('?');
+        target.push_str(q);
+    }
+    target.parse().ok()
+}
+
+/// Shapes the request that goes to a backend.
+pub fn upstream_request(
+    req: &mut RequestHeader,
+    route: &RouteConfig,
+    client: Option<IpAddr>,
+    request_id: &str,
+) -> Result<()> {
+    for name in hop_by_hop(&req.headers) {
+        req.remove_header(&name);
+    }
+    if let Some(ip) = client {
+        let earlier: Vec<&str> = req
+            .headers
+            .get_all("x-forwarded-for")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .collect();
+        let value = if earlier.is_empty() {
+            ip.to_string()
+        } else {
+            format!("{}, {ip}", earlier.join(", "))
+        };
+        req.insert_header("x-forwarded-for", value)?;
+    }
+    req.insert_header("x-forwarded-proto", "http")?;
+    if let (true, PathMatch::Prefix(prefix)) = (route.strip_prefix, &route.path) {
+        if let Some(uri) = stripped_uri(&req.uri, prefix) {
+            req.set_uri(uri);
+        } else {
+            return Error::e_explain(
+                ErrorType::InternalError,
+                "strip_prefix produced an invalid path",
+            );
+        }
+    }
+    apply_rules_req(req, &route.request_headers)?;
+    req.insert_header(request_id::HEADER, request_id)?;
+    Ok(())
+}
+
+/// Shapes the answer that goes back to the client.
+pub fn response(
+    resp: &mut ResponseHeader,
+    route: Option<&RouteConfig>,
+    request_id: &str,
+) -> Result<()> {
+    if resp.status != http::StatusCode::SWITCHING_PROTOCOLS {
+        for name in hop_by_hop(&resp.headers) {
+            // Pingora writes the client connection's own Connection header.
+            if name != header::CONNECTION {
+                resp.remove_header(&name);
+            }
+        }
+    }
+    if let Some(route) = route {
+        for name in &route.response_headers.remove {
+            resp.remove_header(name);
+        }
+        for (name, value) in &route.response_headers.set {
+            resp.insert_header(name.clone(), value.clone())?;
+        }
+    }
+    resp.insert_header(request_id::HEADER, request_id)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strip_prefix_keeps_a_leading_slash_and_the_query() {
+        let s = |u: &str, p: &str| stripped_uri(&u.parse().unwrap(), p).unwrap().to_string();
+        assert_eq!(s("/api/users?id=1", "/api"), "/users?id=1");
+        assert_eq!(s("/api", "/api"), "/");
+        assert_eq!(s("/apix", "/api"), "/x");
+        assert_eq!(s("/api/", "/api/"), "/");
+    }
+
+    #[test]
+    fn hop_by_hop_includes_connection_tokens_and_proxy_headers() {
+        let mut h = http::HeaderMap::new();
+        h.insert("connection", "close, X-Secret".parse().unwrap());
+        h.insert("x-secret", "1".parse().unwrap());
+        h.insert("proxy-authorization", "x".parse().unwrap());
+        h.insert("keep-alive", "timeout=5".parse().unwrap());
+        h.insert("x-kept", "1".parse().unwrap());
+        let names = hop_by_hop(&h);
+        for n in [
+            "x-secret",
+            "proxy-authorization",
+            "keep-alive",
+            "connection",
+        ] {
+            assert!(names.iter().any(|h| h == n), "{n} missing from {names:?}");
+        }
+        assert!(!names.iter().any(|h| h == "x-kept"));
+    }
+}
