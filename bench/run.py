@@ -1,0 +1,236 @@
+#!/usr/bin/env python3
+"""Runs wrk against fanout, nginx (proxy_pass, upstream keepalive) and HAProxy
+(http-reuse always) in alternating rounds (A B C A B C ...) over the same nginx backends,
+and prints a Markdown table of median req/s, p50, p99, errors and fanout's ratios.
+
+Every process listens on 127.0.0.1 only. Usage: bench/run.py [--duration S] [--rounds N]
+[--scenarios ka1,ka2,close,post64k,post1m,log]
+"""
+import argparse
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCH = os.path.join(ROOT, "bench")
+FANOUT = os.path.join(ROOT, "target", "release", "fanout")
+BACKENDS = [19101, 19102]
+PORTS = {"fanout": 19001, "nginx": 19002, "haproxy": 19003}
+
+# name: (description, workers, connections, lua script or None, access log on)
+SCENARIOS = {
+    "ka1": ("keep-alive, 64 connections, 1 worker", 1, 64, None, False),
+    "ka2": ("keep-alive, 64 connections, 2 workers", 2, 64, None, False),
+    "close": ("no client keep-alive (Connection: close), 1 worker", 1, 64, "close.lua", False),
+    "post64k": ("POST 64 KiB bodies, 16 connections, 1 worker", 1, 16, "post64k.lua", False),
+    "post1m": ("POST 1 MiB bodies, 16 connections, 1 worker", 1, 16, "post1m.lua", False),
+    "log": ("keep-alive, 64 connections, 1 worker, access log to a file", 1, 64, None, True),
+}
+
+
+def wait_port(port, proc, name, limit=15.0):
+    deadline = time.time() + limit
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            sys.exit(f"{name} exited early with {proc.returncode}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    sys.exit(f"{name} did not listen on {port}")
+
+
+def backend_conf(tmp):
+    listens = "\n".join(f"    listen 127.0.0.1:{p} reuseport;" for p in BACKENDS)
+    return f"""worker_processes 1;
+daemon off;
+pid {tmp}/backend.pid;
+error_log {tmp}/backend.err;
+events {{ worker_connections 8192; }}
+http {{
+  access_log off;
+  client_max_body_size 20m;
+  client_body_temp_path {tmp}/backend_body;
+  keepalive_requests 1000000;
+  server {{
+{listens}
+    location / {{ return 200 "ok\\n"; }}
+  }}
+}}
+"""
+
+
+def nginx_conf(tmp, workers, log):
+    servers = "\n".join(f"    server 127.0.0.1:{p};" for p in BACKENDS)
+    access = f"access_log {tmp}/nginx_access.log;" if log else "access_log off;"
+    return f"""worker_processes {workers};
+daemon off;
+pid {tmp}/nginx.pid;
+error_log {tmp}/nginx.err;
+events {{ worker_connections 8192; }}
+http {{
+  {access}
+  client_max_body_size 20m;
+  client_body_temp_path {tmp}/nginx_body;
+  proxy_temp_path {tmp}/nginx_proxy;
+  keepalive_requests 1000000;
+  upstream be {{
+{servers}
+    keepalive 256;
+    keepalive_requests 1000000;
+  }}
+  server {{
+    listen 127.0.0.1:{PORTS['nginx']};
+    location / {{
+      proxy_pass http://be;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_request_buffering off;
+    }}
+  }}
+}}
+"""
+
+
+def haproxy_conf(workers):
+    servers = "\n".join(f"  server s{i} 127.0.0.1:{p}" for i, p in enumerate(BACKENDS))
+    return f"""global
+  nbthread {workers}
+  maxconn 8000
+defaults
+  mode http
+  timeout connect 5s
+  timeout client 30s
+  timeout server 30s
+  http-reuse always
+frontend fe
+  bind 127.0.0.1:{PORTS['haproxy']}
+  default_backend be
+backend be
+  balance roundrobin
+{servers}
+"""
+
+
+def fanout_conf(tmp, workers, log):
+    backends = ", ".join(f"127.0.0.1:{p}" for p in BACKENDS)
+    return f"""server:
+  threads: {workers}
+  work_stealing: true
+  upstream_keepalive_pool_size: 1024
+  pid_file: {tmp}/fanout.pid
+  upgrade_sock: {tmp}/fanout.sock
+  grace_period_seconds: 0
+  graceful_shutdown_timeout_seconds: 1
+listen: ["127.0.0.1:{PORTS['fanout']}"]
+defaults:
+  max_body_bytes: 20MiB
+  access_log: {"json" if log else "off"}
+upstreams:
+  be:
+    balance: round_robin
+    backends: [{backends}]
+routes:
+  - match: {{ prefix: / }}
+    upstream: be
+"""
+
+
+def run_wrk(port, connections, duration, script, tmp):
+    report = open(os.path.join(BENCH, "report.lua")).read()
+    body = open(os.path.join(BENCH, script)).read() if script else ""
+    path = os.path.join(tmp, "wrk.lua")
+    with open(path, "w") as f:
+        f.write(body + "\n" + report)
+    out = subprocess.run(
+        ["wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--latency", "-s", path,
+         f"http://127.0.0.1:{port}/bench"],
+        capture_output=True, text=True, timeout=duration + 60)
+    for line in out.stdout.splitlines():
+        if line.startswith("RESULT"):
+            fields = dict(kv.split("=") for kv in line.split()[1:])
+            non2xx = 0
+            for l in out.stdout.splitlines():
+                if "Non-2xx or 3xx responses" in l:
+                    non2xx = int(l.split(":")[1])
+            return {"rps": float(fields["rps"]), "p50": float(fields["p50_ms"]),
+                    "p99": float(fields["p99_ms"]), "errors": int(fields["errors"]) + non2xx}
+    sys.exit(f"wrk gave no result:\n{out.stdout}\n{out.stderr}")
+
+
+def start(cmd, name, port, tmp, stdout=None):
+    log = open(os.path.join(tmp, f"{name}.stderr"), "w")
+    proc = subprocess.Popen(cmd, stdout=stdout or subprocess.DEVNULL, stderr=log)
+    wait_port(port, proc, name)
+    return proc
+
+
+def scenario(name, duration, rounds, tmp):
+    desc, workers, conns, script, log = SCENARIOS[name]
+    procs = []
+    try:
+        for fname, text in [("backend.conf", backend_conf(tmp)), ("nginx.conf", nginx_conf(tmp, workers, log)),
+                            ("haproxy.cfg", haproxy_conf(workers)), ("fanout.yaml", fanout_conf(tmp, workers, log))]:
+            with open(os.path.join(tmp, fname), "w") as f:
+                f.write(text)
+        for d in ["backend_body", "nginx_body", "nginx_proxy"]:
+            os.makedirs(os.path.join(tmp, d), exist_ok=True)
+        procs.append(start(["nginx", "-c", f"{tmp}/backend.conf"], "backend", BACKENDS[0], tmp))
+        procs.append(start(["nginx", "-c", f"{tmp}/nginx.conf"], "nginx", PORTS["nginx"], tmp))
+        procs.append(start(["haproxy", "-f", f"{tmp}/haproxy.cfg"], "haproxy", PORTS["haproxy"], tmp))
+        fanout_out = open(os.path.join(tmp, "fanout_access.log"), "w") if log else None
+        procs.append(start([FANOUT, "-c", f"{tmp}/fanout.yaml"], "fanout", PORTS["fanout"], tmp, stdout=fanout_out))
+        results = {k: [] for k in PORTS}
+        for r in range(rounds):
+            for target in ["fanout", "nginx", "haproxy"]:
+                res = run_wrk(PORTS[target], conns, duration, script, tmp)
+                results[target].append(res)
+                print(f"  {name} round {r + 1} {target:8} {res['rps']:>10.0f} req/s  p50 {res['p50']:.2f} ms"
+                      f"  p99 {res['p99']:.2f} ms  errors {res['errors']}", file=sys.stderr)
+        return desc, results
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--duration", type=int, default=10)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--scenarios", default="ka1,ka2,close,post64k,post1m,log")
+    args = ap.parse_args()
+    if not os.path.exists(FANOUT):
+        sys.exit("build fanout first: make build")
+    tmp = tempfile.mkdtemp(prefix="fanout-bench-")
+    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
+    print(f"# {time.strftime('%Y-%m-%d')}, nproc {os.cpu_count()}, {cpu}")
+    print(f"# bench/run.py --duration {args.duration} --rounds {args.rounds} --scenarios {args.scenarios}")
+    print("| scenario | proxy | req/s (median) | p50 ms | p99 ms | errors | vs nginx | vs HAProxy |")
+    print("|---|---|---|---|---|---|---|---|")
+    try:
+        for name in args.scenarios.split(","):
+            desc, results = scenario(name, args.duration, args.rounds, tmp)
+            med = {t: {k: statistics.median(r[k] for r in rs) for k in ["rps", "p50", "p99"]}
+                   for t, rs in results.items()}
+            for t in ["fanout", "nginx", "haproxy"]:
+                errors = sum(r["errors"] for r in results[t])
+                ratio = lambda other: f"{med[t]['rps'] / med[other]['rps']:.2f}×" if t == "fanout" else ""
+                print(f"| {desc if t == 'fanout' else ''} | {t} | {med[t]['rps']:.0f} | {med[t]['p50']:.2f} | "
+                      f"{med[t]['p99']:.2f} | {errors} | {ratio('nginx')} | {ratio('haproxy')} |", flush=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
