@@ -14,7 +14,7 @@ use serde_json::json;
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
 pub const ADMIN: &str = "127.0.0.1:9091";
-const BACKENDS: [&str; 3] = ["api-1", "api-2", "api-3"];
+const BACKENDS: [&str; 4] = ["api-1", "api-2", "api-3", "shadow"];
 
 struct DemoBackend {
     name: &'static str,
@@ -90,6 +90,8 @@ upstreams:
       - {{ address: 127.0.0.1:{p1}, weight: 2 }}
       - {{ address: 127.0.0.1:{p2}, weight: 3 }}
     health_check: {{ type: http, path: /health, interval: 2s, timeout: 1s }}
+  shadow:
+    backends: [127.0.0.1:{p3}]
   sticky:
     balance: consistent_hash
     hash_key: header:X-User-Id
@@ -101,12 +103,18 @@ routes:
   - name: sticky
     match: {{ prefix: /sticky }}
     upstream: sticky
+  - name: mirrored
+    match: {{ prefix: /mirrored }}
+    upstream: api
+    mirror:
+      - {{ upstream: shadow, percent: 100, headers: {{ set: {{ X-Shadow: "1" }} }} }}
 "#,
         listen = listen.unwrap_or(DEFAULT_LISTEN),
         admin = admin.unwrap_or(ADMIN),
         p0 = p[0],
         p1 = p[1],
         p2 = p[2],
+        p3 = p[3],
     )
 }
 
@@ -133,12 +141,14 @@ pub fn banner(listen: Option<&str>, admin: Option<&str>) -> String {
     format!(
         r#"
 fanout demo is running: gateway on http://{gw}, admin on http://{admin}
-Demo backends api-1, api-2, api-3 (weights 1:2:3) answer with their name.
+Demo backends api-1, api-2, api-3 (weights 1:2:3) and shadow answer with their name.
 
 Try:
   curl -s http://{gw}/api/hello                          # load-balanced (smooth weighted round-robin)
   for i in 1 2 3 4 5 6; do curl -s http://{gw}/api/$i; done   # watch the spread 1:2:3
   curl -s -H 'X-User-Id: alice' http://{gw}/sticky/cart  # consistent hashing: same user, same backend
+  curl -s -d 'hello' http://{gw}/mirrored/orders         # answered by api-*, copied to shadow
+  curl -s http://{admin}/metrics | grep ^fanout_mirror    # the copies: outcome="ok"
   curl -s http://{gw}/nowhere                            # 404 with a JSON error
   curl -s http://{admin}/status                          # upstreams, backends, routes, totals
   curl -s http://{admin}/metrics | grep ^fanout_         # Prometheus metrics

@@ -11,7 +11,7 @@ use http::Uri;
 use pingora_error::{Error, ErrorType, Result};
 use pingora_http::{RequestHeader, ResponseHeader};
 
-use crate::config::{HeaderRules, PathMatch, RouteConfig};
+use crate::config::{HeaderRules, MirrorConfig, PathMatch, RouteConfig};
 use crate::request_id;
 
 /// Hop-by-hop headers that are never forwarded, besides those `Connection` names and the
@@ -74,13 +74,8 @@ pub fn stripped_uri(uri: &Uri, prefix: &str) -> Option<Uri> {
     target.parse().ok()
 }
 
-/// Shapes the request that goes to a backend.
-pub fn upstream_request(
-    req: &mut RequestHeader,
-    route: &RouteConfig,
-    client: Option<IpAddr>,
-    request_id: &str,
-) -> Result<()> {
+/// Drops hop-by-hop headers and adds `X-Forwarded-For` / `X-Forwarded-Proto`.
+fn forwarded(req: &mut RequestHeader, client: Option<IpAddr>) -> Result<()> {
     for name in hop_by_hop(&req.headers) {
         req.remove_header(&name);
     }
@@ -99,6 +94,17 @@ pub fn upstream_request(
         req.insert_header("x-forwarded-for", value)?;
     }
     req.insert_header("x-forwarded-proto", "http")?;
+    Ok(())
+}
+
+/// Shapes the request that goes to a backend.
+pub fn upstream_request(
+    req: &mut RequestHeader,
+    route: &RouteConfig,
+    client: Option<IpAddr>,
+    request_id: &str,
+) -> Result<()> {
+    forwarded(req, client)?;
     if let (true, PathMatch::Prefix(prefix)) = (route.strip_prefix, &route.path) {
         if let Some(uri) = stripped_uri(&req.uri, prefix) {
             req.set_uri(uri);
@@ -110,6 +116,24 @@ pub fn upstream_request(
         }
     }
     apply_rules_req(req, &route.request_headers)?;
+    req.insert_header(request_id::HEADER, request_id)?;
+    Ok(())
+}
+
+/// Shapes a mirror copy: the client's method, path, query, Host and headers as received
+/// (no route rewriting), forwarding headers, minus `redact_headers`, plus the mirror's
+/// `headers` rules, and the primary's `X-Request-Id`.
+pub fn mirror_request(
+    req: &mut RequestHeader,
+    mirror: &MirrorConfig,
+    client: Option<IpAddr>,
+    request_id: &str,
+) -> Result<()> {
+    forwarded(req, client)?;
+    for name in &mirror.redact_headers {
+        req.remove_header(name);
+    }
+    apply_rules_req(req, &mirror.headers)?;
     req.insert_header(request_id::HEADER, request_id)?;
     Ok(())
 }

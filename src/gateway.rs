@@ -9,12 +9,14 @@ use std::time::Instant;
 use crate::access_log::AccessLogger;
 use crate::config::{AccessLog, Config, RouteConfig, RouteKind, UpstreamId};
 use crate::metrics::{Metrics, RouteMetrics};
+use crate::mirror::Mirror;
 use crate::routing::Router;
 use crate::upstream::Upstream;
 
 pub struct Route {
     pub config: RouteConfig,
     pub metrics: RouteMetrics,
+    pub mirrors: Vec<Arc<Mirror>>,
 }
 
 impl Route {
@@ -42,6 +44,8 @@ pub struct Gateway {
     pub metrics: Metrics,
     /// Metric handles for requests that matched no route.
     pub unrouted: RouteMetrics,
+    /// Whether any route mirrors (requests may then spawn subrequests).
+    pub has_mirrors: bool,
     /// Whether requests that matched no route are logged.
     pub default_access_log: AccessLog,
     pub access_log: AccessLogger,
@@ -57,16 +61,25 @@ impl Gateway {
             .iter()
             .map(|u| Arc::new(Upstream::new(u, &metrics)))
             .collect();
-        let routes = config
+        let routes: Vec<Route> = config
             .routes
             .iter()
             .map(|r| Route {
                 metrics: RouteMetrics::new(&r.label),
+                mirrors: r
+                    .mirrors
+                    .iter()
+                    .map(|m| {
+                        let upstream = &config.upstreams[m.upstream].name;
+                        Arc::new(Mirror::new(m, &r.label, upstream, &metrics))
+                    })
+                    .collect(),
                 config: r.clone(),
             })
             .collect();
         Ok(Gateway {
             router: Router::new(&config.routes),
+            has_mirrors: routes.iter().any(|r| !r.mirrors.is_empty()),
             routes,
             upstreams,
             unrouted: RouteMetrics::new("none"),
@@ -83,9 +96,6 @@ impl Gateway {
 fn warn_inactive(config: &Config) {
     for r in &config.routes {
         let mut inactive = Vec::new();
-        if !r.mirrors.is_empty() {
-            inactive.push("mirror");
-        }
         if r.rate_limit.is_some() {
             inactive.push("rate_limit");
         }

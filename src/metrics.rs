@@ -20,6 +20,7 @@ pub struct Metrics {
     pub backend_inflight: IntGaugeVec,
     pub circuit_open: IntGaugeVec,
     pub mirror_requests: IntCounterVec,
+    pub mirror_inflight: IntGaugeVec,
     pub broadcast_deliveries: IntCounterVec,
     pub rate_limited: IntCounterVec,
     pub access_log_dropped: IntCounter,
@@ -109,6 +110,12 @@ impl Metrics {
                 "fanout_mirror_requests_total",
                 "Mirrored copies, by outcome (ok, error, dropped, too_large)",
                 &["route", "upstream", "outcome"],
+            )?,
+            mirror_inflight: gauge(
+                &reg,
+                "fanout_mirror_inflight",
+                "Mirror copies in flight",
+                &["route", "upstream"],
             )?,
             broadcast_deliveries: counter(
                 &reg,

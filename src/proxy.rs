@@ -3,8 +3,11 @@
 //!
 //! 1. `request_filter`: count it, settle its request id, refuse ambiguous framing (400),
 //!    route it (404/405), refuse a declared body over the limit (413).
+//!    Sampled requests on mirrored routes start their copies here ([`mirror`]); a copy
+//!    re-enters these same phases as a Pingora subrequest carrying a ticket, goes to its
+//!    mirror's upstream, and skips everything that belongs to the client's request.
 //! 2. `request_body_filter`: count the streaming body against the limit (413, upstream
-//!    request aborted).
+//!    request aborted) and feed it to the copies.
 //! 3. `upstream_peer`: lease a backend from the route's upstream (503 when none is left).
 //! 4. `upstream_request_filter` / `response_filter`: forwarding headers, hop-by-hop
 //!    removal, route header rules, `strip_prefix` ([`forwarding`]).
@@ -14,7 +17,6 @@
 //! 6. `fail_to_proxy`: the JSON error answer (413, 502, 503, 504).
 //! 7. `logging`: metrics, totals, the access log line; the backend lease is released.
 
-use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -27,10 +29,12 @@ use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::{FailToProxy, ProxyHttp, Session};
 
 use crate::access_log::Record;
-use crate::config::{AccessLog, Balance, KeySource, RouteId, RouteKind};
+use crate::config::{AccessLog, Balance, RouteId, RouteKind, UpstreamId};
 use crate::forwarding;
 use crate::gateway::{Gateway, Route};
+use crate::keys::{self, client_ip};
 use crate::limits::{self, BodyCounter, Refusal};
+use crate::mirror::{self, Copies, CopyTicket};
 use crate::request_id;
 use crate::respond::{self, send_error};
 use crate::routing::RouteMatch;
@@ -49,10 +53,20 @@ impl FanoutProxy {
         ctx.route.map(|id| &self.gw.routes[id])
     }
 
+    /// The upstream this request goes to: the mirror's for a copy, else the route's.
+    fn target(&self, ctx: &RequestCtx) -> Option<UpstreamId> {
+        match &ctx.copy {
+            Some(ticket) => Some(ticket.mirror.upstream()),
+            None => self.route(ctx).and_then(Route::upstream),
+        }
+    }
+
+    /// Retries allowed to this request; copies are fire-and-forget and never retried.
     fn retries(&self, ctx: &RequestCtx) -> u32 {
-        self.route(ctx)
-            .and_then(Route::upstream)
-            .map_or(0, |u| self.gw.upstreams[u].config.retries)
+        match (&ctx.copy, self.target(ctx)) {
+            (None, Some(u)) => self.gw.upstreams[u].config.retries,
+            _ => 0,
+        }
     }
 }
 
@@ -70,6 +84,10 @@ pub struct RequestCtx {
     body: BodyCounter,
     /// Set when the gateway itself refused the request mid-way (body over the limit).
     refused: Option<Refusal>,
+    /// Set when this request is a mirror copy.
+    copy: Option<CopyTicket>,
+    /// The mirror copies of this (primary) request.
+    copies: Copies,
 }
 
 /// Counts a failed attempt on the backend it was made to.
@@ -84,39 +102,11 @@ fn count_failure(ctx: &RequestCtx, e: &Error) {
     }
 }
 
-fn client_ip(session: &Session) -> Option<IpAddr> {
-    session
-        .client_addr()
-        .and_then(|a| a.as_inet())
-        .map(|a| a.ip())
-}
-
 fn request_host(req: &RequestHeader) -> Option<&str> {
     req.headers
         .get(header::HOST)
         .and_then(|v| v.to_str().ok())
         .or_else(|| req.uri.host())
-}
-
-/// The consistent-hashing key of a request; `buf` holds a client IP's bytes.
-fn hash_key<'a>(session: &'a Session, key: &KeySource, buf: &'a mut [u8; 16]) -> &'a [u8] {
-    let req = session.req_header();
-    match key {
-        KeySource::ClientIp => match client_ip(session) {
-            Some(IpAddr::V4(ip)) => {
-                buf[..4].copy_from_slice(&ip.octets());
-                &buf[..4]
-            }
-            Some(IpAddr::V6(ip)) => {
-                buf.copy_from_slice(&ip.octets());
-                &buf[..]
-            }
-            None => b"",
-        },
-        KeySource::Path => req.uri.path().as_bytes(),
-        KeySource::Header(name) => req.headers.get(name).map_or(b"", |v| v.as_bytes()),
-        KeySource::Global => b"",
-    }
 }
 
 #[async_trait]
@@ -134,10 +124,23 @@ impl ProxyHttp for FanoutProxy {
             attempts: 0,
             body: BodyCounter::default(),
             refused: None,
+            copy: None,
+            copies: Copies::default(),
         }
     }
 
+    fn allow_spawning_subrequest(&self, session: &Session, _ctx: &RequestCtx) -> bool {
+        // Only client requests on a gateway with mirrors spawn copies; copies never do.
+        self.gw.has_mirrors && session.subrequest_ctx.is_none()
+    }
+
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        if let Some(ticket) = mirror::take_ticket(session) {
+            ctx.request_id.clone_from(&ticket.request_id);
+            ctx.route = Some(ticket.route);
+            ctx.copy = Some(ticket);
+            return Ok(false);
+        }
         self.gw.metrics.totals.count_request();
         let req = session.req_header();
         ctx.request_id =
@@ -160,7 +163,13 @@ impl ProxyHttp for FanoutProxy {
                 let route = &self.gw.routes[id].config;
                 match (limits::check_length(req, route.max_body_bytes), &route.kind) {
                     (Err(refusal), _) => (refusal.status(), refusal.message()),
-                    (Ok(()), RouteKind::Proxy { .. }) => return Ok(false),
+                    (Ok(()), RouteKind::Proxy { .. }) => {
+                        let mirrors = &self.gw.routes[id].mirrors;
+                        if !mirrors.is_empty() {
+                            ctx.copies = Copies::start(session, id, mirrors, &ctx.request_id);
+                        }
+                        return Ok(false);
+                    }
                     // Broadcast delivery arrives with its own issue; say so rather than guess.
                     (Ok(()), RouteKind::Broadcast { .. }) => (501, respond::reason(501)),
                 }
@@ -178,18 +187,24 @@ impl ProxyHttp for FanoutProxy {
         &self,
         _session: &mut Session,
         body: &mut Option<Bytes>,
-        _end_of_stream: bool,
+        end_of_stream: bool,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
-        if let (Some(chunk), Some(route)) = (body.as_ref(), ctx.route.map(|id| &self.gw.routes[id]))
-        {
-            if let Err(refusal) = ctx.body.add(chunk.len(), route.config.max_body_bytes) {
+        if ctx.copy.is_some() {
+            return Ok(());
+        }
+        let limit = ctx.route.map(|id| self.gw.routes[id].config.max_body_bytes);
+        if let (Some(chunk), Some(limit)) = (body.as_ref(), limit) {
+            if let Err(refusal) = ctx.body.add(chunk.len(), limit) {
                 ctx.refused = Some(refusal);
                 return Error::e_explain(
                     ErrorType::HTTPStatus(refusal.status()),
                     refusal.message(),
                 );
             }
+        }
+        if !ctx.copies.is_empty() {
+            ctx.copies.feed(body.as_ref(), end_of_stream);
         }
         Ok(())
     }
@@ -200,15 +215,16 @@ impl ProxyHttp for FanoutProxy {
         ctx: &mut RequestCtx,
     ) -> Result<Box<HttpPeer>> {
         let upstream = self
-            .route(ctx)
-            .and_then(Route::upstream)
+            .target(ctx)
             .map(|u| &self.gw.upstreams[u])
             .ok_or_else(|| {
                 Error::explain(ErrorType::InternalError, "request has no proxy route")
             })?;
         let mut buf = [0u8; 16];
         let key: &[u8] = match upstream.config.balance {
-            Balance::ConsistentHash => hash_key(session, &upstream.config.hash_key, &mut buf),
+            Balance::ConsistentHash => {
+                keys::key_bytes(session, &upstream.config.hash_key, &mut buf)
+            }
             _ => b"",
         };
         // Release the previous attempt's slot before choosing, so least_conn sees true loads.
@@ -230,15 +246,15 @@ impl ProxyHttp for FanoutProxy {
         upstream_request: &mut RequestHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
+        let client = client_ip(session);
+        if let Some(ticket) = &ctx.copy {
+            let mirror = &ticket.mirror.config;
+            return forwarding::mirror_request(upstream_request, mirror, client, &ctx.request_id);
+        }
         let route = self
             .route(ctx)
             .ok_or_else(|| Error::explain(ErrorType::InternalError, "request has no route"))?;
-        forwarding::upstream_request(
-            upstream_request,
-            &route.config,
-            client_ip(session),
-            &ctx.request_id,
-        )
+        forwarding::upstream_request(upstream_request, &route.config, client, &ctx.request_id)
     }
 
     async fn upstream_response_filter(
@@ -265,6 +281,9 @@ impl ProxyHttp for FanoutProxy {
         upstream_response: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
+        if ctx.copy.is_some() {
+            return Ok(());
+        }
         forwarding::response(
             upstream_response,
             self.route(ctx).map(|r| &r.config),
@@ -318,8 +337,8 @@ impl ProxyHttp for FanoutProxy {
             Some(refusal) => refusal.status(),
             None => respond::status_for(e),
         };
-        // Only answer if no answer has started; otherwise the connection is simply closed.
-        if code > 0 && session.as_downstream().response_written().is_none() {
+        // Only answer if no answer has started (or for a copy, whose answer is discarded).
+        if code > 0 && ctx.copy.is_none() && session.as_downstream().response_written().is_none() {
             let message = ctx.refused.map_or(respond::reason(code), Refusal::message);
             if let Err(write_error) =
                 send_error(session, code, message, &ctx.request_id, &[], true).await
@@ -340,6 +359,13 @@ impl ProxyHttp for FanoutProxy {
             .as_downstream()
             .response_written()
             .map_or(0, |r| r.status.as_u16());
+        if let Some(ticket) = &ctx.copy {
+            // A copy counts as its mirror's outcome only: no route metrics, no log line.
+            ticket
+                .mirror
+                .count_answer(if e.is_some() { 0 } else { status });
+            return;
+        }
         let route = self.route(ctx);
         let route_metrics = route.map_or(&self.gw.unrouted, |r| &r.metrics);
         route_metrics.observe(&self.gw.metrics, status, elapsed.as_secs_f64());

@@ -1,0 +1,266 @@
+//! Mirroring: copies carry the body byte for byte and lose the redacted headers; sampling
+//! by percent and by key; slow, dead and saturated mirrors never touch the primary.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+
+fn conf(primary: &Backend, mirror: &str, options: &str) -> String {
+    format!(
+        "upstreams:\n  main: {{ backends: [{}] }}\n  shadow: {{ backends: [{mirror}] }}\n\
+         routes:\n  - name: mirrored\n    match: {{ prefix: / }}\n    upstream: main\n    \
+         max_body_bytes: 4MiB\n    mirror:\n      - {{ upstream: shadow{options} }}\n",
+        primary.addr
+    )
+}
+
+/// The value of one `fanout_mirror_requests_total` series.
+async fn mirror_count(c: &reqwest::Client, gw: &Gateway, outcome: &str) -> u64 {
+    let text = c
+        .get(gw.admin_url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let prefix = format!(
+        "fanout_mirror_requests_total{{outcome=\"{outcome}\",route=\"mirrored\",upstream=\"shadow\"}} "
+    );
+    text.lines()
+        .find_map(|l| l.strip_prefix(prefix.as_str()))
+        .map_or(0, |v| v.trim().parse().unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copies_carry_the_body_and_lose_redacted_headers() {
+    let (primary, shadow) = (
+        Backend::start("primary").await,
+        Backend::start("shadow").await,
+    );
+    let gw = Gateway::start(&conf(
+        &primary,
+        &shadow.addr.to_string(),
+        ", headers: { set: { X-Shadow: \"1\" } }",
+    ));
+    let c = client();
+    let body: Vec<u8> = (0..1024 * 1024u32).map(|i| (i * 7 % 251) as u8).collect();
+    let resp = c
+        .post(gw.url("/upload?x=1"))
+        .header("host", "api.example.com")
+        .header("authorization", "Bearer secret")
+        .header("cookie", "session=1")
+        .header("x-request-id", "mirror-1")
+        .body(body.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["x-backend"], "primary");
+    eventually(Duration::from_secs(5), "the copy arrives", || async {
+        shadow.hits() == 1
+    })
+    .await;
+
+    let (p, s) = (&primary.seen()[0], &shadow.seen()[0]);
+    assert!(p.body == body, "primary body differs");
+    assert!(
+        s.body == body,
+        "mirror body differs ({} bytes)",
+        s.body.len()
+    );
+    assert_eq!(
+        (s.method.as_str(), s.path.as_str()),
+        ("POST", "/upload?x=1")
+    );
+    assert_eq!(s.headers["host"], "api.example.com");
+    assert_eq!(s.headers["x-request-id"], "mirror-1");
+    assert_eq!(s.headers["x-shadow"], "1");
+    assert!(s.headers.get("authorization").is_none() && s.headers.get("cookie").is_none());
+    assert_eq!(p.headers["authorization"], "Bearer secret");
+    assert_eq!(p.headers["cookie"], "session=1");
+    assert!(p.headers.get("x-shadow").is_none());
+    eventually(Duration::from_secs(5), "ok counted", || async {
+        mirror_count(&c, &gw, "ok").await == 1
+    })
+    .await;
+    // A copy is not a client request: totals and access log count one request.
+    let status: serde_json::Value = c
+        .get(gw.admin_url("/status"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(status["totals"]["requests"], 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn percent_samples_requests() {
+    let (primary, shadow) = (
+        Backend::start("primary").await,
+        Backend::start("shadow").await,
+    );
+    let gw = Gateway::start(&conf(&primary, &shadow.addr.to_string(), ", percent: 30"));
+    let c = client();
+    for i in 0..1000 {
+        assert_eq!(get(&c, &gw.url(&format!("/p/{i}"))).await.0, 200);
+    }
+    eventually(Duration::from_secs(5), "copies settle", || async {
+        mirror_count(&c, &gw, "ok").await == shadow.hits() as u64
+    })
+    .await;
+    let share = shadow.hits() as f64 / 1000.0;
+    assert!((0.24..=0.36).contains(&share), "mirrored share {share}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sample_by_never_splits_a_key() {
+    let (primary, shadow) = (
+        Backend::start("primary").await,
+        Backend::start("shadow").await,
+    );
+    let gw = Gateway::start(&conf(
+        &primary,
+        &shadow.addr.to_string(),
+        ", percent: 50, sample_by: header:X-User-Id",
+    ));
+    let c = client();
+    for round in 0..5 {
+        for user in 0..40 {
+            let resp = c
+                .get(gw.url(&format!("/k/{round}")))
+                .header("x-user-id", format!("user-{user}"))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(resp.status(), 200);
+        }
+    }
+    eventually(Duration::from_secs(5), "copies settle", || async {
+        mirror_count(&c, &gw, "ok").await == shadow.hits() as u64
+    })
+    .await;
+    let mut per_user = std::collections::HashMap::new();
+    for s in shadow.seen() {
+        *per_user
+            .entry(s.headers["x-user-id"].to_str().unwrap().to_string())
+            .or_insert(0) += 1;
+    }
+    for (user, n) in &per_user {
+        assert_eq!(*n, 5, "{user} was mirrored {n} of 5 times");
+    }
+    assert!(
+        (5..=35).contains(&per_user.len()),
+        "{} of 40 users sampled",
+        per_user.len()
+    );
+}
+
+/// Sends `n` sequential requests; every answer must be the primary's 200.
+async fn all_primary(c: &reqwest::Client, gw: &Gateway, n: usize) {
+    for i in 0..n {
+        let resp = c
+            .post(gw.url(&format!("/s/{i}")))
+            .body("payload")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        assert_eq!(resp.headers()["x-backend"], "primary");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_and_dead_mirrors_cost_the_primary_nothing() {
+    let (primary, slow) = (
+        Backend::start("primary").await,
+        Backend::start("slow").await,
+    );
+    slow.set_delay(1000);
+    let gw = Gateway::start(&conf(&primary, &slow.addr.to_string(), ", timeout: 3s"));
+    let c = client();
+    let started = Instant::now();
+    all_primary(&c, &gw, 30).await;
+    // Thirty copies each held for 1 s: a mirror that blocked the client would take 30 s.
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "took {:?}",
+        started.elapsed()
+    );
+    eventually(Duration::from_secs(10), "slow copies finish", || async {
+        mirror_count(&c, &gw, "ok").await == 30
+    })
+    .await;
+
+    let dead = format!("127.0.0.1:{}", free_port());
+    let gw = Gateway::start(&conf(&primary, &dead, ""));
+    all_primary(&c, &gw, 30).await;
+    eventually(
+        Duration::from_secs(5),
+        "dead copies counted as errors",
+        || async { mirror_count(&c, &gw, "error").await == 30 },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copies_beyond_max_inflight_are_dropped_and_counted() {
+    let (primary, slow) = (
+        Backend::start("primary").await,
+        Backend::start("slow").await,
+    );
+    slow.set_delay(2000);
+    let gw = Gateway::start(&conf(
+        &primary,
+        &slow.addr.to_string(),
+        ", max_inflight: 2, timeout: 5s",
+    ));
+    let c = client();
+    all_primary(&c, &gw, 10).await;
+    assert_eq!(mirror_count(&c, &gw, "dropped").await, 8);
+    let metrics = c
+        .get(gw.admin_url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("fanout_mirror_inflight{route=\"mirrored\",upstream=\"shadow\"} 2"),
+        "{metrics}"
+    );
+    eventually(Duration::from_secs(8), "the two copies finish", || async {
+        mirror_count(&c, &gw, "ok").await == 2
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodies_over_the_mirror_limit_are_not_copied() {
+    let (primary, shadow) = (
+        Backend::start("primary").await,
+        Backend::start("shadow").await,
+    );
+    let gw = Gateway::start(&conf(
+        &primary,
+        &shadow.addr.to_string(),
+        ", max_body_bytes: 1KiB",
+    ));
+    let c = client();
+    let resp = c
+        .post(gw.url("/big"))
+        .body(vec![b'x'; 4096])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(primary.seen()[0].body.len(), 4096);
+    assert_eq!(mirror_count(&c, &gw, "too_large").await, 1);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(shadow.hits(), 0);
+}
