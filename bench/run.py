@@ -21,15 +21,20 @@ BENCH = os.path.join(ROOT, "bench")
 FANOUT = os.path.join(ROOT, "target", "release", "fanout")
 BACKENDS = [19101, 19102]
 PORTS = {"fanout": 19001, "nginx": 19002, "haproxy": 19003}
+# Mirror targets: another port of the nginx backend, a 1 s asyncio server, nothing at all.
+MIRRORS = {"fast": 19103, "slow": 19104, "dead": 19105}
 
-# name: (description, workers, connections, lua script or None, access log on)
+# name: (description, workers, connections, lua script or None, access log on, mirror)
 SCENARIOS = {
-    "ka1": ("keep-alive, 64 connections, 1 worker", 1, 64, None, False),
-    "ka2": ("keep-alive, 64 connections, 2 workers", 2, 64, None, False),
-    "close": ("no client keep-alive (Connection: close), 1 worker", 1, 64, "close.lua", False),
-    "post64k": ("POST 64 KiB bodies, 16 connections, 1 worker", 1, 16, "post64k.lua", False),
-    "post1m": ("POST 1 MiB bodies, 16 connections, 1 worker", 1, 16, "post1m.lua", False),
-    "log": ("keep-alive, 64 connections, 1 worker, access log to a file", 1, 64, None, True),
+    "ka1": ("keep-alive, 64 connections, 1 worker", 1, 64, None, False, None),
+    "ka2": ("keep-alive, 64 connections, 2 workers", 2, 64, None, False, None),
+    "close": ("no client keep-alive (Connection: close), 1 worker", 1, 64, "close.lua", False, None),
+    "post64k": ("POST 64 KiB bodies, 16 connections, 1 worker", 1, 16, "post64k.lua", False, None),
+    "post1m": ("POST 1 MiB bodies, 16 connections, 1 worker", 1, 16, "post1m.lua", False, None),
+    "log": ("keep-alive, 64 connections, 1 worker, access log to a file", 1, 64, None, True, None),
+    "mirror-fast": ("100% mirror to a fast target, 1 worker", 1, 64, None, False, "fast"),
+    "mirror-slow": ("100% mirror to a 1 s target, 1 worker", 1, 64, None, False, "slow"),
+    "mirror-dead": ("100% mirror to a dead port, 1 worker", 1, 64, None, False, "dead"),
 }
 
 
@@ -47,7 +52,7 @@ def wait_port(port, proc, name, limit=15.0):
 
 
 def backend_conf(tmp):
-    listens = "\n".join(f"    listen 127.0.0.1:{p} reuseport;" for p in BACKENDS)
+    listens = "\n".join(f"    listen 127.0.0.1:{p} reuseport;" for p in BACKENDS + [MIRRORS["fast"]])
     return f"""worker_processes 1;
 daemon off;
 pid {tmp}/backend.pid;
@@ -66,9 +71,12 @@ http {{
 """
 
 
-def nginx_conf(tmp, workers, log):
+def nginx_conf(tmp, workers, log, mirror):
     servers = "\n".join(f"    server 127.0.0.1:{p};" for p in BACKENDS)
     access = f"access_log {tmp}/nginx_access.log;" if log else "access_log off;"
+    mirror_in = "mirror /_mirror; mirror_request_body on;" if mirror else ""
+    mirror_loc = (f"location = /_mirror {{ internal; proxy_pass http://127.0.0.1:{MIRRORS[mirror]}$request_uri; "
+                  f"proxy_http_version 1.1; proxy_set_header Connection \"\"; }}") if mirror else ""
     return f"""worker_processes {workers};
 daemon off;
 pid {tmp}/nginx.pid;
@@ -88,11 +96,13 @@ http {{
   server {{
     listen 127.0.0.1:{PORTS['nginx']};
     location / {{
+      {mirror_in}
       proxy_pass http://be;
       proxy_http_version 1.1;
       proxy_set_header Connection "";
       proxy_request_buffering off;
     }}
+    {mirror_loc}
   }}
 }}
 """
@@ -118,8 +128,11 @@ backend be
 """
 
 
-def fanout_conf(tmp, workers, log):
+def fanout_conf(tmp, workers, log, mirror):
     backends = ", ".join(f"127.0.0.1:{p}" for p in BACKENDS)
+    shadow = f"  shadow: {{ backends: [127.0.0.1:{MIRRORS[mirror]}] }}\n" if mirror else ""
+    mirror_route = ("    mirror: [{ upstream: shadow, percent: 100, max_inflight: 1024, timeout: 5s }]\n"
+                    if mirror else "")
     return f"""server:
   threads: {workers}
   work_stealing: true
@@ -136,10 +149,10 @@ upstreams:
   be:
     balance: round_robin
     backends: [{backends}]
-routes:
+{shadow}routes:
   - match: {{ prefix: / }}
     upstream: be
-"""
+{mirror_route}"""
 
 
 def run_wrk(port, connections, duration, script, tmp):
@@ -171,29 +184,42 @@ def start(cmd, name, port, tmp, stdout=None):
     return proc
 
 
+def peak_rss_mib(proc):
+    for line in open(f"/proc/{proc.pid}/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
 def scenario(name, duration, rounds, tmp):
-    desc, workers, conns, script, log = SCENARIOS[name]
+    desc, workers, conns, script, log, mirror = SCENARIOS[name]
+    targets = ["fanout", "nginx"] if mirror else ["fanout", "nginx", "haproxy"]
     procs = []
     try:
-        for fname, text in [("backend.conf", backend_conf(tmp)), ("nginx.conf", nginx_conf(tmp, workers, log)),
-                            ("haproxy.cfg", haproxy_conf(workers)), ("fanout.yaml", fanout_conf(tmp, workers, log))]:
+        for fname, text in [("backend.conf", backend_conf(tmp)), ("nginx.conf", nginx_conf(tmp, workers, log, mirror)),
+                            ("haproxy.cfg", haproxy_conf(workers)), ("fanout.yaml", fanout_conf(tmp, workers, log, mirror))]:
             with open(os.path.join(tmp, fname), "w") as f:
                 f.write(text)
         for d in ["backend_body", "nginx_body", "nginx_proxy"]:
             os.makedirs(os.path.join(tmp, d), exist_ok=True)
         procs.append(start(["nginx", "-c", f"{tmp}/backend.conf"], "backend", BACKENDS[0], tmp))
         procs.append(start(["nginx", "-c", f"{tmp}/nginx.conf"], "nginx", PORTS["nginx"], tmp))
-        procs.append(start(["haproxy", "-f", f"{tmp}/haproxy.cfg"], "haproxy", PORTS["haproxy"], tmp))
+        if not mirror:
+            procs.append(start(["haproxy", "-f", f"{tmp}/haproxy.cfg"], "haproxy", PORTS["haproxy"], tmp))
+        if mirror == "slow":
+            procs.append(start([sys.executable, os.path.join(BENCH, "slow_backend.py"), str(MIRRORS["slow"]), "1"],
+                               "slow", MIRRORS["slow"], tmp))
         fanout_out = open(os.path.join(tmp, "fanout_access.log"), "w") if log else None
-        procs.append(start([FANOUT, "-c", f"{tmp}/fanout.yaml"], "fanout", PORTS["fanout"], tmp, stdout=fanout_out))
-        results = {k: [] for k in PORTS}
+        fanout = start([FANOUT, "-c", f"{tmp}/fanout.yaml"], "fanout", PORTS["fanout"], tmp, stdout=fanout_out)
+        procs.append(fanout)
+        results = {k: [] for k in targets}
         for r in range(rounds):
-            for target in ["fanout", "nginx", "haproxy"]:
+            for target in targets:
                 res = run_wrk(PORTS[target], conns, duration, script, tmp)
                 results[target].append(res)
                 print(f"  {name} round {r + 1} {target:8} {res['rps']:>10.0f} req/s  p50 {res['p50']:.2f} ms"
                       f"  p99 {res['p99']:.2f} ms  errors {res['errors']}", file=sys.stderr)
-        return desc, results
+        return desc, results, peak_rss_mib(fanout)
     finally:
         for p in procs:
             p.terminate()
@@ -220,13 +246,15 @@ def main():
     print("|---|---|---|---|---|---|---|---|")
     try:
         for name in args.scenarios.split(","):
-            desc, results = scenario(name, args.duration, args.rounds, tmp)
+            desc, results, rss = scenario(name, args.duration, args.rounds, tmp)
             med = {t: {k: statistics.median(r[k] for r in rs) for k in ["rps", "p50", "p99"]}
                    for t, rs in results.items()}
-            for t in ["fanout", "nginx", "haproxy"]:
+            for t in results:
                 errors = sum(r["errors"] for r in results[t])
-                ratio = lambda other: f"{med[t]['rps'] / med[other]['rps']:.2f}×" if t == "fanout" else ""
-                print(f"| {desc if t == 'fanout' else ''} | {t} | {med[t]['rps']:.0f} | {med[t]['p50']:.2f} | "
+                ratio = lambda other: (f"{med[t]['rps'] / med[other]['rps']:.2f}×"
+                                       if t == "fanout" and other in med else "")
+                label = f"{desc} (fanout peak RSS {rss:.0f} MiB)" if t == "fanout" else ""
+                print(f"| {label} | {t} | {med[t]['rps']:.0f} | {med[t]['p50']:.2f} | "
                       f"{med[t]['p99']:.2f} | {errors} | {ratio('nginx')} | {ratio('haproxy')} |", flush=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

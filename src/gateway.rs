@@ -56,7 +56,7 @@ impl Gateway {
     pub fn new(config: &Config) -> prometheus::Result<Gateway> {
         warn_inactive(config);
         let metrics = Metrics::new()?;
-        let upstreams = config
+        let upstreams: Vec<Arc<Upstream>> = config
             .upstreams
             .iter()
             .map(|u| Arc::new(Upstream::new(u, &metrics)))
@@ -70,7 +70,7 @@ impl Gateway {
                     .mirrors
                     .iter()
                     .map(|m| {
-                        let upstream = &config.upstreams[m.upstream].name;
+                        let upstream = Arc::clone(&upstreams[m.upstream]);
                         Arc::new(Mirror::new(m, &r.label, upstream, &metrics))
                     })
                     .collect(),

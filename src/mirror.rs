@@ -31,6 +31,7 @@ use tokio::task::JoinHandle;
 use crate::config::{MirrorConfig, RouteId, UpstreamId};
 use crate::keys;
 use crate::metrics::Metrics;
+use crate::upstream::Upstream;
 
 /// Outcome counters of one mirror, resolved once.
 struct Outcomes {
@@ -48,30 +49,32 @@ const FEED_SLOTS: usize = 1024;
 /// One `mirror:` entry of a route, with its live budget.
 pub struct Mirror {
     pub config: MirrorConfig,
+    upstream: Arc<Upstream>,
     inflight: AtomicUsize,
     inflight_gauge: IntGauge,
     outcomes: Outcomes,
 }
 
 impl Mirror {
-    pub fn new(config: &MirrorConfig, route: &str, upstream: &str, metrics: &Metrics) -> Mirror {
-        let count = |o: &str| {
-            metrics
-                .mirror_requests
-                .with_label_values(&[route, upstream, o])
-        };
+    pub fn new(
+        config: &MirrorConfig,
+        route: &str,
+        upstream: Arc<Upstream>,
+        metrics: &Metrics,
+    ) -> Mirror {
+        let name = upstream.name();
+        let count = |o: &str| metrics.mirror_requests.with_label_values(&[route, name, o]);
         Mirror {
             config: config.clone(),
             inflight: AtomicUsize::new(0),
-            inflight_gauge: metrics
-                .mirror_inflight
-                .with_label_values(&[route, upstream]),
+            inflight_gauge: metrics.mirror_inflight.with_label_values(&[route, name]),
             outcomes: Outcomes {
                 ok: count("ok"),
                 error: count("error"),
                 dropped: count("dropped"),
                 too_large: count("too_large"),
             },
+            upstream: Arc::clone(&upstream),
         }
     }
 
@@ -180,6 +183,11 @@ impl Copies {
         let mut list = Vec::new();
         for mirror in mirrors {
             if !mirror.sampled(session) {
+                continue;
+            }
+            if !mirror.upstream.has_available() {
+                // Down (health checks, open circuits): fail at once rather than dial it.
+                mirror.outcomes.error.inc();
                 continue;
             }
             if declared.is_some_and(|n| n > mirror.config.max_body_bytes) {

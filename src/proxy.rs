@@ -352,6 +352,12 @@ impl ProxyHttp for FanoutProxy {
         }
     }
 
+    fn suppress_error_log(&self, _session: &Session, ctx: &RequestCtx, _error: &Error) -> bool {
+        // A failing mirror is counted in fanout_mirror_requests_total; one error line per
+        // copy would cost more than the copy itself when a mirror is down.
+        ctx.copy.is_some()
+    }
+
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
         ctx.lease = None;
         let elapsed = ctx.start.elapsed();
