@@ -51,6 +51,7 @@ impl AdminApp {
 
     fn status(&self) -> (StatusCode, Value) {
         let gw = &self.gw;
+        let now = std::time::Instant::now();
         let upstreams: Vec<Value> = gw
             .upstreams
             .iter()
@@ -63,7 +64,7 @@ impl AdminApp {
                             "address": b.label,
                             "weight": b.weight,
                             "healthy": b.healthy(),
-                            "circuit": "closed",
+                            "circuit": b.circuit(now).name(),
                             "inflight": b.inflight(),
                         })
                     })
@@ -124,6 +125,7 @@ impl AdminApp {
     /// Copies live backend state into the gauges, then renders every family.
     fn metrics(&self) -> Vec<u8> {
         let m = &self.gw.metrics;
+        let now = std::time::Instant::now();
         for u in &self.gw.upstreams {
             for b in &u.backends {
                 let labels = [u.name(), &*b.label];
@@ -133,7 +135,8 @@ impl AdminApp {
                 m.backend_inflight
                     .with_label_values(&labels)
                     .set(b.inflight() as i64);
-                m.circuit_open.with_label_values(&labels).set(0);
+                let open = b.circuit(now) != crate::upstream::breaker::Circuit::Closed;
+                m.circuit_open.with_label_values(&labels).set(open as i64);
             }
         }
         m.render()

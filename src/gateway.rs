@@ -10,13 +10,17 @@ use crate::access_log::AccessLogger;
 use crate::config::{AccessLog, Config, RouteConfig, RouteKind, UpstreamId};
 use crate::metrics::{Metrics, RouteMetrics};
 use crate::mirror::Mirror;
+use crate::ratelimit::RateLimiter;
 use crate::routing::Router;
 use crate::upstream::Upstream;
+use prometheus::IntCounter;
 
 pub struct Route {
     pub config: RouteConfig,
     pub metrics: RouteMetrics,
     pub mirrors: Vec<Arc<Mirror>>,
+    pub rate_limiter: Option<RateLimiter>,
+    pub rate_limited: IntCounter,
 }
 
 impl Route {
@@ -66,6 +70,8 @@ impl Gateway {
             .iter()
             .map(|r| Route {
                 metrics: RouteMetrics::new(&r.label),
+                rate_limiter: r.rate_limit.as_ref().map(RateLimiter::new),
+                rate_limited: metrics.rate_limited.with_label_values(&[&r.label]),
                 mirrors: r
                     .mirrors
                     .iter()
@@ -96,9 +102,6 @@ impl Gateway {
 fn warn_inactive(config: &Config) {
     for r in &config.routes {
         let mut inactive = Vec::new();
-        if r.rate_limit.is_some() {
-            inactive.push("rate_limit");
-        }
         if matches!(&r.kind, RouteKind::Proxy { fallback, .. } if !fallback.is_empty()) {
             inactive.push("fallback");
         }
@@ -112,8 +115,5 @@ fn warn_inactive(config: &Config) {
                 inactive.join(", ")
             );
         }
-    }
-    for u in config.upstreams.iter().filter(|u| u.breaker.is_some()) {
-        log::warn!("upstream {}: breaker is not active in this version", u.name);
     }
 }

@@ -13,6 +13,7 @@ pub mod limits;
 pub mod metrics;
 pub mod mirror;
 pub mod proxy;
+pub mod ratelimit;
 pub mod request_id;
 pub mod respond;
 pub mod routing;

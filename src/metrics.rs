@@ -16,6 +16,7 @@ pub struct Metrics {
     pub requests: IntCounterVec,
     pub request_duration: HistogramVec,
     pub upstream_requests: IntCounterVec,
+    pub upstream_retries: IntCounterVec,
     pub backend_healthy: IntGaugeVec,
     pub backend_inflight: IntGaugeVec,
     pub circuit_open: IntGaugeVec,
@@ -86,6 +87,12 @@ impl Metrics {
                 "fanout_upstream_requests_total",
                 "Requests sent to backends, by outcome (ok, error, timeout)",
                 &["upstream", "backend", "outcome"],
+            )?,
+            upstream_retries: counter(
+                &reg,
+                "fanout_upstream_retries_total",
+                "Attempts retried on another backend",
+                &["upstream"],
             )?,
             backend_healthy: gauge(
                 &reg,

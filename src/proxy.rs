@@ -24,7 +24,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use http::header;
 use pingora_core::upstreams::peer::HttpPeer;
-use pingora_error::{Error, ErrorType, Result};
+use pingora_error::{Error, ErrorSource, ErrorType, Result};
 use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::{FailToProxy, ProxyHttp, Session};
 
@@ -35,6 +35,7 @@ use crate::gateway::{Gateway, Route};
 use crate::keys::{self, client_ip};
 use crate::limits::{self, BodyCounter, Refusal};
 use crate::mirror::{self, Copies, CopyTicket};
+use crate::ratelimit::Decision;
 use crate::request_id;
 use crate::respond::{self, send_error};
 use crate::routing::RouteMatch;
@@ -58,6 +59,16 @@ impl FanoutProxy {
         match &ctx.copy {
             Some(ticket) => Some(ticket.mirror.upstream()),
             None => self.route(ctx).and_then(Route::upstream),
+        }
+    }
+
+    /// Marks `e` retryable when `safe` and the upstream's `retries` allow another attempt,
+    /// and counts the retry.
+    fn decide_retry(&self, ctx: &RequestCtx, e: &mut Error, safe: bool) {
+        let retry = safe && ctx.attempts <= self.retries(ctx);
+        e.set_retry(retry);
+        if let (true, Some(u)) = (retry, self.target(ctx)) {
+            self.gw.upstreams[u].retries.inc();
         }
     }
 
@@ -90,15 +101,11 @@ pub struct RequestCtx {
     copies: Copies,
 }
 
-/// Counts a failed attempt on the backend it was made to.
-fn count_failure(ctx: &RequestCtx, e: &Error) {
-    if let Some(lease) = &ctx.lease {
-        let o = &lease.backend().outcomes;
-        if respond::is_timeout(e) {
-            o.timeout.inc();
-        } else {
-            o.error.inc();
-        }
+/// Reports a failed attempt to its backend (outcome counters, circuit breaker), when the
+/// failure is the upstream's and not the client's.
+fn attempt_failed(ctx: &mut RequestCtx, e: &Error) {
+    if let (Some(lease), ErrorSource::Upstream) = (ctx.lease.as_mut(), e.esource()) {
+        lease.failed(respond::is_timeout(e));
     }
 }
 
@@ -107,6 +114,99 @@ fn request_host(req: &RequestHeader) -> Option<&str> {
         .get(header::HOST)
         .and_then(|v| v.to_str().ok())
         .or_else(|| req.uri.host())
+}
+
+/// An answer the gateway gives itself instead of proxying.
+struct Answer {
+    status: u16,
+    message: &'static str,
+    headers: Vec<(&'static str, String)>,
+    /// The request's body stays unread: the connection cannot carry another request.
+    close: bool,
+}
+
+impl Answer {
+    fn status(status: u16) -> Answer {
+        Answer {
+            status,
+            message: respond::reason(status),
+            headers: Vec::new(),
+            close: false,
+        }
+    }
+
+    fn refusal(r: Refusal) -> Answer {
+        Answer {
+            status: r.status(),
+            message: r.message(),
+            headers: Vec::new(),
+            close: true,
+        }
+    }
+}
+
+impl FanoutProxy {
+    /// Routes a client request and applies every check that may refuse it, in order:
+    /// framing (400), route (404/405), declared body size (413), rate limit (429). `None`:
+    /// proxy it (after starting its mirror copies).
+    fn admit(&self, session: &Session, ctx: &mut RequestCtx) -> Option<Answer> {
+        let req = session.req_header();
+        let raw_head = || {
+            session
+                .as_downstream()
+                .as_http1()
+                .map(|h1| h1.get_headers_raw_bytes())
+        };
+        if let Err(r) = limits::check_framing(req, raw_head) {
+            return Some(Answer::refusal(r));
+        }
+        let id = match self
+            .gw
+            .router
+            .lookup(request_host(req), req.uri.path(), &req.method)
+        {
+            RouteMatch::Found(id) => id,
+            RouteMatch::MethodNotAllowed => return Some(Answer::status(405)),
+            RouteMatch::NotFound => return Some(Answer::status(404)),
+        };
+        ctx.route = Some(id);
+        let route = &self.gw.routes[id];
+        if let Err(r) = limits::check_length(req, route.config.max_body_bytes) {
+            return Some(Answer::refusal(r));
+        }
+        if let Some(limiter) = &route.rate_limiter {
+            let mut buf = [0u8; 16];
+            let key = keys::key_bytes(session, &limiter.key, &mut buf);
+            if let Decision::Deny { retry_after_secs } = limiter.check(key, Instant::now()) {
+                route.rate_limited.inc();
+                let has_body = req.headers.contains_key(header::TRANSFER_ENCODING)
+                    || req
+                        .headers
+                        .get(header::CONTENT_LENGTH)
+                        .is_some_and(|v| v.as_bytes() != b"0");
+                return Some(Answer {
+                    status: 429,
+                    message: respond::reason(429),
+                    headers: vec![
+                        ("retry-after", retry_after_secs.to_string()),
+                        ("x-ratelimit-limit", limiter.limit.to_string()),
+                        ("x-ratelimit-remaining", "0".to_string()),
+                    ],
+                    close: has_body,
+                });
+            }
+        }
+        match route.config.kind {
+            RouteKind::Proxy { .. } => {
+                if !route.mirrors.is_empty() {
+                    ctx.copies = Copies::start(session, id, &route.mirrors, &ctx.request_id);
+                }
+                None
+            }
+            // Broadcast delivery arrives with its own issue; say so rather than guess.
+            RouteKind::Broadcast { .. } => Some(Answer::status(501)),
+        }
+    }
 }
 
 #[async_trait]
@@ -145,42 +245,21 @@ impl ProxyHttp for FanoutProxy {
         let req = session.req_header();
         ctx.request_id =
             request_id::from_client(req.headers.get(request_id::HEADER).map(|v| v.as_bytes()));
-        let raw_head = || {
-            session
-                .as_downstream()
-                .as_http1()
-                .map(|h1| h1.get_headers_raw_bytes())
-        };
-        let routed = limits::check_framing(req, raw_head).map(|()| {
-            self.gw
-                .router
-                .lookup(request_host(req), req.uri.path(), &req.method)
-        });
-        let (status, message) = match routed {
-            Err(refusal) => (refusal.status(), refusal.message()),
-            Ok(RouteMatch::Found(id)) => {
-                ctx.route = Some(id);
-                let route = &self.gw.routes[id].config;
-                match (limits::check_length(req, route.max_body_bytes), &route.kind) {
-                    (Err(refusal), _) => (refusal.status(), refusal.message()),
-                    (Ok(()), RouteKind::Proxy { .. }) => {
-                        let mirrors = &self.gw.routes[id].mirrors;
-                        if !mirrors.is_empty() {
-                            ctx.copies = Copies::start(session, id, mirrors, &ctx.request_id);
-                        }
-                        return Ok(false);
-                    }
-                    // Broadcast delivery arrives with its own issue; say so rather than guess.
-                    (Ok(()), RouteKind::Broadcast { .. }) => (501, respond::reason(501)),
-                }
+        match self.admit(session, ctx) {
+            None => Ok(false),
+            Some(a) => {
+                send_error(
+                    session,
+                    a.status,
+                    a.message,
+                    &ctx.request_id,
+                    &a.headers,
+                    a.close,
+                )
+                .await?;
+                Ok(true)
             }
-            Ok(RouteMatch::MethodNotAllowed) => (405, respond::reason(405)),
-            Ok(RouteMatch::NotFound) => (404, respond::reason(404)),
-        };
-        // A refused body is left unread: that connection cannot carry another request.
-        let close = matches!(status, 400 | 413);
-        send_error(session, status, message, &ctx.request_id, &[], close).await?;
-        Ok(true)
+        }
     }
 
     async fn request_body_filter(
@@ -264,13 +343,8 @@ impl ProxyHttp for FanoutProxy {
         ctx: &mut RequestCtx,
     ) -> Result<()> {
         let status = upstream_response.status;
-        if let (Some(lease), false) = (&ctx.lease, status.is_informational()) {
-            let o = &lease.backend().outcomes;
-            if status.is_server_error() {
-                o.error.inc();
-            } else {
-                o.ok.inc();
-            }
+        if let (Some(lease), false) = (ctx.lease.as_mut(), status.is_informational()) {
+            lease.answered(status.as_u16());
         }
         Ok(())
     }
@@ -298,9 +372,9 @@ impl ProxyHttp for FanoutProxy {
         ctx: &mut RequestCtx,
         mut e: Box<Error>,
     ) -> Box<Error> {
-        count_failure(ctx, &e);
+        attempt_failed(ctx, &e);
         // Nothing reached the backend: any request may go to another one.
-        e.set_retry(ctx.attempts <= self.retries(ctx));
+        self.decide_retry(ctx, &mut e, true);
         e
     }
 
@@ -318,12 +392,12 @@ impl ProxyHttp for FanoutProxy {
             e.set_retry(false);
             return e;
         }
-        count_failure(ctx, &e);
+        attempt_failed(ctx, &e);
         let downstream = session.as_downstream();
         let safe = session.req_header().method.is_idempotent()
             && !downstream.retry_buffer_truncated()
             && downstream.response_written().is_none();
-        e.set_retry(safe && ctx.attempts <= self.retries(ctx));
+        self.decide_retry(ctx, &mut e, safe);
         e
     }
 

@@ -1,18 +1,21 @@
-//! Upstreams: the backends of each `upstreams:` entry, their live state (health, in-flight
-//! requests) and the one place that picks a backend for a request, [`Upstream::select`].
+//! Upstreams: the backends of each `upstreams:` entry, their live state (health, circuit,
+//! in-flight requests) and the one place that picks a backend for a request,
+//! [`Upstream::select`].
 //!
 //! A backend's state lives in a [`BackendState`] shared by the balancer, the active health
-//! checker ([`health`]) and the admin endpoints. Its in-flight counter is raised by a
-//! [`Lease`] when a request is sent to it and lowered when the lease drops, which happens
-//! on every path (answer, error, retry, client gone) because the lease lives in the
-//! request's context.
+//! checker ([`health`]), the passive circuit breaker ([`breaker`]) and the admin endpoints.
+//! A request holds a [`Lease`] on its backend: it raises the in-flight count while alive,
+//! carries the attempt's result to the outcome counters and the breaker, and is dropped on
+//! every path (answer, error, retry, client gone), which releases the slot.
 
 pub mod balance;
+pub mod breaker;
 pub mod health;
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
+use std::time::Instant;
 
 use pingora_core::upstreams::peer::HttpPeer;
 use prometheus::IntCounter;
@@ -20,6 +23,7 @@ use prometheus::IntCounter;
 use crate::config::UpstreamConfig;
 use crate::metrics::Metrics;
 use balance::{Balancer, Candidate};
+use breaker::{Breaker, Circuit, Transition};
 
 /// Outcome counters of one backend, resolved once so the request path formats no labels.
 pub struct Outcomes {
@@ -35,6 +39,7 @@ pub struct BackendState {
     pub weight: u32,
     healthy: AtomicBool,
     inflight: AtomicUsize,
+    breaker: Option<Breaker>,
     /// Connection settings (timeouts, keep-alive) cloned for each request.
     peer: HttpPeer,
     pub outcomes: Outcomes,
@@ -49,9 +54,15 @@ impl BackendState {
         self.inflight.load(Relaxed)
     }
 
-    /// Whether new requests may be sent here now.
-    pub fn available(&self) -> bool {
-        self.healthy()
+    pub fn circuit(&self, now: Instant) -> Circuit {
+        self.breaker
+            .as_ref()
+            .map_or(Circuit::Closed, |b| b.circuit(now))
+    }
+
+    /// Whether new requests may be sent here now: healthy, and its circuit lets them.
+    pub fn available(&self, now: Instant) -> bool {
+        self.healthy() && self.breaker.as_ref().is_none_or(|b| b.allows(now))
     }
 
     /// A fresh peer for one request to this backend.
@@ -69,30 +80,63 @@ impl Candidate for Arc<BackendState> {
     }
 }
 
-/// One in-flight request on a backend; dropping it ends the request's share of the load.
+/// One attempt in flight on a backend. It counts in the backend's in-flight load until
+/// dropped, and reports the attempt's result (first report wins) to the outcome counters
+/// and the circuit breaker.
 pub struct Lease {
-    backend: Arc<BackendState>,
+    upstream: Arc<Upstream>,
     index: usize,
+    /// This attempt is the probe of an open circuit.
+    probe: bool,
+    reported: bool,
 }
 
 impl Lease {
-    fn new(backend: Arc<BackendState>, index: usize) -> Lease {
-        backend.inflight.fetch_add(1, Relaxed);
-        Lease { backend, index }
-    }
-
     pub fn backend(&self) -> &BackendState {
-        &self.backend
+        &self.upstream.backends[self.index]
     }
 
     pub fn index(&self) -> usize {
         self.index
     }
+
+    /// The backend answered; a 5xx answer counts as a failure.
+    pub fn answered(&mut self, status: u16) {
+        let failed = status >= 500;
+        let o = &self.backend().outcomes;
+        if failed { &o.error } else { &o.ok }.inc();
+        self.report(!failed);
+    }
+
+    /// The attempt failed without an answer (connect error, reset, timeout).
+    pub fn failed(&mut self, timeout: bool) {
+        let o = &self.backend().outcomes;
+        if timeout { &o.timeout } else { &o.error }.inc();
+        self.report(false);
+    }
+
+    fn report(&mut self, success: bool) {
+        if std::mem::replace(&mut self.reported, true) {
+            return;
+        }
+        if let Some(b) = &self.backend().breaker {
+            let transition = b.report(success, Instant::now());
+            if transition != Transition::None {
+                self.upstream.refresh();
+            }
+        }
+    }
 }
 
 impl Drop for Lease {
     fn drop(&mut self) {
-        self.backend.inflight.fetch_sub(1, Relaxed);
+        let backend = &self.upstream.backends[self.index];
+        backend.inflight.fetch_sub(1, Relaxed);
+        if self.probe && !self.reported {
+            if let Some(b) = &backend.breaker {
+                b.abandon_probe();
+            }
+        }
     }
 }
 
@@ -119,6 +163,12 @@ pub struct Upstream {
     pub config: UpstreamConfig,
     pub backends: Vec<Arc<BackendState>>,
     balancer: Balancer,
+    /// Counts attempts that were retried.
+    pub retries: IntCounter,
+    /// When the next open circuit's period ends, as nanoseconds after `epoch` (0: none):
+    /// the schedule is rebuilt then so that backend can be probed.
+    reopen_at: AtomicU64,
+    epoch: Instant,
 }
 
 impl Upstream {
@@ -145,6 +195,7 @@ impl Upstream {
                     weight: b.weight,
                     healthy: AtomicBool::new(true),
                     inflight: AtomicUsize::new(0),
+                    breaker: config.breaker.as_ref().map(Breaker::new),
                     peer,
                     outcomes: Outcomes {
                         ok: outcome("ok"),
@@ -159,8 +210,11 @@ impl Upstream {
         let upstream = Upstream {
             name: config.name.as_str().into(),
             balancer: Balancer::new(config.balance, &addrs),
+            retries: metrics.upstream_retries.with_label_values(&[name]),
             config: config.clone(),
             backends,
+            reopen_at: AtomicU64::new(0),
+            epoch: Instant::now(),
         };
         upstream.refresh();
         upstream
@@ -170,10 +224,24 @@ impl Upstream {
         &self.name
     }
 
-    /// Rebuilds the selection schedule after a backend left or returned.
+    /// Rebuilds the selection schedule after a backend left or returned, and notes when
+    /// the next open circuit may be probed.
     pub fn refresh(&self) {
+        let now = Instant::now();
         self.balancer
-            .refresh(&self.backends, |i| self.backends[i].available());
+            .refresh(&self.backends, |i| self.backends[i].available(now));
+        let next = self
+            .backends
+            .iter()
+            .filter_map(|b| match b.circuit(now) {
+                Circuit::Open(Some(until)) => Some(until),
+                _ => None,
+            })
+            .min();
+        let nanos = next.map_or(0, |t| {
+            t.saturating_duration_since(self.epoch).as_nanos().max(1) as u64
+        });
+        self.reopen_at.store(nanos, Relaxed);
     }
 
     /// Marks a backend healthy or not; returns whether that changed anything.
@@ -187,21 +255,50 @@ impl Upstream {
 
     /// Whether any backend may take requests now.
     pub fn has_available(&self) -> bool {
-        self.backends.iter().any(|b| b.available())
+        let now = Instant::now();
+        self.backends.iter().any(|b| b.available(now))
     }
 
     /// Picks an available backend for a request, preferring ones not yet `tried`, and
     /// leases it. `key` feeds consistent hashing. `None`: no backend is available.
-    pub fn select(&self, key: &[u8], tried: &Tried) -> Option<Lease> {
+    pub fn select(self: &Arc<Self>, key: &[u8], tried: &Tried) -> Option<Lease> {
+        let now = Instant::now();
+        let reopen = self.reopen_at.load(Relaxed);
+        if reopen != 0 && now.saturating_duration_since(self.epoch).as_nanos() as u64 >= reopen {
+            self.refresh();
+        }
         let bs = &self.backends;
-        let fresh = self
-            .balancer
-            .pick(bs, key, |i| bs[i].available() && !tried.contains(i));
-        let index = match fresh {
-            Some(i) => Some(i),
-            None if !tried.is_empty() => self.balancer.pick(bs, key, |i| bs[i].available()),
-            None => None,
-        }?;
-        Some(Lease::new(Arc::clone(&bs[index]), index))
+        let mut refused = Tried::default();
+        for _ in 0..bs.len() {
+            let usable = |i: usize| bs[i].available(now) && !refused.contains(i);
+            let fresh = self
+                .balancer
+                .pick(bs, key, |i| usable(i) && !tried.contains(i));
+            let index = match fresh {
+                Some(i) => i,
+                None if !tried.is_empty() => self.balancer.pick(bs, key, usable)?,
+                None => return None,
+            };
+            let backend = &bs[index];
+            let probe = match &backend.breaker {
+                None => false,
+                Some(b) => match b.admit(now) {
+                    Some(probe) => probe,
+                    None => {
+                        // Another request took the probe meanwhile: choose again.
+                        refused.add(index);
+                        continue;
+                    }
+                },
+            };
+            backend.inflight.fetch_add(1, Relaxed);
+            return Some(Lease {
+                upstream: Arc::clone(self),
+                index,
+                probe,
+                reported: false,
+            });
+        }
+        None
     }
 }

@@ -3,7 +3,6 @@
 //! started on free loopback ports, waited for with a bound, and killed when dropped.
 #![allow(dead_code)]
 
-use std::convert::Infallible;
 use std::io::Write;
 use std::net::{SocketAddr, TcpListener as StdListener, TcpStream};
 use std::path::PathBuf;
@@ -38,6 +37,8 @@ pub struct BackendState {
     pub delay_ms: AtomicU64,
     pub status: AtomicU16,
     pub inflight: AtomicUsize,
+    /// When set, requests are read in full and then the connection is dropped unanswered.
+    pub drop_after_body: AtomicBool,
     pub seen: Mutex<Vec<Seen>>,
 }
 
@@ -61,6 +62,7 @@ impl Backend {
             delay_ms: AtomicU64::new(0),
             status: AtomicU16::new(200),
             inflight: AtomicUsize::new(0),
+            drop_after_body: AtomicBool::new(false),
             seen: Mutex::new(Vec::new()),
         });
         let tasks: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::default();
@@ -121,7 +123,7 @@ impl Drop for Backend {
 async fn handle(
     st: Arc<BackendState>,
     req: Request<Incoming>,
-) -> Result<Response<Full<Bytes>>, Infallible> {
+) -> Result<Response<Full<Bytes>>, std::io::Error> {
     if req.uri().path() == "/health" {
         let code = if st.healthy.load(SeqCst) { 200 } else { 503 };
         return Ok(Response::builder()
@@ -154,6 +156,10 @@ async fn handle(
         body,
     });
     st.hits.fetch_add(1, SeqCst);
+    if st.drop_after_body.load(SeqCst) {
+        st.inflight.fetch_sub(1, SeqCst);
+        return Err(std::io::Error::other("dropping the connection unanswered"));
+    }
     let delay = st.delay_ms.load(SeqCst);
     if delay > 0 {
         tokio::time::sleep(Duration::from_millis(delay)).await;

@@ -1,0 +1,245 @@
+//! Resilience: retries around dead backends, passive circuit breakers, rate limits, and
+//! never retrying a request whose body was sent.
+
+mod common;
+
+use std::sync::atomic::Ordering::SeqCst;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+async fn status_json(c: &reqwest::Client, gw: &Gateway) -> serde_json::Value {
+    c.get(gw.admin_url("/status"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_dead_backend_of_two_costs_no_request() {
+    let live = Backend::start("live").await;
+    let gw = Gateway::start(&format!(
+        "upstreams:\n  u: {{ retries: 1, backends: [127.0.0.1:{}, {}], breaker: {{ failures: 5, open: 10s }} }}\n\
+         routes:\n  - {{ match: {{ prefix: / }}, upstream: u }}\n",
+        free_port(),
+        live.addr
+    ));
+    let c = client();
+    for _ in 0..100 {
+        assert_eq!(get(&c, &gw.url("/x")).await.0, 200);
+    }
+    assert_eq!(live.hits(), 100);
+    let s = status_json(&c, &gw).await;
+    assert_eq!(s["upstreams"][0]["backends"][0]["circuit"], "open");
+    let metrics = c
+        .get(gw.admin_url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("fanout_upstream_retries_total{upstream=\"u\"} 5"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn circuit_opens_probes_doubles_and_closes() {
+    let (bad, good) = (Backend::start("bad").await, Backend::start("good").await);
+    bad.set_status(500);
+    let gw = Gateway::start(&format!(
+        "upstreams:\n  u: {{ backends: [{}, {}], breaker: {{ failures: 3, open: 1s, max_open: 8s }} }}\n\
+         routes:\n  - {{ match: {{ prefix: / }}, upstream: u }}\n",
+        bad.addr, good.addr
+    ));
+    let c = client();
+    let started = Instant::now();
+    for _ in 0..100 {
+        get(&c, &gw.url("/x")).await;
+    }
+    // Opened after 3 failures; at most one probe if the second of `open` already passed.
+    let allowed = if started.elapsed() < Duration::from_secs(1) {
+        3
+    } else {
+        4
+    };
+    assert!(
+        bad.hits() <= allowed,
+        "the failing backend got {} requests",
+        bad.hits()
+    );
+    assert_eq!(
+        status_json(&c, &gw).await["upstreams"][0]["backends"][0]["circuit"],
+        "open"
+    );
+    let metrics = c
+        .get(gw.admin_url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(metrics.contains(&format!(
+        "fanout_circuit_open{{backend=\"{}\",upstream=\"u\"}} 1",
+        bad.addr
+    )));
+
+    // Keep traffic flowing and time the probes: the open period doubles after a failed one.
+    let probe_after = |n: usize| {
+        let (c, url, bad) = (c.clone(), gw.url("/x"), &bad);
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while bad.hits() < n {
+                assert!(Instant::now() < deadline, "no probe number {n}");
+                let (status, _, _) = get(&c, &url).await;
+                assert!(status == 200 || status == 500);
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            Instant::now()
+        }
+    };
+    let h = bad.hits();
+    let first = probe_after(h + 1).await;
+    let second = probe_after(h + 2).await;
+    let gap = second - first;
+    assert!(
+        gap >= Duration::from_millis(1800) && gap < Duration::from_millis(3500),
+        "second probe after {gap:?}"
+    );
+
+    // Recovered: the next probe succeeds and the backend is back in rotation.
+    bad.set_status(200);
+    probe_after(h + 3).await;
+    let before = bad.hits();
+    for _ in 0..20 {
+        assert_eq!(get(&c, &gw.url("/x")).await.0, 200);
+    }
+    assert!(
+        bad.hits() - before >= 8,
+        "recovered backend got {} of 20",
+        bad.hits() - before
+    );
+    assert_eq!(
+        status_json(&c, &gw).await["upstreams"][0]["backends"][0]["circuit"],
+        "closed"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_limit_allows_burst_plus_rate_and_answers_429() {
+    let b = Backend::start("b").await;
+    let gw = Gateway::start(&format!(
+        "upstreams:\n  u: {{ backends: [{}] }}\nroutes:\n  - name: limited\n    match: {{ prefix: / }}\n    upstream: u\n    \
+         rate_limit: {{ requests_per_second: 50, burst: 10, key: client_ip }}\n",
+        b.addr
+    ));
+    let c = client();
+    let started = Instant::now();
+    let (mut ok, mut limited) = (0u32, 0u32);
+    while started.elapsed() < Duration::from_secs(2) {
+        let resp = c.get(gw.url("/r")).send().await.unwrap();
+        match resp.status().as_u16() {
+            200 => ok += 1,
+            429 => {
+                limited += 1;
+                if limited == 1 {
+                    assert_eq!(resp.headers()["retry-after"], "1");
+                    assert_eq!(resp.headers()["x-ratelimit-limit"], "50");
+                    assert_eq!(resp.headers()["x-ratelimit-remaining"], "0");
+                    let body: serde_json::Value = resp.json().await.unwrap();
+                    assert_eq!(body["error"], "rate limit exceeded");
+                }
+            }
+            other => panic!("unexpected status {other}"),
+        }
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let expected = 10.0 + 50.0 * elapsed;
+    assert!(
+        (ok as f64) >= expected * 0.85 && (ok as f64) <= expected * 1.1,
+        "{ok} allowed, expected ≈ {expected:.0}"
+    );
+    assert!(limited > 0);
+    assert_eq!(b.hits() as u32, ok);
+    let metrics = c
+        .get(gw.admin_url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains(&format!(
+            "fanout_rate_limited_total{{route=\"limited\"}} {limited}"
+        )),
+        "{metrics}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn distinct_keys_are_limited_independently() {
+    let b = Backend::start("b").await;
+    let gw = Gateway::start(&format!(
+        "upstreams:\n  u: {{ backends: [{}] }}\nroutes:\n  - match: {{ prefix: / }}\n    upstream: u\n    \
+         rate_limit: {{ requests_per_second: 0.5, burst: 2, key: header:X-Api-Key }}\n",
+        b.addr
+    ));
+    let c = client();
+    let mut by_key = Vec::new();
+    for key in ["alice", "bob", "carol"] {
+        let mut statuses = Vec::new();
+        for _ in 0..4 {
+            let resp = c
+                .get(gw.url("/k"))
+                .header("x-api-key", key)
+                .send()
+                .await
+                .unwrap();
+            statuses.push(resp.status().as_u16());
+        }
+        by_key.push(statuses);
+    }
+    for statuses in by_key {
+        assert_eq!(statuses, vec![200, 200, 429, 429]);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_whose_body_was_sent_is_retried_only_if_idempotent() {
+    let (a, b) = (Backend::start("a").await, Backend::start("b").await);
+    a.state.drop_after_body.store(true, SeqCst);
+    b.state.drop_after_body.store(true, SeqCst);
+    let gw = Gateway::start(&format!(
+        "upstreams:\n  u: {{ retries: 1, backends: [{}, {}] }}\nroutes:\n  - {{ match: {{ prefix: / }}, upstream: u }}\n",
+        a.addr, b.addr
+    ));
+    let c = client();
+    let resp = c
+        .post(gw.url("/order"))
+        .body("charge the card once")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 502);
+    assert_eq!(a.hits() + b.hits(), 1, "a POST was sent twice");
+
+    let resp = c
+        .put(gw.url("/doc"))
+        .body("idempotent")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 502);
+    assert_eq!(
+        a.hits() + b.hits(),
+        3,
+        "the PUT was not retried on the other backend"
+    );
+}
