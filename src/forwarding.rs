@@ -138,6 +138,26 @@ pub fn mirror_request(
     Ok(())
 }
 
+/// Shapes a broadcast copy: the client's request as received, forwarding headers, minus
+/// the route's `redact_headers`, with the request id and a `Content-Length` for the body
+/// that was read in full.
+pub fn broadcast_request(
+    req: &mut RequestHeader,
+    route: &RouteConfig,
+    client: Option<IpAddr>,
+    request_id: &str,
+    body_len: usize,
+) -> Result<()> {
+    forwarded(req, client)?;
+    for name in &route.redact_headers {
+        req.remove_header(name);
+    }
+    req.remove_header(&header::TRANSFER_ENCODING);
+    req.insert_header(header::CONTENT_LENGTH, body_len.to_string())?;
+    req.insert_header(request_id::HEADER, request_id)?;
+    Ok(())
+}
+
 /// Shapes the answer that goes back to the client.
 pub fn response(
     resp: &mut ResponseHeader,

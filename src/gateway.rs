@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::access_log::AccessLogger;
+use crate::broadcast::{self, Queues, Target};
 use crate::config::{AccessLog, Config, RouteConfig, RouteKind, UpstreamId};
 use crate::metrics::{Metrics, RouteMetrics};
 use crate::mirror::Mirror;
@@ -21,6 +22,8 @@ pub struct Route {
     pub mirrors: Vec<Arc<Mirror>>,
     pub rate_limiter: Option<RateLimiter>,
     pub rate_limited: IntCounter,
+    /// The delivery targets of a broadcast route.
+    pub targets: Vec<Arc<Target>>,
 }
 
 impl Route {
@@ -53,6 +56,8 @@ pub struct Gateway {
     /// Whether requests that matched no route are logged.
     pub default_access_log: AccessLog,
     pub access_log: AccessLogger,
+    /// Broadcast queues' receiving ends, until the delivery service takes them.
+    pub broadcast_queues: std::sync::Mutex<Queues>,
     pub started: Instant,
 }
 
@@ -65,6 +70,7 @@ impl Gateway {
             .iter()
             .map(|u| Arc::new(Upstream::new(u, &metrics)))
             .collect();
+        let mut queues = Queues::new();
         let routes: Vec<Route> = config
             .routes
             .iter()
@@ -72,6 +78,14 @@ impl Gateway {
                 metrics: RouteMetrics::new(&r.label),
                 rate_limiter: r.rate_limit.as_ref().map(RateLimiter::new),
                 rate_limited: metrics.rate_limited.with_label_values(&[&r.label]),
+                targets: match &r.kind {
+                    RouteKind::Broadcast { targets } => {
+                        let ups: Vec<Arc<Upstream>> =
+                            targets.iter().map(|&t| Arc::clone(&upstreams[t])).collect();
+                        broadcast::targets(&r.label, &ups, &metrics, &mut queues)
+                    }
+                    RouteKind::Proxy { .. } => Vec::new(),
+                },
                 mirrors: r
                     .mirrors
                     .iter()
@@ -91,6 +105,7 @@ impl Gateway {
             unrouted: RouteMetrics::new("none"),
             default_access_log: config.default_access_log,
             access_log: AccessLogger::new(metrics.access_log_dropped.clone()),
+            broadcast_queues: std::sync::Mutex::new(queues),
             metrics,
             started: Instant::now(),
         })
@@ -104,9 +119,6 @@ fn warn_inactive(config: &Config) {
         let mut inactive = Vec::new();
         if matches!(&r.kind, RouteKind::Proxy { fallback, .. } if !fallback.is_empty()) {
             inactive.push("fallback");
-        }
-        if matches!(r.kind, RouteKind::Broadcast { .. }) {
-            inactive.push("broadcast (answers 501)");
         }
         if !inactive.is_empty() {
             log::warn!(

@@ -3,6 +3,7 @@
 
 pub mod access_log;
 pub mod admin;
+pub mod broadcast;
 pub mod cli;
 pub mod config;
 pub mod demo;

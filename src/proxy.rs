@@ -29,6 +29,7 @@ use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::{FailToProxy, ProxyHttp, Session};
 
 use crate::access_log::Record;
+use crate::broadcast::Delivery;
 use crate::config::{AccessLog, Balance, RouteId, RouteKind, UpstreamId};
 use crate::forwarding;
 use crate::gateway::{Gateway, Route};
@@ -116,6 +117,16 @@ fn request_host(req: &RequestHeader) -> Option<&str> {
         .or_else(|| req.uri.host())
 }
 
+/// What becomes of a client request once admitted or refused.
+enum Verdict {
+    /// Proxy it (its mirror copies, if any, are started).
+    Proxy,
+    /// A broadcast route: read the body, answer 202, deliver in the background.
+    Broadcast,
+    /// Refused or answered by the gateway itself.
+    Answer(Answer),
+}
+
 /// An answer the gateway gives itself instead of proxying.
 struct Answer {
     status: u16,
@@ -147,9 +158,51 @@ impl Answer {
 
 impl FanoutProxy {
     /// Routes a client request and applies every check that may refuse it, in order:
-    /// framing (400), route (404/405), declared body size (413), rate limit (429). `None`:
-    /// proxy it (after starting its mirror copies).
-    fn admit(&self, session: &Session, ctx: &mut RequestCtx) -> Option<Answer> {
+    /// framing (400), route (404/405), declared body size (413), rate limit (429).
+    /// A broadcast route: reads the body within the limit, queues one delivery for every
+    /// target, and answers 202 at once.
+    async fn broadcast(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        let Some(route) = ctx.route.map(|id| &self.gw.routes[id]) else {
+            return Ok(false);
+        };
+        let limit = route.config.max_body_bytes;
+        let mut body = bytes::BytesMut::new();
+        while let Some(chunk) = session.read_request_body().await? {
+            if (body.len() + chunk.len()) as u64 > limit {
+                let r = Refusal::TooLarge;
+                send_error(session, r.status(), r.message(), &ctx.request_id, &[], true).await?;
+                return Ok(true);
+            }
+            body.extend_from_slice(&chunk);
+        }
+        let body = body.freeze();
+        let mut header = session.req_header().clone();
+        forwarding::broadcast_request(
+            &mut header,
+            &route.config,
+            client_ip(session),
+            &ctx.request_id,
+            body.len(),
+        )?;
+        let delivery = Arc::new(Delivery { header, body });
+        for target in &route.targets {
+            target.offer(&delivery);
+        }
+        let answer =
+            serde_json::json!({ "request_id": ctx.request_id, "targets": route.targets.len() })
+                .to_string();
+        let mut resp = ResponseHeader::build(202, Some(3))?;
+        resp.insert_header("content-type", "application/json")?;
+        resp.insert_header("content-length", answer.len().to_string())?;
+        resp.insert_header(request_id::HEADER, ctx.request_id.as_str())?;
+        session.write_response_header(Box::new(resp), false).await?;
+        session
+            .write_response_body(Some(Bytes::from(answer)), true)
+            .await?;
+        Ok(true)
+    }
+
+    fn admit(&self, session: &Session, ctx: &mut RequestCtx) -> Verdict {
         let req = session.req_header();
         let raw_head = || {
             session
@@ -158,7 +211,7 @@ impl FanoutProxy {
                 .map(|h1| h1.get_headers_raw_bytes())
         };
         if let Err(r) = limits::check_framing(req, raw_head) {
-            return Some(Answer::refusal(r));
+            return Verdict::Answer(Answer::refusal(r));
         }
         let id = match self
             .gw
@@ -166,13 +219,13 @@ impl FanoutProxy {
             .lookup(request_host(req), req.uri.path(), &req.method)
         {
             RouteMatch::Found(id) => id,
-            RouteMatch::MethodNotAllowed => return Some(Answer::status(405)),
-            RouteMatch::NotFound => return Some(Answer::status(404)),
+            RouteMatch::MethodNotAllowed => return Verdict::Answer(Answer::status(405)),
+            RouteMatch::NotFound => return Verdict::Answer(Answer::status(404)),
         };
         ctx.route = Some(id);
         let route = &self.gw.routes[id];
         if let Err(r) = limits::check_length(req, route.config.max_body_bytes) {
-            return Some(Answer::refusal(r));
+            return Verdict::Answer(Answer::refusal(r));
         }
         if let Some(limiter) = &route.rate_limiter {
             let mut buf = [0u8; 16];
@@ -184,7 +237,7 @@ impl FanoutProxy {
                         .headers
                         .get(header::CONTENT_LENGTH)
                         .is_some_and(|v| v.as_bytes() != b"0");
-                return Some(Answer {
+                return Verdict::Answer(Answer {
                     status: 429,
                     message: respond::reason(429),
                     headers: vec![
@@ -201,10 +254,9 @@ impl FanoutProxy {
                 if !route.mirrors.is_empty() {
                     ctx.copies = Copies::start(session, id, &route.mirrors, &ctx.request_id);
                 }
-                None
+                Verdict::Proxy
             }
-            // Broadcast delivery arrives with its own issue; say so rather than guess.
-            RouteKind::Broadcast { .. } => Some(Answer::status(501)),
+            RouteKind::Broadcast { .. } => Verdict::Broadcast,
         }
     }
 }
@@ -246,8 +298,9 @@ impl ProxyHttp for FanoutProxy {
         ctx.request_id =
             request_id::from_client(req.headers.get(request_id::HEADER).map(|v| v.as_bytes()));
         match self.admit(session, ctx) {
-            None => Ok(false),
-            Some(a) => {
+            Verdict::Proxy => Ok(false),
+            Verdict::Broadcast => self.broadcast(session, ctx).await,
+            Verdict::Answer(a) => {
                 send_error(
                     session,
                     a.status,

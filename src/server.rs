@@ -12,6 +12,7 @@ use pingora_core::services::listening::Service;
 use pingora_core::services::ServiceWithDependents;
 
 use crate::admin::AdminApp;
+use crate::broadcast::Deliverer;
 use crate::config::Config;
 use crate::gateway::Gateway;
 use crate::proxy::FanoutProxy;
@@ -63,6 +64,16 @@ pub fn build(
         "health checks",
         HealthChecker::new(gateway.upstreams.clone()),
     ));
+    let queues = std::mem::take(
+        &mut *gateway
+            .broadcast_queues
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()),
+    );
+    if !queues.is_empty() {
+        let deliverer = Deliverer::new(queues, &server.configuration);
+        server.add_service(background_service("broadcast delivery", deliverer));
+    }
     server.add_services(extra);
     Ok((server, gateway))
 }

@@ -1,0 +1,260 @@
+//! Broadcast routes (`broadcast: [a, b, ...]`): the gateway reads the request (body limit
+//! applies), answers `202 Accepted` with `{"request_id", "targets"}` at once, and delivers
+//! a copy to one backend of every listed upstream in the background.
+//!
+//! Each (route, target) pair has its own bounded queue — a full queue drops the delivery
+//! and counts it — and its own circuit breaker (5 consecutive failures open it for 10 s,
+//! doubling to 5 min), on top of the target upstream's own balancing, health checks and
+//! backend breakers. One body is shared by all targets. Deliveries go out through
+//! Pingora's HTTP connector and its keep-alive pool, a bounded number at once per target.
+//!
+//! Delivery runs as a Pingora background service: on a graceful stop or upgrade it keeps
+//! delivering what was accepted until the queues are empty or `grace_period_seconds`
+//! ends; what it had to give up is logged and counted as `dropped`.
+
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use pingora_core::connectors::http::Connector;
+use pingora_core::connectors::ConnectorOptions;
+use pingora_core::server::configuration::ServerConf;
+use pingora_core::server::ShutdownWatch;
+use pingora_core::services::background::BackgroundService;
+use pingora_http::RequestHeader;
+use prometheus::IntCounter;
+use tokio::sync::{mpsc, Notify, Semaphore};
+use tokio::task::JoinSet;
+
+use crate::config::BreakerConfig;
+use crate::metrics::Metrics;
+use crate::respond;
+use crate::upstream::breaker::Breaker;
+use crate::upstream::{Tried, Upstream};
+
+/// Deliveries that may wait per target before new ones are dropped.
+const QUEUE: usize = 1024;
+/// Deliveries in flight at once per target.
+const CONCURRENCY: usize = 64;
+
+/// One accepted request, shared by all its targets.
+pub struct Delivery {
+    pub header: RequestHeader,
+    pub body: Bytes,
+}
+
+/// One upstream of one broadcast route.
+pub struct Target {
+    upstream: Arc<Upstream>,
+    queue: mpsc::Sender<Arc<Delivery>>,
+    breaker: Breaker,
+    ok: IntCounter,
+    error: IntCounter,
+    dropped: IntCounter,
+}
+
+impl Target {
+    /// Queues a delivery without waiting; a full queue drops it (counted).
+    pub fn offer(&self, d: &Arc<Delivery>) {
+        if self.queue.try_send(Arc::clone(d)).is_err() {
+            self.dropped.inc();
+        }
+    }
+}
+
+/// The receiving ends of every target's queue, handed to the delivery service at start.
+pub type Queues = Vec<(Arc<Target>, mpsc::Receiver<Arc<Delivery>>)>;
+
+/// Builds the targets of one route, adding their queues' receiving ends to `queues`.
+pub fn targets(
+    route: &str,
+    upstreams: &[Arc<Upstream>],
+    metrics: &Metrics,
+    queues: &mut Queues,
+) -> Vec<Arc<Target>> {
+    let breaker = BreakerConfig {
+        failures: 5,
+        open: Duration::from_secs(10),
+        max_open: Duration::from_secs(300),
+    };
+    upstreams
+        .iter()
+        .map(|u| {
+            let (tx, rx) = mpsc::channel(QUEUE);
+            let count = |o: &str| {
+                metrics
+                    .broadcast_deliveries
+                    .with_label_values(&[route, u.name(), o])
+            };
+            let target = Arc::new(Target {
+                upstream: Arc::clone(u),
+                queue: tx,
+                breaker: Breaker::new(&breaker),
+                ok: count("ok"),
+                error: count("error"),
+                dropped: count("dropped"),
+            });
+            queues.push((Arc::clone(&target), rx));
+            target
+        })
+        .collect()
+}
+
+/// The background service that delivers broadcast copies.
+pub struct Deliverer {
+    queues: Mutex<Queues>,
+    options: ConnectorOptions,
+    grace: Duration,
+}
+
+impl Deliverer {
+    pub fn new(queues: Queues, conf: &ServerConf) -> Deliverer {
+        Deliverer {
+            queues: Mutex::new(queues),
+            options: ConnectorOptions::from_server_conf(conf),
+            grace: Duration::from_secs(conf.grace_period_seconds.unwrap_or(0)),
+        }
+    }
+}
+
+/// Tells the dispatchers to finish: drain what is queued, then stop.
+#[derive(Default)]
+struct Stop {
+    stopping: AtomicBool,
+    notify: Notify,
+}
+
+#[async_trait]
+impl BackgroundService for Deliverer {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let queues = std::mem::take(&mut *self.queues.lock().unwrap_or_else(|p| p.into_inner()));
+        if queues.is_empty() {
+            return;
+        }
+        let connector = Arc::new(Connector::new(Some(self.options.clone())));
+        let stop = Arc::new(Stop::default());
+        let mut dispatchers = JoinSet::new();
+        for (target, rx) in queues {
+            dispatchers.spawn(dispatch(
+                target,
+                rx,
+                Arc::clone(&connector),
+                Arc::clone(&stop),
+            ));
+        }
+        let _ = shutdown.changed().await;
+        stop.stopping.store(true, Relaxed);
+        stop.notify.notify_waiters();
+        let drained = tokio::time::timeout(self.grace, async {
+            while dispatchers.join_next().await.is_some() {}
+        })
+        .await;
+        if drained.is_err() {
+            dispatchers.abort_all();
+            log::warn!("broadcast: grace period over, giving up the deliveries still queued (counted as dropped)");
+        }
+    }
+}
+
+/// Delivers one target's queue, at most `CONCURRENCY` at once, until told to stop; then
+/// delivers what is still queued and returns. Whatever is left when the task is aborted is
+/// counted as dropped.
+async fn dispatch(
+    target: Arc<Target>,
+    mut rx: mpsc::Receiver<Arc<Delivery>>,
+    connector: Arc<Connector>,
+    stop: Arc<Stop>,
+) {
+    struct CountLeft<'a>(&'a Target, &'a mut mpsc::Receiver<Arc<Delivery>>);
+    impl Drop for CountLeft<'_> {
+        fn drop(&mut self) {
+            let left = self.1.len() as u64;
+            if left > 0 {
+                self.0.dropped.inc_by(left);
+                log::warn!(
+                    "broadcast to {}: {left} deliveries given up",
+                    self.0.upstream.name()
+                );
+            }
+        }
+    }
+    let guard = CountLeft(&target, &mut rx);
+    let slots = Arc::new(Semaphore::new(CONCURRENCY));
+    let mut inflight = JoinSet::new();
+    loop {
+        let Ok(slot) = Arc::clone(&slots).acquire_owned().await else {
+            break;
+        };
+        let next = if stop.stopping.load(Relaxed) {
+            guard.1.try_recv().ok()
+        } else {
+            tokio::select! {
+                d = guard.1.recv() => d,
+                _ = stop.notify.notified() => guard.1.try_recv().ok(),
+            }
+        };
+        let Some(delivery) = next else { break };
+        let (t, c) = (Arc::clone(&target), Arc::clone(&connector));
+        inflight.spawn(async move {
+            deliver(&t, &delivery, &c).await;
+            drop(slot);
+        });
+        while inflight.try_join_next().is_some() {}
+    }
+    while inflight.join_next().await.is_some() {}
+}
+
+/// Sends one copy to one backend of the target upstream and counts the outcome.
+async fn deliver(target: &Target, d: &Delivery, connector: &Connector) {
+    let now = Instant::now();
+    if target.breaker.admit(now).is_none() {
+        target.error.inc();
+        return;
+    }
+    let Some(mut lease) = target.upstream.select(b"", &Tried::default()) else {
+        target.error.inc();
+        target.breaker.report(false, now);
+        return;
+    };
+    let peer = lease.backend().peer();
+    let t = &target.upstream.config.timeouts;
+    let limit = t.connect + t.write + t.read;
+    let attempt = async {
+        let (mut session, _reused) = connector.get_http_session(&*peer).await?;
+        session.set_write_timeout(Some(t.write));
+        session.set_read_timeout(Some(t.read));
+        session
+            .write_request_header(Box::new(d.header.clone()))
+            .await?;
+        if !d.body.is_empty() {
+            session.write_request_body(d.body.clone(), true).await?;
+        }
+        session.finish_request_body().await?;
+        session.read_response_header().await?;
+        let status = session.response_header().map_or(0, |r| r.status.as_u16());
+        while session.read_response_body().await?.is_some() {}
+        connector
+            .release_http_session(session, &*peer, Some(t.idle))
+            .await;
+        Ok::<u16, Box<pingora_error::Error>>(status)
+    };
+    let result = tokio::time::timeout(limit, attempt).await;
+    let success = match result {
+        Ok(Ok(status)) => {
+            lease.answered(status);
+            status < 500
+        }
+        Ok(Err(e)) => {
+            lease.failed(respond::is_timeout(&e));
+            false
+        }
+        Err(_) => {
+            lease.failed(true);
+            false
+        }
+    };
+    if success { &target.ok } else { &target.error }.inc();
+    target.breaker.report(success, Instant::now());
+}

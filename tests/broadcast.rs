@@ -1,0 +1,153 @@
+//! Broadcast routes: 202 at once, every target gets every request with the same body, a
+//! dead target hurts no other, and 500 targets work.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+
+async fn broadcast_count(c: &reqwest::Client, gw: &Gateway, upstream: &str, outcome: &str) -> u64 {
+    let text = c
+        .get(gw.admin_url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let prefix = format!("fanout_broadcast_deliveries_total{{outcome=\"{outcome}\",route=\"events\",upstream=\"{upstream}\"}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(prefix.as_str()))
+        .map_or(0, |v| v.trim().parse().unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_202_at_once_and_delivers_everywhere() {
+    let (fast, slow) = (Backend::start("fast").await, Backend::start("slow").await);
+    slow.set_delay(500);
+    let dead = free_port();
+    let gw = Gateway::start(&format!(
+        "upstreams:\n  audit: {{ backends: [{}] }}\n  analytics: {{ backends: [{}] }}\n  gone: {{ backends: [127.0.0.1:{dead}] }}\n\
+         routes:\n  - name: events\n    match: {{ prefix: /events }}\n    broadcast: [audit, analytics, gone]\n",
+        fast.addr, slow.addr
+    ));
+    let c = client();
+    for i in 0..10 {
+        let body = format!("{{\"event\": {i}, \"pad\": \"{}\"}}", "x".repeat(i * 100));
+        let started = Instant::now();
+        let resp = c
+            .post(gw.url("/events/signup?src=web"))
+            .header("authorization", "Bearer secret")
+            .header("x-request-id", format!("ev-{i}"))
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        let took = started.elapsed();
+        assert_eq!(resp.status(), 202);
+        assert!(took < Duration::from_millis(100), "202 took {took:?}");
+        let v: serde_json::Value = resp.json().await.unwrap();
+        assert_eq!(v["request_id"], format!("ev-{i}"));
+        assert_eq!(v["targets"], 3);
+    }
+    eventually(Duration::from_secs(15), "every delivery", || async {
+        fast.hits() == 10 && slow.hits() == 10
+    })
+    .await;
+    for b in [&fast, &slow] {
+        let mut seen = b.seen();
+        seen.sort_by_key(|s| s.headers["x-request-id"].to_str().unwrap().to_string());
+        for s in &seen {
+            let i: usize = s.headers["x-request-id"].to_str().unwrap()[3..]
+                .parse()
+                .unwrap();
+            assert_eq!(
+                s.body,
+                format!("{{\"event\": {i}, \"pad\": \"{}\"}}", "x".repeat(i * 100)).as_bytes()
+            );
+            assert_eq!(
+                (s.method.as_str(), s.path.as_str()),
+                ("POST", "/events/signup?src=web")
+            );
+            assert!(
+                s.headers.get("authorization").is_none(),
+                "authorization reached a target"
+            );
+        }
+    }
+    assert_eq!(broadcast_count(&c, &gw, "audit", "ok").await, 10);
+    eventually(Duration::from_secs(5), "slow target counted", || async {
+        broadcast_count(&c, &gw, "analytics", "ok").await == 10
+    })
+    .await;
+    eventually(Duration::from_secs(5), "dead target counted", || async {
+        broadcast_count(&c, &gw, "gone", "error").await == 10
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_hundred_targets_each_get_every_request() {
+    let mut backends = Vec::new();
+    for i in 0..50 {
+        backends.push(Backend::start(&format!("b{i}")).await);
+    }
+    let mut upstreams = String::from("upstreams:\n");
+    let mut names = Vec::new();
+    for t in 0..500 {
+        upstreams.push_str(&format!(
+            "  t{t}: {{ backends: [{}] }}\n",
+            backends[t % 50].addr
+        ));
+        names.push(format!("t{t}"));
+    }
+    let gw = Gateway::start(&format!(
+        "{upstreams}routes:\n  - name: events\n    match: {{ prefix: / }}\n    broadcast: [{}]\n",
+        names.join(", ")
+    ));
+    let c = client();
+    for i in 0..4 {
+        let resp = c
+            .post(gw.url("/fan"))
+            .body(format!("payload {i}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 202);
+        let v: serde_json::Value = resp.json().await.unwrap();
+        assert_eq!(v["targets"], 500);
+    }
+    // 4 requests × 500 targets, spread 10 targets per backend: 40 deliveries each.
+    eventually(Duration::from_secs(20), "2000 deliveries", || async {
+        backends.iter().all(|b| b.hits() == 40)
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broadcast_bodies_respect_the_limit() {
+    let b = Backend::start("b").await;
+    let gw = Gateway::start(&format!(
+        "upstreams:\n  t: {{ backends: [{}] }}\nroutes:\n  - {{ match: {{ prefix: / }}, broadcast: [t], max_body_bytes: 1KiB }}\n",
+        b.addr
+    ));
+    let c = client();
+    assert_eq!(
+        c.post(gw.url("/e"))
+            .body(vec![b'x'; 2048])
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        413
+    );
+    let (answer, closed) = raw(
+        gw.port,
+        format!("POST /e HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n800\r\n{}\r\n0\r\n\r\n", "y".repeat(2048)).as_bytes(),
+    );
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    assert!(closed);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(b.hits(), 0);
+}
