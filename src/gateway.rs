@@ -51,8 +51,8 @@ pub struct Gateway {
     pub metrics: Metrics,
     /// Metric handles for requests that matched no route.
     pub unrouted: RouteMetrics,
-    /// Whether any route mirrors (requests may then spawn subrequests).
-    pub has_mirrors: bool,
+    /// Whether any route mirrors or falls back (its requests then spawn subrequests).
+    pub spawns_copies: bool,
     /// Whether requests that matched no route are logged.
     pub default_access_log: AccessLog,
     pub access_log: AccessLogger,
@@ -63,7 +63,6 @@ pub struct Gateway {
 
 impl Gateway {
     pub fn new(config: &Config) -> prometheus::Result<Gateway> {
-        warn_inactive(config);
         let metrics = Metrics::new()?;
         let upstreams: Vec<Arc<Upstream>> = config
             .upstreams
@@ -99,7 +98,9 @@ impl Gateway {
             .collect();
         Ok(Gateway {
             router: Router::new(&config.routes),
-            has_mirrors: routes.iter().any(|r| !r.mirrors.is_empty()),
+            spawns_copies: routes.iter().any(|r| {
+                !r.mirrors.is_empty() || matches!(&r.config.kind, RouteKind::Proxy { fallback, .. } if !fallback.is_empty())
+            }),
             routes,
             upstreams,
             unrouted: RouteMetrics::new("none"),
@@ -109,23 +110,5 @@ impl Gateway {
             metrics,
             started: Instant::now(),
         })
-    }
-}
-
-/// Keys the file accepts whose behaviour has not landed yet: said once at start-up, so an
-/// operator is never misled into thinking they are in force.
-fn warn_inactive(config: &Config) {
-    for r in &config.routes {
-        let mut inactive = Vec::new();
-        if matches!(&r.kind, RouteKind::Proxy { fallback, .. } if !fallback.is_empty()) {
-            inactive.push("fallback");
-        }
-        if !inactive.is_empty() {
-            log::warn!(
-                "route {}: not active in this version: {}",
-                r.label,
-                inactive.join(", ")
-            );
-        }
     }
 }

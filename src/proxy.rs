@@ -20,6 +20,8 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
+use tokio::sync::mpsc;
+
 use async_trait::async_trait;
 use bytes::Bytes;
 use http::header;
@@ -35,7 +37,7 @@ use crate::forwarding;
 use crate::gateway::{Gateway, Route};
 use crate::keys::{self, client_ip};
 use crate::limits::{self, BodyCounter, Refusal};
-use crate::mirror::{self, Copies, CopyTicket};
+use crate::mirror::{self, Captured, Copies, CopyKind, CopyTicket};
 use crate::ratelimit::Decision;
 use crate::request_id;
 use crate::respond::{self, send_error};
@@ -58,7 +60,7 @@ impl FanoutProxy {
     /// The upstream this request goes to: the mirror's for a copy, else the route's.
     fn target(&self, ctx: &RequestCtx) -> Option<UpstreamId> {
         match &ctx.copy {
-            Some(ticket) => Some(ticket.mirror.upstream()),
+            Some(ticket) => Some(ticket.upstream()),
             None => self.route(ctx).and_then(Route::upstream),
         }
     }
@@ -98,8 +100,14 @@ pub struct RequestCtx {
     refused: Option<Refusal>,
     /// Set when this request is a mirror copy.
     copy: Option<CopyTicket>,
-    /// The mirror copies of this (primary) request.
+    /// The mirror and fallback copies of this (primary) request.
     copies: Copies,
+    /// Answers of the fallback copies, one per copy (`None`: that fallback failed).
+    fallbacks: Option<(mpsc::UnboundedReceiver<Option<Captured>>, usize)>,
+    /// The primary upstream answered 5xx on a route with fallbacks.
+    primary_failed: bool,
+    /// The upstream whose answer the client got, on a route with fallbacks.
+    answered_by: Option<UpstreamId>,
 }
 
 /// Reports a failed attempt to its backend (outcome counters, circuit breaker), when the
@@ -116,6 +124,9 @@ fn request_host(req: &RequestHeader) -> Option<&str> {
         .and_then(|v| v.to_str().ok())
         .or_else(|| req.uri.host())
 }
+
+/// The response header naming the upstream that answered, on routes with fallbacks.
+const FANOUT_UPSTREAM: &str = "x-fanout-upstream";
 
 /// What becomes of a client request once admitted or refused.
 enum Verdict {
@@ -159,6 +170,68 @@ impl Answer {
 impl FanoutProxy {
     /// Routes a client request and applies every check that may refuse it, in order:
     /// framing (400), route (404/405), declared body size (413), rate limit (429).
+    /// The primary failed on a route with fallbacks: makes sure the fallback copies have
+    /// the whole body (the primary may have failed before reading it), then sends the first
+    /// successful fallback answer. `Ok(None)`: every fallback failed too.
+    async fn fallback_answer(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+    ) -> Result<Option<u16>> {
+        let limit = ctx
+            .route
+            .map_or(u64::MAX, |id| self.gw.routes[id].config.max_body_bytes);
+        while !session.as_downstream_mut().is_body_done() {
+            match session.read_request_body().await {
+                Ok(Some(chunk)) if ctx.body.add(chunk.len(), limit).is_ok() => {
+                    ctx.copies.feed(Some(&chunk), false)
+                }
+                Ok(None) => ctx.copies.feed(None, true),
+                _ => break,
+            }
+        }
+        let Some((answers, pending)) = ctx.fallbacks.as_mut() else {
+            return Ok(None);
+        };
+        let mut chosen = None;
+        for _ in 0..*pending {
+            match answers.recv().await {
+                Some(Some(c)) if !c.header.status.is_server_error() => {
+                    chosen = Some(c);
+                    break;
+                }
+                Some(_) => continue,
+                None => break,
+            }
+        }
+        let Some(Captured {
+            upstream,
+            mut header,
+            body,
+        }) = chosen
+        else {
+            return Ok(None);
+        };
+        ctx.answered_by = Some(upstream);
+        let status = header.status.as_u16();
+        forwarding::response(
+            &mut header,
+            self.route(ctx).map(|r| &r.config),
+            &ctx.request_id,
+        )?;
+        header.remove_header(&header::TRANSFER_ENCODING);
+        header.insert_header(header::CONTENT_LENGTH, body.len().to_string())?;
+        header.insert_header(FANOUT_UPSTREAM, self.gw.upstreams[upstream].name())?;
+        session.as_downstream_mut().set_keepalive(None);
+        session
+            .write_response_header(Box::new(header), body.is_empty())
+            .await?;
+        if !body.is_empty() {
+            session.write_response_body(Some(body), true).await?;
+        }
+        Ok(Some(status))
+    }
+
     /// A broadcast route: reads the body within the limit, queues one delivery for every
     /// target, and answers 202 at once.
     async fn broadcast(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
@@ -249,10 +322,31 @@ impl FanoutProxy {
                 });
             }
         }
-        match route.config.kind {
-            RouteKind::Proxy { .. } => {
+        match &route.config.kind {
+            RouteKind::Proxy {
+                fallback,
+                fallback_max_body,
+                ..
+            } => {
                 if !route.mirrors.is_empty() {
                     ctx.copies = Copies::start(session, id, &route.mirrors, &ctx.request_id);
+                }
+                if !fallback.is_empty() {
+                    let limits: Vec<(UpstreamId, Duration)> = fallback
+                        .iter()
+                        .map(|&u| {
+                            let t = &self.gw.upstreams[u].config.timeouts;
+                            (u, t.connect + t.write + t.read)
+                        })
+                        .collect();
+                    let rx = ctx.copies.start_fallbacks(
+                        session,
+                        id,
+                        &limits,
+                        *fallback_max_body,
+                        &ctx.request_id,
+                    );
+                    ctx.fallbacks = Some((rx, limits.len()));
                 }
                 Verdict::Proxy
             }
@@ -278,12 +372,15 @@ impl ProxyHttp for FanoutProxy {
             refused: None,
             copy: None,
             copies: Copies::default(),
+            fallbacks: None,
+            primary_failed: false,
+            answered_by: None,
         }
     }
 
     fn allow_spawning_subrequest(&self, session: &Session, _ctx: &RequestCtx) -> bool {
-        // Only client requests on a gateway with mirrors spawn copies; copies never do.
-        self.gw.has_mirrors && session.subrequest_ctx.is_none()
+        // Only client requests on a gateway with mirrors or fallbacks spawn copies; copies never do.
+        self.gw.spawns_copies && session.subrequest_ctx.is_none()
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
@@ -379,9 +476,13 @@ impl ProxyHttp for FanoutProxy {
         ctx: &mut RequestCtx,
     ) -> Result<()> {
         let client = client_ip(session);
-        if let Some(ticket) = &ctx.copy {
-            let mirror = &ticket.mirror.config;
-            return forwarding::mirror_request(upstream_request, mirror, client, &ctx.request_id);
+        if let Some(CopyKind::Mirror(m)) = ctx.copy.as_ref().map(|t| &t.kind) {
+            return forwarding::mirror_request(
+                upstream_request,
+                &m.config,
+                client,
+                &ctx.request_id,
+            );
         }
         let route = self
             .route(ctx)
@@ -399,6 +500,14 @@ impl ProxyHttp for FanoutProxy {
         if let (Some(lease), false) = (ctx.lease.as_mut(), status.is_informational()) {
             lease.answered(status.as_u16());
         }
+        if status.is_server_error() && ctx.fallbacks.is_some() && ctx.copy.is_none() {
+            // The primary failed: its answer is not used; fail_to_proxy picks a fallback's.
+            ctx.primary_failed = true;
+            return Error::e_explain(
+                ErrorType::HTTPStatus(status.as_u16()),
+                "primary upstream answered 5xx",
+            );
+        }
         Ok(())
     }
 
@@ -410,6 +519,12 @@ impl ProxyHttp for FanoutProxy {
     ) -> Result<()> {
         if ctx.copy.is_some() {
             return Ok(());
+        }
+        if ctx.fallbacks.is_some() {
+            if let Some(u) = self.target(ctx) {
+                ctx.answered_by = Some(u);
+                upstream_response.insert_header(FANOUT_UPSTREAM, self.gw.upstreams[u].name())?;
+            }
         }
         forwarding::response(
             upstream_response,
@@ -440,8 +555,9 @@ impl ProxyHttp for FanoutProxy {
         _client_reused: bool,
     ) -> Box<Error> {
         let mut e = e.more_context(format!("Peer: {peer}"));
-        if ctx.refused.is_some() {
-            // The gateway cut the request off itself: not the backend's fault, no retry.
+        if ctx.refused.is_some() || ctx.primary_failed {
+            // The gateway cut the request off itself (body limit, or failing over to a
+            // fallback): not a reason to retry.
             e.set_retry(false);
             return e;
         }
@@ -460,12 +576,36 @@ impl ProxyHttp for FanoutProxy {
         e: &Error,
         ctx: &mut RequestCtx,
     ) -> FailToProxy {
-        let code = match ctx.refused {
+        let mut code = match ctx.refused {
             Some(refusal) => refusal.status(),
             None => respond::status_for(e),
         };
         // Only answer if no answer has started (or for a copy, whose answer is discarded).
-        if code > 0 && ctx.copy.is_none() && session.as_downstream().response_written().is_none() {
+        let can_answer =
+            code > 0 && ctx.copy.is_none() && session.as_downstream().response_written().is_none();
+        if can_answer && ctx.refused.is_none() && ctx.fallbacks.is_some() {
+            match self.fallback_answer(session, ctx).await {
+                Ok(Some(status)) => code = status,
+                Ok(None) => {
+                    code = 502;
+                    if let Err(write_error) = send_error(
+                        session,
+                        502,
+                        "every upstream failed",
+                        &ctx.request_id,
+                        &[],
+                        true,
+                    )
+                    .await
+                    {
+                        log::debug!("could not send the 502 answer: {write_error}");
+                    }
+                }
+                Err(write_error) => {
+                    log::debug!("could not send the fallback answer: {write_error}")
+                }
+            }
+        } else if can_answer {
             let message = ctx.refused.map_or(respond::reason(code), Refusal::message);
             if let Err(write_error) =
                 send_error(session, code, message, &ctx.request_id, &[], true).await
@@ -494,9 +634,9 @@ impl ProxyHttp for FanoutProxy {
             .map_or(0, |r| r.status.as_u16());
         if let Some(ticket) = &ctx.copy {
             // A copy counts as its mirror's outcome only: no route metrics, no log line.
-            ticket
-                .mirror
-                .count_answer(if e.is_some() { 0 } else { status });
+            if let CopyKind::Mirror(m) = &ticket.kind {
+                m.count_answer(if e.is_some() { 0 } else { status });
+            }
             return;
         }
         let route = self.route(ctx);
@@ -519,8 +659,9 @@ impl ProxyHttp for FanoutProxy {
                 path: req.uri.path().to_string(),
                 status,
                 route: route.map(|r| Arc::clone(r.metrics.label())),
-                upstream: route
-                    .and_then(Route::upstream)
+                upstream: ctx
+                    .answered_by
+                    .or_else(|| route.and_then(Route::upstream))
                     .map(|u| Arc::clone(&self.gw.upstreams[u].name)),
                 backend: ctx.backend.take(),
                 duration_ms: millis(elapsed),
