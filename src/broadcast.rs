@@ -38,6 +38,9 @@ use crate::upstream::{Tried, Upstream};
 const QUEUE: usize = 1024;
 /// Deliveries in flight at once per target.
 const CONCURRENCY: usize = 64;
+/// Deliveries in flight at once in all, so hundreds of targets cannot exhaust the
+/// process's sockets.
+const TOTAL_CONCURRENCY: usize = 1024;
 
 /// One accepted request, shared by all its targets.
 pub struct Delivery {
@@ -55,13 +58,27 @@ pub struct Target {
     dropped: IntCounter,
 }
 
-impl Target {
-    /// Queues a delivery without waiting; a full queue drops it (counted).
-    pub fn offer(&self, d: &Arc<Delivery>) {
-        if self.queue.try_send(Arc::clone(d)).is_err() {
-            self.dropped.inc();
+impl Target {}
+
+/// Queues one accepted request for every target, without waiting. `None`: no target had
+/// room, so nothing was accepted (the client is told to retry). Otherwise the number of
+/// targets it was queued for; the targets whose queue was full count it as dropped.
+pub fn offer(targets: &[Arc<Target>], d: &Arc<Delivery>) -> Option<usize> {
+    let slots: Vec<_> = targets.iter().map(|t| t.queue.try_reserve().ok()).collect();
+    if slots.iter().all(Option::is_none) {
+        return None;
+    }
+    let mut queued = 0;
+    for (target, slot) in targets.iter().zip(slots) {
+        match slot {
+            Some(slot) => {
+                slot.send(Arc::clone(d));
+                queued += 1;
+            }
+            None => target.dropped.inc(),
         }
     }
+    Some(queued)
 }
 
 /// The receiving ends of every target's queue, handed to the delivery service at start.
@@ -135,14 +152,15 @@ impl BackgroundService for Deliverer {
         }
         let connector = Arc::new(Connector::new(Some(self.options.clone())));
         let stop = Arc::new(Stop::default());
+        let total = Arc::new(Semaphore::new(TOTAL_CONCURRENCY));
         let mut dispatchers = JoinSet::new();
         for (target, rx) in queues {
-            dispatchers.spawn(dispatch(
-                target,
-                rx,
+            let shared = (
                 Arc::clone(&connector),
                 Arc::clone(&stop),
-            ));
+                Arc::clone(&total),
+            );
+            dispatchers.spawn(dispatch(target, rx, shared));
         }
         let _ = shutdown.changed().await;
         stop.stopping.store(true, Relaxed);
@@ -164,8 +182,7 @@ impl BackgroundService for Deliverer {
 async fn dispatch(
     target: Arc<Target>,
     mut rx: mpsc::Receiver<Arc<Delivery>>,
-    connector: Arc<Connector>,
-    stop: Arc<Stop>,
+    (connector, stop, total): (Arc<Connector>, Arc<Stop>, Arc<Semaphore>),
 ) {
     struct CountLeft<'a>(&'a Target, &'a mut mpsc::Receiver<Arc<Delivery>>);
     impl Drop for CountLeft<'_> {
@@ -187,6 +204,9 @@ async fn dispatch(
         let Ok(slot) = Arc::clone(&slots).acquire_owned().await else {
             break;
         };
+        let Ok(global) = Arc::clone(&total).acquire_owned().await else {
+            break;
+        };
         let next = if stop.stopping.load(Relaxed) {
             guard.1.try_recv().ok()
         } else {
@@ -199,7 +219,7 @@ async fn dispatch(
         let (t, c) = (Arc::clone(&target), Arc::clone(&connector));
         inflight.spawn(async move {
             deliver(&t, &delivery, &c).await;
-            drop(slot);
+            drop((slot, global));
         });
         while inflight.try_join_next().is_some() {}
     }

@@ -31,7 +31,7 @@ use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::{FailToProxy, ProxyHttp, Session};
 
 use crate::access_log::Record;
-use crate::broadcast::Delivery;
+use crate::broadcast::{self, Delivery};
 use crate::config::{AccessLog, Balance, RouteId, RouteKind, UpstreamId};
 use crate::forwarding;
 use crate::gateway::{Gateway, Route};
@@ -258,8 +258,19 @@ impl FanoutProxy {
             body.len(),
         )?;
         let delivery = Arc::new(Delivery { header, body });
-        for target in &route.targets {
-            target.offer(&delivery);
+        if broadcast::offer(&route.targets, &delivery).is_none() {
+            // Every queue is full: push back rather than accept what cannot be delivered.
+            let retry = [("retry-after", "1".to_string())];
+            send_error(
+                session,
+                503,
+                "broadcast queues are full",
+                &ctx.request_id,
+                &retry,
+                false,
+            )
+            .await?;
+            return Ok(true);
         }
         let answer =
             serde_json::json!({ "request_id": ctx.request_id, "targets": route.targets.len() })
