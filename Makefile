@@ -6,7 +6,7 @@
 CARGO ?= cargo
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test deps build lint fmt bench check-conf
+.PHONY: run test deps build lint fmt bench check-conf upgrade-demo verify-unit
 
 deps:
 	@command -v cargo >/dev/null || { echo "cargo is missing: install Rust with rustup first" >&2; exit 1; }
@@ -33,3 +33,9 @@ check-conf: build
 
 bench: build
 	bench/run.sh
+
+upgrade-demo: build
+	bench/upgrade.sh
+
+verify-unit: build
+	systemd/verify.sh

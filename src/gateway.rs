@@ -9,6 +9,7 @@ use std::time::Instant;
 use crate::access_log::AccessLogger;
 use crate::broadcast::{self, Queues, Target};
 use crate::config::{AccessLog, Config, RouteConfig, RouteKind, UpstreamId};
+use crate::lifecycle::Draining;
 use crate::metrics::{Metrics, RouteMetrics};
 use crate::mirror::Mirror;
 use crate::ratelimit::RateLimiter;
@@ -56,6 +57,8 @@ pub struct Gateway {
     /// Whether requests that matched no route are logged.
     pub default_access_log: AccessLog,
     pub access_log: AccessLogger,
+    /// Set on SIGQUIT/SIGTERM: answers close their connections from then on.
+    pub draining: Arc<Draining>,
     /// Broadcast queues' receiving ends, until the delivery service takes them.
     pub broadcast_queues: std::sync::Mutex<Queues>,
     pub started: Instant,
@@ -107,6 +110,7 @@ impl Gateway {
             default_access_log: config.default_access_log,
             access_log: AccessLogger::new(metrics.access_log_dropped.clone()),
             broadcast_queues: std::sync::Mutex::new(queues),
+            draining: Arc::default(),
             metrics,
             started: Instant::now(),
         })

@@ -10,6 +10,7 @@ pub mod demo;
 pub mod forwarding;
 pub mod gateway;
 pub mod keys;
+pub mod lifecycle;
 pub mod limits;
 pub mod metrics;
 pub mod mirror;

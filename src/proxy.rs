@@ -279,6 +279,10 @@ impl FanoutProxy {
         resp.insert_header("content-type", "application/json")?;
         resp.insert_header("content-length", answer.len().to_string())?;
         resp.insert_header(request_id::HEADER, ctx.request_id.as_str())?;
+        if self.gw.draining.is_set() {
+            session.as_downstream_mut().set_keepalive(None);
+            resp.insert_header(header::CONNECTION, "close")?;
+        }
         session.write_response_header(Box::new(resp), false).await?;
         session
             .write_response_body(Some(Bytes::from(answer)), true)
@@ -415,7 +419,7 @@ impl ProxyHttp for FanoutProxy {
                     a.message,
                     &ctx.request_id,
                     &a.headers,
-                    a.close,
+                    a.close || self.gw.draining.is_set(),
                 )
                 .await?;
                 Ok(true)
@@ -524,7 +528,7 @@ impl ProxyHttp for FanoutProxy {
 
     async fn response_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         upstream_response: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
@@ -536,6 +540,12 @@ impl ProxyHttp for FanoutProxy {
                 ctx.answered_by = Some(u);
                 upstream_response.insert_header(FANOUT_UPSTREAM, self.gw.upstreams[u].name())?;
             }
+        }
+        if self.gw.draining.is_set() || session.is_process_shutting_down() {
+            // Stopping or handing over to a new process: close each client connection after
+            // its current answer, so the client reconnects to the process that goes on.
+            session.as_downstream_mut().set_keepalive(None);
+            upstream_response.insert_header(header::CONNECTION, "close")?;
         }
         forwarding::response(
             upstream_response,

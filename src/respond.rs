@@ -75,7 +75,7 @@ pub async fn send_error(
     for (name, value) in extra {
         resp.insert_header(*name, value.as_str())?;
     }
-    if close {
+    if close || session.is_process_shutting_down() {
         session.as_downstream_mut().set_keepalive(None);
         resp.insert_header("connection", "close")?;
     }

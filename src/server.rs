@@ -15,6 +15,7 @@ use crate::admin::AdminApp;
 use crate::broadcast::Deliverer;
 use crate::config::Config;
 use crate::gateway::Gateway;
+use crate::lifecycle::SignalWatch;
 use crate::proxy::FanoutProxy;
 use crate::upstream::health::HealthChecker;
 
@@ -60,6 +61,10 @@ pub fn build(
         admin.add_tcp(&addr.to_string());
         server.add_service(admin);
     }
+    server.add_service(background_service(
+        "signal watch",
+        SignalWatch::new(Arc::clone(&gateway.draining)),
+    ));
     server.add_service(background_service(
         "health checks",
         HealthChecker::new(gateway.upstreams.clone()),

@@ -211,7 +211,7 @@ impl Gateway {
     pub fn start(body: &str) -> Gateway {
         let (port, admin_port, dir) = (free_port(), free_port(), scratch_dir());
         let yaml = format!(
-            "server:\n  threads: 2\n  grace_period_seconds: 0\n  graceful_shutdown_timeout_seconds: 1\n  \
+            "server:\n  threads: 2\n  grace_period_seconds: 2\n  graceful_shutdown_timeout_seconds: 1\n  \
              pid_file: {d}/fanout.pid\n  upgrade_sock: {d}/upgrade.sock\n\
              listen: [\"127.0.0.1:{port}\"]\nadmin: 127.0.0.1:{admin_port}\n{body}",
             d = dir.display()
@@ -266,6 +266,24 @@ impl Gateway {
                 );
                 std::thread::sleep(Duration::from_millis(20));
             }
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Whether the process has exited (reaping it), waiting at most `limit`.
+    pub fn exited_within(&mut self, limit: Duration) -> bool {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return true;
+            }
+            if Instant::now() > deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
         }
     }
 
