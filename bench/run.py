@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
-"""Runs wrk against fanout, nginx (proxy_pass, upstream keepalive) and HAProxy
-(http-reuse always) in alternating rounds (A B C A B C ...) over the same nginx backends,
-and prints a Markdown table of median req/s, p50, p99, errors and fanout's ratios.
+"""Runs wrk against fanout, nginx (proxy_pass, upstream keepalive), HAProxy (http-reuse
+always) and a plain Pingora load balancer (examples/plain_pingora.rs) in alternating rounds
+(A B C D A B C D ...) over the same nginx backends, and prints a Markdown table of median
+req/s, p50, p99, errors and fanout's ratios. Mirror scenarios compare fanout with nginx's
+`mirror` only.
 
 Every process listens on 127.0.0.1 only. Usage: bench/run.py [--duration S] [--rounds N]
 [--scenarios ka1,ka2,close,post64k,post1m,log]
@@ -20,7 +22,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(ROOT, "bench")
 FANOUT = os.path.join(ROOT, "target", "release", "fanout")
 BACKENDS = [19101, 19102]
-PORTS = {"fanout": 19001, "nginx": 19002, "haproxy": 19003}
+PORTS = {"fanout": 19001, "nginx": 19002, "haproxy": 19003, "pingora": 19004}
+PLAIN = os.path.join(ROOT, "target", "release", "examples", "plain_pingora")
 # Mirror targets: another port of the nginx backend, a 1 s asyncio server, nothing at all.
 MIRRORS = {"fast": 19103, "slow": 19104, "dead": 19105}
 
@@ -130,7 +133,8 @@ backend be
 
 def fanout_conf(tmp, workers, log, mirror):
     backends = ", ".join(f"127.0.0.1:{p}" for p in BACKENDS)
-    shadow = f"  shadow: {{ backends: [127.0.0.1:{MIRRORS[mirror]}] }}\n" if mirror else ""
+    shadow = (f"  shadow: {{ backends: [127.0.0.1:{MIRRORS[mirror]}], breaker: {{ failures: 5, open: 10s }} }}\n"
+              if mirror else "")
     mirror_route = ("    mirror: [{ upstream: shadow, percent: 100, max_inflight: 1024, timeout: 5s }]\n"
                     if mirror else "")
     return f"""server:
@@ -193,7 +197,7 @@ def peak_rss_mib(proc):
 
 def scenario(name, duration, rounds, tmp):
     desc, workers, conns, script, log, mirror = SCENARIOS[name]
-    targets = ["fanout", "nginx"] if mirror else ["fanout", "nginx", "haproxy"]
+    targets = ["fanout", "nginx"] if mirror else ["fanout", "nginx", "haproxy", "pingora"]
     procs = []
     try:
         for fname, text in [("backend.conf", backend_conf(tmp)), ("nginx.conf", nginx_conf(tmp, workers, log, mirror)),
@@ -206,6 +210,9 @@ def scenario(name, duration, rounds, tmp):
         procs.append(start(["nginx", "-c", f"{tmp}/nginx.conf"], "nginx", PORTS["nginx"], tmp))
         if not mirror:
             procs.append(start(["haproxy", "-f", f"{tmp}/haproxy.cfg"], "haproxy", PORTS["haproxy"], tmp))
+            os.environ["THREADS"] = str(workers)
+            procs.append(start([PLAIN, f"127.0.0.1:{PORTS['pingora']}"] + [f"127.0.0.1:{p}" for p in BACKENDS],
+                               "pingora", PORTS["pingora"], tmp))
         if mirror == "slow":
             procs.append(start([sys.executable, os.path.join(BENCH, "slow_backend.py"), str(MIRRORS["slow"]), "1"],
                                "slow", MIRRORS["slow"], tmp))
@@ -234,7 +241,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--duration", type=int, default=10)
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--scenarios", default="ka1,ka2,close,post64k,post1m,log")
+    ap.add_argument("--scenarios", default=",".join(SCENARIOS))
     args = ap.parse_args()
     if not os.path.exists(FANOUT):
         sys.exit("build fanout first: make build")
@@ -242,8 +249,8 @@ def main():
     cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
     print(f"# {time.strftime('%Y-%m-%d')}, nproc {os.cpu_count()}, {cpu}")
     print(f"# bench/run.py --duration {args.duration} --rounds {args.rounds} --scenarios {args.scenarios}")
-    print("| scenario | proxy | req/s (median) | p50 ms | p99 ms | errors | vs nginx | vs HAProxy |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| scenario | proxy | req/s (median) | p50 ms | p99 ms | errors | vs nginx | vs HAProxy | vs plain Pingora |")
+    print("|---|---|---|---|---|---|---|---|---|")
     try:
         for name in args.scenarios.split(","):
             desc, results, rss = scenario(name, args.duration, args.rounds, tmp)
@@ -255,7 +262,7 @@ def main():
                                        if t == "fanout" and other in med else "")
                 label = f"{desc} (fanout peak RSS {rss:.0f} MiB)" if t == "fanout" else ""
                 print(f"| {label} | {t} | {med[t]['rps']:.0f} | {med[t]['p50']:.2f} | "
-                      f"{med[t]['p99']:.2f} | {errors} | {ratio('nginx')} | {ratio('haproxy')} |", flush=True)
+                      f"{med[t]['p99']:.2f} | {errors} | {ratio('nginx')} | {ratio('haproxy')} | {ratio('pingora')} |", flush=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -46,14 +46,7 @@ async fn admin_endpoints_report_the_gateway() {
         assert!(text.contains(needle), "missing {needle} in\n{text}");
     }
 
-    let status: serde_json::Value = c
-        .get(gw.admin_url("/status"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let status: serde_json::Value = status_json(&c, &gw).await;
     assert_eq!(status["totals"]["requests"], 5);
     assert_eq!(status["totals"]["responses"], 5);
     assert_eq!(status["totals"]["errors"], 1);

@@ -114,14 +114,7 @@ async fn least_conn_favours_the_fast_backend() {
         slow.hits()
     );
     // Every in-flight slot was released.
-    let status: serde_json::Value = c
-        .get(gw.admin_url("/status"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let status: serde_json::Value = status_json(&c, &gw).await;
     for b in status["upstreams"][0]["backends"].as_array().unwrap() {
         assert_eq!(b["inflight"], 0, "{b}");
     }

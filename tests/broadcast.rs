@@ -8,18 +8,8 @@ use std::time::{Duration, Instant};
 use common::*;
 
 async fn broadcast_count(c: &reqwest::Client, gw: &Gateway, upstream: &str, outcome: &str) -> u64 {
-    let text = c
-        .get(gw.admin_url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let prefix = format!("fanout_broadcast_deliveries_total{{outcome=\"{outcome}\",route=\"events\",upstream=\"{upstream}\"}} ");
-    text.lines()
-        .find_map(|l| l.strip_prefix(prefix.as_str()))
-        .map_or(0, |v| v.trim().parse().unwrap())
+    let series = format!("fanout_broadcast_deliveries_total{{outcome=\"{outcome}\",route=\"events\",upstream=\"{upstream}\"}}");
+    metric(c, gw, &series).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

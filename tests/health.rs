@@ -28,14 +28,7 @@ async fn failing_backend_leaves_and_returns() {
     b.set_healthy(false);
     // Within interval × unhealthy_after (plus a probe's time), b is out; clients see no error.
     eventually(Duration::from_secs(5), "b marked unhealthy", || async {
-        let s: serde_json::Value = c
-            .get(gw.admin_url("/status"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let s: serde_json::Value = status_json(&c, &gw).await;
         s["upstreams"][0]["backends"][1]["healthy"] == false
     })
     .await;
@@ -68,14 +61,7 @@ async fn dead_backend_costs_clients_nothing() {
         Duration::from_secs(5),
         "dead backend marked unhealthy",
         || async {
-            let s: serde_json::Value = c
-                .get(gw.admin_url("/status"))
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
+            let s: serde_json::Value = status_json(&c, &gw).await;
             s["upstreams"][0]["backends"][1]["healthy"] == false
         },
     )

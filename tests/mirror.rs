@@ -18,20 +18,8 @@ fn conf(primary: &Backend, mirror: &str, options: &str) -> String {
 
 /// The value of one `fanout_mirror_requests_total` series.
 async fn mirror_count(c: &reqwest::Client, gw: &Gateway, outcome: &str) -> u64 {
-    let text = c
-        .get(gw.admin_url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let prefix = format!(
-        "fanout_mirror_requests_total{{outcome=\"{outcome}\",route=\"mirrored\",upstream=\"shadow\"}} "
-    );
-    text.lines()
-        .find_map(|l| l.strip_prefix(prefix.as_str()))
-        .map_or(0, |v| v.trim().parse().unwrap())
+    let series = format!("fanout_mirror_requests_total{{outcome=\"{outcome}\",route=\"mirrored\",upstream=\"shadow\"}}");
+    metric(c, gw, &series).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -87,14 +75,7 @@ async fn copies_carry_the_body_and_lose_redacted_headers() {
     })
     .await;
     // A copy is not a client request: totals and access log count one request.
-    let status: serde_json::Value = c
-        .get(gw.admin_url("/status"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let status: serde_json::Value = status_json(&c, &gw).await;
     assert_eq!(status["totals"]["requests"], 1);
 }
 
@@ -222,14 +203,7 @@ async fn copies_beyond_max_inflight_are_dropped_and_counted() {
     let c = client();
     all_primary(&c, &gw, 10).await;
     assert_eq!(mirror_count(&c, &gw, "dropped").await, 8);
-    let metrics = c
-        .get(gw.admin_url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics_text(&c, &gw).await;
     assert!(
         metrics.contains("fanout_mirror_inflight{route=\"mirrored\",upstream=\"shadow\"} 2"),
         "{metrics}"

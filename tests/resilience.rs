@@ -8,16 +8,6 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-async fn status_json(c: &reqwest::Client, gw: &Gateway) -> serde_json::Value {
-    c.get(gw.admin_url("/status"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_dead_backend_of_two_costs_no_request() {
     let live = Backend::start("live").await;
@@ -34,14 +24,7 @@ async fn one_dead_backend_of_two_costs_no_request() {
     assert_eq!(live.hits(), 100);
     let s = status_json(&c, &gw).await;
     assert_eq!(s["upstreams"][0]["backends"][0]["circuit"], "open");
-    let metrics = c
-        .get(gw.admin_url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics_text(&c, &gw).await;
     assert!(
         metrics.contains("fanout_upstream_retries_total{upstream=\"u\"} 5"),
         "{metrics}"
@@ -77,14 +60,7 @@ async fn circuit_opens_probes_doubles_and_closes() {
         status_json(&c, &gw).await["upstreams"][0]["backends"][0]["circuit"],
         "open"
     );
-    let metrics = c
-        .get(gw.admin_url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics_text(&c, &gw).await;
     assert!(metrics.contains(&format!(
         "fanout_circuit_open{{backend=\"{}\",upstream=\"u\"}} 1",
         bad.addr
@@ -167,14 +143,7 @@ async fn rate_limit_allows_burst_plus_rate_and_answers_429() {
     );
     assert!(limited > 0);
     assert_eq!(b.hits() as u32, ok);
-    let metrics = c
-        .get(gw.admin_url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics_text(&c, &gw).await;
     assert!(
         metrics.contains(&format!(
             "fanout_rate_limited_total{{route=\"limited\"}} {limited}"

@@ -86,14 +86,7 @@ async fn connect_failure_after_retries_is_502() {
     let body: serde_json::Value = resp.json().await.unwrap();
     assert_eq!(body["error"], "upstream unavailable");
     // Both backends were tried once each: the retry went to the other one.
-    let metrics = c
-        .get(gw.admin_url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics_text(&c, &gw).await;
     for port in dead {
         let line = format!("fanout_upstream_requests_total{{backend=\"127.0.0.1:{port}\",outcome=\"error\",upstream=\"u\"}} 1");
         assert!(metrics.contains(&line), "missing {line} in\n{metrics}");

@@ -389,3 +389,36 @@ pub async fn stdout_line(gw: &Gateway, needle: &str) -> String {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// The admin listener's `/metrics` text.
+pub async fn metrics_text(c: &reqwest::Client, gw: &Gateway) -> String {
+    c.get(gw.admin_url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
+/// The value of one metric series, written as `/metrics` prints it (name and labels in
+/// alphabetical order), or 0 when the series is absent.
+pub async fn metric(c: &reqwest::Client, gw: &Gateway, series: &str) -> u64 {
+    let prefix = format!("{series} ");
+    metrics_text(c, gw)
+        .await
+        .lines()
+        .find_map(|l| l.strip_prefix(prefix.as_str()))
+        .map_or(0, |v| v.trim().parse().unwrap())
+}
+
+/// The admin listener's `/status` JSON.
+pub async fn status_json(c: &reqwest::Client, gw: &Gateway) -> serde_json::Value {
+    c.get(gw.admin_url("/status"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
