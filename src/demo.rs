@@ -108,6 +108,9 @@ routes:
     upstream: api
     mirror:
       - {{ upstream: shadow, percent: 100, headers: {{ set: {{ X-Shadow: "1" }} }} }}
+  - name: events
+    match: {{ prefix: /events, methods: [POST] }}
+    broadcast: [api, shadow]
 "#,
         listen = listen.unwrap_or(DEFAULT_LISTEN),
         admin = admin.unwrap_or(ADMIN),
@@ -149,6 +152,8 @@ Try:
   curl -s -H 'X-User-Id: alice' http://{gw}/sticky/cart  # consistent hashing: same user, same backend
   curl -s -d 'hello' http://{gw}/mirrored/orders         # answered by api-*, copied to shadow
   curl -s http://{admin}/metrics | grep ^fanout_mirror    # the copies: outcome="ok"
+  curl -s -d '{{"event":"signup"}}' http://{gw}/events  # broadcast: 202 at once, then delivered
+  curl -s http://{admin}/metrics | grep ^fanout_broadcast # one delivery to api, one to shadow
   curl -s http://{gw}/nowhere                            # 404 with a JSON error
   curl -s http://{admin}/status                          # upstreams, backends, routes, totals
   curl -s http://{admin}/metrics | grep ^fanout_         # Prometheus metrics

@@ -304,6 +304,22 @@ async fn demo_answers_its_own_printed_commands() {
     let v: serde_json::Value = resp.json().await.unwrap();
     assert!(v["backend"].as_str().unwrap().starts_with("api-"), "{v}");
 
+    // The broadcast route answers 202 at once.
+    let events = stdout_line(&gw, "/events").await;
+    let events_url = events
+        .split_whitespace()
+        .find(|w| w.starts_with("http://"))
+        .unwrap();
+    let resp = c
+        .post(events_url)
+        .body("{\"event\":\"signup\"}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 202);
+    let v: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(v["targets"], 2);
+
     let status_line = stdout_line(&gw, "/status").await;
     let status_url = status_line
         .split_whitespace()
