@@ -24,15 +24,24 @@ use pingora_core::server::configuration::ServerConf;
 use pingora_core::server::ShutdownWatch;
 use pingora_core::services::background::BackgroundService;
 use pingora_http::RequestHeader;
+
 use prometheus::IntCounter;
 use tokio::sync::{mpsc, Notify, Semaphore};
 use tokio::task::JoinSet;
 
-use crate::config::BreakerConfig;
+use crate::config::{BreakerConfig, RouteConfig};
+use crate::forwarding;
+use crate::keys::client_ip;
+use crate::limits::Refusal;
 use crate::metrics::Metrics;
+use crate::request_id;
 use crate::respond;
+use crate::respond::send_error;
 use crate::upstream::breaker::Breaker;
 use crate::upstream::{Tried, Upstream};
+use pingora_error::Result;
+use pingora_http::ResponseHeader;
+use pingora_proxy::Session;
 
 /// Deliveries that may wait per target before new ones are dropped.
 const QUEUE: usize = 1024;
@@ -79,6 +88,64 @@ pub fn offer(targets: &[Arc<Target>], d: &Arc<Delivery>) -> Option<usize> {
         }
     }
     Some(queued)
+}
+
+/// Accepts a request on a broadcast route: reads its body within the route's
+/// `max_body_bytes` (413 past it), queues one delivery for every target and answers
+/// `202 {"request_id", "targets"}` at once — or 503 with `Retry-After` when no target has
+/// room. `closing`: the process is draining, so the answer closes the connection.
+pub async fn accept(
+    session: &mut Session,
+    route: &RouteConfig,
+    targets: &[Arc<Target>],
+    request_id: &str,
+    closing: bool,
+) -> Result<()> {
+    let mut body = bytes::BytesMut::new();
+    while let Some(chunk) = session.read_request_body().await? {
+        if (body.len() + chunk.len()) as u64 > route.max_body_bytes {
+            let r = Refusal::TooLarge;
+            return send_error(session, r.status(), r.message(), request_id, &[], true).await;
+        }
+        body.extend_from_slice(&chunk);
+    }
+    let body = body.freeze();
+    let mut header = session.req_header().clone();
+    forwarding::broadcast_request(
+        &mut header,
+        route,
+        client_ip(session),
+        request_id,
+        body.len(),
+    )?;
+    let delivery = Arc::new(Delivery { header, body });
+    if offer(targets, &delivery).is_none() {
+        // Every queue is full: push back rather than accept what cannot be delivered.
+        let retry = [("retry-after", "1".to_string())];
+        return send_error(
+            session,
+            503,
+            "broadcast queues are full",
+            request_id,
+            &retry,
+            closing,
+        )
+        .await;
+    }
+    let answer =
+        serde_json::json!({ "request_id": request_id, "targets": targets.len() }).to_string();
+    let mut resp = ResponseHeader::build(202, Some(4))?;
+    resp.insert_header("content-type", "application/json")?;
+    resp.insert_header("content-length", answer.len().to_string())?;
+    resp.insert_header(request_id::HEADER, request_id)?;
+    if closing {
+        session.as_downstream_mut().set_keepalive(None);
+        resp.insert_header(http::header::CONNECTION, "close")?;
+    }
+    session.write_response_header(Box::new(resp), false).await?;
+    session
+        .write_response_body(Some(Bytes::from(answer)), true)
+        .await
 }
 
 /// The receiving ends of every target's queue, handed to the delivery service at start.

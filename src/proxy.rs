@@ -20,8 +20,6 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use tokio::sync::mpsc;
-
 use async_trait::async_trait;
 use bytes::Bytes;
 use http::header;
@@ -31,13 +29,14 @@ use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::{FailToProxy, ProxyHttp, Session};
 
 use crate::access_log::Record;
-use crate::broadcast::{self, Delivery};
+use crate::broadcast;
 use crate::config::{AccessLog, Balance, RouteId, RouteKind, UpstreamId};
+use crate::fallback::{self, Fallbacks};
 use crate::forwarding;
 use crate::gateway::{Gateway, Route};
 use crate::keys::{self, client_ip};
 use crate::limits::{self, BodyCounter, Refusal};
-use crate::mirror::{self, Captured, Copies, CopyKind, CopyTicket};
+use crate::mirror::{self, Copies, CopyKind, CopyTicket};
 use crate::ratelimit::Decision;
 use crate::request_id;
 use crate::respond::{self, send_error};
@@ -102,8 +101,8 @@ pub struct RequestCtx {
     copy: Option<CopyTicket>,
     /// The mirror and fallback copies of this (primary) request.
     copies: Copies,
-    /// Answers of the fallback copies, one per copy (`None`: that fallback failed).
-    fallbacks: Option<(mpsc::UnboundedReceiver<Option<Captured>>, usize)>,
+    /// The fallback copies' answers, on a route with fallbacks.
+    fallbacks: Option<Fallbacks>,
     /// The primary upstream answered 5xx on a route with fallbacks.
     primary_failed: bool,
     /// The upstream whose answer the client got, on a route with fallbacks.
@@ -124,9 +123,6 @@ fn request_host(req: &RequestHeader) -> Option<&str> {
         .and_then(|v| v.to_str().ok())
         .or_else(|| req.uri.host())
 }
-
-/// The response header naming the upstream that answered, on routes with fallbacks.
-const FANOUT_UPSTREAM: &str = "x-fanout-upstream";
 
 /// What becomes of a client request once admitted or refused.
 enum Verdict {
@@ -168,8 +164,6 @@ impl Answer {
 }
 
 impl FanoutProxy {
-    /// Routes a client request and applies every check that may refuse it, in order:
-    /// framing (400), route (404/405), declared body size (413), rate limit (429).
     /// The primary failed on a route with fallbacks: makes sure the fallback copies have
     /// the whole body (the primary may have failed before reading it), then sends the first
     /// successful fallback answer. `Ok(None)`: every fallback failed too.
@@ -190,106 +184,23 @@ impl FanoutProxy {
                 _ => break,
             }
         }
-        let Some((answers, pending)) = ctx.fallbacks.as_mut() else {
+        let Some(fallbacks) = ctx.fallbacks.as_mut() else {
             return Ok(None);
         };
-        let mut chosen = None;
-        for _ in 0..*pending {
-            match answers.recv().await {
-                Some(Some(c)) if !c.header.status.is_server_error() => {
-                    chosen = Some(c);
-                    break;
-                }
-                Some(_) => continue,
-                None => break,
-            }
-        }
-        let Some(Captured {
-            upstream,
-            mut header,
-            body,
-        }) = chosen
-        else {
+        let Some(answer) = fallbacks.first_success().await else {
             return Ok(None);
         };
+        let upstream = answer.upstream;
         ctx.answered_by = Some(upstream);
-        let status = header.status.as_u16();
-        forwarding::response(
-            &mut header,
-            self.route(ctx).map(|r| &r.config),
-            &ctx.request_id,
-        )?;
-        header.remove_header(&header::TRANSFER_ENCODING);
-        header.insert_header(header::CONTENT_LENGTH, body.len().to_string())?;
-        header.insert_header(FANOUT_UPSTREAM, self.gw.upstreams[upstream].name())?;
-        session.as_downstream_mut().set_keepalive(None);
-        session
-            .write_response_header(Box::new(header), body.is_empty())
-            .await?;
-        if !body.is_empty() {
-            session.write_response_body(Some(body), true).await?;
-        }
-        Ok(Some(status))
+        let route = self.route(ctx).map(|r| &r.config);
+        let name = self.gw.upstreams[upstream].name();
+        fallback::send(session, answer, route, &ctx.request_id, name)
+            .await
+            .map(Some)
     }
 
-    /// A broadcast route: reads the body within the limit, queues one delivery for every
-    /// target, and answers 202 at once.
-    async fn broadcast(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
-        let Some(route) = ctx.route.map(|id| &self.gw.routes[id]) else {
-            return Ok(false);
-        };
-        let limit = route.config.max_body_bytes;
-        let mut body = bytes::BytesMut::new();
-        while let Some(chunk) = session.read_request_body().await? {
-            if (body.len() + chunk.len()) as u64 > limit {
-                let r = Refusal::TooLarge;
-                send_error(session, r.status(), r.message(), &ctx.request_id, &[], true).await?;
-                return Ok(true);
-            }
-            body.extend_from_slice(&chunk);
-        }
-        let body = body.freeze();
-        let mut header = session.req_header().clone();
-        forwarding::broadcast_request(
-            &mut header,
-            &route.config,
-            client_ip(session),
-            &ctx.request_id,
-            body.len(),
-        )?;
-        let delivery = Arc::new(Delivery { header, body });
-        if broadcast::offer(&route.targets, &delivery).is_none() {
-            // Every queue is full: push back rather than accept what cannot be delivered.
-            let retry = [("retry-after", "1".to_string())];
-            send_error(
-                session,
-                503,
-                "broadcast queues are full",
-                &ctx.request_id,
-                &retry,
-                false,
-            )
-            .await?;
-            return Ok(true);
-        }
-        let answer =
-            serde_json::json!({ "request_id": ctx.request_id, "targets": route.targets.len() })
-                .to_string();
-        let mut resp = ResponseHeader::build(202, Some(3))?;
-        resp.insert_header("content-type", "application/json")?;
-        resp.insert_header("content-length", answer.len().to_string())?;
-        resp.insert_header(request_id::HEADER, ctx.request_id.as_str())?;
-        if self.gw.draining.is_set() {
-            session.as_downstream_mut().set_keepalive(None);
-            resp.insert_header(header::CONNECTION, "close")?;
-        }
-        session.write_response_header(Box::new(resp), false).await?;
-        session
-            .write_response_body(Some(Bytes::from(answer)), true)
-            .await?;
-        Ok(true)
-    }
-
+    /// Routes a client request and applies every check that may refuse it, in order:
+    /// framing (400), route (404/405), declared body size (413), rate limit (429).
     fn admit(&self, session: &Session, ctx: &mut RequestCtx) -> Verdict {
         let req = session.req_header();
         let raw_head = || {
@@ -361,7 +272,7 @@ impl FanoutProxy {
                         *fallback_max_body,
                         &ctx.request_id,
                     );
-                    ctx.fallbacks = Some((rx, limits.len()));
+                    ctx.fallbacks = Some(Fallbacks::new(rx, limits.len()));
                 }
                 Verdict::Proxy
             }
@@ -411,7 +322,20 @@ impl ProxyHttp for FanoutProxy {
             request_id::from_client(req.headers.get(request_id::HEADER).map(|v| v.as_bytes()));
         match self.admit(session, ctx) {
             Verdict::Proxy => Ok(false),
-            Verdict::Broadcast => self.broadcast(session, ctx).await,
+            Verdict::Broadcast => {
+                if let Some(route) = ctx.route.map(|id| &self.gw.routes[id]) {
+                    let closing = self.gw.draining.is_set();
+                    broadcast::accept(
+                        session,
+                        &route.config,
+                        &route.targets,
+                        &ctx.request_id,
+                        closing,
+                    )
+                    .await?;
+                }
+                Ok(true)
+            }
             Verdict::Answer(a) => {
                 send_error(
                     session,
@@ -538,7 +462,7 @@ impl ProxyHttp for FanoutProxy {
         if ctx.fallbacks.is_some() {
             if let Some(u) = self.target(ctx) {
                 ctx.answered_by = Some(u);
-                upstream_response.insert_header(FANOUT_UPSTREAM, self.gw.upstreams[u].name())?;
+                upstream_response.insert_header(fallback::HEADER, self.gw.upstreams[u].name())?;
             }
         }
         if self.gw.draining.is_set() || session.is_process_shutting_down() {

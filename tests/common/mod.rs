@@ -173,13 +173,23 @@ async fn handle(
         .unwrap())
 }
 
-/// A free loopback port (bound then released; the gateway binds it right after).
+/// A free loopback port (bound then released; the gateway binds it right after). The
+/// OS may hand a released port out again, so ports already given to a test of this process
+/// are never given twice: parallel tests cannot end up talking to each other's gateway.
 pub fn free_port() -> u16 {
-    StdListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    static GIVEN: Mutex<Vec<u16>> = Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().unwrap();
+    loop {
+        let port = StdListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
 }
 
 pub fn scratch_dir() -> PathBuf {
@@ -209,64 +219,72 @@ impl Gateway {
     /// Starts fanout on `body` (upstreams, routes, defaults) with its own `server`,
     /// `listen` and `admin` settings on free ports, and waits until both listen.
     pub fn start(body: &str) -> Gateway {
-        let (port, admin_port, dir) = (free_port(), free_port(), scratch_dir());
-        let yaml = format!(
-            "server:\n  threads: 2\n  grace_period_seconds: 2\n  graceful_shutdown_timeout_seconds: 1\n  \
-             pid_file: {d}/fanout.pid\n  upgrade_sock: {d}/upgrade.sock\n\
-             listen: [\"127.0.0.1:{port}\"]\nadmin: 127.0.0.1:{admin_port}\n{body}",
-            d = dir.display()
-        );
-        let conf = dir.join("fanout.yaml");
-        std::fs::File::create(&conf)
-            .and_then(|mut f| f.write_all(yaml.as_bytes()))
-            .expect("write conf");
-        let args = vec!["-c".to_string(), conf.display().to_string()];
-        Gateway::spawn(&args, port, admin_port, dir)
-    }
-
-    /// Starts fanout with `args` (which must make it listen on `port` and `admin_port`) and
-    /// waits until both listen; stdout and stderr go to files in `dir`.
-    pub fn spawn(args: &[String], port: u16, admin_port: u16, dir: PathBuf) -> Gateway {
-        let file =
-            |name: &str| Stdio::from(std::fs::File::create(dir.join(name)).expect("log file"));
-        let child = Command::new(fanout_bin())
-            .args(args)
-            .stdout(file("stdout"))
-            .stderr(file("stderr"))
-            .spawn()
-            .expect("spawn fanout");
-        let mut gw = Gateway {
-            child,
-            port,
-            admin_port,
-            dir,
-        };
-        gw.wait_listening(&[port, admin_port]);
-        gw
+        Gateway::launch(|port, admin_port, dir| {
+            let yaml = format!(
+                "server:\n  threads: 2\n  grace_period_seconds: 2\n  graceful_shutdown_timeout_seconds: 1\n  \
+                 pid_file: {d}/fanout.pid\n  upgrade_sock: {d}/upgrade.sock\n\
+                 listen: [\"127.0.0.1:{port}\"]\nadmin: 127.0.0.1:{admin_port}\n{body}",
+                d = dir.display()
+            );
+            let conf = dir.join("fanout.yaml");
+            std::fs::write(&conf, yaml).expect("write conf");
+            vec!["-c".to_string(), conf.display().to_string()]
+        })
     }
 
     /// Starts fanout with `args` built from two free ports (listen, admin).
     pub fn spawn_with(args: impl Fn(u16, u16) -> Vec<String>) -> Gateway {
-        let (port, admin_port) = (free_port(), free_port());
-        Gateway::spawn(&args(port, admin_port), port, admin_port, scratch_dir())
+        Gateway::launch(|port, admin_port, _| args(port, admin_port))
+    }
+
+    /// Starts fanout with the arguments `make_args` builds from two free ports and a
+    /// scratch directory, and waits until both ports listen. A port taken by someone else
+    /// in the meantime makes fanout exit at start: it is then tried again on fresh ports.
+    fn launch(make_args: impl Fn(u16, u16, &std::path::Path) -> Vec<String>) -> Gateway {
+        let mut last = String::new();
+        for _ in 0..3 {
+            let (port, admin_port, dir) = (free_port(), free_port(), scratch_dir());
+            let args = make_args(port, admin_port, &dir);
+            let file =
+                |name: &str| Stdio::from(std::fs::File::create(dir.join(name)).expect("log file"));
+            let child = Command::new(fanout_bin())
+                .args(&args)
+                .stdout(file("stdout"))
+                .stderr(file("stderr"))
+                .spawn()
+                .expect("spawn fanout");
+            let mut gw = Gateway {
+                child,
+                port,
+                admin_port,
+                dir,
+            };
+            match gw.wait_listening(&[port, admin_port]) {
+                Ok(()) => return gw,
+                Err(e) => last = e,
+            }
+        }
+        panic!("fanout did not start: {last}");
     }
 
     /// Waits (at most 15 s) until every port accepts connections.
-    pub fn wait_listening(&mut self, ports: &[u16]) {
+    fn wait_listening(&mut self, ports: &[u16]) -> Result<(), String> {
         let deadline = Instant::now() + Duration::from_secs(15);
         for &p in ports {
             while TcpStream::connect(("127.0.0.1", p)).is_err() {
                 if let Ok(Some(status)) = self.child.try_wait() {
-                    panic!("fanout exited early ({status}):\n{}", self.stderr());
+                    return Err(format!(
+                        "fanout exited early ({status}):\n{}",
+                        self.stderr()
+                    ));
                 }
-                assert!(
-                    Instant::now() < deadline,
-                    "fanout did not listen on {p}:\n{}",
-                    self.stderr()
-                );
+                if Instant::now() > deadline {
+                    return Err(format!("fanout did not listen on {p}:\n{}", self.stderr()));
+                }
                 std::thread::sleep(Duration::from_millis(20));
             }
         }
+        Ok(())
     }
 
     pub fn pid(&self) -> u32 {

@@ -1,0 +1,69 @@
+//! Fallback routes (`fallback: [b, c]` on a proxy route, the "go-conductor" pattern): the
+//! request goes to the route's upstream and to every fallback at once. The fallbacks are the
+//! subrequest copies of [`crate::mirror`] in capture mode (their answers kept in memory up to
+//! `fallback_max_body`); this module picks and sends the answer the client gets when the
+//! primary fails: the first successful fallback, in order of arrival.
+
+use http::header;
+use pingora_error::Result;
+use pingora_proxy::Session;
+use tokio::sync::mpsc;
+
+use crate::config::RouteConfig;
+use crate::forwarding;
+use crate::mirror::Captured;
+
+/// The response header naming the upstream that answered.
+pub const HEADER: &str = "x-fanout-upstream";
+
+/// The fallback answers of one request, one per fallback copy (`None`: that one failed).
+pub struct Fallbacks {
+    answers: mpsc::UnboundedReceiver<Option<Captured>>,
+    pending: usize,
+}
+
+impl Fallbacks {
+    pub fn new(answers: mpsc::UnboundedReceiver<Option<Captured>>, pending: usize) -> Self {
+        Fallbacks { answers, pending }
+    }
+
+    /// The first answer that is not a 5xx, waiting for each copy to answer, fail or time out.
+    pub async fn first_success(&mut self) -> Option<Captured> {
+        while self.pending > 0 {
+            self.pending -= 1;
+            match self.answers.recv().await? {
+                Some(c) if !c.header.status.is_server_error() => return Some(c),
+                _ => continue,
+            }
+        }
+        None
+    }
+}
+
+/// Sends a fallback's answer to the client; returns its status. `name` is the answering
+/// upstream, put in [`HEADER`].
+pub async fn send(
+    session: &mut Session,
+    answer: Captured,
+    route: Option<&RouteConfig>,
+    request_id: &str,
+    name: &str,
+) -> Result<u16> {
+    let Captured {
+        mut header, body, ..
+    } = answer;
+    let status = header.status.as_u16();
+    forwarding::response(&mut header, route, request_id)?;
+    header.remove_header(&header::TRANSFER_ENCODING);
+    header.insert_header(header::CONTENT_LENGTH, body.len().to_string())?;
+    header.insert_header(HEADER, name)?;
+    // The primary's connection state is unknown after its failure: do not reuse it.
+    session.as_downstream_mut().set_keepalive(None);
+    session
+        .write_response_header(Box::new(header), body.is_empty())
+        .await?;
+    if !body.is_empty() {
+        session.write_response_body(Some(body), true).await?;
+    }
+    Ok(status)
+}
