@@ -566,8 +566,9 @@ impl ProxyHttp for FanoutProxy {
 
     fn suppress_error_log(&self, _session: &Session, ctx: &RequestCtx, _error: &Error) -> bool {
         // A failing mirror is counted in fanout_mirror_requests_total; one error line per
-        // copy would cost more than the copy itself when a mirror is down.
-        ctx.copy.is_some()
+        // copy would cost more than the copy itself when a mirror is down. A primary 5xx on
+        // a fallback route is an expected failover, visible in metrics and the access log.
+        ctx.copy.is_some() || ctx.primary_failed
     }
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {

@@ -35,12 +35,6 @@ pub struct Config {
     pub routes: Vec<RouteConfig>,
 }
 
-impl Config {
-    pub fn upstream_id(&self, name: &str) -> Option<UpstreamId> {
-        self.upstreams.iter().position(|u| u.name == name)
-    }
-}
-
 #[derive(Debug, Clone)]
 pub struct UpstreamConfig {
     pub name: String,
@@ -176,12 +170,6 @@ pub struct RouteConfig {
 pub struct HeaderRules {
     pub set: Vec<(HeaderName, HeaderValue)>,
     pub remove: Vec<HeaderName>,
-}
-
-impl HeaderRules {
-    pub fn is_empty(&self) -> bool {
-        self.set.is_empty() && self.remove.is_empty()
-    }
 }
 
 #[derive(Debug, Clone)]
