@@ -24,6 +24,7 @@ FANOUT = os.path.join(ROOT, "target", "release", "fanout")
 BACKENDS = [19101, 19102]
 PORTS = {"fanout": 19001, "nginx": 19002, "haproxy": 19003, "pingora": 19004}
 PLAIN = os.path.join(ROOT, "target", "release", "examples", "plain_pingora")
+SLOW = os.path.join(ROOT, "target", "release", "examples", "slow_backend")
 # Mirror targets: another port of the nginx backend, a 1 s asyncio server, nothing at all.
 MIRRORS = {"fast": 19103, "slow": 19104, "dead": 19105}
 
@@ -214,8 +215,7 @@ def scenario(name, duration, rounds, tmp):
             procs.append(start([PLAIN, f"127.0.0.1:{PORTS['pingora']}"] + [f"127.0.0.1:{p}" for p in BACKENDS],
                                "pingora", PORTS["pingora"], tmp))
         if mirror == "slow":
-            procs.append(start([sys.executable, os.path.join(BENCH, "slow_backend.py"), str(MIRRORS["slow"]), "1"],
-                               "slow", MIRRORS["slow"], tmp))
+            procs.append(start([SLOW, str(MIRRORS["slow"]), "1000"], "slow", MIRRORS["slow"], tmp))
         fanout_out = open(os.path.join(tmp, "fanout_access.log"), "w") if log else None
         fanout = start([FANOUT, "-c", f"{tmp}/fanout.yaml"], "fanout", PORTS["fanout"], tmp, stdout=fanout_out)
         procs.append(fanout)

@@ -15,5 +15,5 @@ if [ ${#missing[@]} -gt 0 ]; then
   $SUDO apt-get install -y -qq "${missing[@]}"
 fi
 make -s build
-cargo build --release --locked --example plain_pingora
+cargo build --release --locked --example plain_pingora --example slow_backend
 exec python3 bench/run.py "$@"
