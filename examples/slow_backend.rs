@@ -56,7 +56,11 @@ async fn main() -> std::io::Result<()> {
                 buf.copy_within(start..have, 0);
                 have = rest;
                 tokio::time::sleep(delay).await;
-                if conn.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nok\n").await.is_err() {
+                if conn
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nok\n")
+                    .await
+                    .is_err()
+                {
                     return;
                 }
             }
