@@ -5,11 +5,7 @@
 # a failed request), how long the hand-over took and when the old process was gone.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo
-missing=()
-command -v wrk >/dev/null || missing+=(wrk)
-command -v nginx >/dev/null || missing+=(nginx-light)
-[ ${#missing[@]} -eq 0 ] || { $SUDO apt-get update -qq; $SUDO apt-get install -y -qq "${missing[@]}"; }
+bench/deps.sh wrk:wrk nginx:nginx-light
 make -s build
 bin=$(pwd)/target/release/fanout
 tmp=$(mktemp -d)

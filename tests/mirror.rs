@@ -22,17 +22,20 @@ async fn mirror_count(c: &reqwest::Client, gw: &Gateway, outcome: &str) -> u64 {
     metric(c, gw, &series).await
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn copies_carry_the_body_and_lose_redacted_headers() {
+/// A primary and a shadow backend behind a gateway whose route mirrors to the shadow with
+/// the given mirror `options`.
+async fn mirrored(options: &str) -> (Backend, Backend, Gateway) {
     let (primary, shadow) = (
         Backend::start("primary").await,
         Backend::start("shadow").await,
     );
-    let gw = Gateway::start(&conf(
-        &primary,
-        &shadow.addr.to_string(),
-        ", headers: { set: { X-Shadow: \"1\" } }",
-    ));
+    let gw = Gateway::start(&conf(&primary, &shadow.addr.to_string(), options));
+    (primary, shadow, gw)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copies_carry_the_body_and_lose_redacted_headers() {
+    let (primary, shadow, gw) = mirrored(", headers: { set: { X-Shadow: \"1\" } }").await;
     let c = client();
     let body: Vec<u8> = (0..1024 * 1024u32).map(|i| (i * 7 % 251) as u8).collect();
     let resp = c
@@ -81,11 +84,7 @@ async fn copies_carry_the_body_and_lose_redacted_headers() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn percent_samples_requests() {
-    let (primary, shadow) = (
-        Backend::start("primary").await,
-        Backend::start("shadow").await,
-    );
-    let gw = Gateway::start(&conf(&primary, &shadow.addr.to_string(), ", percent: 30"));
+    let (_primary, shadow, gw) = mirrored(", percent: 30").await;
     let c = client();
     for i in 0..1000 {
         assert_eq!(get(&c, &gw.url(&format!("/p/{i}"))).await.0, 200);
@@ -100,15 +99,7 @@ async fn percent_samples_requests() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sample_by_never_splits_a_key() {
-    let (primary, shadow) = (
-        Backend::start("primary").await,
-        Backend::start("shadow").await,
-    );
-    let gw = Gateway::start(&conf(
-        &primary,
-        &shadow.addr.to_string(),
-        ", percent: 50, sample_by: header:X-User-Id",
-    ));
+    let (_primary, shadow, gw) = mirrored(", percent: 50, sample_by: header:X-User-Id").await;
     let c = client();
     for round in 0..5 {
         for user in 0..40 {
@@ -216,15 +207,7 @@ async fn copies_beyond_max_inflight_are_dropped_and_counted() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bodies_over_the_mirror_limit_are_not_copied() {
-    let (primary, shadow) = (
-        Backend::start("primary").await,
-        Backend::start("shadow").await,
-    );
-    let gw = Gateway::start(&conf(
-        &primary,
-        &shadow.addr.to_string(),
-        ", max_body_bytes: 1KiB",
-    ));
+    let (primary, shadow, gw) = mirrored(", max_body_bytes: 1KiB").await;
     let c = client();
     let resp = c
         .post(gw.url("/big"))
