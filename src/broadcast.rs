@@ -34,8 +34,8 @@ use crate::forwarding;
 use crate::keys::client_ip;
 use crate::limits::Refusal;
 use crate::metrics::Metrics;
+use crate::outbound::{self, Body, Keep};
 use crate::request_id;
-use crate::respond;
 use crate::respond::send_error;
 use crate::upstream::breaker::Breaker;
 use crate::upstream::{Tried, Upstream};
@@ -305,43 +305,22 @@ async fn deliver(target: &Target, d: &Delivery, connector: &Connector) {
         target.breaker.report(false, now);
         return;
     };
-    let peer = lease.backend().peer();
     let t = &target.upstream.config.timeouts;
     let limit = t.connect + t.write + t.read;
-    let attempt = async {
-        let (mut session, _reused) = connector.get_http_session(&*peer).await?;
-        session.set_write_timeout(Some(t.write));
-        session.set_read_timeout(Some(t.read));
-        session
-            .write_request_header(Box::new(d.header.clone()))
-            .await?;
-        if !d.body.is_empty() {
-            session.write_request_body(d.body.clone(), true).await?;
-        }
-        session.finish_request_body().await?;
-        session.read_response_header().await?;
-        let status = session.response_header().map_or(0, |r| r.status.as_u16());
-        while session.read_response_body().await?.is_some() {}
-        connector
-            .release_http_session(session, &*peer, Some(t.idle))
-            .await;
-        Ok::<u16, Box<pingora_error::Error>>(status)
+    let body = match d.body.is_empty() {
+        true => Body::Empty,
+        false => Body::Full(d.body.clone()),
     };
-    let result = tokio::time::timeout(limit, attempt).await;
-    let success = match result {
-        Ok(Ok(status)) => {
-            lease.answered(status);
-            status < 500
-        }
-        Ok(Err(e)) => {
-            lease.failed(respond::is_timeout(&e));
-            false
-        }
-        Err(_) => {
-            lease.failed(true);
-            false
-        }
-    };
+    let answer = outbound::exchange(
+        connector,
+        &mut lease,
+        t,
+        limit,
+        &d.header,
+        body,
+        Keep::Discard,
+    );
+    let success = answer.await.is_ok_and(|a| a.status < 500);
     if success { &target.ok } else { &target.error }.inc();
     target.breaker.report(success, Instant::now());
 }

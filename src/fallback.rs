@@ -1,6 +1,6 @@
 //! Fallback routes (`fallback: [b, c]` on a proxy route, the "go-conductor" pattern): the
 //! request goes to the route's upstream and to every fallback at once. The fallbacks are the
-//! subrequest copies of [`crate::mirror`] in capture mode (their answers kept in memory up to
+//! copies of [`crate::mirror`] in capture mode (their answers kept in memory up to
 //! `fallback_max_body`); this module picks and sends the answer the client gets when the
 //! primary fails: the first successful fallback, in order of arrival.
 

@@ -15,6 +15,8 @@ use crate::mirror::Mirror;
 use crate::ratelimit::RateLimiter;
 use crate::routing::Router;
 use crate::upstream::Upstream;
+use pingora_core::connectors::http::Connector;
+use pingora_core::connectors::ConnectorOptions;
 use prometheus::IntCounter;
 
 pub struct Route {
@@ -52,8 +54,8 @@ pub struct Gateway {
     pub metrics: Metrics,
     /// Metric handles for requests that matched no route.
     pub unrouted: RouteMetrics,
-    /// Whether any route mirrors or falls back (its requests then spawn subrequests).
-    pub spawns_copies: bool,
+    /// Sends mirror and fallback copies, with its own keep-alive pool.
+    pub connector: Arc<Connector>,
     /// Whether requests that matched no route are logged.
     pub default_access_log: AccessLog,
     pub access_log: AccessLogger,
@@ -101,9 +103,9 @@ impl Gateway {
             .collect();
         Ok(Gateway {
             router: Router::new(&config.routes),
-            spawns_copies: routes.iter().any(|r| {
-                !r.mirrors.is_empty() || matches!(&r.config.kind, RouteKind::Proxy { fallback, .. } if !fallback.is_empty())
-            }),
+            connector: Arc::new(Connector::new(Some(ConnectorOptions::from_server_conf(
+                &config.server,
+            )))),
             routes,
             upstreams,
             unrouted: RouteMetrics::new("none"),

@@ -15,6 +15,7 @@ pub mod lifecycle;
 pub mod limits;
 pub mod metrics;
 pub mod mirror;
+pub mod outbound;
 pub mod proxy;
 pub mod ratelimit;
 pub mod request_id;

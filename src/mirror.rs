@@ -1,43 +1,49 @@
-//! Traffic mirroring as a subrequest phase. For each sampled request on a route with
-//! `mirror:` entries, the primary spawns one Pingora subrequest per mirror
-//! (`SubrequestSpawner::create_subrequest`); the copy re-enters the gateway's own
-//! `ProxyHttp` phases with `session.subrequest_ctx` carrying a [`CopyTicket`], which sends
-//! it to the mirror's upstream, skips rate limits, the access log and further mirroring,
-//! and counts its outcome.
+//! Traffic mirroring, and the copies that fallback routes share with it. For each sampled
+//! request on a route with `mirror:` entries, the primary starts one copy per mirror: a
+//! task that sends the client's request, reshaped for the mirror, to one backend of the
+//! mirror's upstream through Pingora's HTTP connector ([`crate::outbound`]) and counts the
+//! outcome. Copies skip everything that belongs to the client's request (rate limits, the
+//! access log, route metrics, further mirroring) because they never enter the proxy phases.
 //!
 //! Nothing here ever waits on a copy, so a mirror cannot slow the client's answer:
 //! - the copy runs in its own task, bounded by the mirror's `timeout`;
-//! - the body is fed to it chunk by chunk with `try_send` into a bounded queue that the
-//!   copy's own task empties into the subrequest (the primary's chunks are shared, not
-//!   copied); a copy that cannot keep up is abandoned and counted `dropped`; a body past
-//!   the mirror's `max_body_bytes` is counted `too_large`, so a copy never holds more;
+//! - the body is fed to it piece by piece with `try_send` into a bounded queue that the
+//!   copy's task writes to the mirror at its own pace (the primary's chunks are shared,
+//!   not copied); a copy that cannot keep up is abandoned and counted `dropped`; a body
+//!   past the mirror's `max_body_bytes` is counted `too_large`, so a copy never holds more;
 //! - at most `max_inflight` copies per mirror exist at once; beyond that new ones are
 //!   dropped, never queued.
 //!
-//! An abandoned copy is *aborted*, not just cut off: a chunked subrequest reads a closed
-//! channel as a clean end of body, which would deliver a truncated body as complete.
+//! An abandoned copy is *aborted*: its connection is closed mid-body, never finished, so a
+//! mirror cannot take a truncated body for a complete one.
 //!
-//! Fallback routes use the same copies with one difference: the answer of a fallback copy
-//! is captured (up to `fallback_max_body`) for the primary to use if its own upstream
+//! Copies were first Pingora subrequests re-entering the proxy phases; a subrequest costs
+//! as much CPU as a client request (a second session, channels, every phase), which halved
+//! throughput behind a fast mirror. The connector sends the same request for the cost of
+//! the upstream half alone (figures in bench/RESULTS.md).
+//!
+//! Fallback routes start the same copies with one difference: the answer of a fallback
+//! copy is kept (up to `fallback_max_body`) for the primary to use if its own upstream
 //! fails, instead of being discarded.
 
+use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
 
 use bytes::Bytes;
-use pingora_core::protocols::http::HttpTask;
-use pingora_proxy::subrequest::{BodyMode, Ctx as SubrequestCtx};
+use pingora_core::connectors::http::Connector;
+use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::Session;
 use prometheus::{IntCounter, IntGauge};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
-use crate::config::{MirrorConfig, RouteId, UpstreamId};
-use crate::keys;
+use crate::config::{MirrorConfig, RouteConfig, UpstreamId};
+use crate::forwarding;
+use crate::keys::{self, client_ip};
 use crate::metrics::Metrics;
-use crate::upstream::Upstream;
-use pingora_http::ResponseHeader;
-use std::time::Duration;
+use crate::outbound::{self, Body, Failure, Keep, Piece};
+use crate::upstream::{Tried, Upstream};
 
 /// Outcome counters of one mirror, resolved once.
 struct Outcomes {
@@ -129,36 +135,28 @@ impl Drop for Permit {
     }
 }
 
-/// What kind of copy a subrequest is.
-pub enum CopyKind {
-    /// A mirror copy: its answer is discarded, its outcome counted for the mirror.
-    Mirror(Arc<Mirror>),
-    /// A fallback copy to this upstream: its answer may replace the primary's.
-    Fallback(UpstreamId),
+/// Whether the request has a body to copy, and its declared length.
+fn body_of(session: &Session) -> (bool, Option<u64>) {
+    let req = session.req_header();
+    let declared: Option<u64> = req
+        .headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse().ok());
+    let chunked = req.headers.contains_key(http::header::TRANSFER_ENCODING);
+    (chunked || declared.is_some_and(|n| n > 0), declared)
 }
 
-/// What a copy carries into its own pass through the proxy phases.
-pub struct CopyTicket {
-    pub route: RouteId,
-    pub request_id: String,
-    pub kind: CopyKind,
-    _permit: Option<Permit>,
-}
-
-impl CopyTicket {
-    /// The upstream the copy goes to.
-    pub fn upstream(&self) -> UpstreamId {
-        match &self.kind {
-            CopyKind::Mirror(m) => m.upstream(),
-            CopyKind::Fallback(u) => *u,
-        }
-    }
-}
-
-/// Takes the ticket out of a subrequest session, if this request is a copy.
-pub fn take_ticket(session: &mut Session) -> Option<CopyTicket> {
-    let user = session.subrequest_ctx.as_mut()?.user_ctx_mut()?;
-    user.downcast_mut::<Option<CopyTicket>>()?.take()
+/// The client's request head, reshaped by `shape` for a copy, always HTTP/1.1 so the
+/// connection to the copy's backend can be kept alive.
+fn copy_header(
+    session: &Session,
+    shape: impl FnOnce(&mut RequestHeader) -> pingora_error::Result<()>,
+) -> Option<RequestHeader> {
+    let mut header = session.req_header().clone();
+    header.set_version(http::Version::HTTP_11);
+    shape(&mut header).ok()?;
+    Some(header)
 }
 
 /// A fallback's complete answer.
@@ -168,63 +166,10 @@ pub struct Captured {
     pub body: Bytes,
 }
 
-/// Where a copy's answer goes.
-enum AnswerSink {
-    /// Drained and discarded; a copy that times out counts as this mirror error.
-    Discard(IntCounter),
-    /// Kept if complete and within `max_body`, and sent (or `None` on failure) to `to`.
-    Capture {
-        upstream: UpstreamId,
-        max_body: u64,
-        to: mpsc::UnboundedSender<Option<Captured>>,
-    },
-}
-
-/// Reads a copy's answer into memory, up to `max_body`; `None` if it fails or is larger.
-/// Whatever follows is drained so the copy can finish.
-async fn capture(
-    answers: &mut mpsc::Receiver<HttpTask>,
-    upstream: UpstreamId,
-    max_body: u64,
-) -> Option<Captured> {
-    let mut header = None;
-    let mut body = bytes::BytesMut::new();
-    let mut complete = false;
-    while let Some(task) = answers.recv().await {
-        let end = task.is_end();
-        match task {
-            HttpTask::Header(h, _) if !h.status.is_informational() => header = Some(*h),
-            HttpTask::Body(Some(b), _) => {
-                if (body.len() + b.len()) as u64 > max_body {
-                    header = None;
-                    break;
-                }
-                body.extend_from_slice(&b);
-            }
-            HttpTask::Failed(_) => {
-                header = None;
-                break;
-            }
-            _ => {}
-        }
-        if end {
-            complete = true;
-            break;
-        }
-    }
-    while answers.recv().await.is_some() {}
-    let header = header.filter(|_| complete)?;
-    Some(Captured {
-        upstream,
-        header,
-        body: body.freeze(),
-    })
-}
-
 /// A copy in flight, as the primary request sees it.
 struct Copy {
     /// Feeds the copy's body; `None` once the body is complete or the copy is gone.
-    body: Option<mpsc::Sender<HttpTask>>,
+    body: Option<mpsc::Sender<Piece>>,
     task: JoinHandle<()>,
     sent: u64,
     max_body: u64,
@@ -243,18 +188,6 @@ impl Copy {
     }
 }
 
-/// Whether the request has a body to copy, and its declared length.
-fn body_of(session: &Session) -> (bool, Option<u64>) {
-    let req = session.req_header();
-    let declared: Option<u64> = req
-        .headers
-        .get(http::header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse().ok());
-    let chunked = req.headers.contains_key(http::header::TRANSFER_ENCODING);
-    (chunked || declared.is_some_and(|n| n > 0), declared)
-}
-
 /// The copies of one primary request.
 #[derive(Default)]
 pub struct Copies {
@@ -265,19 +198,14 @@ impl Copies {
     /// Starts a copy for each sampled mirror of the route that has room for one.
     pub fn start(
         session: &Session,
-        route: RouteId,
         mirrors: &[Arc<Mirror>],
         request_id: &str,
+        connector: &Arc<Connector>,
     ) -> Copies {
         let mut copies = Copies::default();
         let (has_body, declared) = body_of(session);
         for mirror in mirrors {
             if !mirror.sampled(session) {
-                continue;
-            }
-            if !mirror.upstream.has_available() {
-                // Down (health checks, open circuits): fail at once rather than dial it.
-                mirror.outcomes.error.inc();
                 continue;
             }
             if declared.is_some_and(|n| n > mirror.config.max_body_bytes) {
@@ -288,126 +216,107 @@ impl Copies {
                 mirror.outcomes.dropped.inc();
                 continue;
             };
-            let ticket = CopyTicket {
-                route,
-                request_id: request_id.to_string(),
-                kind: CopyKind::Mirror(Arc::clone(mirror)),
-                _permit: Some(permit),
+            let upstream = &mirror.upstream;
+            let (Some(mut lease), Some(header)) = (
+                upstream.select_for(session, &Tried::default()),
+                copy_header(session, |h| {
+                    forwarding::mirror_request(h, &mirror.config, client_ip(session), request_id)
+                }),
+            ) else {
+                // No backend (health checks, open circuits): fail at once rather than dial.
+                mirror.outcomes.error.inc();
+                continue;
             };
-            let sink = AnswerSink::Discard(mirror.outcomes.error.clone());
+            let (m, connector) = (Arc::clone(mirror), Arc::clone(connector));
             copies.spawn(
-                session,
-                ticket,
                 has_body,
-                mirror.config.timeout,
                 mirror.config.max_body_bytes,
-                sink,
                 Some(Arc::clone(mirror)),
+                |body| async move {
+                    let _permit = permit;
+                    let (timeouts, limit) = (&m.upstream.config.timeouts, m.config.timeout);
+                    match outbound::exchange(
+                        &connector,
+                        &mut lease,
+                        timeouts,
+                        limit,
+                        &header,
+                        body,
+                        Keep::Discard,
+                    )
+                    .await
+                    {
+                        Ok(answer) => m.count_answer(answer.status),
+                        // Counted by the primary as it abandoned the copy.
+                        Err(Failure::BodyAborted) => {}
+                        Err(_) => m.outcomes.error.inc(),
+                    }
+                },
             );
         }
         copies
     }
 
-    /// Starts a fallback copy to each of `upstreams`, whose answers arrive on the returned
-    /// channel (one per copy, `None` for a failure). `limit` bounds each copy.
+    /// Starts a fallback copy to each of `upstreams`, shaped as `route` shapes requests,
+    /// whose answers arrive on the returned channel (one per copy, `None` for a failure).
     pub fn start_fallbacks(
         &mut self,
         session: &Session,
-        route: RouteId,
-        upstreams: &[(UpstreamId, Duration)],
+        route: &RouteConfig,
+        targets: &[(UpstreamId, Arc<Upstream>)],
         max_body: u64,
         request_id: &str,
+        connector: &Arc<Connector>,
     ) -> mpsc::UnboundedReceiver<Option<Captured>> {
         let (to, from) = mpsc::unbounded_channel();
         let (has_body, _) = body_of(session);
-        for &(upstream, limit) in upstreams {
-            let ticket = CopyTicket {
-                route,
-                request_id: request_id.to_string(),
-                kind: CopyKind::Fallback(upstream),
-                _permit: None,
+        let keep = Keep::UpTo(max_body);
+        for (id, upstream) in targets {
+            let (Some(mut lease), Some(header)) = (
+                upstream.select_for(session, &Tried::default()),
+                copy_header(session, |h| {
+                    forwarding::upstream_request(h, route, client_ip(session), request_id)
+                }),
+            ) else {
+                let _ = to.send(None);
+                continue;
             };
-            let sink = AnswerSink::Capture {
-                upstream,
-                max_body,
-                to: to.clone(),
-            };
-            self.spawn(session, ticket, has_body, limit, u64::MAX, sink, None);
+            let (id, u, to) = (*id, Arc::clone(upstream), to.clone());
+            let connector = Arc::clone(connector);
+            self.spawn(has_body, u64::MAX, None, |body| async move {
+                let t = &u.config.timeouts;
+                let limit = t.connect + t.write + t.read;
+                let answer =
+                    outbound::exchange(&connector, &mut lease, t, limit, &header, body, keep).await;
+                let captured = answer
+                    .ok()
+                    .and_then(|a| a.kept)
+                    .map(|(header, body)| Captured {
+                        upstream: id,
+                        header,
+                        body,
+                    });
+                let _ = to.send(captured);
+            });
         }
         from
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn spawn(
-        &mut self,
-        session: &Session,
-        ticket: CopyTicket,
-        has_body: bool,
-        limit: Duration,
-        max_body: u64,
-        sink: AnswerSink,
-        mirror: Option<Arc<Mirror>>,
-    ) {
-        let Some(spawner) = session.subrequest_spawner.as_ref() else {
-            if let AnswerSink::Capture { to, .. } = &sink {
-                let _ = to.send(None);
-            }
-            return;
+    /// Spawns the task `run` makes of a copy's body, keeping the feeding end.
+    fn spawn<F, R>(&mut self, has_body: bool, max_body: u64, mirror: Option<Arc<Mirror>>, run: R)
+    where
+        R: FnOnce(Body) -> F,
+        F: Future<Output = ()> + Send + 'static,
+    {
+        let (feed, body) = if has_body {
+            let (feed, pieces) = mpsc::channel(FEED_SLOTS);
+            (Some(feed), Body::Stream(pieces))
+        } else {
+            (None, Body::Empty)
         };
-        let ctx = SubrequestCtx::builder()
-            .body_mode(if has_body {
-                BodyMode::ExpectBody
-            } else {
-                BodyMode::NoBody
-            })
-            .user_ctx(Box::new(Some(ticket)))
-            .build();
-        let (prepared, handle) = spawner.create_subrequest(session.as_downstream(), ctx);
-        let (into_copy, mut answers) = (handle.tx, handle.rx);
-        let (feed, mut fed) = mpsc::channel::<HttpTask>(FEED_SLOTS);
-        let task = tokio::spawn(async move {
-            // Moves the body from the primary's queue into the subrequest at the copy's
-            // own pace, then holds the subrequest's input open: a subrequest reads its
-            // closing as the client going away and aborts, even after the body is done.
-            let pump = async move {
-                while let Some(piece) = fed.recv().await {
-                    if into_copy.send(piece).await.is_err() {
-                        break;
-                    }
-                }
-                std::future::pending::<()>().await
-            };
-            let copy = async {
-                tokio::select! {
-                    _ = prepared.run() => {}
-                    _ = pump => {}
-                }
-            };
-            match sink {
-                AnswerSink::Discard(timeout_error) => {
-                    let drain = async { while answers.recv().await.is_some() {} };
-                    if tokio::time::timeout(limit, async { tokio::join!(copy, drain) })
-                        .await
-                        .is_err()
-                    {
-                        timeout_error.inc();
-                    }
-                }
-                AnswerSink::Capture {
-                    upstream,
-                    max_body,
-                    to,
-                } => {
-                    let kept = capture(&mut answers, upstream, max_body);
-                    let result =
-                        tokio::time::timeout(limit, async { tokio::join!(copy, kept).1 }).await;
-                    let _ = to.send(result.ok().flatten());
-                }
-            }
-        });
         self.list.push(Copy {
-            body: has_body.then_some(feed),
-            task,
+            body: feed,
+            task: tokio::spawn(run(body)),
             sent: 0,
             max_body,
             mirror,
@@ -427,7 +336,11 @@ impl Copies {
                 copy.abandon(|o| &o.too_large);
                 continue;
             }
-            match tx.try_send(HttpTask::Body(chunk.cloned(), end)) {
+            let piece = Piece {
+                data: chunk.cloned(),
+                end,
+            };
+            match tx.try_send(piece) {
                 Ok(()) if end => copy.body = None,
                 Ok(()) => {}
                 Err(_) => copy.abandon(|o| &o.dropped),

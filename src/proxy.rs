@@ -3,9 +3,9 @@
 //!
 //! 1. `request_filter`: count it, settle its request id, refuse ambiguous framing (400),
 //!    route it (404/405), refuse a declared body over the limit (413).
-//!    Sampled requests on mirrored routes start their copies here ([`mirror`]); a copy
-//!    re-enters these same phases as a Pingora subrequest carrying a ticket, goes to its
-//!    mirror's upstream, and skips everything that belongs to the client's request.
+//!    Sampled requests on mirrored routes start their copies here, and fallback routes
+//!    their fallback copies ([`mirror`]): tasks that send the request elsewhere through
+//!    Pingora's connector and never enter these phases.
 //! 2. `request_body_filter`: count the streaming body against the limit (413, upstream
 //!    request aborted) and feed it to the copies.
 //! 3. `upstream_peer`: lease a backend from the route's upstream (503 when none is left).
@@ -30,18 +30,18 @@ use pingora_proxy::{FailToProxy, ProxyHttp, Session};
 
 use crate::access_log::Record;
 use crate::broadcast;
-use crate::config::{AccessLog, Balance, RouteId, RouteKind, UpstreamId};
+use crate::config::{AccessLog, RouteId, RouteKind, UpstreamId};
 use crate::fallback::{self, Fallbacks};
 use crate::forwarding;
 use crate::gateway::{Gateway, Route};
 use crate::keys::{self, client_ip};
 use crate::limits::{self, BodyCounter, Refusal};
-use crate::mirror::{self, Copies, CopyKind, CopyTicket};
+use crate::mirror::Copies;
 use crate::ratelimit::Decision;
 use crate::request_id;
 use crate::respond::{self, send_error};
 use crate::routing::RouteMatch;
-use crate::upstream::{Lease, Tried};
+use crate::upstream::{Lease, Tried, Upstream};
 
 pub struct FanoutProxy {
     gw: Arc<Gateway>,
@@ -56,12 +56,9 @@ impl FanoutProxy {
         ctx.route.map(|id| &self.gw.routes[id])
     }
 
-    /// The upstream this request goes to: the mirror's for a copy, else the route's.
+    /// The upstream this request goes to: the route's.
     fn target(&self, ctx: &RequestCtx) -> Option<UpstreamId> {
-        match &ctx.copy {
-            Some(ticket) => Some(ticket.upstream()),
-            None => self.route(ctx).and_then(Route::upstream),
-        }
+        self.route(ctx).and_then(Route::upstream)
     }
 
     /// Marks `e` retryable when `safe` and the upstream's `retries` allow another attempt,
@@ -74,12 +71,10 @@ impl FanoutProxy {
         }
     }
 
-    /// Retries allowed to this request; copies are fire-and-forget and never retried.
+    /// Retries allowed to this request.
     fn retries(&self, ctx: &RequestCtx) -> u32 {
-        match (&ctx.copy, self.target(ctx)) {
-            (None, Some(u)) => self.gw.upstreams[u].config.retries,
-            _ => 0,
-        }
+        self.target(ctx)
+            .map_or(0, |u| self.gw.upstreams[u].config.retries)
     }
 }
 
@@ -97,8 +92,6 @@ pub struct RequestCtx {
     body: BodyCounter,
     /// Set when the gateway itself refused the request mid-way (body over the limit).
     refused: Option<Refusal>,
-    /// Set when this request is a mirror copy.
-    copy: Option<CopyTicket>,
     /// The mirror and fallback copies of this (primary) request.
     copies: Copies,
     /// The fallback copies' answers, on a route with fallbacks.
@@ -175,7 +168,12 @@ impl FanoutProxy {
         let limit = ctx
             .route
             .map_or(u64::MAX, |id| self.gw.routes[id].config.max_body_bytes);
-        while !session.as_downstream_mut().is_body_done() {
+        loop {
+            if session.as_downstream_mut().is_body_done() {
+                // Copies that already had the last piece ignore a second end.
+                ctx.copies.feed(None, true);
+                break;
+            }
             match session.read_request_body().await {
                 Ok(Some(chunk)) if ctx.body.add(chunk.len(), limit).is_ok() => {
                     ctx.copies.feed(Some(&chunk), false)
@@ -254,25 +252,24 @@ impl FanoutProxy {
                 fallback_max_body,
                 ..
             } => {
+                let connector = &self.gw.connector;
                 if !route.mirrors.is_empty() {
-                    ctx.copies = Copies::start(session, id, &route.mirrors, &ctx.request_id);
+                    ctx.copies = Copies::start(session, &route.mirrors, &ctx.request_id, connector);
                 }
                 if !fallback.is_empty() {
-                    let limits: Vec<(UpstreamId, Duration)> = fallback
+                    let targets: Vec<(UpstreamId, Arc<Upstream>)> = fallback
                         .iter()
-                        .map(|&u| {
-                            let t = &self.gw.upstreams[u].config.timeouts;
-                            (u, t.connect + t.write + t.read)
-                        })
+                        .map(|&u| (u, Arc::clone(&self.gw.upstreams[u])))
                         .collect();
                     let rx = ctx.copies.start_fallbacks(
                         session,
-                        id,
-                        &limits,
+                        &route.config,
+                        &targets,
                         *fallback_max_body,
                         &ctx.request_id,
+                        connector,
                     );
-                    ctx.fallbacks = Some(Fallbacks::new(rx, limits.len()));
+                    ctx.fallbacks = Some(Fallbacks::new(rx, targets.len()));
                 }
                 Verdict::Proxy
             }
@@ -296,7 +293,6 @@ impl ProxyHttp for FanoutProxy {
             attempts: 0,
             body: BodyCounter::default(),
             refused: None,
-            copy: None,
             copies: Copies::default(),
             fallbacks: None,
             primary_failed: false,
@@ -304,18 +300,7 @@ impl ProxyHttp for FanoutProxy {
         }
     }
 
-    fn allow_spawning_subrequest(&self, session: &Session, _ctx: &RequestCtx) -> bool {
-        // Only client requests on a gateway with mirrors or fallbacks spawn copies; copies never do.
-        self.gw.spawns_copies && session.subrequest_ctx.is_none()
-    }
-
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
-        if let Some(ticket) = mirror::take_ticket(session) {
-            ctx.request_id.clone_from(&ticket.request_id);
-            ctx.route = Some(ticket.route);
-            ctx.copy = Some(ticket);
-            return Ok(false);
-        }
         self.gw.metrics.totals.count_request();
         let req = session.req_header();
         ctx.request_id =
@@ -358,9 +343,6 @@ impl ProxyHttp for FanoutProxy {
         end_of_stream: bool,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
-        if ctx.copy.is_some() {
-            return Ok(());
-        }
         let limit = ctx.route.map(|id| self.gw.routes[id].config.max_body_bytes);
         if let (Some(chunk), Some(limit)) = (body.as_ref(), limit) {
             if let Err(refusal) = ctx.body.add(chunk.len(), limit) {
@@ -388,17 +370,10 @@ impl ProxyHttp for FanoutProxy {
             .ok_or_else(|| {
                 Error::explain(ErrorType::InternalError, "request has no proxy route")
             })?;
-        let mut buf = [0u8; 16];
-        let key: &[u8] = match upstream.config.balance {
-            Balance::ConsistentHash => {
-                keys::key_bytes(session, &upstream.config.hash_key, &mut buf)
-            }
-            _ => b"",
-        };
         // Release the previous attempt's slot before choosing, so least_conn sees true loads.
         ctx.lease = None;
         let lease = upstream
-            .select(key, &ctx.tried)
+            .select_for(session, &ctx.tried)
             .ok_or_else(|| Error::explain(ErrorType::HTTPStatus(503), "no healthy backend"))?;
         ctx.tried.add(lease.index());
         ctx.attempts += 1;
@@ -415,14 +390,6 @@ impl ProxyHttp for FanoutProxy {
         ctx: &mut RequestCtx,
     ) -> Result<()> {
         let client = client_ip(session);
-        if let Some(CopyKind::Mirror(m)) = ctx.copy.as_ref().map(|t| &t.kind) {
-            return forwarding::mirror_request(
-                upstream_request,
-                &m.config,
-                client,
-                &ctx.request_id,
-            );
-        }
         let route = self
             .route(ctx)
             .ok_or_else(|| Error::explain(ErrorType::InternalError, "request has no route"))?;
@@ -439,7 +406,7 @@ impl ProxyHttp for FanoutProxy {
         if let (Some(lease), false) = (ctx.lease.as_mut(), status.is_informational()) {
             lease.answered(status.as_u16());
         }
-        if status.is_server_error() && ctx.fallbacks.is_some() && ctx.copy.is_none() {
+        if status.is_server_error() && ctx.fallbacks.is_some() {
             // The primary failed: its answer is not used; fail_to_proxy picks a fallback's.
             ctx.primary_failed = true;
             return Error::e_explain(
@@ -456,9 +423,6 @@ impl ProxyHttp for FanoutProxy {
         upstream_response: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
-        if ctx.copy.is_some() {
-            return Ok(());
-        }
         if ctx.fallbacks.is_some() {
             if let Some(u) = self.target(ctx) {
                 ctx.answered_by = Some(u);
@@ -525,9 +489,8 @@ impl ProxyHttp for FanoutProxy {
             Some(refusal) => refusal.status(),
             None => respond::status_for(e),
         };
-        // Only answer if no answer has started (or for a copy, whose answer is discarded).
-        let can_answer =
-            code > 0 && ctx.copy.is_none() && session.as_downstream().response_written().is_none();
+        // Only answer if no answer has started.
+        let can_answer = code > 0 && session.as_downstream().response_written().is_none();
         if can_answer && ctx.refused.is_none() && ctx.fallbacks.is_some() {
             match self.fallback_answer(session, ctx).await {
                 Ok(Some(status)) => code = status,
@@ -565,10 +528,9 @@ impl ProxyHttp for FanoutProxy {
     }
 
     fn suppress_error_log(&self, _session: &Session, ctx: &RequestCtx, _error: &Error) -> bool {
-        // A failing mirror is counted in fanout_mirror_requests_total; one error line per
-        // copy would cost more than the copy itself when a mirror is down. A primary 5xx on
-        // a fallback route is an expected failover, visible in metrics and the access log.
-        ctx.copy.is_some() || ctx.primary_failed
+        // A primary 5xx on a fallback route is an expected failover, visible in metrics and
+        // the access log.
+        ctx.primary_failed
     }
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
@@ -578,13 +540,6 @@ impl ProxyHttp for FanoutProxy {
             .as_downstream()
             .response_written()
             .map_or(0, |r| r.status.as_u16());
-        if let Some(ticket) = &ctx.copy {
-            // A copy counts as its mirror's outcome only: no route metrics, no log line.
-            if let CopyKind::Mirror(m) = &ticket.kind {
-                m.count_answer(if e.is_some() { 0 } else { status });
-            }
-            return;
-        }
         let route = self.route(ctx);
         let route_metrics = route.map_or(&self.gw.unrouted, |r| &r.metrics);
         route_metrics.observe(&self.gw.metrics, status, elapsed.as_secs_f64());

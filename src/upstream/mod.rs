@@ -18,9 +18,11 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use pingora_core::upstreams::peer::HttpPeer;
+use pingora_proxy::Session;
 use prometheus::IntCounter;
 
-use crate::config::UpstreamConfig;
+use crate::config::{Balance, UpstreamConfig};
+use crate::keys;
 use crate::metrics::Metrics;
 use balance::{Balancer, Candidate};
 use breaker::{Breaker, Circuit, Transition};
@@ -257,6 +259,16 @@ impl Upstream {
     pub fn has_available(&self) -> bool {
         let now = Instant::now();
         self.backends.iter().any(|b| b.available(now))
+    }
+
+    /// [`Upstream::select`] with the request's hash key, for consistent hashing.
+    pub fn select_for(self: &Arc<Self>, session: &Session, tried: &Tried) -> Option<Lease> {
+        let mut buf = [0u8; 16];
+        let key: &[u8] = match self.config.balance {
+            Balance::ConsistentHash => keys::key_bytes(session, &self.config.hash_key, &mut buf),
+            _ => b"",
+        };
+        self.select(key, tried)
     }
 
     /// Picks an available backend for a request, preferring ones not yet `tried`, and

@@ -1,0 +1,197 @@
+//! Requests the gateway sends on its own account — mirror copies, fallback copies and
+//! broadcast deliveries — straight through Pingora's HTTP connector and its keep-alive
+//! pool. No client session stands behind them, so they pass through none of the proxy's
+//! phases: the caller shapes the request head and leases the backend (so the target
+//! upstream's balancing, health checks and breakers apply), and [`exchange`] sends the
+//! request, streams or writes its body, reads the answer (discarding or keeping its body),
+//! returns the connection to the pool and reports the outcome to the lease.
+
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use pingora_core::connectors::http::Connector;
+use pingora_core::protocols::http::client::HttpSession;
+use pingora_error::{Error, ErrorType};
+use pingora_http::{RequestHeader, ResponseHeader};
+use tokio::sync::mpsc;
+
+use crate::config::Timeouts;
+use crate::respond;
+use crate::upstream::Lease;
+
+/// One piece of a streamed body: `data` (if any), and whether it is the last piece.
+pub struct Piece {
+    pub data: Option<Bytes>,
+    pub end: bool,
+}
+
+/// The body of an outbound request.
+pub enum Body {
+    Empty,
+    /// A body read in full (it can be sent again on a fresh connection).
+    Full(Bytes),
+    /// A body still arriving from the client; the sender going away before the last piece
+    /// aborts the exchange, so a partial body is never sent as complete.
+    Stream(mpsc::Receiver<Piece>),
+}
+
+impl Body {
+    fn replayable(&self) -> bool {
+        !matches!(self, Body::Stream(_))
+    }
+}
+
+/// What to do with the answer's body.
+#[derive(Clone, Copy)]
+pub enum Keep {
+    Discard,
+    /// Keep up to this many bytes; a longer body makes the exchange fail as [`Failure::TooLarge`].
+    UpTo(u64),
+}
+
+/// A complete answer. With [`Keep::Discard`] only its status is kept.
+pub struct Answer {
+    pub status: u16,
+    /// The head and body, with [`Keep::UpTo`].
+    pub kept: Option<(ResponseHeader, Bytes)>,
+}
+
+/// Why an exchange has no answer.
+#[derive(Debug)]
+pub enum Failure {
+    /// Connecting, writing or reading failed (reported to the backend).
+    Upstream(Box<Error>),
+    /// The exchange ran past its limit (reported to the backend as a timeout).
+    Timeout,
+    /// The answer came but its body was longer than [`Keep::UpTo`] allowed.
+    TooLarge,
+    /// The streamed body stopped before its end (the client's request failed).
+    BodyAborted,
+}
+
+/// Sends one request to the leased backend and reads its answer, within `limit` overall
+/// and the upstream's per-operation `timeouts`. The outcome is reported to `lease`: an
+/// answer by its status, a failure to connect, write or read as an error or a timeout.
+/// A connection taken from the pool that turns out dead is replaced once when the body
+/// can be sent again.
+pub async fn exchange(
+    connector: &Connector,
+    lease: &mut Lease,
+    timeouts: &Timeouts,
+    limit: Duration,
+    header: &RequestHeader,
+    mut body: Body,
+    keep: Keep,
+) -> Result<Answer, Failure> {
+    let attempts = async {
+        let mut first = true;
+        loop {
+            match attempt(connector, lease, timeouts, header, &mut body, keep).await {
+                Err((Failure::Upstream(_), true)) if first && body.replayable() => first = false,
+                other => return other.map_err(|(f, _)| f),
+            }
+        }
+    };
+    let result = match tokio::time::timeout(limit, attempts).await {
+        Ok(result) => result,
+        Err(_) => Err(Failure::Timeout),
+    };
+    match &result {
+        Ok(answer) => lease.answered(answer.status),
+        Err(Failure::TooLarge) => {}
+        Err(Failure::Upstream(e)) => lease.failed(respond::is_timeout(e)),
+        Err(Failure::Timeout) => lease.failed(true),
+        Err(Failure::BodyAborted) => {}
+    }
+    result
+}
+
+/// One try on one connection. The error carries whether the connection came from the pool
+/// and failed before any answer byte (worth one more try on another connection).
+async fn attempt(
+    connector: &Connector,
+    lease: &Lease,
+    timeouts: &Timeouts,
+    header: &RequestHeader,
+    body: &mut Body,
+    keep: Keep,
+) -> Result<Answer, (Failure, bool)> {
+    let peer = lease.backend().peer();
+    let upstream = |e| (Failure::Upstream(e), false);
+    let (mut session, reused) = connector.get_http_session(&*peer).await.map_err(upstream)?;
+    session.set_write_timeout(Some(timeouts.write));
+    session.set_read_timeout(Some(timeouts.read));
+    let stale = |e| (Failure::Upstream(e), reused);
+    session
+        .write_request_header(Box::new(header.clone()))
+        .await
+        .map_err(stale)?;
+    match body {
+        Body::Empty => {}
+        Body::Full(bytes) => {
+            if !bytes.is_empty() {
+                session
+                    .write_request_body(bytes.clone(), true)
+                    .await
+                    .map_err(stale)?;
+            }
+        }
+        Body::Stream(pieces) => loop {
+            let Some(piece) = pieces.recv().await else {
+                return Err((Failure::BodyAborted, false));
+            };
+            if let Some(data) = piece.data {
+                session
+                    .write_request_body(data, piece.end)
+                    .await
+                    .map_err(upstream)?;
+            }
+            if piece.end {
+                break;
+            }
+        },
+    }
+    session.finish_request_body().await.map_err(stale)?;
+    let status = read_final_header(&mut session).await.map_err(stale)?;
+    let kept = match keep {
+        Keep::Discard => {
+            while read_chunk(&mut session).await?.is_some() {}
+            None
+        }
+        Keep::UpTo(max) => {
+            let header = session.response_header().cloned();
+            let mut body = BytesMut::new();
+            while let Some(chunk) = read_chunk(&mut session).await? {
+                if (body.len() + chunk.len()) as u64 > max {
+                    return Err((Failure::TooLarge, false));
+                }
+                body.extend_from_slice(&chunk);
+            }
+            header.map(|h| (h, body.freeze()))
+        }
+    };
+    connector
+        .release_http_session(session, &*peer, Some(timeouts.idle))
+        .await;
+    Ok(Answer { status, kept })
+}
+
+/// Reads answer heads until a final one (1xx heads are skipped); returns its status.
+async fn read_final_header(session: &mut HttpSession) -> pingora_error::Result<u16> {
+    loop {
+        session.read_response_header().await?;
+        let Some(h) = session.response_header() else {
+            return Error::e_explain(ErrorType::InvalidHTTPHeader, "no response header");
+        };
+        if !h.status.is_informational() || h.status == http::StatusCode::SWITCHING_PROTOCOLS {
+            return Ok(h.status.as_u16());
+        }
+    }
+}
+
+async fn read_chunk(session: &mut HttpSession) -> Result<Option<Bytes>, (Failure, bool)> {
+    session
+        .read_response_body()
+        .await
+        .map_err(|e| (Failure::Upstream(e), false))
+}
