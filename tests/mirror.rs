@@ -3,9 +3,12 @@
 
 mod common;
 
+use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn conf(primary: &Backend, mirror: &str, options: &str) -> String {
     format!(
@@ -167,6 +170,22 @@ async fn slow_and_dead_mirrors_cost_the_primary_nothing() {
         mirror_count(&c, &gw, "ok").await == 30
     })
     .await;
+    // Copies without a body travel on pipelined lanes: they must not queue behind each
+    // other either (forty one-second copies in line would far exceed their 3 s timeout).
+    let started = Instant::now();
+    many_gets(&c, &gw, 40, 8).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        started.elapsed()
+    );
+    eventually(
+        Duration::from_secs(6),
+        "slow bodiless copies finish",
+        || async { mirror_count(&c, &gw, "ok").await == 70 },
+    )
+    .await;
+    assert_eq!(mirror_count(&c, &gw, "error").await, 0);
 
     let dead = format!("127.0.0.1:{}", free_port());
     let gw = Gateway::start(&conf(&primary, &dead, ""));
@@ -220,4 +239,131 @@ async fn bodies_over_the_mirror_limit_are_not_copied() {
     assert_eq!(mirror_count(&c, &gw, "too_large").await, 1);
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(shadow.hits(), 0);
+}
+
+/// A mirror written by hand for copies without a body: it reads pipelined request heads
+/// and answers each in turn, rotating through a Content-Length body, a chunked body with a
+/// trailer and a 204 (a HEAD gets its Content-Length and no body). With `close_each` it
+/// says `Connection: close` and closes after every answer. Counts requests and connections.
+struct RawMirror {
+    addr: std::net::SocketAddr,
+    requests: Arc<AtomicUsize>,
+    connections: Arc<AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl RawMirror {
+    async fn start(close_each: bool) -> RawMirror {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (requests, connections) =
+            (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let (r, c) = (Arc::clone(&requests), Arc::clone(&connections));
+        let task = tokio::spawn(async move {
+            while let Ok((mut conn, _)) = listener.accept().await {
+                c.fetch_add(1, SeqCst);
+                let r = Arc::clone(&r);
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    let mut chunk = [0u8; 4096];
+                    loop {
+                        let mut answers = Vec::new();
+                        while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            let head: Vec<u8> = buf.drain(..end + 4).collect();
+                            let n = r.fetch_add(1, SeqCst);
+                            let close = if close_each {
+                                "connection: close\r\n"
+                            } else {
+                                ""
+                            };
+                            let answer = if head.starts_with(b"HEAD ") {
+                                format!("HTTP/1.1 200 OK\r\n{close}content-length: 5\r\n\r\n")
+                            } else {
+                                match n % 3 {
+                                    0 => format!("HTTP/1.1 200 OK\r\n{close}content-length: 5\r\n\r\nhello"),
+                                    1 => format!("HTTP/1.1 404 Not Found\r\n{close}transfer-encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\nx-t: 1\r\n\r\n"),
+                                    _ => format!("HTTP/1.1 204 No Content\r\n{close}\r\n"),
+                                }
+                            };
+                            answers.extend_from_slice(answer.as_bytes());
+                            if close_each {
+                                break;
+                            }
+                        }
+                        if !answers.is_empty()
+                            && (conn.write_all(&answers).await.is_err() || close_each)
+                        {
+                            return;
+                        }
+                        match conn.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                });
+            }
+        });
+        RawMirror {
+            addr,
+            requests,
+            connections,
+            task,
+        }
+    }
+}
+
+impl Drop for RawMirror {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Sends `n` GETs (every fifth a HEAD) from `parallel` clients at once; all must be 200.
+async fn many_gets(c: &reqwest::Client, gw: &Gateway, n: usize, parallel: usize) {
+    let mut clients = tokio::task::JoinSet::new();
+    for p in 0..parallel {
+        let (c, base) = (c.clone(), gw.url(""));
+        clients.spawn(async move {
+            for i in (p..n).step_by(parallel) {
+                let url = format!("{base}/g/{i}");
+                let req = if i % 5 == 0 { c.head(url) } else { c.get(url) };
+                let status = req.send().await.unwrap().status();
+                assert_eq!(status, 200);
+            }
+        });
+    }
+    while let Some(done) = clients.join_next().await {
+        done.unwrap();
+    }
+}
+
+/// Mirrors `n` GETs and HEADs from `parallel` clients to a [`RawMirror`]: every copy must
+/// arrive once and be counted `ok`. Returns the mirror for further checks.
+async fn every_copy_arrives(close_each: bool, n: usize, parallel: usize) -> RawMirror {
+    let primary = Backend::start("primary").await;
+    let mirror = RawMirror::start(close_each).await;
+    let gw = Gateway::start(&conf(&primary, &mirror.addr.to_string(), ", timeout: 5s"));
+    let c = client();
+    many_gets(&c, &gw, n, parallel).await;
+    eventually(Duration::from_secs(10), "every copy answered", || async {
+        mirror_count(&c, &gw, "ok").await == n as u64
+    })
+    .await;
+    assert_eq!(mirror_count(&c, &gw, "error").await, 0);
+    assert_eq!(mirror.requests.load(SeqCst), n);
+    mirror
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodiless_copies_share_pipelined_connections_and_all_arrive() {
+    let mirror = every_copy_arrives(false, 600, 32).await;
+    // Connections are reused (about one per client here), never one per copy.
+    let conns = mirror.connections.load(SeqCst);
+    assert!(conns <= 100, "{conns} connections for 600 copies");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mirror_closing_after_every_answer_still_gets_every_copy() {
+    // Each answer says `Connection: close`: copies written behind it go again elsewhere.
+    every_copy_arrives(true, 200, 16).await;
 }

@@ -17,21 +17,30 @@
 //! An abandoned copy is *aborted*: its connection is closed mid-body, never finished, so a
 //! mirror cannot take a truncated body for a complete one.
 //!
+//! Copies without a body skip the connector: their heads are pipelined, many to a write,
+//! on a few long-lived connections per mirror backend ([`lanes`]), which only take more
+//! copies while their mirror answers fast, so a slow mirror still gets a connection per copy.
+//!
 //! Copies were first Pingora subrequests re-entering the proxy phases; a subrequest costs
 //! as much CPU as a client request (a second session, channels, every phase), which halved
 //! throughput behind a fast mirror. The connector sends the same request for the cost of
-//! the upstream half alone (figures in bench/RESULTS.md).
+//! the upstream half alone, and a lane for a fraction of that (figures in
+//! bench/RESULTS.md).
 //!
 //! Fallback routes start the same copies with one difference: the answer of a fallback
 //! copy is kept (up to `fallback_max_body`) for the primary to use if its own upstream
 //! fails, instead of being discarded.
 
+mod lanes;
+
 use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
+use std::time::Instant;
 
 use bytes::Bytes;
 use pingora_core::connectors::http::Connector;
+use pingora_core::protocols::http::v1::client::http_req_header_to_wire;
 use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::Session;
 use prometheus::{IntCounter, IntGauge};
@@ -65,6 +74,8 @@ pub struct Mirror {
     inflight: AtomicUsize,
     inflight_gauge: IntGauge,
     outcomes: Outcomes,
+    /// Pipelined connections for copies without a body, per backend of the upstream.
+    lanes: Vec<lanes::BackendLanes>,
 }
 
 impl Mirror {
@@ -86,6 +97,11 @@ impl Mirror {
                 dropped: count("dropped"),
                 too_large: count("too_large"),
             },
+            lanes: upstream
+                .backends
+                .iter()
+                .map(|b| lanes::BackendLanes::new(b.addr))
+                .collect(),
             upstream: Arc::clone(&upstream),
         }
     }
@@ -217,16 +233,36 @@ impl Copies {
                 continue;
             };
             let upstream = &mirror.upstream;
-            let (Some(mut lease), Some(header)) = (
-                upstream.select_for(session, &Tried::default()),
-                copy_header(session, |h| {
-                    forwarding::mirror_request(h, &mirror.config, client_ip(session), request_id)
-                }),
-            ) else {
-                // No backend (health checks, open circuits): fail at once rather than dial.
+            // No backend (health checks, open circuits): fail at once rather than dial.
+            let Some(mut lease) = upstream.select_for(session, &Tried::default()) else {
                 mirror.outcomes.error.inc();
                 continue;
             };
+            let shape = |h: &mut RequestHeader| {
+                forwarding::mirror_request(h, &mirror.config, client_ip(session), request_id)
+            };
+            let Some(header) = copy_header(session, shape) else {
+                mirror.outcomes.error.inc();
+                continue;
+            };
+            if !has_body {
+                // Pipelined with other copies on a lane (see `lanes`).
+                let Some(wire) = http_req_header_to_wire(&header) else {
+                    mirror.outcomes.error.inc();
+                    continue;
+                };
+                let job = lanes::Job {
+                    wire: wire.freeze(),
+                    idempotent: header.method.is_idempotent(),
+                    head: header.method == http::Method::HEAD,
+                    lease,
+                    deadline: Instant::now() + mirror.config.timeout,
+                    permit,
+                    retried: false,
+                };
+                lanes::dispatch(mirror, job);
+                continue;
+            }
             let (m, connector) = (Arc::clone(mirror), Arc::clone(connector));
             copies.spawn(
                 has_body,
@@ -272,11 +308,12 @@ impl Copies {
         let (has_body, _) = body_of(session);
         let keep = Keep::UpTo(max_body);
         for (id, upstream) in targets {
+            let shape = |h: &mut RequestHeader| {
+                forwarding::upstream_request(h, route, client_ip(session), request_id)
+            };
             let (Some(mut lease), Some(header)) = (
                 upstream.select_for(session, &Tried::default()),
-                copy_header(session, |h| {
-                    forwarding::upstream_request(h, route, client_ip(session), request_id)
-                }),
+                copy_header(session, shape),
             ) else {
                 let _ = to.send(None);
                 continue;

@@ -1,0 +1,723 @@
+//! Pipelined HTTP/1.1 connections ("lanes") that carry a mirror's copies without a body.
+//!
+//! A copy sent on a connection of its own costs about as much as the upstream half of a
+//! proxied request: a write that wakes the mirror, a read, pool bookkeeping. Behind a fast
+//! mirror that halves the gateway's throughput. Copies with no body need none of that per
+//! copy: their heads are queued to a lane, and the lane's task writes every head waiting at
+//! once and reads the answers in order as they come, so one write and one read carry many
+//! copies.
+//!
+//! Pipelining must not let a slow mirror hold copies hostage, so a copy joins a busy lane
+//! only while that lane is *fast*: its last answer took under [`FAST`] and the answer it
+//! waits for now is not older than that. Otherwise the copy takes an idle lane or opens a
+//! new one, as many as the mirror's `max_inflight` allows: behind a mirror that answers in a
+//! second every copy has a connection of its own, as it would without pipelining.
+//!
+//! A lane that fails (connect error, reset, unparseable answer) fails the copies it carries;
+//! a copy past the mirror's `timeout` ends its lane (the copies queued behind it would wait
+//! as long). A lane the mirror closes politely (`Connection: close`, or a close after a
+//! complete answer) hands its unanswered idempotent copies to other lanes, once; a copy
+//! that is not idempotent may have been processed, so it counts as an error instead.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, BytesMut};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+
+use super::{Mirror, Permit};
+use crate::upstream::Lease;
+
+/// Copies a lane carries at once at most.
+const DEPTH: usize = 32;
+/// A lane whose answers come faster than this takes more copies while busy.
+const FAST: Duration = Duration::from_millis(5);
+/// Largest answer head a lane accepts.
+const MAX_HEAD: usize = 64 * 1024;
+/// Headers an answer may have.
+const MAX_HEADERS: usize = 100;
+
+/// One copy waiting for, or travelling on, a lane.
+pub struct Job {
+    /// The request head, serialized.
+    pub wire: bytes::Bytes,
+    pub idempotent: bool,
+    /// A HEAD request: its answer has no body, whatever it declares.
+    pub head: bool,
+    pub lease: Lease,
+    pub deadline: Instant,
+    pub permit: Permit,
+    /// Handed over once already by a lane that closed.
+    pub retried: bool,
+}
+
+impl Job {
+    fn mirror(&self) -> &Mirror {
+        &self.permit.0
+    }
+
+    fn answered(mut self, status: u16) {
+        self.lease.answered(status);
+        self.mirror().count_answer(status);
+    }
+
+    fn failed(mut self, timeout: bool) {
+        self.lease.failed(timeout);
+        self.mirror().outcomes.error.inc();
+    }
+}
+
+/// Time as microseconds since the lanes' epoch, for atomics.
+fn micros(epoch: Instant, t: Instant) -> u64 {
+    t.saturating_duration_since(epoch).as_micros() as u64
+}
+
+/// One connection's shared state, read by copies choosing a lane.
+struct Lane {
+    tx: mpsc::UnboundedSender<Job>,
+    /// Copies queued or awaiting their answer.
+    outstanding: AtomicUsize,
+    /// How long the last answer took (µs); `u64::MAX` until the first one.
+    last_latency: AtomicU64,
+    /// When the copy at the head of the line was written (µs since epoch; 0: none).
+    head_sent: AtomicU64,
+    closed: AtomicBool,
+}
+
+impl Lane {
+    /// Whether a busy lane may take one more copy behind those it carries.
+    fn takes_more(&self, now_us: u64) -> bool {
+        let n = self.outstanding.load(Relaxed);
+        let fast = FAST.as_micros() as u64;
+        let head = self.head_sent.load(Relaxed);
+        n < DEPTH
+            && self.last_latency.load(Relaxed) < fast
+            && (head == 0 || now_us.saturating_sub(head) < fast)
+    }
+}
+
+/// The lanes to one backend of a mirror's upstream.
+pub struct BackendLanes {
+    addr: SocketAddr,
+    lanes: Mutex<Vec<Arc<Lane>>>,
+    epoch: Instant,
+}
+
+impl BackendLanes {
+    pub fn new(addr: SocketAddr) -> BackendLanes {
+        BackendLanes {
+            addr,
+            lanes: Mutex::new(Vec::new()),
+            epoch: Instant::now(),
+        }
+    }
+}
+
+/// Sends `job` on a lane to its backend: the fullest fast lane with room, else an idle
+/// lane, else a new one. Never waits.
+pub fn dispatch(mirror: &Arc<Mirror>, job: Job) {
+    let index = job.lease.index();
+    let Some(backend) = mirror.lanes.get(index) else {
+        job.failed(false);
+        return;
+    };
+    let now_us = micros(backend.epoch, Instant::now());
+    let chosen = {
+        let mut lanes = backend.lanes.lock().unwrap_or_else(|p| p.into_inner());
+        lanes.retain(|l| !l.closed.load(Relaxed));
+        let busy_fast = lanes
+            .iter()
+            .filter(|l| l.outstanding.load(Relaxed) > 0 && l.takes_more(now_us))
+            .max_by_key(|l| l.outstanding.load(Relaxed));
+        let idle = || lanes.iter().find(|l| l.outstanding.load(Relaxed) == 0);
+        match busy_fast.or_else(idle) {
+            Some(lane) => Arc::clone(lane),
+            None => {
+                let lane = open(mirror, backend);
+                lanes.push(Arc::clone(&lane));
+                lane
+            }
+        }
+    };
+    chosen.outstanding.fetch_add(1, Relaxed);
+    if let Err(mpsc::error::SendError(job)) = chosen.tx.send(job) {
+        // The lane ended meanwhile; it has not seen this copy.
+        chosen.outstanding.fetch_sub(1, Relaxed);
+        chosen.closed.store(true, Relaxed);
+        dispatch(mirror, job);
+    }
+}
+
+/// Starts a lane to `backend` (connecting in its task).
+fn open(mirror: &Arc<Mirror>, backend: &BackendLanes) -> Arc<Lane> {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let lane = Arc::new(Lane {
+        tx,
+        outstanding: AtomicUsize::new(0),
+        last_latency: AtomicU64::new(u64::MAX),
+        head_sent: AtomicU64::new(0),
+        closed: AtomicBool::new(false),
+    });
+    let task = LaneTask {
+        lane: Arc::clone(&lane),
+        mirror: Arc::clone(mirror),
+        rx,
+        epoch: backend.epoch,
+        pending: VecDeque::new(),
+    };
+    tokio::spawn(task.run(backend.addr));
+    lane
+}
+
+/// A copy written to the lane, waiting for its answer.
+struct Sent {
+    job: Job,
+    at: Instant,
+}
+
+/// How a lane ended.
+enum End {
+    /// The mirror closed it after complete answers, or it sat idle: unanswered idempotent
+    /// copies may go again.
+    Polite,
+    /// It failed: its copies failed with it.
+    Failed { timeout: bool },
+}
+
+struct LaneTask {
+    lane: Arc<Lane>,
+    mirror: Arc<Mirror>,
+    rx: mpsc::UnboundedReceiver<Job>,
+    epoch: Instant,
+    pending: VecDeque<Sent>,
+}
+
+impl LaneTask {
+    async fn run(mut self, addr: SocketAddr) {
+        let t = &self.mirror.upstream.config.timeouts;
+        let (connect, idle) = (t.connect, t.idle);
+        let end = match tokio::time::timeout(connect, TcpStream::connect(addr)).await {
+            Ok(Ok(stream)) => {
+                let _ = stream.set_nodelay(true);
+                self.serve(stream, idle).await
+            }
+            Ok(Err(_)) => End::Failed { timeout: false },
+            Err(_) => End::Failed { timeout: true },
+        };
+        self.finish(end);
+    }
+
+    /// Moves copies from the queue to the connection and answers back to copies, until
+    /// the lane ends.
+    async fn serve(&mut self, stream: TcpStream, idle: Duration) -> End {
+        let mut out = BytesMut::new();
+        let mut inb = BytesMut::with_capacity(16 * 1024);
+        let mut reader = Reader::default();
+        // One timer, moved only when its deadline changes: the oldest copy's deadline
+        // while copies are out, else the end of the idle period.
+        let mut idle_since = Instant::now();
+        let mut due = idle_since + idle;
+        let timer = tokio::time::sleep_until(due.into());
+        tokio::pin!(timer);
+        loop {
+            let wanted = match self.pending.front() {
+                Some(s) => s.job.deadline,
+                None => idle_since + idle,
+            };
+            if wanted != due {
+                due = wanted;
+                timer.as_mut().reset(due.into());
+            }
+            tokio::select! {
+                biased;
+                ready = stream.readable() => {
+                    if ready.is_err() {
+                        return End::Failed { timeout: false };
+                    }
+                    match read_some(&stream, &mut inb) {
+                        Ok(None) => continue,
+                        Ok(Some(0)) => {
+                            // The mirror closed: fine between answers or at the end of one
+                            // that lasts until the close, a failure within any other.
+                            if let Some(status) = reader.closed() {
+                                if let Some(sent) = self.pending.pop_front() {
+                                    self.answered(sent, status);
+                                }
+                                return End::Polite;
+                            }
+                            return match reader.at_boundary() && inb.is_empty() {
+                                true => End::Polite,
+                                false => End::Failed { timeout: false },
+                            };
+                        }
+                        Ok(Some(_)) => {}
+                        Err(()) => return End::Failed { timeout: false },
+                    }
+                    loop {
+                        match reader.next(&mut inb, self.pending.front().map(|s| s.job.head)) {
+                            Parsed::NeedMore => break,
+                            Parsed::Answer { status, close } => {
+                                let Some(sent) = self.pending.pop_front() else {
+                                    return End::Failed { timeout: false };
+                                };
+                                self.answered(sent, status);
+                                idle_since = Instant::now();
+                                if close {
+                                    return End::Polite;
+                                }
+                            }
+                            Parsed::Invalid => return End::Failed { timeout: false },
+                        }
+                    }
+                }
+                ready = stream.writable(), if !out.is_empty() => {
+                    if ready.is_err() || write_some(&stream, &mut out).is_err() {
+                        return End::Failed { timeout: false };
+                    }
+                }
+                job = self.rx.recv(), if self.pending.len() < DEPTH => {
+                    let Some(job) = job else { return End::Polite };
+                    self.take(job, &mut out);
+                    while self.pending.len() < DEPTH {
+                        match self.rx.try_recv() {
+                            Ok(job) => self.take(job, &mut out),
+                            Err(_) => break,
+                        }
+                    }
+                    if write_some(&stream, &mut out).is_err() {
+                        return End::Failed { timeout: false };
+                    }
+                }
+                _ = &mut timer => {
+                    if !self.pending.is_empty() {
+                        return End::Failed { timeout: true };
+                    }
+                    if self.lane.outstanding.load(Relaxed) == 0 {
+                        return End::Polite; // idle for the whole idle period
+                    }
+                    idle_since = Instant::now(); // a copy is on its way in
+                }
+            }
+        }
+    }
+
+    /// Queues a copy's head for writing.
+    fn take(&mut self, job: Job, out: &mut BytesMut) {
+        let now = Instant::now();
+        if self.pending.is_empty() {
+            self.lane
+                .head_sent
+                .store(micros(self.epoch, now).max(1), Relaxed);
+        }
+        out.extend_from_slice(&job.wire);
+        self.pending.push_back(Sent { job, at: now });
+    }
+
+    fn answered(&mut self, sent: Sent, status: u16) {
+        let now = Instant::now();
+        let latency = micros(sent.at, now);
+        self.lane.last_latency.store(latency, Relaxed);
+        let head = self
+            .pending
+            .front()
+            .map_or(0, |s| micros(self.epoch, s.at).max(1));
+        self.lane.head_sent.store(head, Relaxed);
+        self.lane.outstanding.fetch_sub(1, Relaxed);
+        sent.job.answered(status);
+    }
+
+    /// Ends the lane: closed to new copies, then each copy it still held fails or, if the
+    /// mirror closed politely and the copy may safely go again (never written, or
+    /// idempotent), goes to another lane, once.
+    fn finish(mut self, end: End) {
+        self.lane.closed.store(true, Relaxed);
+        self.rx.close();
+        let written = self.pending.drain(..).map(|s| (s.job, true));
+        let queued = std::iter::from_fn(|| self.rx.try_recv().ok()).map(|j| (j, false));
+        let held: Vec<(Job, bool)> = written.chain(queued).collect();
+        for (mut job, written) in held {
+            match end {
+                End::Polite if !job.retried && (job.idempotent || !written) => {
+                    job.retried = true;
+                    dispatch(&self.mirror, job);
+                }
+                End::Polite => job.failed(false),
+                End::Failed { timeout } => job.failed(timeout),
+            }
+        }
+    }
+}
+
+/// Reads what is there; `Ok(None)` when nothing was (a spurious wake-up).
+fn read_some(stream: &TcpStream, inb: &mut BytesMut) -> Result<Option<usize>, ()> {
+    inb.reserve(16 * 1024);
+    match stream.try_read_buf(inb) {
+        Ok(n) => Ok(Some(n)),
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(None),
+        Err(_) => Err(()),
+    }
+}
+
+/// Writes as much of `out` as the socket takes now.
+fn write_some(stream: &TcpStream, out: &mut BytesMut) -> Result<(), ()> {
+    while !out.is_empty() {
+        match stream.try_write(out) {
+            Ok(0) => return Err(()),
+            Ok(n) => out.advance(n),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(()),
+            Err(_) => return Err(()),
+        }
+    }
+    Ok(())
+}
+
+/// What the reader made of the bytes so far.
+#[derive(Debug, PartialEq)]
+enum Parsed {
+    NeedMore,
+    /// A complete final answer; `close`: the mirror closes the connection after it.
+    Answer {
+        status: u16,
+        close: bool,
+    },
+    Invalid,
+}
+
+/// Where the reader is within the answers.
+#[derive(Debug, Default, Clone, Copy, PartialEq)]
+enum ReadState {
+    #[default]
+    Head,
+    /// Body bytes left to skip.
+    Length { left: u64, status: u16, close: bool },
+    Chunked {
+        at: ChunkAt,
+        status: u16,
+        close: bool,
+    },
+    /// A body that lasts until the connection closes.
+    UntilClose { status: u16 },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum ChunkAt {
+    Size,
+    Data(u64),
+    DataEnd,
+    Trailer,
+}
+
+/// Reads pipelined answers one after the other, skipping their bodies.
+#[derive(Default)]
+struct Reader {
+    state: ReadState,
+}
+
+impl Reader {
+    fn at_boundary(&self) -> bool {
+        matches!(self.state, ReadState::Head)
+    }
+
+    /// The connection closed: the status of the answer this completes, if it was one whose
+    /// body lasts until the close.
+    fn closed(&self) -> Option<u16> {
+        match self.state {
+            ReadState::UntilClose { status } => Some(status),
+            _ => None,
+        }
+    }
+
+    /// Consumes from `inb` up to the end of the next complete answer. `head`: whether the
+    /// request it answers was a HEAD (`None`: no request is waiting).
+    fn next(&mut self, inb: &mut BytesMut, head: Option<bool>) -> Parsed {
+        loop {
+            match self.state {
+                ReadState::Head => {
+                    if inb.is_empty() {
+                        return Parsed::NeedMore;
+                    }
+                    let Some(head) = head else {
+                        return Parsed::Invalid; // an answer nobody asked for
+                    };
+                    match parse_head(inb, head) {
+                        Ok(Some((used, state))) => {
+                            inb.advance(used);
+                            self.state = state;
+                        }
+                        Ok(None) if inb.len() > MAX_HEAD => return Parsed::Invalid,
+                        Ok(None) => return Parsed::NeedMore,
+                        Err(()) => return Parsed::Invalid,
+                    }
+                }
+                ReadState::Length {
+                    left,
+                    status,
+                    close,
+                } => {
+                    let take = left.min(inb.len() as u64);
+                    inb.advance(take as usize);
+                    if take < left {
+                        self.state = ReadState::Length {
+                            left: left - take,
+                            status,
+                            close,
+                        };
+                        return Parsed::NeedMore;
+                    }
+                    self.state = ReadState::Head;
+                    return Parsed::Answer { status, close };
+                }
+                ReadState::Chunked { at, status, close } => match skip_chunked(at, inb) {
+                    Ok(Some(at)) => {
+                        self.state = ReadState::Chunked { at, status, close };
+                        return Parsed::NeedMore;
+                    }
+                    Ok(None) => {
+                        self.state = ReadState::Head;
+                        return Parsed::Answer { status, close };
+                    }
+                    Err(()) => return Parsed::Invalid,
+                },
+                ReadState::UntilClose { .. } => {
+                    inb.clear();
+                    return Parsed::NeedMore;
+                }
+            }
+        }
+    }
+}
+
+/// Parses one answer head: its length and what follows it. 1xx heads are consumed with a
+/// `Head` state (the final answer follows).
+fn parse_head(inb: &[u8], head_request: bool) -> Result<Option<(usize, ReadState)>, ()> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut resp = httparse::Response::new(&mut headers);
+    let used = match resp.parse(inb) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(_) => return Err(()),
+    };
+    let status = resp.code.ok_or(())?;
+    if status == 101 {
+        return Err(()); // copies never ask to switch protocols
+    }
+    if (100..200).contains(&status) {
+        return Ok(Some((used, ReadState::Head)));
+    }
+    let mut close = resp.version == Some(0);
+    let mut length = None;
+    let mut chunked = false;
+    for h in resp.headers.iter() {
+        if h.name.eq_ignore_ascii_case("connection") {
+            for token in h.value.split(|&b| b == b',') {
+                let token = token.trim_ascii();
+                if token.eq_ignore_ascii_case(b"close") {
+                    close = true;
+                } else if token.eq_ignore_ascii_case(b"keep-alive") {
+                    close = false;
+                }
+            }
+        } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
+            chunked = h.value.trim_ascii().ends_with(b"chunked");
+        } else if h.name.eq_ignore_ascii_case("content-length") {
+            let n: u64 = std::str::from_utf8(h.value)
+                .ok()
+                .and_then(|v| v.trim().parse().ok())
+                .ok_or(())?;
+            if length.is_some_and(|l| l != n) {
+                return Err(());
+            }
+            length = Some(n);
+        }
+    }
+    let state = if head_request || status == 204 || status == 304 {
+        ReadState::Length {
+            left: 0,
+            status,
+            close,
+        }
+    } else if chunked {
+        ReadState::Chunked {
+            at: ChunkAt::Size,
+            status,
+            close,
+        }
+    } else if let Some(left) = length {
+        ReadState::Length {
+            left,
+            status,
+            close,
+        }
+    } else {
+        ReadState::UntilClose { status }
+    };
+    Ok(Some((used, state)))
+}
+
+/// Skips chunked body bytes; `Ok(None)` at the end of the body, `Ok(Some(at))` when more
+/// bytes are needed.
+fn skip_chunked(mut at: ChunkAt, inb: &mut BytesMut) -> Result<Option<ChunkAt>, ()> {
+    loop {
+        match at {
+            ChunkAt::Size => {
+                let Some(eol) = find_crlf(inb) else {
+                    return if inb.len() > 1024 {
+                        Err(())
+                    } else {
+                        Ok(Some(at))
+                    };
+                };
+                let line = &inb[..eol];
+                let digits = line
+                    .split(|&b| b == b';')
+                    .next()
+                    .unwrap_or(b"")
+                    .trim_ascii();
+                let size = std::str::from_utf8(digits)
+                    .ok()
+                    .and_then(|d| u64::from_str_radix(d, 16).ok())
+                    .ok_or(())?;
+                inb.advance(eol + 2);
+                at = if size == 0 {
+                    ChunkAt::Trailer
+                } else {
+                    ChunkAt::Data(size)
+                };
+            }
+            ChunkAt::Data(left) => {
+                let take = left.min(inb.len() as u64);
+                inb.advance(take as usize);
+                if take < left {
+                    return Ok(Some(ChunkAt::Data(left - take)));
+                }
+                at = ChunkAt::DataEnd;
+            }
+            ChunkAt::DataEnd => {
+                if inb.len() < 2 {
+                    return Ok(Some(at));
+                }
+                if &inb[..2] != b"\r\n" {
+                    return Err(());
+                }
+                inb.advance(2);
+                at = ChunkAt::Size;
+            }
+            ChunkAt::Trailer => {
+                let Some(eol) = find_crlf(inb) else {
+                    return if inb.len() > MAX_HEAD {
+                        Err(())
+                    } else {
+                        Ok(Some(at))
+                    };
+                };
+                inb.advance(eol + 2);
+                if eol == 0 {
+                    return Ok(None);
+                }
+            }
+        }
+    }
+}
+
+fn find_crlf(b: &[u8]) -> Option<usize> {
+    b.windows(2).position(|w| w == b"\r\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn read_all(input: &[u8], heads: &[bool], split: usize) -> Vec<Parsed> {
+        let mut reader = Reader::default();
+        let mut inb = BytesMut::new();
+        let mut out = Vec::new();
+        let mut heads = heads.iter().copied();
+        let mut head = heads.next();
+        for piece in input.chunks(split) {
+            inb.extend_from_slice(piece);
+            loop {
+                match reader.next(&mut inb, head) {
+                    Parsed::NeedMore => break,
+                    p => {
+                        let invalid = p == Parsed::Invalid;
+                        out.push(p);
+                        head = heads.next();
+                        if invalid {
+                            return out;
+                        }
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn reads_pipelined_answers_in_any_split() {
+        let input = b"HTTP/1.1 100 Continue\r\n\r\n\
+            HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello\
+            HTTP/1.1 404 Not Found\r\nTransfer-Encoding: chunked\r\n\r\n3;x=1\r\nabc\r\n10\r\n0123456789abcdef\r\n0\r\nTrailer: t\r\n\r\n\
+            HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\n\
+            HTTP/1.1 204 No Content\r\n\r\n\
+            HTTP/1.1 503 Busy\r\nConnection: close\r\nContent-Length: 0\r\n\r\n";
+        let want = vec![
+            Parsed::Answer {
+                status: 200,
+                close: false,
+            },
+            Parsed::Answer {
+                status: 404,
+                close: false,
+            },
+            Parsed::Answer {
+                status: 200,
+                close: false,
+            },
+            Parsed::Answer {
+                status: 204,
+                close: false,
+            },
+            Parsed::Answer {
+                status: 503,
+                close: true,
+            },
+        ];
+        // The third answer is to a HEAD request: its Content-Length declares no body here.
+        let heads = [false, false, true, false, false];
+        for split in [1, 2, 3, 7, 64, input.len()] {
+            assert_eq!(read_all(input, &heads, split), want, "split {split}");
+        }
+    }
+
+    #[test]
+    fn http_1_0_closes_and_garbage_is_invalid() {
+        let input = b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok";
+        let got = read_all(input, &[false], 4);
+        assert_eq!(
+            got,
+            vec![Parsed::Answer {
+                status: 200,
+                close: true
+            }]
+        );
+        let got = read_all(
+            b"HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n",
+            &[false],
+            100,
+        );
+        assert_eq!(got, vec![Parsed::Invalid]);
+        let got = read_all(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+            &[false],
+            100,
+        );
+        assert_eq!(got, vec![Parsed::Invalid]);
+        // An answer no request waits for.
+        let got = read_all(b"HTTP/1.1 200 OK\r\n\r\n", &[], 100);
+        assert_eq!(got, vec![Parsed::Invalid]);
+    }
+}
