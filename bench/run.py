@@ -6,7 +6,7 @@ req/s, p50, p99, errors and fanout's ratios. Mirror scenarios compare fanout wit
 `mirror` only.
 
 Every process listens on 127.0.0.1 only. Usage: bench/run.py [--duration S] [--rounds N]
-[--scenarios ka1,ka2,close,post64k,post1m,log]
+[--scenarios ka1,ka2,close,post1k,post64k,post1m,log,mirror-fast,...]
 """
 import argparse
 import os
@@ -33,12 +33,14 @@ SCENARIOS = {
     "ka1": ("keep-alive, 64 connections, 1 worker", 1, 64, None, False, None),
     "ka2": ("keep-alive, 64 connections, 2 workers", 2, 64, None, False, None),
     "close": ("no client keep-alive (Connection: close), 1 worker", 1, 64, "close.lua", False, None),
+    "post1k": ("POST 1 KiB bodies, 64 connections, 1 worker", 1, 64, "post1k.lua", False, None),
     "post64k": ("POST 64 KiB bodies, 16 connections, 1 worker", 1, 16, "post64k.lua", False, None),
     "post1m": ("POST 1 MiB bodies, 16 connections, 1 worker", 1, 16, "post1m.lua", False, None),
     "log": ("keep-alive, 64 connections, 1 worker, access log to a file", 1, 64, None, True, None),
     "mirror-fast": ("100% mirror to a fast target, 1 worker", 1, 64, None, False, "fast"),
     "mirror-slow": ("100% mirror to a 1 s target, 1 worker", 1, 64, None, False, "slow"),
     "mirror-dead": ("100% mirror to a dead port, 1 worker", 1, 64, None, False, "dead"),
+    "mirror-post": ("100% mirror of 1 KiB POSTs to a fast target, 1 worker", 1, 64, "post1k.lua", False, "fast"),
 }
 
 

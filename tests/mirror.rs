@@ -367,3 +367,60 @@ async fn a_mirror_closing_after_every_answer_still_gets_every_copy() {
     // Each answer says `Connection: close`: copies written behind it go again elsewhere.
     every_copy_arrives(true, 200, 16).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn small_bodies_sent_with_their_heads_arrive_intact() {
+    // Bodies that arrive whole go on pipelined lanes with their heads; a chunked body and
+    // one over 64 KiB stream through the connector. All must arrive byte for byte.
+    let (_primary, shadow, gw) = mirrored("").await;
+    let c = client();
+    let mut clients = tokio::task::JoinSet::new();
+    for p in 0..16 {
+        let (c, base) = (c.clone(), gw.url(""));
+        clients.spawn(async move {
+            for i in (p..200).step_by(16) {
+                let body = format!("body-{i}-").repeat(1 + i % 40);
+                let resp = c
+                    .post(format!("{base}/b/{i}"))
+                    .body(body)
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(resp.status(), 200);
+            }
+        });
+    }
+    while let Some(done) = clients.join_next().await {
+        done.unwrap();
+    }
+    let big: Vec<u8> = (0..100_000u32).map(|i| (i % 249) as u8).collect();
+    let resp = c
+        .put(gw.url("/big"))
+        .body(big.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let chunked = b"POST /chunked HTTP/1.1\r\nHost: x\r\nConnection: close\r\nTransfer-Encoding: chunked\r\n\r\n\
+        8\r\nchunked-\r\n4\r\nbody\r\n0\r\n\r\n";
+    let port = gw.port;
+    let (answer, _) = tokio::task::spawn_blocking(move || raw(port, chunked))
+        .await
+        .unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    eventually(Duration::from_secs(10), "every copy answered", || async {
+        mirror_count(&c, &gw, "ok").await == 202
+    })
+    .await;
+    let seen = shadow.seen();
+    for i in 0..200 {
+        let s = seen
+            .iter()
+            .find(|s| s.path == format!("/b/{i}"))
+            .expect("copy arrived");
+        assert_eq!(s.body, format!("body-{i}-").repeat(1 + i % 40).as_bytes());
+    }
+    let find = |path: &str| seen.iter().find(|s| s.path == path).map(|s| s.body.clone());
+    assert!(find("/big").is_some_and(|b| b == big), "large body differs");
+    assert_eq!(find("/chunked").as_deref(), Some(&b"chunked-body"[..]));
+}

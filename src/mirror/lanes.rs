@@ -1,11 +1,13 @@
-//! Pipelined HTTP/1.1 connections ("lanes") that carry a mirror's copies without a body.
+//! Pipelined HTTP/1.1 connections ("lanes") that carry a mirror's copies that are whole
+//! when they start: copies without a body, and copies whose body arrived complete in its
+//! first piece (up to 64 KiB, the common case for API bodies). Longer or trickling bodies
+//! stream through the connector instead ([`crate::outbound`]), never buffered here.
 //!
 //! A copy sent on a connection of its own costs about as much as the upstream half of a
 //! proxied request: a write that wakes the mirror, a read, pool bookkeeping. Behind a fast
-//! mirror that halves the gateway's throughput. Copies with no body need none of that per
-//! copy: their heads are queued to a lane, and the lane's task writes every head waiting at
-//! once and reads the answers in order as they come, so one write and one read carry many
-//! copies.
+//! mirror that halves the gateway's throughput. Whole copies need none of that per copy:
+//! they are queued to a lane, and the lane's task writes every copy waiting at once and
+//! reads the answers in order as they come, so one write and one read carry many copies.
 //!
 //! Pipelining must not let a slow mirror hold copies hostage, so a copy joins a busy lane
 //! only while that lane is *fast*: its last answer took under [`FAST`] and the answer it
@@ -25,7 +27,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bytes::{Buf, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
+use pingora_core::protocols::http::v1::client::http_req_header_to_wire;
+use pingora_http::RequestHeader;
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
@@ -42,17 +46,46 @@ const MAX_HEAD: usize = 64 * 1024;
 const MAX_HEADERS: usize = 100;
 
 /// One copy waiting for, or travelling on, a lane.
-pub struct Job {
+struct Job {
     /// The request head, serialized.
-    pub wire: bytes::Bytes,
-    pub idempotent: bool,
+    wire: Bytes,
+    /// The whole body, if it has one.
+    body: Option<Bytes>,
+    idempotent: bool,
     /// A HEAD request: its answer has no body, whatever it declares.
-    pub head: bool,
-    pub lease: Lease,
-    pub deadline: Instant,
-    pub permit: Permit,
+    head: bool,
+    lease: Lease,
+    deadline: Instant,
+    permit: Permit,
     /// Handed over once already by a lane that closed.
-    pub retried: bool,
+    retried: bool,
+}
+
+/// Sends a copy's head, and its whole body if it has one, on a lane to the leased backend.
+pub fn send(
+    mirror: &Arc<Mirror>,
+    header: &RequestHeader,
+    body: Option<Bytes>,
+    lease: Lease,
+    permit: Permit,
+) {
+    let Some(wire) = http_req_header_to_wire(header) else {
+        mirror.outcomes.error.inc();
+        return;
+    };
+    dispatch(
+        mirror,
+        Job {
+            wire: wire.freeze(),
+            body,
+            idempotent: header.method.is_idempotent(),
+            head: header.method == http::Method::HEAD,
+            lease,
+            deadline: Instant::now() + mirror.config.timeout,
+            permit,
+            retried: false,
+        },
+    );
 }
 
 impl Job {
@@ -119,7 +152,7 @@ impl BackendLanes {
 
 /// Sends `job` on a lane to its backend: the fullest fast lane with room, else an idle
 /// lane, else a new one. Never waits.
-pub fn dispatch(mirror: &Arc<Mirror>, job: Job) {
+fn dispatch(mirror: &Arc<Mirror>, job: Job) {
     let index = job.lease.index();
     let Some(backend) = mirror.lanes.get(index) else {
         job.failed(false);
@@ -314,6 +347,9 @@ impl LaneTask {
                 .store(micros(self.epoch, now).max(1), Relaxed);
         }
         out.extend_from_slice(&job.wire);
+        if let Some(body) = &job.body {
+            out.extend_from_slice(body);
+        }
         self.pending.push_back(Sent { job, at: now });
     }
 

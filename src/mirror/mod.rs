@@ -17,9 +17,10 @@
 //! An abandoned copy is *aborted*: its connection is closed mid-body, never finished, so a
 //! mirror cannot take a truncated body for a complete one.
 //!
-//! Copies without a body skip the connector: their heads are pipelined, many to a write,
-//! on a few long-lived connections per mirror backend ([`lanes`]), which only take more
-//! copies while their mirror answers fast, so a slow mirror still gets a connection per copy.
+//! Copies without a body, or whose body arrives whole in its first piece, skip the
+//! connector: they are pipelined, many to a write, on a few long-lived connections per
+//! mirror backend ([`lanes`]), which only take more copies while their mirror answers
+//! fast, so a slow mirror still gets a connection per copy.
 //!
 //! Copies were first Pingora subrequests re-entering the proxy phases; a subrequest costs
 //! as much CPU as a client request (a second session, channels, every phase), which halved
@@ -36,11 +37,9 @@ mod lanes;
 use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
-use std::time::Instant;
 
 use bytes::Bytes;
 use pingora_core::connectors::http::Connector;
-use pingora_core::protocols::http::v1::client::http_req_header_to_wire;
 use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::Session;
 use prometheus::{IntCounter, IntGauge};
@@ -52,7 +51,7 @@ use crate::forwarding;
 use crate::keys::{self, client_ip};
 use crate::metrics::Metrics;
 use crate::outbound::{self, Body, Failure, Keep, Piece};
-use crate::upstream::{Tried, Upstream};
+use crate::upstream::{Lease, Tried, Upstream};
 
 /// Outcome counters of one mirror, resolved once.
 struct Outcomes {
@@ -182,11 +181,89 @@ pub struct Captured {
     pub body: Bytes,
 }
 
+/// Bodies up to this size that arrive in one piece go on a lane with their copy's head.
+const LANE_BODY: u64 = 64 * 1024;
+
+/// Where a copy's body goes.
+enum Sink {
+    /// Into the bounded queue of a task that streams it to the copy's backend.
+    Task {
+        feed: mpsc::Sender<Piece>,
+        task: JoinHandle<()>,
+    },
+    /// A mirror copy waiting for its first piece: a body that arrives whole in it goes on a
+    /// lane together with the head; anything else starts a streaming task.
+    Deferred(Box<Deferred>),
+}
+
+/// A mirror copy whose way out is not chosen yet.
+struct Deferred {
+    mirror: Arc<Mirror>,
+    header: RequestHeader,
+    lease: Lease,
+    permit: Permit,
+    declared: u64,
+    connector: Arc<Connector>,
+}
+
+impl Deferred {
+    /// Sends head and whole body on a lane.
+    fn send_on_lane(self, body: Bytes) {
+        lanes::send(
+            &self.mirror,
+            &self.header,
+            Some(body),
+            self.lease,
+            self.permit,
+        );
+    }
+
+    /// Starts the streaming task instead.
+    fn start_task(self) -> Sink {
+        let (feed, pieces) = mpsc::channel(FEED_SLOTS);
+        let task = tokio::spawn(mirror_task(
+            self.mirror,
+            self.connector,
+            self.lease,
+            self.header,
+            self.permit,
+            Body::Stream(pieces),
+        ));
+        Sink::Task { feed, task }
+    }
+}
+
+/// A mirror copy sent through the connector, its outcome counted.
+async fn mirror_task(
+    m: Arc<Mirror>,
+    connector: Arc<Connector>,
+    mut lease: Lease,
+    header: RequestHeader,
+    _permit: Permit,
+    body: Body,
+) {
+    let (timeouts, limit) = (&m.upstream.config.timeouts, m.config.timeout);
+    let answer = outbound::exchange(
+        &connector,
+        &mut lease,
+        timeouts,
+        limit,
+        &header,
+        body,
+        Keep::Discard,
+    );
+    match answer.await {
+        Ok(answer) => m.count_answer(answer.status),
+        // Counted by the primary as it abandoned the copy.
+        Err(Failure::BodyAborted) => {}
+        Err(_) => m.outcomes.error.inc(),
+    }
+}
+
 /// A copy in flight, as the primary request sees it.
 struct Copy {
-    /// Feeds the copy's body; `None` once the body is complete or the copy is gone.
-    body: Option<mpsc::Sender<Piece>>,
-    task: JoinHandle<()>,
+    /// Takes the copy's body; `None` once the body is complete or the copy is gone.
+    sink: Option<Sink>,
     sent: u64,
     max_body: u64,
     /// Counters for an abandoned mirror copy (`dropped`, `too_large`); none for fallbacks.
@@ -195,11 +272,45 @@ struct Copy {
 
 impl Copy {
     fn abandon(&mut self, counter: impl Fn(&Outcomes) -> &IntCounter) {
-        if self.body.take().is_some() {
-            self.task.abort();
-            if let Some(m) = &self.mirror {
-                counter(&m.outcomes).inc();
+        let Some(sink) = self.sink.take() else { return };
+        if let Sink::Task { task, .. } = sink {
+            task.abort();
+        }
+        if let Some(m) = &self.mirror {
+            counter(&m.outcomes).inc();
+        }
+    }
+
+    /// Passes one piece on without waiting; a copy that cannot take it is abandoned.
+    fn feed(&mut self, chunk: Option<&Bytes>, end: bool) {
+        let Some(sink) = self.sink.take() else { return };
+        let len = chunk.map_or(0, |c| c.len() as u64);
+        self.sent += len;
+        let sink = match sink {
+            Sink::Deferred(d) if self.sent <= self.max_body && end && len == d.declared => {
+                if let Some(body) = chunk {
+                    d.send_on_lane(body.clone());
+                }
+                return;
             }
+            Sink::Deferred(d) => d.start_task(),
+            task => task,
+        };
+        self.sink = Some(sink);
+        if self.sent > self.max_body {
+            return self.abandon(|o| &o.too_large);
+        }
+        let Some(Sink::Task { feed, .. }) = &self.sink else {
+            return;
+        };
+        let piece = Piece {
+            data: chunk.cloned(),
+            end,
+        };
+        match feed.try_send(piece) {
+            Ok(()) if end => self.sink = None,
+            Ok(()) => {}
+            Err(_) => self.abandon(|o| &o.dropped),
         }
     }
 }
@@ -220,6 +331,7 @@ impl Copies {
     ) -> Copies {
         let mut copies = Copies::default();
         let (has_body, declared) = body_of(session);
+        let chunked = declared.is_none();
         for mirror in mirrors {
             if !mirror.sampled(session) {
                 continue;
@@ -234,7 +346,7 @@ impl Copies {
             };
             let upstream = &mirror.upstream;
             // No backend (health checks, open circuits): fail at once rather than dial.
-            let Some(mut lease) = upstream.select_for(session, &Tried::default()) else {
+            let Some(lease) = upstream.select_for(session, &Tried::default()) else {
                 mirror.outcomes.error.inc();
                 continue;
             };
@@ -247,48 +359,29 @@ impl Copies {
             };
             if !has_body {
                 // Pipelined with other copies on a lane (see `lanes`).
-                let Some(wire) = http_req_header_to_wire(&header) else {
-                    mirror.outcomes.error.inc();
-                    continue;
-                };
-                let job = lanes::Job {
-                    wire: wire.freeze(),
-                    idempotent: header.method.is_idempotent(),
-                    head: header.method == http::Method::HEAD,
-                    lease,
-                    deadline: Instant::now() + mirror.config.timeout,
-                    permit,
-                    retried: false,
-                };
-                lanes::dispatch(mirror, job);
+                lanes::send(mirror, &header, None, lease, permit);
                 continue;
             }
-            let (m, connector) = (Arc::clone(mirror), Arc::clone(connector));
-            copies.spawn(
-                has_body,
-                mirror.config.max_body_bytes,
-                Some(Arc::clone(mirror)),
-                |body| async move {
-                    let _permit = permit;
-                    let (timeouts, limit) = (&m.upstream.config.timeouts, m.config.timeout);
-                    match outbound::exchange(
-                        &connector,
-                        &mut lease,
-                        timeouts,
-                        limit,
-                        &header,
-                        body,
-                        Keep::Discard,
-                    )
-                    .await
-                    {
-                        Ok(answer) => m.count_answer(answer.status),
-                        // Counted by the primary as it abandoned the copy.
-                        Err(Failure::BodyAborted) => {}
-                        Err(_) => m.outcomes.error.inc(),
-                    }
-                },
-            );
+            let deferred = Deferred {
+                mirror: Arc::clone(mirror),
+                header,
+                lease,
+                permit,
+                declared: declared.unwrap_or(u64::MAX),
+                connector: Arc::clone(connector),
+            };
+            // A body of known, small length may arrive whole with its first piece: wait for
+            // it to choose. Others stream from the start.
+            let sink = match !chunked && deferred.declared <= LANE_BODY {
+                true => Sink::Deferred(Box::new(deferred)),
+                false => deferred.start_task(),
+            };
+            copies.list.push(Copy {
+                sink: Some(sink),
+                sent: 0,
+                max_body: mirror.config.max_body_bytes,
+                mirror: Some(Arc::clone(mirror)),
+            });
         }
         copies
     }
@@ -351,9 +444,9 @@ impl Copies {
         } else {
             (None, Body::Empty)
         };
+        let task = tokio::spawn(run(body));
         self.list.push(Copy {
-            body: feed,
-            task: tokio::spawn(run(body)),
+            sink: feed.map(|feed| Sink::Task { feed, task }),
             sent: 0,
             max_body,
             mirror,
@@ -367,21 +460,7 @@ impl Copies {
     /// Passes a piece of the primary's body to every live copy, never waiting.
     pub fn feed(&mut self, chunk: Option<&Bytes>, end: bool) {
         for copy in &mut self.list {
-            let Some(tx) = &copy.body else { continue };
-            copy.sent += chunk.map_or(0, |c| c.len() as u64);
-            if copy.sent > copy.max_body {
-                copy.abandon(|o| &o.too_large);
-                continue;
-            }
-            let piece = Piece {
-                data: chunk.cloned(),
-                end,
-            };
-            match tx.try_send(piece) {
-                Ok(()) if end => copy.body = None,
-                Ok(()) => {}
-                Err(_) => copy.abandon(|o| &o.dropped),
-            }
+            copy.feed(chunk, end);
         }
     }
 }

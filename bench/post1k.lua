@@ -1,0 +1,4 @@
+-- POST a 1 KiB body.
+wrk.method = "POST"
+wrk.body = string.rep("x", 1024)
+wrk.headers["Content-Type"] = "application/octet-stream"
