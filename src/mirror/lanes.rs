@@ -102,6 +102,13 @@ impl Job {
         self.lease.failed(timeout);
         self.mirror().outcomes.error.inc();
     }
+
+    /// Failed only because the copy ahead of it on the same connection did: counted for the
+    /// mirror, not held against the backend (one bad connection carrying thirty copies must
+    /// not count as thirty failures towards its circuit breaker).
+    fn failed_behind(self) {
+        self.mirror().outcomes.error.inc();
+    }
 }
 
 /// Time as microseconds since the lanes' epoch, for atomics.
@@ -375,14 +382,15 @@ impl LaneTask {
         let written = self.pending.drain(..).map(|s| (s.job, true));
         let queued = std::iter::from_fn(|| self.rx.try_recv().ok()).map(|j| (j, false));
         let held: Vec<(Job, bool)> = written.chain(queued).collect();
-        for (mut job, written) in held {
+        for (i, (mut job, written)) in held.into_iter().enumerate() {
             match end {
                 End::Polite if !job.retried && (job.idempotent || !written) => {
                     job.retried = true;
                     dispatch(&self.mirror, job);
                 }
                 End::Polite => job.failed(false),
-                End::Failed { timeout } => job.failed(timeout),
+                End::Failed { timeout } if i == 0 => job.failed(timeout),
+                End::Failed { .. } => job.failed_behind(),
             }
         }
     }
