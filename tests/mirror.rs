@@ -243,8 +243,8 @@ async fn bodies_over_the_mirror_limit_are_not_copied() {
 
 /// A mirror written by hand for copies without a body: it reads pipelined request heads
 /// and answers each in turn, rotating through a Content-Length body, a chunked body with a
-/// trailer and a 204 (a HEAD gets its Content-Length and no body). With `close_each` it
-/// says `Connection: close` and closes after every answer. Counts requests and connections.
+/// trailer and a 204 (a HEAD gets its Content-Length and no body). Counts requests and
+/// connections.
 struct RawMirror {
     addr: std::net::SocketAddr,
     requests: Arc<AtomicUsize>,
@@ -252,8 +252,20 @@ struct RawMirror {
     task: tokio::task::JoinHandle<()>,
 }
 
+/// How a [`RawMirror`] behaves.
+#[derive(Clone, Copy, PartialEq)]
+enum Mode {
+    /// Keeps connections open.
+    KeepAlive,
+    /// Says `Connection: close` and closes after every answer.
+    CloseEach,
+    /// Breaks three connections in four: garbage for an answer, a close without an answer,
+    /// a body cut short; answers the fourth properly.
+    Broken,
+}
+
 impl RawMirror {
-    async fn start(close_each: bool) -> RawMirror {
+    async fn start(mode: Mode) -> RawMirror {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (requests, connections) =
@@ -271,11 +283,23 @@ impl RawMirror {
                         while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
                             let head: Vec<u8> = buf.drain(..end + 4).collect();
                             let n = r.fetch_add(1, SeqCst);
-                            let close = if close_each {
+                            let close = if mode == Mode::CloseEach {
                                 "connection: close\r\n"
                             } else {
                                 ""
                             };
+                            let broken = match n % 4 {
+                                _ if mode != Mode::Broken => None,
+                                0 => Some(&b"garbage\r\n\r\n"[..]),
+                                1 => Some(&b""[..]),
+                                2 => Some(&b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nabc"[..]),
+                                _ => None,
+                            };
+                            if let Some(bytes) = broken {
+                                let _ = conn.write_all(&answers).await;
+                                let _ = conn.write_all(bytes).await;
+                                return;
+                            }
                             let answer = if head.starts_with(b"HEAD ") {
                                 format!("HTTP/1.1 200 OK\r\n{close}content-length: 5\r\n\r\n")
                             } else {
@@ -286,12 +310,12 @@ impl RawMirror {
                                 }
                             };
                             answers.extend_from_slice(answer.as_bytes());
-                            if close_each {
+                            if mode == Mode::CloseEach {
                                 break;
                             }
                         }
                         if !answers.is_empty()
-                            && (conn.write_all(&answers).await.is_err() || close_each)
+                            && (conn.write_all(&answers).await.is_err() || mode == Mode::CloseEach)
                         {
                             return;
                         }
@@ -339,9 +363,9 @@ async fn many_gets(c: &reqwest::Client, gw: &Gateway, n: usize, parallel: usize)
 
 /// Mirrors `n` GETs and HEADs from `parallel` clients to a [`RawMirror`]: every copy must
 /// arrive once and be counted `ok`. Returns the mirror for further checks.
-async fn every_copy_arrives(close_each: bool, n: usize, parallel: usize) -> RawMirror {
+async fn every_copy_arrives(mode: Mode, n: usize, parallel: usize) -> RawMirror {
     let primary = Backend::start("primary").await;
-    let mirror = RawMirror::start(close_each).await;
+    let mirror = RawMirror::start(mode).await;
     let gw = Gateway::start(&conf(&primary, &mirror.addr.to_string(), ", timeout: 5s"));
     let c = client();
     many_gets(&c, &gw, n, parallel).await;
@@ -356,7 +380,7 @@ async fn every_copy_arrives(close_each: bool, n: usize, parallel: usize) -> RawM
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bodiless_copies_share_pipelined_connections_and_all_arrive() {
-    let mirror = every_copy_arrives(false, 600, 32).await;
+    let mirror = every_copy_arrives(Mode::KeepAlive, 600, 32).await;
     // Connections are reused (about one per client here), never one per copy.
     let conns = mirror.connections.load(SeqCst);
     assert!(conns <= 100, "{conns} connections for 600 copies");
@@ -365,7 +389,7 @@ async fn bodiless_copies_share_pipelined_connections_and_all_arrive() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_mirror_closing_after_every_answer_still_gets_every_copy() {
     // Each answer says `Connection: close`: copies written behind it go again elsewhere.
-    every_copy_arrives(true, 200, 16).await;
+    every_copy_arrives(Mode::CloseEach, 200, 16).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -423,4 +447,32 @@ async fn small_bodies_sent_with_their_heads_arrive_intact() {
     let find = |path: &str| seen.iter().find(|s| s.path == path).map(|s| s.body.clone());
     assert!(find("/big").is_some_and(|b| b == big), "large body differs");
     assert_eq!(find("/chunked").as_deref(), Some(&b"chunked-body"[..]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_mirror_fails_copies_but_never_the_primary() {
+    let primary = Backend::start("primary").await;
+    let mirror = RawMirror::start(Mode::Broken).await;
+    let gw = Gateway::start(&conf(&primary, &mirror.addr.to_string(), ", timeout: 5s"));
+    let c = client();
+    many_gets(&c, &gw, 300, 16).await; // every primary answer is a 200
+                                       // Every copy ends, one way or the other, and none is left in flight.
+    eventually(
+        Duration::from_secs(10),
+        "every copy accounted for",
+        || async {
+            let (ok, error) = (
+                mirror_count(&c, &gw, "ok").await,
+                mirror_count(&c, &gw, "error").await,
+            );
+            ok + error == 300 && ok > 0 && error > 0
+        },
+    )
+    .await;
+    let metrics = metrics_text(&c, &gw).await;
+    assert!(
+        metrics.contains("fanout_mirror_inflight{route=\"mirrored\",upstream=\"shadow\"} 0"),
+        "{metrics}"
+    );
+    assert_eq!(get(&c, &gw.url("/after")).await.0, 200);
 }
