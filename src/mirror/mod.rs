@@ -413,7 +413,7 @@ impl Copies {
             };
             let (id, u, to) = (*id, Arc::clone(upstream), to.clone());
             let connector = Arc::clone(connector);
-            self.spawn(has_body, u64::MAX, None, |body| async move {
+            self.spawn_fallback(has_body, |body| async move {
                 let t = &u.config.timeouts;
                 let limit = t.connect + t.write + t.read;
                 let answer =
@@ -432,8 +432,8 @@ impl Copies {
         from
     }
 
-    /// Spawns the task `run` makes of a copy's body, keeping the feeding end.
-    fn spawn<F, R>(&mut self, has_body: bool, max_body: u64, mirror: Option<Arc<Mirror>>, run: R)
+    /// Spawns the task `run` makes of a fallback copy's body, keeping the feeding end.
+    fn spawn_fallback<F, R>(&mut self, has_body: bool, run: R)
     where
         R: FnOnce(Body) -> F,
         F: Future<Output = ()> + Send + 'static,
@@ -448,8 +448,8 @@ impl Copies {
         self.list.push(Copy {
             sink: feed.map(|feed| Sink::Task { feed, task }),
             sent: 0,
-            max_body,
-            mirror,
+            max_body: u64::MAX,
+            mirror: None,
         });
     }
 
