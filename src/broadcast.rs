@@ -306,16 +306,12 @@ async fn deliver(target: &Target, d: &Delivery, connector: &Connector) {
         return;
     };
     let t = &target.upstream.config.timeouts;
-    let limit = t.connect + t.write + t.read;
-    let body = match d.body.is_empty() {
-        true => Body::Empty,
-        false => Body::Full(d.body.clone()),
-    };
+    let body = Body::Full(d.body.clone());
     let answer = outbound::exchange(
         connector,
         &mut lease,
         t,
-        limit,
+        t.total(),
         &d.header,
         body,
         Keep::Discard,

@@ -129,12 +129,23 @@ pub fn mirror_request(
     client: Option<IpAddr>,
     request_id: &str,
 ) -> Result<()> {
-    forwarded(req, client)?;
-    for name in &mirror.redact_headers {
-        req.remove_header(name);
-    }
+    redacted_copy(req, &mirror.redact_headers, client)?;
     apply_rules_req(req, &mirror.headers)?;
     req.insert_header(request_id::HEADER, request_id)?;
+    Ok(())
+}
+
+/// What every copy of a client's request starts from: forwarding headers, and none of the
+/// `redact` headers.
+fn redacted_copy(
+    req: &mut RequestHeader,
+    redact: &[HeaderName],
+    client: Option<IpAddr>,
+) -> Result<()> {
+    forwarded(req, client)?;
+    for name in redact {
+        req.remove_header(name);
+    }
     Ok(())
 }
 
@@ -148,10 +159,7 @@ pub fn broadcast_request(
     request_id: &str,
     body_len: usize,
 ) -> Result<()> {
-    forwarded(req, client)?;
-    for name in &route.redact_headers {
-        req.remove_header(name);
-    }
+    redacted_copy(req, &route.redact_headers, client)?;
     req.remove_header(&header::TRANSFER_ENCODING);
     req.insert_header(header::CONTENT_LENGTH, body_len.to_string())?;
     req.insert_header(request_id::HEADER, request_id)?;

@@ -27,6 +27,8 @@ pub struct Route {
     pub rate_limited: IntCounter,
     /// The delivery targets of a broadcast route.
     pub targets: Vec<Arc<Target>>,
+    /// The fallback upstreams of a proxy route, in order.
+    pub fallbacks: Vec<(UpstreamId, Arc<Upstream>)>,
 }
 
 impl Route {
@@ -89,6 +91,13 @@ impl Gateway {
                         broadcast::targets(&r.label, &ups, &metrics, &mut queues)
                     }
                     RouteKind::Proxy { .. } => Vec::new(),
+                },
+                fallbacks: match &r.kind {
+                    RouteKind::Proxy { fallback, .. } => fallback
+                        .iter()
+                        .map(|&u| (u, Arc::clone(&upstreams[u])))
+                        .collect(),
+                    RouteKind::Broadcast { .. } => Vec::new(),
                 },
                 mirrors: r
                     .mirrors

@@ -62,8 +62,9 @@ fn declares_content_length(raw: &[u8]) -> bool {
         .any(|line| line.len() >= NAME.len() && line[..NAME.len()].eq_ignore_ascii_case(NAME))
 }
 
-/// Refuses a declared body length over `max_body_bytes`.
-pub fn check_length(req: &RequestHeader, max_body_bytes: u64) -> Result<(), Refusal> {
+/// The body a request's head declares: whether it has one (chunked, or a non-zero
+/// Content-Length), and its length when Content-Length gives it.
+pub fn declared_body(req: &RequestHeader) -> (bool, Option<u64>) {
     // Pingora has already refused unparsable and conflicting lengths; take the first.
     let declared = req
         .headers
@@ -71,7 +72,13 @@ pub fn check_length(req: &RequestHeader, max_body_bytes: u64) -> Result<(), Refu
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.split(',').next())
         .and_then(|v| v.trim().parse::<u64>().ok());
-    match declared {
+    let chunked = req.headers.contains_key(http::header::TRANSFER_ENCODING);
+    (chunked || declared.is_some_and(|n| n > 0), declared)
+}
+
+/// Refuses a declared body length over `max_body_bytes`.
+pub fn check_length(req: &RequestHeader, max_body_bytes: u64) -> Result<(), Refusal> {
+    match declared_body(req).1 {
         Some(n) if n > max_body_bytes => Err(Refusal::TooLarge),
         _ => Ok(()),
     }

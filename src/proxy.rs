@@ -41,7 +41,7 @@ use crate::ratelimit::Decision;
 use crate::request_id;
 use crate::respond::{self, send_error};
 use crate::routing::RouteMatch;
-use crate::upstream::{Lease, Tried, Upstream};
+use crate::upstream::{Lease, Tried};
 
 pub struct FanoutProxy {
     gw: Arc<Gateway>,
@@ -229,11 +229,7 @@ impl FanoutProxy {
             let key = keys::key_bytes(session, &limiter.key, &mut buf);
             if let Decision::Deny { retry_after_secs } = limiter.check(key, Instant::now()) {
                 route.rate_limited.inc();
-                let has_body = req.headers.contains_key(header::TRANSFER_ENCODING)
-                    || req
-                        .headers
-                        .get(header::CONTENT_LENGTH)
-                        .is_some_and(|v| v.as_bytes() != b"0");
+                let (has_body, _) = limits::declared_body(req);
                 return Verdict::Answer(Answer {
                     status: 429,
                     message: respond::reason(429),
@@ -248,28 +244,22 @@ impl FanoutProxy {
         }
         match &route.config.kind {
             RouteKind::Proxy {
-                fallback,
-                fallback_max_body,
-                ..
+                fallback_max_body, ..
             } => {
                 let connector = &self.gw.connector;
                 if !route.mirrors.is_empty() {
                     ctx.copies = Copies::start(session, &route.mirrors, &ctx.request_id, connector);
                 }
-                if !fallback.is_empty() {
-                    let targets: Vec<(UpstreamId, Arc<Upstream>)> = fallback
-                        .iter()
-                        .map(|&u| (u, Arc::clone(&self.gw.upstreams[u])))
-                        .collect();
+                if !route.fallbacks.is_empty() {
                     let rx = ctx.copies.start_fallbacks(
                         session,
                         &route.config,
-                        &targets,
+                        &route.fallbacks,
                         *fallback_max_body,
                         &ctx.request_id,
                         connector,
                     );
-                    ctx.fallbacks = Some(Fallbacks::new(rx, targets.len()));
+                    ctx.fallbacks = Some(Fallbacks::new(rx, route.fallbacks.len()));
                 }
                 Verdict::Proxy
             }

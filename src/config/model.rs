@@ -117,6 +117,13 @@ pub struct Timeouts {
     pub idle: Duration,
 }
 
+impl Timeouts {
+    /// The longest one whole exchange may take: connect, write, then read.
+    pub fn total(&self) -> Duration {
+        self.connect + self.write + self.read
+    }
+}
+
 impl Default for Timeouts {
     fn default() -> Self {
         Timeouts {

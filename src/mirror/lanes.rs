@@ -278,40 +278,10 @@ impl LaneTask {
                     if ready.is_err() {
                         return End::Failed { timeout: false };
                     }
-                    match read_some(&stream, &mut inb) {
-                        Ok(None) => continue,
-                        Ok(Some(0)) => {
-                            // The mirror closed: fine between answers or at the end of one
-                            // that lasts until the close, a failure within any other.
-                            if let Some(status) = reader.closed() {
-                                if let Some(sent) = self.pending.pop_front() {
-                                    self.answered(sent, status);
-                                }
-                                return End::Polite;
-                            }
-                            return match reader.at_boundary() && inb.is_empty() {
-                                true => End::Polite,
-                                false => End::Failed { timeout: false },
-                            };
-                        }
-                        Ok(Some(_)) => {}
-                        Err(()) => return End::Failed { timeout: false },
-                    }
-                    loop {
-                        match reader.next(&mut inb, self.pending.front().map(|s| s.job.head)) {
-                            Parsed::NeedMore => break,
-                            Parsed::Answer { status, close } => {
-                                let Some(sent) = self.pending.pop_front() else {
-                                    return End::Failed { timeout: false };
-                                };
-                                self.answered(sent, status);
-                                idle_since = Instant::now();
-                                if close {
-                                    return End::Polite;
-                                }
-                            }
-                            Parsed::Invalid => return End::Failed { timeout: false },
-                        }
+                    match self.read_answers(&stream, &mut inb, &mut reader) {
+                        Ok(true) => idle_since = Instant::now(),
+                        Ok(false) => {}
+                        Err(end) => return end,
                     }
                 }
                 ready = stream.writable(), if !out.is_empty() => {
@@ -342,6 +312,54 @@ impl LaneTask {
                     idle_since = Instant::now(); // a copy is on its way in
                 }
             }
+        }
+    }
+
+    /// Reads what arrived and hands each complete answer to its copy. `Ok(true)`: some copy
+    /// was answered; `Err`: the lane ends.
+    fn read_answers(
+        &mut self,
+        stream: &TcpStream,
+        inb: &mut BytesMut,
+        reader: &mut Reader,
+    ) -> Result<bool, End> {
+        match read_some(stream, inb) {
+            Ok(None) => return Ok(false),
+            Ok(Some(0)) => return Err(self.closed_by_mirror(reader, inb)),
+            Ok(Some(_)) => {}
+            Err(()) => return Err(End::Failed { timeout: false }),
+        }
+        let mut answered = false;
+        loop {
+            match reader.next(inb, self.pending.front().map(|s| s.job.head)) {
+                Parsed::NeedMore => return Ok(answered),
+                Parsed::Answer { status, close } => {
+                    let Some(sent) = self.pending.pop_front() else {
+                        return Err(End::Failed { timeout: false });
+                    };
+                    self.answered(sent, status);
+                    answered = true;
+                    if close {
+                        return Err(End::Polite);
+                    }
+                }
+                Parsed::Invalid => return Err(End::Failed { timeout: false }),
+            }
+        }
+    }
+
+    /// The mirror closed the connection: fine between answers or at the end of one that
+    /// lasts until the close, a failure within any other.
+    fn closed_by_mirror(&mut self, reader: &Reader, inb: &BytesMut) -> End {
+        if let Some(status) = reader.closed() {
+            if let Some(sent) = self.pending.pop_front() {
+                self.answered(sent, status);
+            }
+            return End::Polite;
+        }
+        match reader.at_boundary() && inb.is_empty() {
+            true => End::Polite,
+            false => End::Failed { timeout: false },
         }
     }
 

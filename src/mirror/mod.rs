@@ -49,6 +49,7 @@ use tokio::task::JoinHandle;
 use crate::config::{MirrorConfig, RouteConfig, UpstreamId};
 use crate::forwarding;
 use crate::keys::{self, client_ip};
+use crate::limits;
 use crate::metrics::Metrics;
 use crate::outbound::{self, Body, Failure, Keep, Piece};
 use crate::upstream::{Lease, Tried, Upstream};
@@ -105,10 +106,6 @@ impl Mirror {
         }
     }
 
-    pub fn upstream(&self) -> UpstreamId {
-        self.config.upstream
-    }
-
     /// Whether this request is to be copied: by `percent`, per request or per key.
     fn sampled(&self, session: &Session) -> bool {
         let draw = match &self.config.sample_by {
@@ -148,18 +145,6 @@ impl Drop for Permit {
         self.0.inflight.fetch_sub(1, Relaxed);
         self.0.inflight_gauge.dec();
     }
-}
-
-/// Whether the request has a body to copy, and its declared length.
-fn body_of(session: &Session) -> (bool, Option<u64>) {
-    let req = session.req_header();
-    let declared: Option<u64> = req
-        .headers
-        .get(http::header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse().ok());
-    let chunked = req.headers.contains_key(http::header::TRANSFER_ENCODING);
-    (chunked || declared.is_some_and(|n| n > 0), declared)
 }
 
 /// The client's request head, reshaped by `shape` for a copy, always HTTP/1.1 so the
@@ -330,8 +315,7 @@ impl Copies {
         connector: &Arc<Connector>,
     ) -> Copies {
         let mut copies = Copies::default();
-        let (has_body, declared) = body_of(session);
-        let chunked = declared.is_none();
+        let (has_body, declared) = limits::declared_body(session.req_header());
         for mirror in mirrors {
             if !mirror.sampled(session) {
                 continue;
@@ -367,12 +351,13 @@ impl Copies {
                 header,
                 lease,
                 permit,
+                // Unknown (chunked): never taken for a whole body.
                 declared: declared.unwrap_or(u64::MAX),
                 connector: Arc::clone(connector),
             };
             // A body of known, small length may arrive whole with its first piece: wait for
             // it to choose. Others stream from the start.
-            let sink = match !chunked && deferred.declared <= LANE_BODY {
+            let sink = match deferred.declared <= LANE_BODY {
                 true => Sink::Deferred(Box::new(deferred)),
                 false => deferred.start_task(),
             };
@@ -398,7 +383,7 @@ impl Copies {
         connector: &Arc<Connector>,
     ) -> mpsc::UnboundedReceiver<Option<Captured>> {
         let (to, from) = mpsc::unbounded_channel();
-        let (has_body, _) = body_of(session);
+        let (has_body, _) = limits::declared_body(session.req_header());
         let keep = Keep::UpTo(max_body);
         for (id, upstream) in targets {
             let shape = |h: &mut RequestHeader| {
@@ -415,9 +400,9 @@ impl Copies {
             let connector = Arc::clone(connector);
             self.spawn_fallback(has_body, |body| async move {
                 let t = &u.config.timeouts;
-                let limit = t.connect + t.write + t.read;
                 let answer =
-                    outbound::exchange(&connector, &mut lease, t, limit, &header, body, keep).await;
+                    outbound::exchange(&connector, &mut lease, t, t.total(), &header, body, keep)
+                        .await;
                 let captured = answer
                     .ok()
                     .and_then(|a| a.kept)
