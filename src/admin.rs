@@ -1,6 +1,9 @@
 //! The admin listener (`admin:` in the configuration), separate from the proxy listeners:
 //! `/health` (the process is up), `/ready` (every upstream has a backend to send to),
 //! `/metrics` (Prometheus text) and `/status` (upstreams, backends, routes, totals as JSON).
+//! With `admin.token_file`, every endpoint but `/health` and `/ready` (which load balancers
+//! and systemd probe) needs `Authorization: Bearer <token>`, compared in constant time;
+//! other requests get 401 and are counted in `fanout_admin_unauthorized_total`.
 
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
@@ -16,11 +19,32 @@ use crate::gateway::Gateway;
 
 pub struct AdminApp {
     gw: Arc<Gateway>,
+    token: Option<String>,
+}
+
+/// Compares two byte strings in time that depends only on `expected`'s length.
+fn same_secret(given: &[u8], expected: &[u8]) -> bool {
+    let mut diff = u8::from(given.len() != expected.len());
+    for (i, e) in expected.iter().enumerate() {
+        diff |= e ^ given.get(i).copied().unwrap_or(0);
+    }
+    diff == 0
 }
 
 impl AdminApp {
-    pub fn new(gw: Arc<Gateway>) -> Self {
-        AdminApp { gw }
+    pub fn new(gw: Arc<Gateway>, token: Option<String>) -> Self {
+        AdminApp { gw, token }
+    }
+
+    /// Whether the request carries the admin token (always, when none is configured).
+    fn authorized(&self, req: &pingora_http::RequestHeader) -> bool {
+        let Some(token) = &self.token else {
+            return true;
+        };
+        req.headers
+            .get(http::header::AUTHORIZATION)
+            .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
+            .is_some_and(|given| same_secret(given.trim_ascii(), token.as_bytes()))
     }
 
     fn health(&self) -> (StatusCode, Value) {
@@ -182,7 +206,20 @@ impl ServeHttp for AdminApp {
                 json!({ "error": "method not allowed" }),
             ));
         }
-        match req.uri.path() {
+        let path = req.uri.path();
+        if !matches!(path, "/health" | "/ready") && !self.authorized(req) {
+            self.gw.metrics.admin_unauthorized.inc();
+            let mut resp = json_answer((
+                StatusCode::UNAUTHORIZED,
+                json!({ "error": "admin token required" }),
+            ));
+            resp.headers_mut().insert(
+                http::header::WWW_AUTHENTICATE,
+                http::HeaderValue::from_static("Bearer"),
+            );
+            return resp;
+        }
+        match path {
             "/health" => json_answer(self.health()),
             "/ready" => json_answer(self.ready()),
             "/status" => json_answer(self.status()),
@@ -203,5 +240,15 @@ mod tests {
         assert_eq!(super::human_uptime(5), "5s");
         assert_eq!(super::human_uptime(3600), "1h0m0s");
         assert_eq!(super::human_uptime(90061), "1d1h1m1s");
+    }
+
+    #[test]
+    fn secrets_match_only_whole() {
+        use super::same_secret;
+        assert!(same_secret(b"s3cret", b"s3cret"));
+        assert!(!same_secret(b"s3cre", b"s3cret"));
+        assert!(!same_secret(b"s3cretX", b"s3cret"));
+        assert!(!same_secret(b"", b"s3cret"));
+        assert!(!same_secret(b"S3cret", b"s3cret"));
     }
 }

@@ -8,7 +8,9 @@ use std::time::Instant;
 
 use crate::access_log::AccessLogger;
 use crate::broadcast::{self, Queues, Target};
-use crate::config::{AccessLog, Config, RouteConfig, RouteKind, UpstreamId};
+use crate::config::{AccessLog, Config, EncodedSlashes, RouteConfig, RouteKind, UpstreamId};
+use crate::edge::accept::Connections;
+use crate::edge::ClientPolicy;
 use crate::lifecycle::Draining;
 use crate::metrics::{Metrics, RouteMetrics};
 use crate::mirror::Mirror;
@@ -66,6 +68,10 @@ pub struct Gateway {
     /// Broadcast queues' receiving ends, until the delivery service takes them.
     pub broadcast_queues: std::sync::Mutex<Queues>,
     pub started: Instant,
+    /// What client connections are held to (`clients:`).
+    pub clients: Arc<ClientPolicy>,
+    pub connections: Arc<Connections>,
+    pub encoded_slashes: EncodedSlashes,
 }
 
 impl Gateway {
@@ -122,6 +128,12 @@ impl Gateway {
             access_log: AccessLogger::new(metrics.access_log_dropped.clone()),
             broadcast_queues: std::sync::Mutex::new(queues),
             draining: Arc::default(),
+            clients: Arc::new(ClientPolicy::new(&config.clients, &metrics.client_refused)),
+            connections: Connections::new(
+                config.clients.max_connections,
+                config.clients.max_connections_per_ip,
+            ),
+            encoded_slashes: config.clients.encoded_slashes,
             metrics,
             started: Instant::now(),
         })

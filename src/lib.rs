@@ -7,6 +7,7 @@ pub mod broadcast;
 pub mod cli;
 pub mod config;
 pub mod demo;
+pub mod edge;
 pub mod fallback;
 pub mod forwarding;
 pub mod gateway;

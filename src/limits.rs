@@ -1,18 +1,15 @@
-//! What a request must respect before and while it is proxied: unambiguous framing (a
-//! request with both `Content-Length` and `Transfer-Encoding` is refused, closing a
-//! request-smuggling door Pingora leaves open; Pingora itself refuses bad request lines,
-//! bad header names and conflicting `Content-Length`s) and the route's `max_body_bytes`,
-//! checked on the declared length before anything goes upstream and counted chunk by chunk
-//! while a body streams, without ever buffering it.
+//! What a request's body must respect: the route's `max_body_bytes`, checked on the
+//! declared length before anything goes upstream and counted piece by piece while a body
+//! streams, without ever buffering it. (Framing itself is held to RFC 9112 before a request
+//! reaches the proxy at all: [`crate::edge::framing`].)
 
-use bytes::Bytes;
 use pingora_http::RequestHeader;
 
-/// Why a request was refused before being proxied.
+/// Why a request was refused before or while being proxied.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Refusal {
-    /// 400: ambiguous framing.
-    BadFraming,
+    /// 400: a path that cannot be normalised, or a Host that contradicts the target.
+    BadRequest(&'static str),
     /// 413: declared or streamed body over the limit.
     TooLarge,
 }
@@ -20,46 +17,17 @@ pub enum Refusal {
 impl Refusal {
     pub fn status(self) -> u16 {
         match self {
-            Refusal::BadFraming => 400,
+            Refusal::BadRequest(_) => 400,
             Refusal::TooLarge => 413,
         }
     }
 
     pub fn message(self) -> &'static str {
         match self {
-            Refusal::BadFraming => "conflicting Content-Length and Transfer-Encoding",
+            Refusal::BadRequest(why) => why,
             Refusal::TooLarge => "request body too large",
         }
     }
-}
-
-/// Refuses a request that declares both `Content-Length` and `Transfer-Encoding`. Pingora
-/// parses such a request by its `Transfer-Encoding` and drops the `Content-Length` header
-/// (RFC 9112 §6.3 allows either), so the parsed headers alone cannot show the conflict:
-/// `raw_head` gives the header block as received, consulted only when `Transfer-Encoding`
-/// is present.
-pub fn check_framing(
-    req: &RequestHeader,
-    raw_head: impl FnOnce() -> Option<Bytes>,
-) -> Result<(), Refusal> {
-    let h = &req.headers;
-    if !h.contains_key(http::header::TRANSFER_ENCODING) {
-        return Ok(());
-    }
-    if h.contains_key(http::header::CONTENT_LENGTH)
-        || raw_head().is_some_and(|raw| declares_content_length(&raw))
-    {
-        return Err(Refusal::BadFraming);
-    }
-    Ok(())
-}
-
-/// Whether a raw request head has a `Content-Length` line.
-fn declares_content_length(raw: &[u8]) -> bool {
-    const NAME: &[u8] = b"content-length:";
-    raw.split(|&b| b == b'\n')
-        .skip(1)
-        .any(|line| line.len() >= NAME.len() && line[..NAME.len()].eq_ignore_ascii_case(NAME))
 }
 
 /// The body a request's head declares: whether it has one (chunked, or a non-zero
@@ -84,20 +52,35 @@ pub fn check_length(req: &RequestHeader, max_body_bytes: u64) -> Result<(), Refu
     }
 }
 
-/// Counts a streaming body against its limit.
+/// Counts a streaming body against its limit, each byte once. A retry makes Pingora feed
+/// the body read so far through the body filter again (its retry buffer): `restart` marks
+/// the start of an attempt, and `add` tells which leading bytes of a piece are such a
+/// replay, so neither the limit nor the copies (mirror, fallback) see them twice.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct BodyCounter {
+    /// Bytes of the body received so far, over every attempt.
     seen: u64,
+    /// Bytes passed through the filter in the current attempt.
+    pos: u64,
 }
 
 impl BodyCounter {
-    /// Adds a chunk; `Err` once the total exceeds `limit`.
-    pub fn add(&mut self, chunk: usize, limit: u64) -> Result<(), Refusal> {
-        self.seen = self.seen.saturating_add(chunk as u64);
+    /// A new upstream attempt starts: the body filter starts again from the first byte.
+    pub fn restart(&mut self) {
+        self.pos = 0;
+    }
+
+    /// Adds a piece of `chunk` bytes; `Ok(n)`: its first `n` bytes were counted before
+    /// (a replay), the rest are new. `Err` once the body exceeds `limit`.
+    pub fn add(&mut self, chunk: usize, limit: u64) -> Result<usize, Refusal> {
+        let start = self.pos;
+        self.pos = self.pos.saturating_add(chunk as u64);
+        let replayed = self.seen.saturating_sub(start).min(chunk as u64) as usize;
+        self.seen = self.seen.max(self.pos);
         if self.seen > limit {
             Err(Refusal::TooLarge)
         } else {
-            Ok(())
+            Ok(replayed)
         }
     }
 }
@@ -115,48 +98,46 @@ mod tests {
     }
 
     #[test]
-    fn framing_and_declared_length() {
-        let none = || None;
+    fn declared_length() {
         assert_eq!(check_length(&req(&[("content-length", "10")]), 10), Ok(()));
         assert_eq!(
             check_length(&req(&[("content-length", "11")]), 10),
             Err(Refusal::TooLarge)
         );
         assert_eq!(
-            check_framing(&req(&[("transfer-encoding", "chunked")]), none),
-            Ok(())
+            declared_body(&req(&[("transfer-encoding", "chunked")])),
+            (true, None)
         );
         assert_eq!(
-            check_framing(
-                &req(&[("content-length", "5"), ("transfer-encoding", "chunked")]),
-                none
-            ),
-            Err(Refusal::BadFraming)
-        );
-        // As Pingora hands it over: Content-Length already dropped, still in the raw head.
-        let raw = || {
-            Some(Bytes::from_static(b"POST / HTTP/1.1\r\nHost: x\r\nCONTENT-LENGTH: 5\r\nTransfer-Encoding: chunked\r\n\r\n"))
-        };
-        assert_eq!(
-            check_framing(&req(&[("transfer-encoding", "chunked")]), raw),
-            Err(Refusal::BadFraming)
-        );
-        let clean = || {
-            Some(Bytes::from_static(
-                b"POST / HTTP/1.1\r\nX-Content-Length: 5\r\n\r\n",
-            ))
-        };
-        assert_eq!(
-            check_framing(&req(&[("transfer-encoding", "chunked")]), clean),
-            Ok(())
+            declared_body(&req(&[("content-length", "0")])),
+            (false, Some(0))
         );
     }
 
     #[test]
     fn streamed_bodies_are_counted() {
         let mut c = BodyCounter::default();
-        assert!(c.add(6, 10).is_ok());
-        assert!(c.add(4, 10).is_ok());
+        assert_eq!(c.add(6, 10), Ok(0));
+        assert_eq!(c.add(4, 10), Ok(0));
         assert_eq!(c.add(1, 10), Err(Refusal::TooLarge));
+    }
+
+    #[test]
+    fn a_replayed_body_is_counted_once() {
+        let mut c = BodyCounter::default();
+        assert_eq!(c.add(60, 100), Ok(0));
+        // The retry replays the 60 bytes read so far, then more arrive.
+        c.restart();
+        assert_eq!(c.add(60, 100), Ok(60));
+        assert_eq!(c.add(40, 100), Ok(0));
+        assert_eq!(c.add(1, 100), Err(Refusal::TooLarge));
+        // A replay that comes in other pieces than the first reading.
+        let mut c = BodyCounter::default();
+        assert_eq!(c.add(30, 100), Ok(0));
+        assert_eq!(c.add(30, 100), Ok(0));
+        c.restart();
+        assert_eq!(c.add(50, 100), Ok(50));
+        assert_eq!(c.add(20, 100), Ok(10));
+        assert_eq!(c.add(30, 100), Ok(0));
     }
 }

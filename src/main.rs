@@ -31,6 +31,9 @@ fn run(cli: Cli) -> i32 {
             return 1;
         }
     };
+    for w in &config.warnings {
+        eprintln!("fanout: warning: {}: {}", w.path, w.message);
+    }
     if cli.test {
         println!("configuration OK");
         return 0;

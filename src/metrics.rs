@@ -24,6 +24,9 @@ pub struct Metrics {
     pub mirror_inflight: IntGaugeVec,
     pub broadcast_deliveries: IntCounterVec,
     pub rate_limited: IntCounterVec,
+    pub client_connections: IntGaugeVec,
+    pub client_refused: IntCounterVec,
+    pub admin_unauthorized: IntCounter,
     pub access_log_dropped: IntCounter,
     /// Totals for `/status`.
     pub totals: Totals,
@@ -136,6 +139,26 @@ impl Metrics {
                 "Requests refused by a rate limit",
                 &["route"],
             )?,
+            client_connections: gauge(
+                &reg,
+                "fanout_client_connections",
+                "Client connections open, by listener",
+                &["listener"],
+            )?,
+            client_refused: counter(
+                &reg,
+                "fanout_client_refused_total",
+                "Client connections or requests refused at the edge, by reason",
+                &["reason"],
+            )?,
+            admin_unauthorized: {
+                let c = IntCounter::new(
+                    "fanout_admin_unauthorized_total",
+                    "Admin requests refused for want of the admin token",
+                )?;
+                reg.register(Box::new(c.clone()))?;
+                c
+            },
             access_log_dropped: {
                 let c = IntCounter::new(
                     "fanout_access_log_dropped_total",

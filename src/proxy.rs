@@ -31,6 +31,7 @@ use pingora_proxy::{FailToProxy, ProxyHttp, Session};
 use crate::access_log::Record;
 use crate::broadcast;
 use crate::config::{AccessLog, RouteId, RouteKind, UpstreamId};
+use crate::edge::path;
 use crate::fallback::{self, Fallbacks};
 use crate::forwarding;
 use crate::gateway::{Gateway, Route};
@@ -100,6 +101,8 @@ pub struct RequestCtx {
     primary_failed: bool,
     /// The upstream whose answer the client got, on a route with fallbacks.
     answered_by: Option<UpstreamId>,
+    /// Tokens left in the client's rate-limit bucket after this request, on a limited route.
+    rate_remaining: Option<u64>,
 }
 
 /// Reports a failed attempt to its backend (outcome counters, circuit breaker), when the
@@ -197,19 +200,29 @@ impl FanoutProxy {
             .map(Some)
     }
 
+    /// Normalises the request's path in place (`edge::path`), so that routing, keys, logs
+    /// and the upstream request all see the same one; refuses a path that cannot be.
+    fn normalize(&self, session: &mut Session) -> Result<(), Refusal> {
+        let req = session.req_header();
+        let normal = path::normalize(req.uri.path(), self.gw.encoded_slashes)
+            .map_err(|e| Refusal::BadRequest(e.message()))?;
+        let Some(normal) = normal else {
+            return Ok(());
+        };
+        let target = match req.uri.query() {
+            Some(q) => format!("{normal}?{q}"),
+            None => normal,
+        };
+        let uri = http::Uri::try_from(target)
+            .map_err(|_| Refusal::BadRequest(path::PathError::Malformed.message()))?;
+        session.req_header_mut().set_uri(uri);
+        Ok(())
+    }
+
     /// Routes a client request and applies every check that may refuse it, in order:
-    /// framing (400), route (404/405), declared body size (413), rate limit (429).
+    /// route (404/405), declared body size (413), rate limit (429).
     fn admit(&self, session: &Session, ctx: &mut RequestCtx) -> Verdict {
         let req = session.req_header();
-        let raw_head = || {
-            session
-                .as_downstream()
-                .as_http1()
-                .map(|h1| h1.get_headers_raw_bytes())
-        };
-        if let Err(r) = limits::check_framing(req, raw_head) {
-            return Verdict::Answer(Answer::refusal(r));
-        }
         let id = match self
             .gw
             .router
@@ -227,7 +240,11 @@ impl FanoutProxy {
         if let Some(limiter) = &route.rate_limiter {
             let mut buf = [0u8; 16];
             let key = keys::key_bytes(session, &limiter.key, &mut buf);
-            if let Decision::Deny { retry_after_secs } = limiter.check(key, Instant::now()) {
+            let decision = limiter.check(key, Instant::now());
+            if let Decision::Allow { remaining } = decision {
+                ctx.rate_remaining = Some(remaining);
+            }
+            if let Decision::Deny { retry_after_secs } = decision {
                 route.rate_limited.inc();
                 let (has_body, _) = limits::declared_body(req);
                 return Verdict::Answer(Answer {
@@ -287,6 +304,7 @@ impl ProxyHttp for FanoutProxy {
             fallbacks: None,
             primary_failed: false,
             answered_by: None,
+            rate_remaining: None,
         }
     }
 
@@ -295,7 +313,14 @@ impl ProxyHttp for FanoutProxy {
         let req = session.req_header();
         ctx.request_id =
             request_id::from_client(req.headers.get(request_id::HEADER).map(|v| v.as_bytes()));
-        match self.admit(session, ctx) {
+        let verdict = match self.normalize(session) {
+            Ok(()) => self.admit(session, ctx),
+            Err(r) => {
+                self.gw.clients.refused.bad_request.inc();
+                Verdict::Answer(Answer::refusal(r))
+            }
+        };
+        match verdict {
             Verdict::Proxy => Ok(false),
             Verdict::Broadcast => {
                 if let Some(route) = ctx.route.map(|id| &self.gw.routes[id]) {
@@ -333,18 +358,30 @@ impl ProxyHttp for FanoutProxy {
         end_of_stream: bool,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
-        let limit = ctx.route.map(|id| self.gw.routes[id].config.max_body_bytes);
-        if let (Some(chunk), Some(limit)) = (body.as_ref(), limit) {
-            if let Err(refusal) = ctx.body.add(chunk.len(), limit) {
+        let limit = ctx
+            .route
+            .map_or(u64::MAX, |id| self.gw.routes[id].config.max_body_bytes);
+        let replayed = match body.as_ref().map(|chunk| ctx.body.add(chunk.len(), limit)) {
+            None => 0,
+            Some(Ok(replayed)) => replayed,
+            Some(Err(refusal)) => {
                 ctx.refused = Some(refusal);
                 return Error::e_explain(
                     ErrorType::HTTPStatus(refusal.status()),
                     refusal.message(),
                 );
             }
-        }
+        };
         if !ctx.copies.is_empty() {
-            ctx.copies.feed(body.as_ref(), end_of_stream);
+            // A retry's replay of bytes the copies already have is not theirs to get again.
+            match body.as_ref() {
+                Some(chunk) if replayed == chunk.len() && !end_of_stream => {}
+                Some(chunk) if replayed == chunk.len() => ctx.copies.feed(None, true),
+                Some(chunk) if replayed > 0 => ctx
+                    .copies
+                    .feed(Some(&chunk.slice(replayed..)), end_of_stream),
+                chunk => ctx.copies.feed(chunk, end_of_stream),
+            }
         }
         Ok(())
     }
@@ -362,6 +399,7 @@ impl ProxyHttp for FanoutProxy {
             })?;
         // Release the previous attempt's slot before choosing, so least_conn sees true loads.
         ctx.lease = None;
+        ctx.body.restart();
         let lease = upstream
             .select_for(session, &ctx.tried)
             .ok_or_else(|| Error::explain(ErrorType::HTTPStatus(503), "no healthy backend"))?;
@@ -424,6 +462,13 @@ impl ProxyHttp for FanoutProxy {
             // its current answer, so the client reconnects to the process that goes on.
             session.as_downstream_mut().set_keepalive(None);
             upstream_response.insert_header(header::CONNECTION, "close")?;
+        }
+        if let (Some(remaining), Some(limiter)) = (
+            ctx.rate_remaining,
+            self.route(ctx).and_then(|r| r.rate_limiter.as_ref()),
+        ) {
+            upstream_response.insert_header("x-ratelimit-limit", limiter.limit.to_string())?;
+            upstream_response.insert_header("x-ratelimit-remaining", remaining.to_string())?;
         }
         forwarding::response(
             upstream_response,

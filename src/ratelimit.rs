@@ -22,6 +22,10 @@ use crate::keys;
 const SHARDS: usize = 64;
 /// Keys remembered per shard (64 × 16,384 ≈ one million at most per route).
 const SHARD_CAP: usize = 16_384;
+/// The slowest rate a route may set: one request a day. `-t` refuses slower ones.
+pub const MIN_REQUESTS_PER_SECOND: f64 = 1.0 / 86_400.0;
+/// One emission interval at the slowest rate, in nanoseconds.
+const MAX_INTERVAL_NS: f64 = 86_400.0 * 1e9;
 
 pub struct RateLimiter {
     pub key: KeySource,
@@ -46,7 +50,9 @@ pub enum Decision {
 
 impl RateLimiter {
     pub fn new(config: &RateLimitConfig) -> RateLimiter {
-        let interval_ns = (1e9 / config.requests_per_second).max(1.0) as u64;
+        // Validation keeps the rate at or above MIN_REQUESTS_PER_SECOND; the clamp and the
+        // saturating arithmetic below keep any other value from overflowing all the same.
+        let interval_ns = (1e9 / config.requests_per_second).clamp(1.0, MAX_INTERVAL_NS) as u64;
         let shards = if config.key == KeySource::Global {
             1
         } else {
@@ -66,12 +72,14 @@ impl RateLimiter {
     pub fn check(&self, key: &[u8], now: Instant) -> Decision {
         let hash = keys::stable_hash(key);
         // Time runs from `epoch` shifted by the tolerance, so arithmetic never goes below 0.
-        let now_ns =
-            now.saturating_duration_since(self.epoch).as_nanos() as u64 + self.tolerance_ns;
+        let since_epoch = now.saturating_duration_since(self.epoch).as_nanos();
+        let now_ns = u64::try_from(since_epoch)
+            .unwrap_or(u64::MAX)
+            .saturating_add(self.tolerance_ns);
         let shard = &self.shards[(hash as usize) % self.shards.len()];
         let mut map = shard.lock().unwrap_or_else(|p| p.into_inner());
         let tat = map.get(&hash).copied().unwrap_or(0).max(now_ns);
-        let next = tat + self.interval_ns;
+        let next = tat.saturating_add(self.interval_ns);
         let ahead = next - now_ns;
         if ahead > self.tolerance_ns {
             let wait_ns = ahead - self.tolerance_ns;
@@ -154,6 +162,31 @@ mod tests {
             })
             .count();
         assert_eq!(allowed, 5 + 100 - 1);
+    }
+
+    #[test]
+    fn extreme_rates_neither_overflow_nor_panic() {
+        let t = Instant::now();
+        for rps in [
+            MIN_REQUESTS_PER_SECOND,
+            1e-300,
+            f64::MIN_POSITIVE,
+            1e12,
+            1e300,
+        ] {
+            let l = limiter(rps, u32::MAX, KeySource::Global);
+            for i in 0..3 {
+                l.check(b"", t + Duration::from_secs(i));
+            }
+        }
+        let slow = limiter(MIN_REQUESTS_PER_SECOND, 1, KeySource::Global);
+        assert!(matches!(slow.check(b"", t), Decision::Allow { .. }));
+        assert_eq!(
+            slow.check(b"", t),
+            Decision::Deny {
+                retry_after_secs: 86_400
+            }
+        );
     }
 
     #[test]

@@ -5,6 +5,8 @@
 use std::sync::Arc;
 
 use pingora_core::apps::http_app::HttpServer;
+use pingora_core::listeners::ListenerConfig;
+use pingora_core::protocols::l4::stream::L4BufferSettings;
 use pingora_core::server::configuration::Opt;
 use pingora_core::server::Server;
 use pingora_core::services::background::background_service;
@@ -14,6 +16,7 @@ use pingora_core::services::ServiceWithDependents;
 use crate::admin::AdminApp;
 use crate::broadcast::Deliverer;
 use crate::config::Config;
+use crate::edge::accept::Edge;
 use crate::gateway::Gateway;
 use crate::lifecycle::SignalWatch;
 use crate::proxy::FanoutProxy;
@@ -43,22 +46,48 @@ pub fn build(
     let mut server = Server::new_with_opt_and_conf(opt, config.server);
     server.bootstrap();
 
-    let mut proxy = pingora_proxy::http_proxy_service_with_name(
+    let http = pingora_proxy::http_proxy(
         &server.configuration,
         FanoutProxy::new(Arc::clone(&gateway)),
-        "fanout proxy",
     );
+    let listeners = config
+        .listen
+        .iter()
+        .map(|addr| {
+            let label = addr.to_string();
+            let gauge = gateway
+                .metrics
+                .client_connections
+                .with_label_values(&[&label]);
+            (*addr, gauge)
+        })
+        .collect();
+    let edge = Edge::new(
+        http,
+        Arc::clone(&gateway.clients),
+        Arc::clone(&gateway.connections),
+        listeners,
+    );
+    let mut proxy = Service::new("fanout proxy".into(), edge);
     for addr in &config.listen {
-        proxy.add_tcp(&addr.to_string());
+        // No L4 read buffer: Pingora's 64 KiB default per connection is most of what an
+        // idle or slow client costs, and the edge reads a head into a buffer of its own
+        // size anyway (bench/RESULTS.md, memory per connection).
+        proxy.add_listener(
+            ListenerConfig::tcp(addr.to_string()).l4_buffer(L4BufferSettings::default().read(0)),
+        );
     }
     server.add_service(proxy);
 
-    if let Some(addr) = config.admin {
+    if let Some(admin_config) = &config.admin {
         let mut admin = Service::new(
             "fanout admin".into(),
-            HttpServer::new_app(AdminApp::new(Arc::clone(&gateway))),
+            HttpServer::new_app(AdminApp::new(
+                Arc::clone(&gateway),
+                admin_config.token.clone(),
+            )),
         );
-        admin.add_tcp(&addr.to_string());
+        admin.add_tcp(&admin_config.address.to_string());
         server.add_service(admin);
     }
     server.add_service(background_service(

@@ -163,7 +163,7 @@ async fn distinct_keys_are_limited_independently() {
     let c = client();
     let mut by_key = Vec::new();
     for key in ["alice", "bob", "carol"] {
-        let mut statuses = Vec::new();
+        let mut answers = Vec::new();
         for _ in 0..4 {
             let resp = c
                 .get(gw.url("/k"))
@@ -171,12 +171,22 @@ async fn distinct_keys_are_limited_independently() {
                 .send()
                 .await
                 .unwrap();
-            statuses.push(resp.status().as_u16());
+            let remaining = resp.headers()["x-ratelimit-remaining"]
+                .to_str()
+                .unwrap()
+                .to_string();
+            assert_eq!(resp.headers()["x-ratelimit-limit"], "0.5");
+            answers.push((resp.status().as_u16(), remaining));
         }
-        by_key.push(statuses);
+        by_key.push(answers);
     }
-    for statuses in by_key {
-        assert_eq!(statuses, vec![200, 200, 429, 429]);
+    // Each key's bucket holds two tokens: the allowed answers count them down.
+    let expected: Vec<(u16, String)> = [(200, "1"), (200, "0"), (429, "0"), (429, "0")]
+        .iter()
+        .map(|(s, r)| (*s, r.to_string()))
+        .collect();
+    for answers in by_key {
+        assert_eq!(answers, expected);
     }
 }
 
@@ -211,4 +221,79 @@ async fn a_request_whose_body_was_sent_is_retried_only_if_idempotent() {
         3,
         "the PUT was not retried on the other backend"
     );
+}
+
+/// Two PUTs of 60 kB under a 100 kB limit on `u` (backend `a` closes after reading each
+/// body, `b` answers): with round robin one of them meets `a` first and is retried on `b`.
+/// The retry replays the body: it must count once against the limit.
+async fn put_twice_through_a_closing_backend(route_extra: &str) -> (Backend, Backend, Gateway) {
+    let (a, b) = (Backend::start("a").await, Backend::start("b").await);
+    a.state.drop_after_body.store(true, SeqCst);
+    let gw = Gateway::start(&format!(
+        "upstreams:\n  u: {{ retries: 1, backends: [{}, {}] }}\n{route_extra}",
+        a.addr, b.addr
+    ));
+    let c = client();
+    let body = vec![b'x'; 60_000];
+    for _ in 0..2 {
+        let resp = c
+            .put(gw.url("/doc"))
+            .body(body.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200, "a retried 60 kB body refused");
+        assert_eq!(resp.headers()["x-backend"], "b");
+    }
+    assert!(a.hits() >= 1, "no request met the closing backend first");
+    assert!(b.seen().iter().all(|s| s.body.len() == 60_000));
+    (a, b, gw)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_body_counts_once_and_reaches_a_mirror_once() {
+    let shadow = Backend::start("shadow").await;
+    let (_a, _b, gw) = put_twice_through_a_closing_backend(&format!(
+        "  shadow: {{ backends: [{}] }}\nroutes:\n  - match: {{ prefix: / }}\n    upstream: u\n    \
+         max_body_bytes: 100kB\n    mirror: [{{ upstream: shadow }}]\n",
+        shadow.addr
+    ))
+    .await;
+    let c = client();
+    eventually(Duration::from_secs(5), "both copies arrived", || async {
+        shadow.hits() == 2
+    })
+    .await;
+    for s in shadow.seen() {
+        assert_eq!(s.body.len(), 60_000, "a mirror copy got the replayed bytes");
+    }
+    let series =
+        "fanout_mirror_requests_total{outcome=\"ok\",route=\"prefix:/\",upstream=\"shadow\"}";
+    assert_eq!(metric(&c, &gw, series).await, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_body_reaches_a_fallback_once() {
+    let fb = Backend::start("fb").await;
+    fb.set_delay(200);
+    let (_a, b, _gw) = put_twice_through_a_closing_backend(&format!(
+        "  fb: {{ backends: [{}] }}\nroutes:\n  - match: {{ prefix: / }}\n    upstream: u\n    \
+         max_body_bytes: 100kB\n    fallback: [fb]\n",
+        fb.addr
+    ))
+    .await;
+    assert_eq!(b.seen().len(), 2);
+    eventually(
+        Duration::from_secs(5),
+        "both fallback copies arrived",
+        || async { fb.hits() == 2 },
+    )
+    .await;
+    for s in fb.seen() {
+        assert_eq!(
+            s.body.len(),
+            60_000,
+            "a fallback copy got the replayed bytes"
+        );
+    }
 }

@@ -83,6 +83,48 @@ impl OneOrMany {
     }
 }
 
+/// `admin:` takes an address, or an address with a token file.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum FileAdmin {
+    Address(String),
+    Full(FileAdminFull),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileAdminFull {
+    pub address: String,
+    pub token_file: Option<String>,
+}
+
+/// `clients:` — defences against slow, idle, oversized and too many clients.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileClients {
+    pub header_timeout: Option<Dur>,
+    pub body_timeout: Option<Dur>,
+    pub keepalive_timeout: Option<Dur>,
+    pub max_connections: Option<usize>,
+    pub max_connections_per_ip: Option<usize>,
+    pub max_request_line: Option<Size>,
+    pub max_header_bytes: Option<Size>,
+    pub max_headers: Option<usize>,
+    pub encoded_slashes: Option<EncodedSlashes>,
+}
+
+/// What to do with `%2F` or `%5C` (or a raw `\`) inside a path segment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EncodedSlashes {
+    /// Refuse the request with 400 (the default).
+    Reject,
+    /// Keep them encoded, as part of their segment.
+    Keep,
+    /// Decode them into `/` before normalising (Envoy's UNESCAPE_AND_FORWARD).
+    Decode,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum AccessLog {

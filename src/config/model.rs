@@ -8,7 +8,7 @@ use std::time::Duration;
 use http::{HeaderName, HeaderValue, Method};
 use pingora_core::server::configuration::ServerConf;
 
-pub use super::file::{AccessLog, Balance, HealthCheckType};
+pub use super::file::{AccessLog, Balance, EncodedSlashes, HealthCheckType};
 
 /// Index of an upstream in [`Config::upstreams`].
 pub type UpstreamId = usize;
@@ -28,11 +28,52 @@ pub struct Config {
     /// Pingora's own settings, from `server:` (threads already resolved: 0 means per core).
     pub server: ServerConf,
     pub listen: Vec<SocketAddr>,
-    pub admin: Option<SocketAddr>,
+    pub admin: Option<AdminConfig>,
+    pub clients: ClientsConfig,
+    /// Legal but probably unwanted settings, one line each (`-t` and start-up print them).
+    pub warnings: Vec<super::ConfigError>,
     /// `defaults.access_log`: for requests that match no route.
     pub default_access_log: AccessLog,
     pub upstreams: Vec<UpstreamConfig>,
     pub routes: Vec<RouteConfig>,
+}
+
+#[derive(Debug, Clone)]
+pub struct AdminConfig {
+    pub address: SocketAddr,
+    /// The bearer token every admin request but `/health` and `/ready` must carry.
+    pub token: Option<String>,
+}
+
+/// `clients:`, with the defaults of the README.
+#[derive(Debug, Clone)]
+pub struct ClientsConfig {
+    pub header_timeout: Duration,
+    pub body_timeout: Duration,
+    pub keepalive_timeout: Duration,
+    pub max_connections: usize,
+    /// 0: no per-address limit.
+    pub max_connections_per_ip: usize,
+    pub max_request_line: usize,
+    pub max_header_bytes: usize,
+    pub max_headers: usize,
+    pub encoded_slashes: EncodedSlashes,
+}
+
+impl Default for ClientsConfig {
+    fn default() -> Self {
+        ClientsConfig {
+            header_timeout: Duration::from_secs(10),
+            body_timeout: Duration::from_secs(60),
+            keepalive_timeout: Duration::from_secs(60),
+            max_connections: 100_000,
+            max_connections_per_ip: 0,
+            max_request_line: 8 * 1024,
+            max_header_bytes: 32 * 1024,
+            max_headers: 100,
+            encoded_slashes: EncodedSlashes::Reject,
+        }
+    }
 }
 
 #[derive(Debug, Clone)]

@@ -71,7 +71,8 @@ fn route_rules_are_checked() {
          \x20 - {{ match: {{ prefix: /e }}, upstream: u, broadcast: [u] }}\n\
          \x20 - {{ match: {{ prefix: /f }}, upstream: u, mirror: [{{ upstream: u, percent: 120 }}] }}\n\
          \x20 - {{ match: {{ prefix: /g }}, upstream: u, rate_limit: {{ requests_per_second: 0 }} }}\n\
-         \x20 - {{ match: {{ prefix: /h }}, upstream: u, request_headers: {{ set: {{ \"bad name\": x }} }} }}\n"
+         \x20 - {{ match: {{ prefix: /h }}, upstream: u, request_headers: {{ set: {{ \"bad name\": x }} }} }}\n\
+         \x20 - {{ match: {{ prefix: /i }}, upstream: u, rate_limit: {{ requests_per_second: 1e-9 }} }}\n"
     ));
     for needle in [
         "routes[0].match: needs exactly one of `path` (exact) and `prefix`",
@@ -80,8 +81,9 @@ fn route_rules_are_checked() {
         "routes[3].match.methods[0]: invalid method",
         "routes[4]: needs exactly one of `upstream` (proxy) and `broadcast`",
         "routes[5].mirror[0].percent: percent 120 is out of range",
-        "routes[6].rate_limit.requests_per_second: must be a number above zero",
+        "routes[6].rate_limit.requests_per_second: must be a finite number of at least",
         "routes[7].request_headers.set.bad name: invalid header name",
+        "routes[8].rate_limit.requests_per_second: must be a finite number of at least",
     ] {
         assert!(has(&e, needle), "missing {needle:?} in {e:#?}");
     }
@@ -135,4 +137,46 @@ fn missing_sections_are_reported() {
     let e = errors("upstreams: {}\n");
     assert!(has(&e, "listen: at least one listen address is required"));
     assert!(has(&e, "routes: at least one route is required"));
+}
+
+#[test]
+fn clients_and_admin_are_checked() {
+    let e = errors(&format!(
+        "{BASE}routes: [{{ match: {{ prefix: / }}, upstream: u }}]\n\
+         clients: {{ header_timeout: 0s, max_connections: 0, max_headers: 300, \
+         max_request_line: 10, encoded_slashes: maybe, idle: 5s }}\n\
+         admin: {{ address: 127.0.0.1:9, token_file: /nonexistent/token }}\n"
+    ));
+    for needle in [
+        "clients.header_timeout: must be longer than zero",
+        "clients.max_connections: must be at least 1",
+        "clients.max_headers: must be at most 256",
+        "clients.max_request_line: must be between 64 bytes and 1MiB",
+        "clients.encoded_slashes: unknown variant `maybe`",
+        "clients.idle: unknown field",
+        "admin.token_file: cannot read /nonexistent/token",
+    ] {
+        assert!(has(&e, needle), "missing {needle:?} in {e:#?}");
+    }
+}
+
+#[test]
+fn an_open_admin_listener_without_a_token_is_warned_about() {
+    let dir = std::env::temp_dir().join(format!("fanout-admin-token-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let token = dir.join("token");
+    std::fs::write(&token, "s3cret\n").unwrap();
+    let routes = "routes: [{ match: { prefix: / }, upstream: u }]\n";
+    let open = ok(&format!("{BASE}{routes}admin: 0.0.0.0:9091\n"));
+    assert_eq!(open.warnings.len(), 1, "{:?}", open.warnings);
+    assert!(open.warnings[0].message.contains("no token_file"));
+    let local = ok(&format!("{BASE}{routes}admin: 127.0.0.1:9091\n"));
+    assert!(local.warnings.is_empty());
+    let guarded = ok(&format!(
+        "{BASE}{routes}admin: {{ address: 0.0.0.0:9091, token_file: {} }}\n",
+        token.display()
+    ));
+    assert!(guarded.warnings.is_empty());
+    assert_eq!(guarded.admin.unwrap().token.as_deref(), Some("s3cret"));
+    std::fs::remove_dir_all(&dir).unwrap();
 }

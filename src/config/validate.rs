@@ -15,10 +15,11 @@ use super::file::*;
 use super::model::*;
 use super::ConfigError;
 
-const TOP_KEYS: [&str; 6] = [
+const TOP_KEYS: [&str; 7] = [
     "server",
     "listen",
     "admin",
+    "clients",
     "defaults",
     "upstreams",
     "routes",
@@ -28,11 +29,17 @@ const TOP_KEYS: [&str; 6] = [
 #[derive(Default)]
 struct Checker {
     errors: Vec<ConfigError>,
+    warnings: Vec<ConfigError>,
 }
 
 impl Checker {
     fn err(&mut self, path: &str, message: impl Into<String>) {
         self.errors.push(ConfigError::new(path, message));
+    }
+
+    /// Something legal but probably unwanted: printed by `-t` and at start-up.
+    fn warn(&mut self, path: &str, message: impl Into<String>) {
+        self.warnings.push(ConfigError::new(path, message));
     }
 
     /// Deserializes `value` as `T`, reporting each failure under `path` plus the inner path.
@@ -153,8 +160,15 @@ pub(super) fn build(text: &str) -> Result<Config, Vec<ConfigError>> {
     let admin = match root.remove("admin") {
         None | Some(Value::Null) => None,
         Some(v) => ck
-            .parse::<String>("admin", v)
-            .and_then(|a| parse_listen(&mut ck, "admin", &a)),
+            .parse::<FileAdmin>("admin", v)
+            .and_then(|a| build_admin(&mut ck, a)),
+    };
+    let clients = match root.remove("clients") {
+        None | Some(Value::Null) => ClientsConfig::default(),
+        Some(v) => ck
+            .parse::<FileClients>("clients", v)
+            .map(|c| build_clients(&mut ck, c))
+            .unwrap_or_default(),
     };
     let defaults = match root.remove("defaults") {
         None | Some(Value::Null) => FileDefaults::default(),
@@ -184,6 +198,8 @@ pub(super) fn build(text: &str) -> Result<Config, Vec<ConfigError>> {
             server,
             listen,
             admin,
+            clients,
+            warnings: ck.warnings,
             default_access_log: defaults.access_log.unwrap_or(AccessLog::Json),
             upstreams: upstreams.into_iter().filter_map(|(_, u)| u).collect(),
             routes,
@@ -236,6 +252,115 @@ fn build_server(ck: &mut Checker, value: Option<Value>) -> ServerConf {
         conf.threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     }
     conf
+}
+
+fn build_admin(ck: &mut Checker, admin: FileAdmin) -> Option<AdminConfig> {
+    let (address, token_file) = match admin {
+        FileAdmin::Address(a) => (a, None),
+        FileAdmin::Full(f) => (f.address, f.token_file),
+    };
+    let path = if token_file.is_some() {
+        "admin.address"
+    } else {
+        "admin"
+    };
+    let address = parse_listen(ck, path, &address)?;
+    let token = match token_file {
+        None => None,
+        Some(file) => match std::fs::read_to_string(&file) {
+            Ok(text) if !text.trim().is_empty() => Some(text.trim().to_string()),
+            Ok(_) => {
+                ck.err("admin.token_file", format!("{file} is empty"));
+                None
+            }
+            Err(e) => {
+                ck.err("admin.token_file", format!("cannot read {file}: {e}"));
+                None
+            }
+        },
+    };
+    if token.is_none() && !address.ip().is_loopback() {
+        ck.warn(
+            path,
+            format!(
+                "the admin listener on {address} is reachable from other hosts and has no \
+                 token_file: anyone who reaches it can read /status and /metrics"
+            ),
+        );
+    }
+    Some(AdminConfig { address, token })
+}
+
+fn build_clients(ck: &mut Checker, f: FileClients) -> ClientsConfig {
+    let d = ClientsConfig::default();
+    let dur = |ck: &mut Checker, key: &str, v: Option<Dur>, default: Duration| {
+        let v = v.map_or(default, |d| d.0);
+        positive(ck, &format!("clients.{key}"), v);
+        v
+    };
+    let count = |ck: &mut Checker, key: &str, v: Option<usize>, default: usize, min: usize| {
+        let v = v.unwrap_or(default);
+        if v < min {
+            ck.err(&format!("clients.{key}"), format!("must be at least {min}"));
+        }
+        v
+    };
+    let max_request_line = f
+        .max_request_line
+        .map_or(d.max_request_line as u64, |s| s.0);
+    let max_header_bytes = f
+        .max_header_bytes
+        .map_or(d.max_header_bytes as u64, |s| s.0);
+    // Pingora reads at most 1 MiB of head, and a head must hold at least a short request.
+    const HEAD: std::ops::RangeInclusive<u64> = 64..=1024 * 1024;
+    for (key, v) in [
+        ("max_request_line", max_request_line),
+        ("max_header_bytes", max_header_bytes),
+    ] {
+        if !HEAD.contains(&v) {
+            ck.err(
+                &format!("clients.{key}"),
+                "must be between 64 bytes and 1MiB",
+            );
+        }
+    }
+    ClientsConfig {
+        header_timeout: dur(ck, "header_timeout", f.header_timeout, d.header_timeout),
+        body_timeout: dur(ck, "body_timeout", f.body_timeout, d.body_timeout),
+        keepalive_timeout: dur(
+            ck,
+            "keepalive_timeout",
+            f.keepalive_timeout,
+            d.keepalive_timeout,
+        ),
+        max_connections: count(
+            ck,
+            "max_connections",
+            f.max_connections,
+            d.max_connections,
+            1,
+        ),
+        max_connections_per_ip: count(
+            ck,
+            "max_connections_per_ip",
+            f.max_connections_per_ip,
+            d.max_connections_per_ip,
+            0,
+        ),
+        max_request_line: max_request_line as usize,
+        max_header_bytes: max_header_bytes as usize,
+        max_headers: {
+            let n = count(ck, "max_headers", f.max_headers, d.max_headers, 1);
+            if n > 256 {
+                ck.err(
+                    "clients.max_headers",
+                    "must be at most 256 (Pingora's own limit)",
+                );
+            }
+            n
+        },
+        encoded_slashes: f.encoded_slashes.unwrap_or(d.encoded_slashes),
+    }
 }
 
 fn parse_listen(ck: &mut Checker, path: &str, text: &str) -> Option<SocketAddr> {
@@ -559,10 +684,12 @@ fn build_routes(
             header_rules(ck, &format!("{path}.response_headers"), f.response_headers);
         let rate_limit = f.rate_limit.map(|r| {
             let rpath = format!("{path}.rate_limit");
-            if !(r.requests_per_second.is_finite() && r.requests_per_second > 0.0) {
+            if !(r.requests_per_second.is_finite()
+                && r.requests_per_second >= crate::ratelimit::MIN_REQUESTS_PER_SECOND)
+            {
                 ck.err(
                     &format!("{rpath}.requests_per_second"),
-                    "must be a number above zero",
+                    "must be a finite number of at least 0.0000116 (one request a day)",
                 );
             }
             let burst = r

@@ -17,9 +17,16 @@
 //!
 //! A lane that fails (connect error, reset, unparseable answer) fails the copies it carries;
 //! a copy past the mirror's `timeout` ends its lane (the copies queued behind it would wait
-//! as long). A lane the mirror closes politely (`Connection: close`, or a close after a
-//! complete answer) hands its unanswered idempotent copies to other lanes, once; a copy
-//! that is not idempotent may have been processed, so it counts as an error instead.
+//! as long). A lane that ends politely hands its copies over to other lanes, at the head of
+//! an idle or new one so that no close can catch them again:
+//! - an answer saying `Connection: close`: the mirror processed none of the copies written
+//!   behind it (RFC 9112 §9.6), so every one of them goes again;
+//! - a close after a complete answer without that header, or the end of an idle period:
+//!   copies never written go again; written ones may have been processed, so only
+//!   idempotent ones go again, once, and the others count as errors.
+//!
+//! Every copy ends answered or counted as an error: none is left unaccounted, whatever the
+//! order in which a lane's end and a new copy's dispatch meet.
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -40,6 +47,9 @@ use crate::upstream::Lease;
 const DEPTH: usize = 32;
 /// A lane whose answers come faster than this takes more copies while busy.
 const FAST: Duration = Duration::from_millis(5);
+/// Times one copy may be handed from a closing lane to another before it counts as an
+/// error: a guard against a mirror that closes every connection before answering.
+const MAX_HANDOVERS: u8 = 16;
 /// Largest answer head a lane accepts.
 const MAX_HEAD: usize = 64 * 1024;
 /// Headers an answer may have.
@@ -57,8 +67,10 @@ struct Job {
     lease: Lease,
     deadline: Instant,
     permit: Permit,
-    /// Handed over once already by a lane that closed.
-    retried: bool,
+    /// Times a closing lane handed this copy to another.
+    handovers: u8,
+    /// Written once to a lane that then closed without saying whether it processed it.
+    maybe_processed: bool,
 }
 
 /// Sends a copy's head, and its whole body if it has one, on a lane to the leased backend.
@@ -83,7 +95,8 @@ pub fn send(
             lease,
             deadline: Instant::now() + mirror.config.timeout,
             permit,
-            retried: false,
+            handovers: 0,
+            maybe_processed: false,
         },
     );
 }
@@ -158,7 +171,8 @@ impl BackendLanes {
 }
 
 /// Sends `job` on a lane to its backend: the fullest fast lane with room, else an idle
-/// lane, else a new one. Never waits.
+/// lane, else a new one; a handed-over copy only to an idle or new lane, at its head.
+/// Never waits.
 fn dispatch(mirror: &Arc<Mirror>, job: Job) {
     let index = job.lease.index();
     let Some(backend) = mirror.lanes.get(index) else {
@@ -171,19 +185,22 @@ fn dispatch(mirror: &Arc<Mirror>, job: Job) {
         lanes.retain(|l| !l.closed.load(Relaxed));
         let busy_fast = lanes
             .iter()
+            .filter(|_| job.handovers == 0)
             .filter(|l| l.outstanding.load(Relaxed) > 0 && l.takes_more(now_us))
             .max_by_key(|l| l.outstanding.load(Relaxed));
         let idle = || lanes.iter().find(|l| l.outstanding.load(Relaxed) == 0);
-        match busy_fast.or_else(idle) {
+        let lane = match busy_fast.or_else(idle) {
             Some(lane) => Arc::clone(lane),
             None => {
                 let lane = open(mirror, backend);
                 lanes.push(Arc::clone(&lane));
                 lane
             }
-        }
+        };
+        // Counted under the lock: no other copy can take this lane for an idle one now.
+        lane.outstanding.fetch_add(1, Relaxed);
+        lane
     };
-    chosen.outstanding.fetch_add(1, Relaxed);
     if let Err(mpsc::error::SendError(job)) = chosen.tx.send(job) {
         // The lane ended meanwhile; it has not seen this copy.
         chosen.outstanding.fetch_sub(1, Relaxed);
@@ -221,8 +238,11 @@ struct Sent {
 
 /// How a lane ended.
 enum End {
-    /// The mirror closed it after complete answers, or it sat idle: unanswered idempotent
-    /// copies may go again.
+    /// The mirror answered with `Connection: close`: it processed none of the copies
+    /// written behind that answer, so all of them may go again.
+    Announced,
+    /// The mirror closed it after complete answers, or it sat idle: copies never written,
+    /// and written idempotent ones, may go again.
     Polite,
     /// It failed: its copies failed with it.
     Failed { timeout: bool },
@@ -337,10 +357,14 @@ impl LaneTask {
                     let Some(sent) = self.pending.pop_front() else {
                         return Err(End::Failed { timeout: false });
                     };
+                    if close {
+                        // Closed before its count drops, so no copy takes it for idle.
+                        self.lane.closed.store(true, Relaxed);
+                    }
                     self.answered(sent, status);
                     answered = true;
                     if close {
-                        return Err(End::Polite);
+                        return Err(End::Announced);
                     }
                 }
                 Parsed::Invalid => return Err(End::Failed { timeout: false }),
@@ -391,9 +415,8 @@ impl LaneTask {
         sent.job.answered(status);
     }
 
-    /// Ends the lane: closed to new copies, then each copy it still held fails or, if the
-    /// mirror closed politely and the copy may safely go again (never written, or
-    /// idempotent), goes to another lane, once.
+    /// Ends the lane: closed to new copies, then each copy it still held goes to another
+    /// lane if it safely may (see the module's notes), or fails.
     fn finish(mut self, end: End) {
         self.lane.closed.store(true, Relaxed);
         self.rx.close();
@@ -401,14 +424,21 @@ impl LaneTask {
         let queued = std::iter::from_fn(|| self.rx.try_recv().ok()).map(|j| (j, false));
         let held: Vec<(Job, bool)> = written.chain(queued).collect();
         for (i, (mut job, written)) in held.into_iter().enumerate() {
+            let again = match end {
+                End::Announced => true,
+                End::Polite => !written || (job.idempotent && !job.maybe_processed),
+                End::Failed { .. } => false,
+            };
+            if again && job.handovers < MAX_HANDOVERS {
+                job.handovers += 1;
+                job.maybe_processed |= written && matches!(end, End::Polite);
+                dispatch(&self.mirror, job);
+                continue;
+            }
             match end {
-                End::Polite if !job.retried && (job.idempotent || !written) => {
-                    job.retried = true;
-                    dispatch(&self.mirror, job);
-                }
-                End::Polite => job.failed(false),
                 End::Failed { timeout } if i == 0 => job.failed(timeout),
                 End::Failed { .. } => job.failed_behind(),
+                _ => job.failed(false),
             }
         }
     }

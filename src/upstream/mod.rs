@@ -143,20 +143,31 @@ impl Drop for Lease {
 }
 
 /// Backends a request already tried (its retries avoid them while others remain).
-#[derive(Debug, Default, Clone, Copy)]
-pub struct Tried(u128);
+#[derive(Debug, Default, Clone)]
+pub struct Tried {
+    /// Backends 0..128 as bits: no allocation for the usual upstream.
+    first: u128,
+    /// Indices from 128 on, for very large upstreams.
+    rest: Vec<usize>,
+}
 
 impl Tried {
     pub fn add(&mut self, i: usize) {
         if i < 128 {
-            self.0 |= 1 << i;
+            self.first |= 1 << i;
+        } else if !self.rest.contains(&i) {
+            self.rest.push(i);
         }
     }
     pub fn contains(&self, i: usize) -> bool {
-        i < 128 && self.0 & (1 << i) != 0
+        if i < 128 {
+            self.first & (1 << i) != 0
+        } else {
+            self.rest.contains(&i)
+        }
     }
     pub fn is_empty(&self) -> bool {
-        self.0 == 0
+        self.first == 0 && self.rest.is_empty()
     }
 }
 
@@ -312,5 +323,62 @@ impl Upstream {
             });
         }
         None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{BackendConfig, KeySource, Timeouts};
+
+    fn upstream(n: u16) -> Arc<Upstream> {
+        let config = UpstreamConfig {
+            name: "big".into(),
+            balance: Balance::RoundRobin,
+            hash_key: KeySource::ClientIp,
+            backends: (0..n)
+                .map(|i| BackendConfig {
+                    addr: SocketAddr::from(([127, 0, 0, 1], 10_000 + i)),
+                    weight: 1,
+                })
+                .collect(),
+            health_check: None,
+            breaker: None,
+            timeouts: Timeouts::default(),
+            retries: 2,
+        };
+        let metrics = Metrics::new().expect("metrics");
+        Arc::new(Upstream::new(&config, &metrics))
+    }
+
+    #[test]
+    fn tried_remembers_any_index() {
+        let mut t = Tried::default();
+        assert!(t.is_empty());
+        for i in [0, 127, 128, 300, 300, 10_000] {
+            t.add(i);
+        }
+        for i in [0, 127, 128, 300, 10_000] {
+            assert!(t.contains(i), "{i}");
+        }
+        for i in [1, 129, 299, 9_999] {
+            assert!(!t.contains(i), "{i}");
+        }
+        assert!(!t.is_empty());
+    }
+
+    #[test]
+    fn a_retry_never_goes_back_to_a_tried_backend_past_the_128th() {
+        let u = upstream(200);
+        // Walk the round robin until it hands out every backend once, marking each tried:
+        // no backend, however high its index, may come back while untried ones remain.
+        let mut tried = Tried::default();
+        for _ in 0..200 {
+            let lease = u.select(b"", &tried).expect("a backend");
+            assert!(!tried.contains(lease.index()), "{} again", lease.index());
+            tried.add(lease.index());
+        }
+        // All tried: a retry may reuse one rather than fail.
+        assert!(u.select(b"", &tried).is_some());
     }
 }

@@ -1,0 +1,238 @@
+//! Where client connections enter: [`Edge`] is the Pingora `ServerApp` of the proxy
+//! service. It admits each connection against `clients.max_connections` and
+//! `clients.max_connections_per_ip` (over a limit the connection is closed at once and
+//! counted), keeps `fanout_client_connections` per listener, wraps an HTTP/1 connection in
+//! a [`ClientStream`], and hands it to Pingora's own HTTP server loop. [`Exchanges`] sits
+//! inside that loop, between Pingora and the proxy, only to tell the stream when each
+//! request's exchange is over.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use pingora_core::apps::{HttpServerApp, HttpServerOptions, ReusedHttpStream, ServerApp};
+use pingora_core::protocols::http::v2::server::H2Options;
+use pingora_core::protocols::http::ServerSession;
+use pingora_core::protocols::{Stream, ALPN};
+use pingora_core::server::ShutdownWatch;
+use prometheus::IntGauge;
+
+use super::stream::{self, ClientStream};
+use super::ClientPolicy;
+
+/// Shards of the per-address connection table.
+const SHARDS: usize = 32;
+
+/// Open connections, in all and per client address.
+pub struct Connections {
+    total: AtomicUsize,
+    max: usize,
+    /// 0: no per-address limit (and no table).
+    max_per_ip: usize,
+    per_ip: Vec<Mutex<HashMap<IpAddr, usize>>>,
+}
+
+impl Connections {
+    pub fn new(max: usize, max_per_ip: usize) -> Arc<Connections> {
+        let shards = if max_per_ip > 0 { SHARDS } else { 0 };
+        Arc::new(Connections {
+            total: AtomicUsize::new(0),
+            max,
+            max_per_ip,
+            per_ip: (0..shards).map(|_| Mutex::new(HashMap::new())).collect(),
+        })
+    }
+
+    fn shard(&self, ip: &IpAddr) -> Option<&Mutex<HashMap<IpAddr, usize>>> {
+        if self.per_ip.is_empty() {
+            return None;
+        }
+        let h = crate::keys::stable_hash(&match ip {
+            IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
+            IpAddr::V6(v6) => v6.octets(),
+        });
+        self.per_ip.get(h as usize % self.per_ip.len())
+    }
+
+    /// Takes a slot for a connection from `ip`, or says which limit refuses it.
+    pub fn admit(
+        self: &Arc<Self>,
+        ip: Option<IpAddr>,
+        gauge: Option<IntGauge>,
+    ) -> Result<Slot, &'static str> {
+        if self.total.fetch_add(1, Relaxed) >= self.max {
+            self.total.fetch_sub(1, Relaxed);
+            return Err("max_connections");
+        }
+        let ip = ip.filter(|_| self.max_per_ip > 0);
+        if let Some(shard) = ip.as_ref().and_then(|ip| self.shard(ip)) {
+            let mut map = shard.lock().unwrap_or_else(|p| p.into_inner());
+            let n = map.entry(ip.unwrap_or(IpAddr::from([0u8; 4]))).or_insert(0);
+            if *n >= self.max_per_ip {
+                drop(map);
+                self.total.fetch_sub(1, Relaxed);
+                return Err("max_connections_per_ip");
+            }
+            *n += 1;
+        }
+        if let Some(g) = &gauge {
+            g.inc();
+        }
+        Ok(Slot {
+            table: Arc::clone(self),
+            ip,
+            gauge,
+        })
+    }
+
+    /// Client connections open now.
+    pub fn open(&self) -> usize {
+        self.total.load(Relaxed)
+    }
+}
+
+/// One admitted connection; dropping it gives the slot back.
+pub struct Slot {
+    table: Arc<Connections>,
+    ip: Option<IpAddr>,
+    gauge: Option<IntGauge>,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        if let Some(g) = &self.gauge {
+            g.dec();
+        }
+        self.table.total.fetch_sub(1, Relaxed);
+        if let Some(ip) = self.ip {
+            if let Some(shard) = self.table.shard(&ip) {
+                let mut map = shard.lock().unwrap_or_else(|p| p.into_inner());
+                if let Some(n) = map.get_mut(&ip) {
+                    *n -= 1;
+                    if *n == 0 {
+                        map.remove(&ip);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The proxy service's application: admission and defences, then Pingora's HTTP server.
+pub struct Edge<A> {
+    exchanges: Arc<Exchanges<A>>,
+    policy: Arc<ClientPolicy>,
+    connections: Arc<Connections>,
+    /// `fanout_client_connections` per configured listener address.
+    listeners: Vec<(SocketAddr, IntGauge)>,
+}
+
+impl<A> Edge<A> {
+    pub fn new(
+        app: A,
+        policy: Arc<ClientPolicy>,
+        connections: Arc<Connections>,
+        listeners: Vec<(SocketAddr, IntGauge)>,
+    ) -> Edge<A> {
+        Edge {
+            exchanges: Arc::new(Exchanges { app: Arc::new(app) }),
+            policy,
+            connections,
+            listeners,
+        }
+    }
+
+    /// The gauge of the listener a connection came in on.
+    fn gauge(&self, local: Option<SocketAddr>) -> Option<IntGauge> {
+        let matches = |l: &SocketAddr| {
+            local.is_some_and(|a| {
+                a.port() == l.port() && (l.ip().is_unspecified() || a.ip() == l.ip())
+            })
+        };
+        self.listeners
+            .iter()
+            .find(|(l, _)| matches(l))
+            .or(self.listeners.first())
+            .map(|(_, g)| g.clone())
+    }
+}
+
+#[async_trait]
+impl<A> ServerApp for Edge<A>
+where
+    A: HttpServerApp + Send + Sync + 'static,
+{
+    async fn process_new(
+        self: &Arc<Self>,
+        stream: Stream,
+        shutdown: &ShutdownWatch,
+    ) -> Option<Stream> {
+        let gauge = self.gauge(stream::local_addr(&stream));
+        let slot = match self.connections.admit(stream::peer_ip(&stream), gauge) {
+            Ok(slot) => slot,
+            Err(reason) => {
+                self.policy.refused.by_reason(reason).inc();
+                return None; // dropped: closed at once
+            }
+        };
+        if matches!(stream.selected_alpn_proto(), Some(ALPN::H2)) {
+            // HTTP/2 has its own framing, which Pingora's h2 library checks strictly.
+            let _slot = slot;
+            return self.exchanges.process_new(stream, shutdown).await;
+        }
+        let stream: Stream = Box::new(ClientStream::new(stream, Arc::clone(&self.policy), slot));
+        self.exchanges.process_new(stream, shutdown).await
+    }
+
+    async fn cleanup(&self) {
+        self.exchanges.app.http_cleanup().await
+    }
+}
+
+/// Pingora's HTTP application, with the end of every exchange reported to the stream.
+pub struct Exchanges<A> {
+    app: Arc<A>,
+}
+
+#[async_trait]
+impl<A> HttpServerApp for Exchanges<A>
+where
+    A: HttpServerApp + Send + Sync + 'static,
+{
+    async fn process_new_http(
+        self: &Arc<Self>,
+        mut session: ServerSession,
+        shutdown: &ShutdownWatch,
+    ) -> Option<ReusedHttpStream> {
+        // The framer has checked where every pipelined request ends: Pingora may serve
+        // them one after the other (RFC 9112 §9.3.2) instead of dropping the later ones.
+        session.set_pipelining_enabled(true);
+        let reused = self.app.process_new_http(session, shutdown).await?;
+        let (stream, settings) = reused.consume();
+        if !stream.as_any().is::<ClientStream>() {
+            return Some(ReusedHttpStream::new(stream, settings));
+        }
+        let stream: Stream = match stream.into_any().downcast::<ClientStream>() {
+            Ok(mut client) => {
+                client.exchange_done();
+                client
+            }
+            Err(_) => return None,
+        };
+        Some(ReusedHttpStream::new(stream, settings))
+    }
+
+    fn h2_options(&self) -> Option<H2Options> {
+        self.app.h2_options()
+    }
+
+    fn server_options(&self) -> Option<&HttpServerOptions> {
+        self.app.server_options()
+    }
+
+    async fn http_cleanup(&self) {
+        self.app.http_cleanup().await
+    }
+}

@@ -1,0 +1,76 @@
+//! The gateway's edge: what stands between the open internet and the proxy phases.
+//!
+//! - [`accept`]: connection admission (`clients.max_connections`, per address), the
+//!   connection gauges, and the hook into Pingora's HTTP server loop;
+//! - [`stream`]: each HTTP/1 client connection, with its head, body and idle deadlines and
+//!   the answers it gives itself (400, 408, 414, 431, 505);
+//! - [`framing`]: the RFC 9112 request grammar those answers come from;
+//! - [`path`]: request paths normalised before routing (dot segments, encoded characters,
+//!   repeated slashes).
+
+pub mod accept;
+pub mod framing;
+pub mod path;
+pub mod stream;
+
+use std::time::Duration;
+
+use prometheus::{IntCounter, IntCounterVec};
+
+use crate::config::ClientsConfig;
+use framing::Limits;
+
+/// What every client connection is held to (`clients:`), and where refusals are counted.
+pub struct ClientPolicy {
+    pub limits: Limits,
+    pub header_timeout: Duration,
+    pub body_timeout: Duration,
+    pub keepalive_timeout: Duration,
+    pub refused: Refusals,
+}
+
+impl ClientPolicy {
+    pub fn new(config: &ClientsConfig, refused: &IntCounterVec) -> ClientPolicy {
+        ClientPolicy {
+            limits: Limits {
+                max_request_line: config.max_request_line,
+                max_header_bytes: config.max_header_bytes,
+                max_headers: config.max_headers,
+            },
+            header_timeout: config.header_timeout,
+            body_timeout: config.body_timeout,
+            keepalive_timeout: config.keepalive_timeout,
+            refused: Refusals::new(refused),
+        }
+    }
+}
+
+/// `fanout_client_refused_total`, one handle per reason.
+pub struct Refusals {
+    pub max_connections: IntCounter,
+    pub max_connections_per_ip: IntCounter,
+    pub header_timeout: IntCounter,
+    pub body_timeout: IntCounter,
+    pub bad_request: IntCounter,
+}
+
+impl Refusals {
+    fn new(vec: &IntCounterVec) -> Refusals {
+        let r = |reason: &str| vec.with_label_values(&[reason]);
+        Refusals {
+            max_connections: r("max_connections"),
+            max_connections_per_ip: r("max_connections_per_ip"),
+            header_timeout: r("header_timeout"),
+            body_timeout: r("body_timeout"),
+            bad_request: r("bad_request"),
+        }
+    }
+
+    /// The counter of a connection-limit refusal.
+    pub fn by_reason(&self, reason: &str) -> &IntCounter {
+        match reason {
+            "max_connections_per_ip" => &self.max_connections_per_ip,
+            _ => &self.max_connections,
+        }
+    }
+}
