@@ -4,10 +4,14 @@
 //! `fallback_max_body`); this module picks and sends the answer the client gets when the
 //! primary fails: the first successful fallback, in order of arrival.
 
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::sync::Arc;
+
 use http::header;
 use pingora_error::Result;
 use pingora_proxy::Session;
-use tokio::sync::mpsc;
+use prometheus::IntCounter;
+use tokio::sync::{mpsc, watch};
 
 use crate::config::RouteConfig;
 use crate::forwarding;
@@ -16,15 +20,68 @@ use crate::mirror::Captured;
 /// The response header naming the upstream that answered.
 pub const HEADER: &str = "x-fanout-upstream";
 
+/// A route's fallback copies in flight, bounded by `fallback_max_inflight`.
+pub struct Budget {
+    inflight: AtomicUsize,
+    max: usize,
+    /// `fanout_fallback_skipped_total`: requests that ran without fallbacks.
+    pub skipped: IntCounter,
+}
+
+impl Budget {
+    pub fn new(max: usize, skipped: IntCounter) -> Arc<Budget> {
+        Arc::new(Budget {
+            inflight: AtomicUsize::new(0),
+            max,
+            skipped,
+        })
+    }
+
+    /// Takes `n` slots, all or none (then the skip is counted).
+    pub fn take(self: &Arc<Self>, n: usize) -> Option<Vec<Slot>> {
+        if self.inflight.fetch_add(n, Relaxed) + n > self.max {
+            self.inflight.fetch_sub(n, Relaxed);
+            self.skipped.inc();
+            return None;
+        }
+        Some((0..n).map(|_| Slot(Arc::clone(self))).collect())
+    }
+}
+
+/// One fallback copy's place in its route's budget, given back when the copy ends.
+pub struct Slot(Arc<Budget>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.inflight.fetch_sub(1, Relaxed);
+    }
+}
+
 /// The fallback answers of one request, one per fallback copy (`None`: that one failed).
 pub struct Fallbacks {
     answers: mpsc::UnboundedReceiver<Option<Captured>>,
     pending: usize,
+    /// While held, the copies wait for their answers; dropped (the primary's answer was
+    /// chosen, or the request ended), they stop reading and let their connections go.
+    wanted: Option<watch::Sender<()>>,
 }
 
 impl Fallbacks {
-    pub fn new(answers: mpsc::UnboundedReceiver<Option<Captured>>, pending: usize) -> Self {
-        Fallbacks { answers, pending }
+    pub fn new(
+        answers: mpsc::UnboundedReceiver<Option<Captured>>,
+        pending: usize,
+        wanted: watch::Sender<()>,
+    ) -> Self {
+        Fallbacks {
+            answers,
+            pending,
+            wanted: Some(wanted),
+        }
+    }
+
+    /// The primary's answer is the one: the copies' answers are no longer wanted.
+    pub fn release(&mut self) {
+        self.wanted = None;
     }
 
     /// The first answer that is not a 5xx, waiting for each copy to answer, fail or time out.

@@ -11,6 +11,7 @@ use crate::broadcast::{self, Queues, Target};
 use crate::config::{AccessLog, Config, EncodedSlashes, RouteConfig, RouteKind, UpstreamId};
 use crate::edge::accept::Connections;
 use crate::edge::ClientPolicy;
+use crate::fallback;
 use crate::lifecycle::Draining;
 use crate::metrics::{Metrics, RouteMetrics};
 use crate::mirror::Mirror;
@@ -31,6 +32,8 @@ pub struct Route {
     pub targets: Vec<Arc<Target>>,
     /// The fallback upstreams of a proxy route, in order.
     pub fallbacks: Vec<(UpstreamId, Arc<Upstream>)>,
+    /// Bounds the fallback copies in flight, on a route with fallbacks.
+    pub fallback_budget: Option<Arc<fallback::Budget>>,
 }
 
 impl Route {
@@ -104,6 +107,17 @@ impl Gateway {
                         .map(|&u| (u, Arc::clone(&upstreams[u])))
                         .collect(),
                     RouteKind::Broadcast { .. } => Vec::new(),
+                },
+                fallback_budget: match &r.kind {
+                    RouteKind::Proxy {
+                        fallback,
+                        fallback_max_inflight,
+                        ..
+                    } if !fallback.is_empty() => Some(fallback::Budget::new(
+                        *fallback_max_inflight,
+                        metrics.fallback_skipped.with_label_values(&[&r.label]),
+                    )),
+                    _ => None,
                 },
                 mirrors: r
                     .mirrors

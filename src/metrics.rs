@@ -26,6 +26,7 @@ pub struct Metrics {
     pub rate_limited: IntCounterVec,
     pub client_connections: IntGaugeVec,
     pub client_refused: IntCounterVec,
+    pub fallback_skipped: IntCounterVec,
     pub admin_unauthorized: IntCounter,
     pub access_log_dropped: IntCounter,
     /// Totals for `/status`.
@@ -150,6 +151,12 @@ impl Metrics {
                 "fanout_client_refused_total",
                 "Client connections or requests refused at the edge, by reason",
                 &["reason"],
+            )?,
+            fallback_skipped: counter(
+                &reg,
+                "fanout_fallback_skipped_total",
+                "Requests that ran without their fallbacks (over fallback_max_inflight)",
+                &["route"],
             )?,
             admin_unauthorized: {
                 let c = IntCounter::new(

@@ -13,7 +13,7 @@ use pingora_core::connectors::http::Connector;
 use pingora_core::protocols::http::client::HttpSession;
 use pingora_error::{Error, ErrorType};
 use pingora_http::{RequestHeader, ResponseHeader};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
 use crate::config::Timeouts;
 use crate::respond;
@@ -67,6 +67,8 @@ pub enum Failure {
     TooLarge,
     /// The streamed body stopped before its end (the client's request failed).
     BodyAborted,
+    /// The request was sent, and its answer was no longer wanted (see [`exchange_until`]).
+    Unwanted,
 }
 
 /// Sends one request to the leased backend and reads its answer, within `limit` overall
@@ -80,13 +82,31 @@ pub async fn exchange(
     timeouts: &Timeouts,
     limit: Duration,
     header: &RequestHeader,
+    body: Body,
+    keep: Keep,
+) -> Result<Answer, Failure> {
+    exchange_until(connector, lease, timeouts, limit, header, body, keep, None).await
+}
+
+/// [`exchange`], except that once the request is sent, the wait for its answer ends (as
+/// [`Failure::Unwanted`], the connection closed) as soon as `wanted`'s sender is gone: a
+/// fallback copy whose primary has answered frees its connection and memory at once.
+#[allow(clippy::too_many_arguments)]
+pub async fn exchange_until(
+    connector: &Connector,
+    lease: &mut Lease,
+    timeouts: &Timeouts,
+    limit: Duration,
+    header: &RequestHeader,
     mut body: Body,
     keep: Keep,
+    mut wanted: Option<watch::Receiver<()>>,
 ) -> Result<Answer, Failure> {
     let attempts = async {
         let mut first = true;
         loop {
-            match attempt(connector, lease, timeouts, header, &mut body, keep).await {
+            let wanted = wanted.as_mut();
+            match attempt(connector, lease, timeouts, header, &mut body, keep, wanted).await {
                 Err((Failure::Upstream(_), true)) if first && body.replayable() => first = false,
                 other => return other.map_err(|(f, _)| f),
             }
@@ -101,7 +121,7 @@ pub async fn exchange(
         Err(Failure::TooLarge) => {}
         Err(Failure::Upstream(e)) => lease.failed(respond::is_timeout(e)),
         Err(Failure::Timeout) => lease.failed(true),
-        Err(Failure::BodyAborted) => {}
+        Err(Failure::BodyAborted | Failure::Unwanted) => {}
     }
     result
 }
@@ -115,6 +135,7 @@ async fn attempt(
     header: &RequestHeader,
     body: &mut Body,
     keep: Keep,
+    wanted: Option<&mut watch::Receiver<()>>,
 ) -> Result<Answer, (Failure, bool)> {
     let peer = lease.backend().peer();
     let upstream = |e| (Failure::Upstream(e), false);
@@ -152,16 +173,40 @@ async fn attempt(
         },
     }
     session.finish_request_body().await.map_err(stale)?;
-    let status = read_final_header(&mut session).await.map_err(stale)?;
+    let answer = read_answer(&mut session, keep, reused);
+    let (status, kept) = match wanted {
+        None => answer.await?,
+        Some(wanted) => tokio::select! {
+            answer = answer => answer?,
+            // Values are never sent: this returns when the sender is dropped.
+            _ = wanted.changed() => return Err((Failure::Unwanted, false)),
+        },
+    };
+    connector
+        .release_http_session(session, &*peer, Some(timeouts.idle))
+        .await;
+    Ok(Answer { status, kept })
+}
+
+/// Reads the answer's head and body (keeping the body as `keep` says). A pooled
+/// (`reused`) connection that fails before the head is worth another try.
+async fn read_answer(
+    session: &mut HttpSession,
+    keep: Keep,
+    reused: bool,
+) -> Result<(u16, Option<(ResponseHeader, Bytes)>), (Failure, bool)> {
+    let status = read_final_header(session)
+        .await
+        .map_err(|e| (Failure::Upstream(e), reused))?;
     let kept = match keep {
         Keep::Discard => {
-            while read_chunk(&mut session).await?.is_some() {}
+            while read_chunk(session).await?.is_some() {}
             None
         }
         Keep::UpTo(max) => {
             let header = session.response_header().cloned();
             let mut body = BytesMut::new();
-            while let Some(chunk) = read_chunk(&mut session).await? {
+            while let Some(chunk) = read_chunk(session).await? {
                 if (body.len() + chunk.len()) as u64 > max {
                     return Err((Failure::TooLarge, false));
                 }
@@ -170,10 +215,7 @@ async fn attempt(
             header.map(|h| (h, body.freeze()))
         }
     };
-    connector
-        .release_http_session(session, &*peer, Some(timeouts.idle))
-        .await;
-    Ok(Answer { status, kept })
+    Ok((status, kept))
 }
 
 /// Reads answer heads until a final one (1xx heads are skipped); returns its status.

@@ -162,7 +162,8 @@ impl Answer {
 impl FanoutProxy {
     /// The primary failed on a route with fallbacks: makes sure the fallback copies have
     /// the whole body (the primary may have failed before reading it), then sends the first
-    /// successful fallback answer. `Ok(None)`: every fallback failed too.
+    /// successful fallback answer. `Ok(None)`: every fallback failed too, or the body went
+    /// over the route's limit meanwhile (`ctx.refused` says so; the copies are dropped).
     async fn fallback_answer(
         &self,
         session: &mut Session,
@@ -178,11 +179,17 @@ impl FanoutProxy {
                 break;
             }
             match session.read_request_body().await {
-                Ok(Some(chunk)) if ctx.body.add(chunk.len(), limit).is_ok() => {
-                    ctx.copies.feed(Some(&chunk), false)
-                }
+                Ok(Some(chunk)) => match ctx.body.add(chunk.len(), limit) {
+                    Ok(_) => ctx.copies.feed(Some(&chunk), false),
+                    Err(refusal) => {
+                        ctx.refused = Some(refusal);
+                        ctx.fallbacks = None;
+                        ctx.copies = Copies::default();
+                        return Ok(None);
+                    }
+                },
                 Ok(None) => ctx.copies.feed(None, true),
-                _ => break,
+                Err(_) => break,
             }
         }
         let Some(fallbacks) = ctx.fallbacks.as_mut() else {
@@ -267,7 +274,12 @@ impl FanoutProxy {
                 if !route.mirrors.is_empty() {
                     ctx.copies = Copies::start(session, &route.mirrors, &ctx.request_id, connector);
                 }
-                if !route.fallbacks.is_empty() {
+                let slots = route
+                    .fallback_budget
+                    .as_ref()
+                    .and_then(|b| b.take(route.fallbacks.len()));
+                if let Some(slots) = slots {
+                    let (wanted, wanted_rx) = tokio::sync::watch::channel(());
                     let rx = ctx.copies.start_fallbacks(
                         session,
                         &route.config,
@@ -275,8 +287,10 @@ impl FanoutProxy {
                         *fallback_max_body,
                         &ctx.request_id,
                         connector,
+                        slots,
+                        wanted_rx,
                     );
-                    ctx.fallbacks = Some(Fallbacks::new(rx, route.fallbacks.len()));
+                    ctx.fallbacks = Some(Fallbacks::new(rx, route.fallbacks.len(), wanted));
                 }
                 Verdict::Proxy
             }
@@ -451,7 +465,9 @@ impl ProxyHttp for FanoutProxy {
         upstream_response: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
-        if ctx.fallbacks.is_some() {
+        if let Some(fallbacks) = ctx.fallbacks.as_mut() {
+            // The primary's answer is the client's: the fallbacks' are not needed.
+            fallbacks.release();
             if let Some(u) = self.target(ctx) {
                 ctx.answered_by = Some(u);
                 upstream_response.insert_header(fallback::HEADER, self.gw.upstreams[u].name())?;
@@ -530,18 +546,15 @@ impl ProxyHttp for FanoutProxy {
             match self.fallback_answer(session, ctx).await {
                 Ok(Some(status)) => code = status,
                 Ok(None) => {
-                    code = 502;
-                    if let Err(write_error) = send_error(
-                        session,
-                        502,
-                        "every upstream failed",
-                        &ctx.request_id,
-                        &[],
-                        true,
-                    )
-                    .await
+                    let (status, message) = match ctx.refused {
+                        Some(refusal) => (refusal.status(), refusal.message()),
+                        None => (502, "every upstream failed"),
+                    };
+                    code = status;
+                    if let Err(write_error) =
+                        send_error(session, status, message, &ctx.request_id, &[], true).await
                     {
-                        log::debug!("could not send the 502 answer: {write_error}");
+                        log::debug!("could not send the {status} answer: {write_error}");
                     }
                 }
                 Err(write_error) => {

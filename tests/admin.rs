@@ -73,3 +73,66 @@ async fn admin_endpoints_report_the_gateway() {
         405
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_token_only_health_and_ready_are_open() {
+    let b = Backend::start("b").await;
+    let dir = scratch_dir();
+    let token_file = dir.join("admin.token");
+    std::fs::write(&token_file, "s3cret-token\n").unwrap();
+    let conf = dir.join("fanout.yaml");
+    let gw = Gateway::spawn_with(|port, admin| {
+        let yaml = format!(
+            "server: {{ threads: 1, pid_file: {d}/p.pid, upgrade_sock: {d}/u.sock }}\n\
+             listen: [\"127.0.0.1:{port}\"]\n\
+             admin: {{ address: \"127.0.0.1:{admin}\", token_file: {t} }}\n\
+             upstreams:\n  u: {{ backends: [{b}] }}\nroutes:\n  - {{ match: {{ prefix: / }}, upstream: u }}\n",
+            d = dir.display(),
+            t = token_file.display(),
+            b = b.addr
+        );
+        std::fs::write(&conf, yaml).unwrap();
+        vec!["-c".into(), conf.display().to_string()]
+    });
+    let c = client();
+    let status = |path: &'static str, auth: Option<&'static str>| {
+        let (c, url) = (c.clone(), gw.admin_url(path));
+        async move {
+            let mut req = c.get(url);
+            if let Some(a) = auth {
+                req = req.header("authorization", a);
+            }
+            let resp = req.send().await.unwrap();
+            let challenge = resp.headers().get("www-authenticate").cloned();
+            (resp.status().as_u16(), challenge)
+        }
+    };
+    assert_eq!(status("/health", None).await.0, 200);
+    assert_eq!(status("/ready", None).await.0, 200);
+    for path in ["/metrics", "/status", "/nothing"] {
+        let (code, challenge) = status(path, None).await;
+        assert_eq!(code, 401, "{path}");
+        assert_eq!(challenge.unwrap(), "Bearer");
+        assert_eq!(status(path, Some("Bearer wrong")).await.0, 401);
+        assert_eq!(status(path, Some("Bearer s3cret-toke")).await.0, 401);
+        assert_eq!(status(path, Some("Basic s3cret-token")).await.0, 401);
+    }
+    assert_eq!(status("/status", Some("Bearer s3cret-token")).await.0, 200);
+    let text = c
+        .get(gw.admin_url("/metrics"))
+        .header("authorization", "Bearer s3cret-token")
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        text.contains("fanout_admin_unauthorized_total 12"),
+        "{}",
+        text.lines()
+            .filter(|l| l.contains("unauthorized"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+}

@@ -103,3 +103,23 @@ fn missing_file_and_bad_yaml_are_reported() {
     assert!(stderr.contains("invalid YAML"), "{stderr}");
     let _ = std::fs::remove_file(&path);
 }
+
+#[test]
+fn an_open_admin_listener_without_a_token_is_warned_about() {
+    let dir = common::scratch_dir();
+    let path = dir.join("open-admin.yaml");
+    std::fs::write(
+        &path,
+        "listen: 127.0.0.1:8080\nadmin: 0.0.0.0:9091\nupstreams:\n  u: { backends: [127.0.0.1:9000] }\n\
+         routes:\n  - { match: { prefix: / }, upstream: u }\n",
+    )
+    .unwrap();
+    let (code, stdout, stderr) = check(path.to_str().unwrap());
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(stdout.trim(), "configuration OK");
+    assert!(
+        stderr.contains("warning: admin:") && stderr.contains("token_file"),
+        "{stderr}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}

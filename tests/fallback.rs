@@ -126,3 +126,89 @@ async fn all_failing_gives_502_and_oversized_fallback_answers_count_as_failures(
     let resp = c.get(gw.url("/x")).send().await.unwrap();
     assert_eq!(resp.status(), 502);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_streamed_body_over_the_limit_gets_413_at_once() {
+    // The primary is down: its failure comes before the body is read, and the gateway
+    // reads the rest for the fallbacks. Going over the limit then is still a 413, at once.
+    let slow = Backend::start("slow").await;
+    slow.set_delay(5_000);
+    let dead = format!("127.0.0.1:{}", free_port());
+    let gw = Gateway::start(&conf(&dead, &[&slow], "    max_body_bytes: 1KiB\n"));
+    // Chunked, so only the streaming count can catch it.
+    let request = format!(
+        "POST /big HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n800\r\n{}\r\n0\r\n\r\n",
+        "x".repeat(2048)
+    );
+    let port = gw.port;
+    let started = Instant::now();
+    let (answer, _) = tokio::task::spawn_blocking(move || raw(port, request.as_bytes()))
+        .await
+        .unwrap();
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "413 took {:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fallback_copies_are_bounded_and_dropped_once_the_primary_answers() {
+    let (primary, slow) = (
+        Backend::start("primary").await,
+        Backend::start("slow").await,
+    );
+    slow.set_delay(20_000);
+    let gw = Gateway::start(&conf(
+        &primary.addr.to_string(),
+        &[&slow],
+        "    fallback_max_inflight: 4\n",
+    ));
+    let c = client();
+    // Each primary answer ends its fallback copy (the wait for the slow fallback's answer
+    // stops): no copy holds a slot for 20 s, so ten requests in a row never run out of
+    // the four slots.
+    for i in 0..10 {
+        let resp = c.get(gw.url(&format!("/seq/{i}"))).send().await.unwrap();
+        assert_eq!(resp.status(), 200);
+    }
+    let skipped = "fanout_fallback_skipped_total{route=\"conductor\"}";
+    assert_eq!(metric(&c, &gw, skipped).await, 0);
+
+    // A failing primary makes requests wait for the fallback: the fifth at once runs
+    // without fallbacks (answered by the primary's 500) and is counted.
+    let (primary, slow) = (
+        Backend::start("primary").await,
+        Backend::start("slow").await,
+    );
+    primary.set_status(500);
+    slow.set_delay(1_000);
+    let gw = Gateway::start(&conf(
+        &primary.addr.to_string(),
+        &[&slow],
+        "    fallback_max_inflight: 4\n",
+    ));
+    let mut waiting = tokio::task::JoinSet::new();
+    for i in 0..4 {
+        let (c, url) = (c.clone(), gw.url(&format!("/wait/{i}")));
+        waiting.spawn(async move { c.get(url).send().await.unwrap().status().as_u16() });
+    }
+    eventually(
+        Duration::from_secs(5),
+        "four fallback copies out",
+        || async {
+            slow.state
+                .inflight
+                .load(std::sync::atomic::Ordering::SeqCst)
+                == 4
+        },
+    )
+    .await;
+    let resp = c.get(gw.url("/over")).send().await.unwrap();
+    assert_eq!(resp.status(), 500);
+    assert_eq!(metric(&c, &gw, skipped).await, 1);
+    while let Some(status) = waiting.join_next().await {
+        assert_eq!(status.unwrap(), 200);
+    }
+}

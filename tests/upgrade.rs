@@ -188,9 +188,11 @@ async fn upgrade_under_load_fails_no_request() {
     let handover = started.elapsed();
     // The daemon writes its pid file after the launcher returns (truncating it first):
     // wait for it to name the new process.
-    wait_until(Duration::from_secs(5), "the pid file names the new process", || {
-        d.pid().is_some_and(|p| p != old)
-    });
+    wait_until(
+        Duration::from_secs(5),
+        "the pid file names the new process",
+        || d.pid().is_some_and(|p| p != old),
+    );
     let new = d.pid().unwrap_or_default();
 
     // The old process finishes its work and exits (about 5 s + grace + shutdown timeout).

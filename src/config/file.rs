@@ -227,6 +227,7 @@ pub struct FileRoute {
     pub broadcast: Option<Vec<String>>,
     pub fallback: Option<Vec<String>>,
     pub fallback_max_body: Option<Size>,
+    pub fallback_max_inflight: Option<usize>,
     pub strip_prefix: Option<bool>,
     pub request_headers: Option<FileHeaderRules>,
     pub response_headers: Option<FileHeaderRules>,

@@ -189,6 +189,8 @@ pub enum RouteKind {
         upstream: UpstreamId,
         fallback: Vec<UpstreamId>,
         fallback_max_body: u64,
+        /// Fallback copies of this route at once; over it a request runs without them.
+        fallback_max_inflight: usize,
     },
     /// Answer 202 at once and deliver to every target in the background.
     Broadcast { targets: Vec<UpstreamId> },

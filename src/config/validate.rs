@@ -644,6 +644,16 @@ fn build_routes(
                     upstream,
                     fallback,
                     fallback_max_body: f.fallback_max_body.map_or(1024 * 1024, |s| s.0),
+                    fallback_max_inflight: match f.fallback_max_inflight {
+                        Some(0) => {
+                            ck.err(
+                                &format!("{path}.fallback_max_inflight"),
+                                "must be at least 1",
+                            );
+                            0
+                        }
+                        n => n.unwrap_or(1024),
+                    },
                 })
             }
             (None, Some(targets)) => {

@@ -43,10 +43,11 @@ use pingora_core::connectors::http::Connector;
 use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::Session;
 use prometheus::{IntCounter, IntGauge};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 use crate::config::{MirrorConfig, RouteConfig, UpstreamId};
+use crate::fallback;
 use crate::forwarding;
 use crate::keys::{self, client_ip};
 use crate::limits;
@@ -381,8 +382,11 @@ impl Copies {
         max_body: u64,
         request_id: &str,
         connector: &Arc<Connector>,
+        slots: Vec<fallback::Slot>,
+        wanted: watch::Receiver<()>,
     ) -> mpsc::UnboundedReceiver<Option<Captured>> {
         let (to, from) = mpsc::unbounded_channel();
+        let mut slots = slots.into_iter();
         let (has_body, _) = limits::declared_body(session.req_header());
         let keep = Keep::UpTo(max_body);
         for (id, upstream) in targets {
@@ -397,12 +401,21 @@ impl Copies {
                 continue;
             };
             let (id, u, to) = (*id, Arc::clone(upstream), to.clone());
-            let connector = Arc::clone(connector);
+            let (connector, wanted, slot) = (Arc::clone(connector), wanted.clone(), slots.next());
             self.spawn_fallback(has_body, |body| async move {
+                let _slot = slot;
                 let t = &u.config.timeouts;
-                let answer =
-                    outbound::exchange(&connector, &mut lease, t, t.total(), &header, body, keep)
-                        .await;
+                let answer = outbound::exchange_until(
+                    &connector,
+                    &mut lease,
+                    t,
+                    t.total(),
+                    &header,
+                    body,
+                    keep,
+                    Some(wanted),
+                )
+                .await;
                 let captured = answer
                     .ok()
                     .and_then(|a| a.kept)

@@ -420,14 +420,16 @@ pub async fn metrics_text(c: &reqwest::Client, gw: &Gateway) -> String {
 }
 
 /// The value of one metric series, written as `/metrics` prints it (name and labels in
-/// alphabetical order), or 0 when the series is absent.
+/// alphabetical order). A series that is not there fails the test: a renamed metric or
+/// label must not pass as a zero.
 pub async fn metric(c: &reqwest::Client, gw: &Gateway, series: &str) -> u64 {
     let prefix = format!("{series} ");
-    metrics_text(c, gw)
-        .await
-        .lines()
-        .find_map(|l| l.strip_prefix(prefix.as_str()))
-        .map_or(0, |v| v.trim().parse().unwrap())
+    let text = metrics_text(c, gw).await;
+    let value = text.lines().find_map(|l| l.strip_prefix(prefix.as_str()));
+    match value {
+        Some(v) => v.trim().parse().unwrap(),
+        None => panic!("no series {series} in /metrics:\n{text}"),
+    }
 }
 
 /// The admin listener's `/status` JSON.
