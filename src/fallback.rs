@@ -48,6 +48,20 @@ impl Budget {
     }
 }
 
+/// What keeps one request's fallback copies in check: their slots in the route's budget,
+/// and the signal that their answers are no longer wanted (the sender, in [`Fallbacks`]).
+pub struct Leash {
+    pub slots: Vec<Slot>,
+    pub wanted: watch::Receiver<()>,
+}
+
+impl Leash {
+    pub fn new(slots: Vec<Slot>) -> (Leash, watch::Sender<()>) {
+        let (tx, wanted) = watch::channel(());
+        (Leash { slots, wanted }, tx)
+    }
+}
+
 /// One fallback copy's place in its route's budget, given back when the copy ends.
 pub struct Slot(Arc<Budget>);
 

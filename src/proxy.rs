@@ -267,9 +267,7 @@ impl FanoutProxy {
             }
         }
         match &route.config.kind {
-            RouteKind::Proxy {
-                fallback_max_body, ..
-            } => {
+            RouteKind::Proxy { .. } => {
                 let connector = &self.gw.connector;
                 if !route.mirrors.is_empty() {
                     ctx.copies = Copies::start(session, &route.mirrors, &ctx.request_id, connector);
@@ -279,16 +277,14 @@ impl FanoutProxy {
                     .as_ref()
                     .and_then(|b| b.take(route.fallbacks.len()));
                 if let Some(slots) = slots {
-                    let (wanted, wanted_rx) = tokio::sync::watch::channel(());
+                    let (leash, wanted) = fallback::Leash::new(slots);
                     let rx = ctx.copies.start_fallbacks(
                         session,
                         &route.config,
                         &route.fallbacks,
-                        *fallback_max_body,
                         &ctx.request_id,
                         connector,
-                        slots,
-                        wanted_rx,
+                        leash,
                     );
                     ctx.fallbacks = Some(Fallbacks::new(rx, route.fallbacks.len(), wanted));
                 }

@@ -43,10 +43,10 @@ use pingora_core::connectors::http::Connector;
 use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::Session;
 use prometheus::{IntCounter, IntGauge};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
-use crate::config::{MirrorConfig, RouteConfig, UpstreamId};
+use crate::config::{MirrorConfig, RouteConfig, RouteKind, UpstreamId};
 use crate::fallback;
 use crate::forwarding;
 use crate::keys::{self, client_ip};
@@ -373,21 +373,27 @@ impl Copies {
     }
 
     /// Starts a fallback copy to each of `upstreams`, shaped as `route` shapes requests,
-    /// whose answers arrive on the returned channel (one per copy, `None` for a failure).
+    /// whose answers (up to the route's `fallback_max_body`) arrive on the returned channel
+    /// (one per copy, `None` for a failure).
     pub fn start_fallbacks(
         &mut self,
         session: &Session,
         route: &RouteConfig,
         targets: &[(UpstreamId, Arc<Upstream>)],
-        max_body: u64,
         request_id: &str,
         connector: &Arc<Connector>,
-        slots: Vec<fallback::Slot>,
-        wanted: watch::Receiver<()>,
+        leash: fallback::Leash,
     ) -> mpsc::UnboundedReceiver<Option<Captured>> {
         let (to, from) = mpsc::unbounded_channel();
+        let fallback::Leash { slots, wanted } = leash;
         let mut slots = slots.into_iter();
         let (has_body, _) = limits::declared_body(session.req_header());
+        let max_body = match route.kind {
+            RouteKind::Proxy {
+                fallback_max_body, ..
+            } => fallback_max_body,
+            RouteKind::Broadcast { .. } => 0,
+        };
         let keep = Keep::UpTo(max_body);
         for (id, upstream) in targets {
             let shape = |h: &mut RequestHeader| {
