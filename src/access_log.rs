@@ -16,8 +16,13 @@ use std::time::SystemTime;
 use prometheus::IntCounter;
 use serde::Serialize;
 
+use crate::limits::ByteBudget;
+
 /// Lines that may wait for the writer; beyond this they are dropped.
 const QUEUE: usize = 64 * 1024;
+/// Bytes those lines may hold (a record carries its path and Host, up to the head
+/// limits): beyond this they are dropped too.
+pub const QUEUE_BYTES: usize = 32 * 1024 * 1024;
 /// The writer's pause between batches: the longest a line waits before it is written.
 const PAUSE: std::time::Duration = std::time::Duration::from_millis(10);
 
@@ -40,6 +45,17 @@ pub struct Record {
     pub bytes_out: u64,
 }
 
+impl Record {
+    /// The memory the record holds while queued.
+    fn size(&self) -> usize {
+        std::mem::size_of::<Record>()
+            + self.request_id.len()
+            + self.method.len()
+            + self.host.as_ref().map_or(0, String::len)
+            + self.path.len()
+    }
+}
+
 fn rfc3339<S: serde::Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
     let dt: chrono::DateTime<chrono::Utc> = (*t).into();
     s.serialize_str(&dt.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
@@ -47,6 +63,7 @@ fn rfc3339<S: serde::Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error
 
 pub struct AccessLogger {
     sender: OnceLock<SyncSender<Record>>,
+    bytes: Arc<ByteBudget>,
     dropped: IntCounter,
 }
 
@@ -54,6 +71,7 @@ impl AccessLogger {
     pub fn new(dropped: IntCounter) -> Self {
         AccessLogger {
             sender: OnceLock::new(),
+            bytes: Arc::new(ByteBudget::new(QUEUE_BYTES)),
             dropped,
         }
     }
@@ -62,22 +80,31 @@ impl AccessLogger {
     pub fn log(&self, record: Record) {
         let sender = self.sender.get_or_init(|| {
             let (tx, rx) = mpsc::sync_channel(QUEUE);
+            let bytes = Arc::clone(&self.bytes);
             let spawned = std::thread::Builder::new()
                 .name("fanout-access-log".into())
-                .spawn(move || write_forever(rx, std::io::stdout().lock()));
+                .spawn(move || write_forever(rx, std::io::stdout().lock(), &bytes));
             if let Err(e) = spawned {
                 log::error!("cannot start the access log writer: {e}");
             }
             tx
         });
+        let size = record.size();
+        if !self.bytes.try_take(size) {
+            self.dropped.inc();
+            return;
+        }
         match sender.try_send(record) {
             Ok(()) => {}
-            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => self.dropped.inc(),
+            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
+                self.bytes.give_back(size);
+                self.dropped.inc()
+            }
         }
     }
 }
 
-fn write_forever(rx: Receiver<Record>, out: impl Write) {
+fn write_forever(rx: Receiver<Record>, out: impl Write, bytes: &ByteBudget) {
     let mut out = std::io::BufWriter::with_capacity(64 * 1024, out);
     loop {
         // Drain what is queued, write it in one go, then sleep: the writer is never parked
@@ -87,6 +114,7 @@ fn write_forever(rx: Receiver<Record>, out: impl Write) {
         loop {
             match rx.try_recv() {
                 Ok(record) => {
+                    bytes.give_back(record.size());
                     if serde_json::to_writer(&mut out, &record).is_ok() {
                         let _ = out.write_all(b"\n");
                     }
@@ -110,30 +138,37 @@ fn write_forever(rx: Receiver<Record>, out: impl Write) {
 mod tests {
     use super::*;
 
+    fn record(status: u16, path: String) -> Record {
+        Record {
+            ts: SystemTime::UNIX_EPOCH,
+            request_id: "r".into(),
+            client: Some("127.0.0.1".parse().unwrap()),
+            method: "GET".into(),
+            host: None,
+            path,
+            status,
+            route: Some("api".into()),
+            upstream: None,
+            backend: None,
+            duration_ms: 1.5,
+            bytes_in: 0,
+            bytes_out: 2,
+        }
+    }
+
     #[test]
     fn records_are_one_json_line_each() {
         let (tx, rx) = mpsc::sync_channel(4);
+        let bytes = ByteBudget::new(QUEUE_BYTES);
         for status in [200, 404] {
-            tx.send(Record {
-                ts: SystemTime::UNIX_EPOCH,
-                request_id: "r".into(),
-                client: Some("127.0.0.1".parse().unwrap()),
-                method: "GET".into(),
-                host: None,
-                path: "/x".into(),
-                status,
-                route: Some("api".into()),
-                upstream: None,
-                backend: None,
-                duration_ms: 1.5,
-                bytes_in: 0,
-                bytes_out: 2,
-            })
-            .unwrap();
+            let r = record(status, "/x".into());
+            assert!(bytes.try_take(r.size()));
+            tx.send(r).unwrap();
         }
         drop(tx);
         let mut out = Vec::new();
-        write_forever(rx, &mut out);
+        write_forever(rx, &mut out, &bytes);
+        assert_eq!(bytes.used(), 0, "the writer gives back what it wrote");
         let text = String::from_utf8(out).unwrap();
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines.len(), 2);
@@ -141,5 +176,42 @@ mod tests {
         assert_eq!(v["ts"], "1970-01-01T00:00:00.000Z");
         assert_eq!(v["status"], 404);
         assert_eq!(v["route"], "api");
+    }
+}
+
+#[cfg(test)]
+mod bound_tests {
+    use super::*;
+
+    /// A writer that cannot keep up (here: never runs) holds at most `QUEUE_BYTES` of
+    /// lines, however long their paths: the rest are dropped and counted.
+    #[test]
+    fn a_stalled_writer_holds_bounded_bytes() {
+        let dropped = IntCounter::new("d", "d").unwrap();
+        let logger = AccessLogger::new(dropped.clone());
+        let (tx, _rx) = mpsc::sync_channel(QUEUE);
+        assert!(logger.sender.set(tx).is_ok());
+        let long = "/p".repeat(4096);
+        for _ in 0..10_000 {
+            logger.log(Record {
+                ts: SystemTime::UNIX_EPOCH,
+                request_id: "r".into(),
+                client: None,
+                method: "GET".into(),
+                host: None,
+                path: long.clone(),
+                status: 200,
+                route: None,
+                upstream: None,
+                backend: None,
+                duration_ms: 0.0,
+                bytes_in: 0,
+                bytes_out: 0,
+            });
+        }
+        assert!(logger.bytes.used() <= QUEUE_BYTES);
+        assert!(dropped.get() > 0);
+        let queued = 10_000 - dropped.get() as usize;
+        assert!(queued * 8192 <= QUEUE_BYTES, "{queued} queued");
     }
 }

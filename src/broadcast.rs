@@ -2,8 +2,9 @@
 //! applies), answers `202 Accepted` with `{"request_id", "targets"}` at once, and delivers
 //! a copy to one backend of every listed upstream in the background.
 //!
-//! Each (route, target) pair has its own bounded queue — a full queue drops the delivery
-//! and counts it — and its own circuit breaker (5 consecutive failures open it for 10 s,
+//! Each (route, target) pair has its own bounded queue — at most [`QUEUE`] deliveries and
+//! [`QUEUE_BYTES`] of them (heads and bodies, from acceptance until delivered or given
+//! up); a full queue drops the delivery and counts it — and its own circuit breaker (5 consecutive failures open it for 10 s,
 //! doubling to 5 min), on top of the target upstream's own balancing, health checks and
 //! backend breakers. One body is shared by all targets. Deliveries go out through
 //! Pingora's HTTP connector and its keep-alive pool, a bounded number at once per target.
@@ -32,7 +33,7 @@ use tokio::task::JoinSet;
 use crate::config::{BreakerConfig, RouteConfig};
 use crate::forwarding;
 use crate::keys::client_ip;
-use crate::limits::Refusal;
+use crate::limits::{ByteBudget, Refusal};
 use crate::metrics::Metrics;
 use crate::outbound::{self, Body, Keep};
 use crate::request_id;
@@ -44,7 +45,9 @@ use pingora_http::ResponseHeader;
 use pingora_proxy::Session;
 
 /// Deliveries that may wait per target before new ones are dropped.
-const QUEUE: usize = 1024;
+pub const QUEUE: usize = 1024;
+/// Bytes of deliveries one target may hold, queued or in flight.
+pub const QUEUE_BYTES: usize = 64 * 1024 * 1024;
 /// Deliveries in flight at once per target.
 const CONCURRENCY: usize = 64;
 /// Deliveries in flight at once in all, so hundreds of targets cannot exhaust the
@@ -57,10 +60,24 @@ pub struct Delivery {
     pub body: Bytes,
 }
 
+impl Delivery {
+    /// What one delivery holds, counted against each of its targets' byte bound.
+    fn size(&self) -> usize {
+        let head: usize = self
+            .header
+            .headers
+            .iter()
+            .map(|(k, v)| k.as_str().len() + v.len() + 4)
+            .sum();
+        std::mem::size_of::<Delivery>() + head + self.header.raw_path().len() + self.body.len()
+    }
+}
+
 /// One upstream of one broadcast route.
 pub struct Target {
     upstream: Arc<Upstream>,
     queue: mpsc::Sender<Arc<Delivery>>,
+    bytes: ByteBudget,
     breaker: Breaker,
     ok: IntCounter,
     error: IntCounter,
@@ -73,7 +90,14 @@ impl Target {}
 /// room, so nothing was accepted (the client is told to retry). Otherwise the number of
 /// targets it was queued for; the targets whose queue was full count it as dropped.
 pub fn offer(targets: &[Arc<Target>], d: &Arc<Delivery>) -> Option<usize> {
-    let slots: Vec<_> = targets.iter().map(|t| t.queue.try_reserve().ok()).collect();
+    let size = d.size();
+    let slots: Vec<_> = targets
+        .iter()
+        .map(|t| {
+            let slot = t.queue.try_reserve().ok()?;
+            t.bytes.try_take(size).then_some(slot)
+        })
+        .collect();
     if slots.iter().all(Option::is_none) {
         return None;
     }
@@ -175,6 +199,7 @@ pub fn targets(
             let target = Arc::new(Target {
                 upstream: Arc::clone(u),
                 queue: tx,
+                bytes: ByteBudget::new(QUEUE_BYTES),
                 breaker: Breaker::new(&breaker),
                 ok: count("ok"),
                 error: count("error"),
@@ -286,6 +311,7 @@ async fn dispatch(
         let (t, c) = (Arc::clone(&target), Arc::clone(&connector));
         inflight.spawn(async move {
             deliver(&t, &delivery, &c).await;
+            t.bytes.give_back(delivery.size());
             drop((slot, global));
         });
         while inflight.try_join_next().is_some() {}

@@ -5,6 +5,44 @@
 
 use pingora_http::RequestHeader;
 
+/// The bytes a queue holds, bounded: every queue whose items can be large (broadcast
+/// deliveries, access log lines) takes an item's size here before queueing it, and gives
+/// it back when the item is gone. Taking never waits: over the bound it fails.
+#[derive(Debug)]
+pub struct ByteBudget {
+    used: std::sync::atomic::AtomicUsize,
+    max: usize,
+}
+
+impl ByteBudget {
+    pub const fn new(max: usize) -> ByteBudget {
+        ByteBudget {
+            used: std::sync::atomic::AtomicUsize::new(0),
+            max,
+        }
+    }
+
+    /// Takes `n` bytes, or nothing if that would go over the bound.
+    pub fn try_take(&self, n: usize) -> bool {
+        use std::sync::atomic::Ordering::Relaxed;
+        let before = self.used.fetch_add(n, Relaxed);
+        if before.saturating_add(n) > self.max {
+            self.used.fetch_sub(n, Relaxed);
+            return false;
+        }
+        true
+    }
+
+    pub fn give_back(&self, n: usize) {
+        self.used.fetch_sub(n, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Bytes held now.
+    pub fn used(&self) -> usize {
+        self.used.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
 /// Why a request was refused before or while being proxied.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Refusal {
@@ -120,6 +158,19 @@ mod tests {
         assert_eq!(c.add(6, 10), Ok(0));
         assert_eq!(c.add(4, 10), Ok(0));
         assert_eq!(c.add(1, 10), Err(Refusal::TooLarge));
+    }
+
+    #[test]
+    fn a_byte_budget_never_goes_over_its_bound() {
+        let b = ByteBudget::new(100);
+        assert!(b.try_take(60));
+        assert!(!b.try_take(41));
+        assert!(b.try_take(40));
+        assert!(!b.try_take(1));
+        assert_eq!(b.used(), 100);
+        b.give_back(60);
+        assert!(b.try_take(60));
+        assert!(!b.try_take(usize::MAX));
     }
 
     #[test]

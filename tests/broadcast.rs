@@ -141,3 +141,39 @@ async fn broadcast_bodies_respect_the_limit() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(b.hits(), 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_target_holds_at_most_its_byte_bound() {
+    // A target that takes 10 s per delivery, and 5 MiB bodies: the 64 MiB a target may
+    // hold fill after a dozen, long before its 1024-delivery queue would. Then the route
+    // answers 503 (its only target is full) and memory stays bounded.
+    let slow = Backend::start("slow").await;
+    slow.set_delay(10_000);
+    let gw = Gateway::start(&format!(
+        "upstreams:\n  audit: {{ backends: [{}] }}\n\
+         routes:\n  - name: events\n    match: {{ prefix: /events }}\n    broadcast: [audit]\n    \
+         max_body_bytes: 10MiB\n",
+        slow.addr
+    ));
+    let c = client();
+    let body = vec![b'x'; 5 * 1024 * 1024];
+    let (mut accepted, mut refused) = (0, 0);
+    for _ in 0..20 {
+        let resp = c
+            .post(gw.url("/events"))
+            .body(body.clone())
+            .send()
+            .await
+            .unwrap();
+        match resp.status().as_u16() {
+            202 => accepted += 1,
+            503 => {
+                assert_eq!(resp.headers()["retry-after"], "1");
+                refused += 1;
+            }
+            other => panic!("status {other}"),
+        }
+    }
+    assert!((10..=13).contains(&accepted), "{accepted} accepted");
+    assert_eq!(accepted + refused, 20);
+}
