@@ -182,8 +182,11 @@ where
             let _slot = slot;
             return self.exchanges.process_new(stream, shutdown).await;
         }
-        let stream: Stream = Box::new(ClientStream::new(stream, Arc::clone(&self.policy), slot));
-        self.exchanges.process_new(stream, shutdown).await
+        let mut client = Box::new(ClientStream::new(stream, Arc::clone(&self.policy), slot));
+        if !client.next_head().await {
+            return None;
+        }
+        self.exchanges.process_new(client, shutdown).await
     }
 
     async fn cleanup(&self) {
@@ -214,13 +217,16 @@ where
         if !stream.as_any().is::<ClientStream>() {
             return Some(ReusedHttpStream::new(stream, settings));
         }
-        let stream: Stream = match stream.into_any().downcast::<ClientStream>() {
-            Ok(mut client) => {
-                client.exchange_done();
-                client
-            }
-            Err(_) => return None,
+        let Ok(mut client) = stream.into_any().downcast::<ClientStream>() else {
+            return None;
         };
+        client.exchange_done();
+        // Between requests the connection waits here, in the stream alone, rather than in
+        // a new Pingora session.
+        if !client.next_head().await {
+            return None;
+        }
+        let stream: Stream = client;
         Some(ReusedHttpStream::new(stream, settings))
     }
 

@@ -119,6 +119,45 @@ impl ClientStream {
         }
     }
 
+    /// Waits until the connection's next request head is complete and checked, so that
+    /// Pingora's session (its buffers and its large task state) is set up only for a
+    /// connection that has a request to serve: a client that dribbles its head, says
+    /// nothing, or idles between requests costs only this stream. `false`: there is
+    /// nothing to serve (the client left, a deadline ran out, or the head was refused and
+    /// answered here).
+    pub async fn next_head(&mut self) -> bool {
+        std::future::poll_fn(|cx| self.poll_next_head(cx)).await
+    }
+
+    fn poll_next_head(&mut self, cx: &mut Context<'_>) -> Poll<bool> {
+        loop {
+            // Ready bytes, or a pipelined request Pingora already holds.
+            if self.ready > 0 || self.answer_pending() {
+                return Poll::Ready(true);
+            }
+            if self.refusal.is_some() {
+                ready!(self.poll_refusal(cx));
+                self.refusal = None;
+                self.closed = true;
+            }
+            if self.closed {
+                return Poll::Ready(false);
+            }
+            let mut space = [0u8; 2048];
+            let mut buf = ReadBuf::new(&mut space);
+            ready!(self.poll_client(cx, &mut buf));
+            if self.closed || self.refusal.is_some() || buf.filled().is_empty() {
+                continue;
+            }
+            self.check(&mut buf, 0);
+            // A whole head in one read stays in `buf`: keep it for Pingora.
+            if !buf.filled().is_empty() {
+                self.held.extend_from_slice(buf.filled());
+                self.ready = self.held.len();
+            }
+        }
+    }
+
     /// One request has been answered completely; the connection waits for the next.
     pub fn exchange_done(&mut self) {
         self.exchanges += 1;
