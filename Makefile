@@ -6,7 +6,7 @@
 CARGO ?= cargo
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test deps build lint fmt bench check-conf upgrade-demo verify-unit
+.PHONY: run test deps build lint fmt bench bench-clients fuzz check-conf upgrade-demo verify-unit
 
 deps:
 	@command -v cargo >/dev/null || { echo "cargo is missing: install Rust with rustup first" >&2; exit 1; }
@@ -33,6 +33,22 @@ check-conf: build
 
 bench: build
 	bench/run.sh
+
+# Slow, idle and hostile clients: memory per connection and slowhttptest, against nginx.
+bench-clients: build
+	bench/deps.sh nginx:nginx-light wrk:wrk slowhttptest:slowhttptest python3:python3
+	python3 bench/clients.py
+
+# libFuzzer through cargo-fuzz (nightly): each target for FUZZ_SECONDS, from its corpus in
+# fuzz/corpus/ (new inputs worth keeping are added there; crashes land in fuzz/artifacts/).
+FUZZ_SECONDS ?= 600
+FUZZ_TARGETS ?= framing path config lanes_reader router
+fuzz: deps
+	@command -v cargo-fuzz >/dev/null || $(CARGO) install --locked cargo-fuzz
+	@command -v c++ >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq g++; }
+	for t in $(FUZZ_TARGETS); do \
+		$(CARGO) +nightly fuzz run $$t fuzz/corpus/$$t -- -max_total_time=$(FUZZ_SECONDS) || exit 1; \
+	done
 
 upgrade-demo: build
 	bench/upgrade.sh

@@ -8,7 +8,8 @@
    each server while wrk measures normal keep-alive clients; reports wrk's req/s, and
    slowhttptest's last closed/connected counts.
 
-Usage: bench/clients.py [--conns 10000] [--fanout PATH] [--slow-seconds 30] [--skip-slow]
+Usage: bench/clients.py [--conns 10000] [--fanout PATH [--no-clients-key]] [--slow-seconds 30]
+       [--skip-slow]
 Every process listens on 127.0.0.1 only.
 """
 import argparse
@@ -102,6 +103,8 @@ def main():
     ap.add_argument("--fanout", default=run.FANOUT)
     ap.add_argument("--slow-seconds", type=int, default=30)
     ap.add_argument("--skip-slow", action="store_true")
+    ap.add_argument("--no-clients-key", action="store_true",
+                    help="leave `clients:` out of fanout's configuration (for builds before it)")
     args = ap.parse_args()
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
@@ -119,8 +122,9 @@ def main():
             "keepalive_requests 1000000;\n  client_header_timeout 60s;\n  keepalive_timeout 75s;\n  upstream", 1)
         with open(f"{tmp}/nginx.conf", "w") as f:
             f.write(nginx.replace("worker_processes 1;", "worker_processes 1;\nworker_rlimit_nofile 20000;"))
-        conf = run.fanout_conf(tmp, 1, False, None) + (
-            "clients: { header_timeout: 60s, keepalive_timeout: 75s }\n")
+        conf = run.fanout_conf(tmp, 1, False, None)
+        if not args.no_clients_key:
+            conf += "clients: { header_timeout: 60s, keepalive_timeout: 75s }\n"
         with open(f"{tmp}/fanout.yaml", "w") as f:
             f.write(conf)
 

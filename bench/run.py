@@ -20,7 +20,8 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(ROOT, "bench")
-FANOUT = os.path.join(ROOT, "target", "release", "fanout")
+# FANOUT_BIN: another fanout binary to measure (e.g. an earlier build, for before/after).
+FANOUT = os.environ.get("FANOUT_BIN") or os.path.join(ROOT, "target", "release", "fanout")
 BACKENDS = [19101, 19102]
 PORTS = {"fanout": 19001, "nginx": 19002, "haproxy": 19003, "pingora": 19004}
 PLAIN = os.path.join(ROOT, "target", "release", "examples", "plain_pingora")

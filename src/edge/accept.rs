@@ -183,7 +183,7 @@ where
             return self.exchanges.process_new(stream, shutdown).await;
         }
         let mut client = Box::new(ClientStream::new(stream, Arc::clone(&self.policy), slot));
-        if !client.next_head().await {
+        if !next_head(&mut client, shutdown).await {
             return None;
         }
         self.exchanges.process_new(client, shutdown).await
@@ -191,6 +191,20 @@ where
 
     async fn cleanup(&self) {
         self.exchanges.app.http_cleanup().await
+    }
+}
+
+/// Waits for the connection's next request head, unless the service starts shutting down
+/// first: then the connection is closed, as Pingora closes a session waiting for a head.
+async fn next_head(client: &mut ClientStream, shutdown: &ShutdownWatch) -> bool {
+    let mut shutdown = shutdown.clone();
+    if *shutdown.borrow() {
+        return false;
+    }
+    tokio::select! {
+        biased;
+        ready = client.next_head() => ready,
+        _ = shutdown.changed() => false,
     }
 }
 
@@ -223,7 +237,7 @@ where
         client.exchange_done();
         // Between requests the connection waits here, in the stream alone, rather than in
         // a new Pingora session.
-        if !client.next_head().await {
+        if !next_head(&mut client, shutdown).await {
             return None;
         }
         let stream: Stream = client;

@@ -479,6 +479,28 @@ enum Parsed {
     Invalid,
 }
 
+/// The answers (status, close) the reader finds in `data` when it arrives in two pieces
+/// split at `split`, and whether it ended on something invalid. For the fuzz target
+/// (`fuzz/`): the result must not depend on where the bytes were split.
+#[doc(hidden)]
+pub fn read_all(data: &[u8], split: usize) -> (Vec<(u16, bool)>, bool) {
+    let mut reader = Reader::default();
+    let mut inb = BytesMut::new();
+    let mut answers = Vec::new();
+    let split = split.min(data.len());
+    for piece in [&data[..split], &data[split..]] {
+        inb.extend_from_slice(piece);
+        loop {
+            match reader.next(&mut inb, Some(false)) {
+                Parsed::NeedMore => break,
+                Parsed::Answer { status, close } => answers.push((status, close)),
+                Parsed::Invalid => return (answers, true),
+            }
+        }
+    }
+    (answers, false)
+}
+
 /// Where the reader is within the answers.
 #[derive(Debug, Default, Clone, Copy, PartialEq)]
 enum ReadState {

@@ -34,6 +34,9 @@
 
 mod lanes;
 
+#[doc(hidden)]
+pub use lanes::read_all as lanes_read_all;
+
 use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
