@@ -142,7 +142,7 @@ impl Gateway {
             access_log: AccessLogger::new(metrics.access_log_dropped.clone()),
             broadcast_queues: std::sync::Mutex::new(queues),
             draining: Arc::default(),
-            clients: Arc::new(ClientPolicy::new(&config.clients, &metrics.client_refused)),
+            clients: Arc::new(ClientPolicy::new(&config.clients, &metrics)),
             connections: Connections::new(
                 config.clients.max_connections,
                 config.clients.max_connections_per_ip,

@@ -304,6 +304,12 @@ async fn every_ambiguous_request_is_refused_and_its_twin_passes() {
     )
     .await;
     assert_eq!(refused, rows.len() as u64);
+    // The edge's answers count as requests too (of no route).
+    for status in [400, 505] {
+        let answered = rows.iter().filter(|r| r.status == status).count() as u64;
+        let series = format!("fanout_requests_total{{route=\"none\",status=\"{status}\"}}");
+        assert_eq!(metric(&c, &gw, &series).await, answered, "{status}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -270,7 +270,18 @@ async fn sigterm_lets_in_flight_requests_finish() {
     let url = gw.url("/slow");
     let inflight =
         tokio::spawn(async move { c.get(url).send().await.map(|r| r.status().as_u16()) });
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    eventually(
+        Duration::from_secs(5),
+        "the request at the backend",
+        || async {
+            backend
+                .state
+                .inflight
+                .load(std::sync::atomic::Ordering::SeqCst)
+                == 1
+        },
+    )
+    .await;
     signal(pid, "-TERM");
     let status = inflight
         .await

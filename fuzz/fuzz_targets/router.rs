@@ -9,9 +9,11 @@ fuzz_target!(|data: &[u8]| {
     let request = lines.next().unwrap_or("/");
     let mut yaml = String::from("listen: 127.0.0.1:1\nupstreams:\n  u: { backends: [127.0.0.1:2] }\nroutes:\n");
     for (i, line) in lines.take(32).enumerate() {
-        let (kind, rest) = line.split_at(line.len().min(1));
+        let (matcher, rest) = match line.strip_prefix('=') {
+            Some(rest) => ("path", rest),
+            None => ("prefix", line),
+        };
         let value = serde_json_string(rest);
-        let matcher = if kind == "=" { "path" } else { "prefix" };
         yaml.push_str(&format!("  - {{ name: r{i}, match: {{ {matcher}: {value} }}, upstream: u }}\n"));
     }
     let Ok(config) = fanout::config::from_yaml(&yaml, "fuzz") else { return };

@@ -25,6 +25,15 @@ use super::ClientPolicy;
 /// Shards of the per-address connection table.
 const SHARDS: usize = 32;
 
+/// Which connection limit refused a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Over {
+    /// `clients.max_connections`
+    Total,
+    /// `clients.max_connections_per_ip`
+    PerIp,
+}
+
 /// Open connections, in all and per client address.
 pub struct Connections {
     total: AtomicUsize,
@@ -61,19 +70,19 @@ impl Connections {
         self: &Arc<Self>,
         ip: Option<IpAddr>,
         gauge: Option<IntGauge>,
-    ) -> Result<Slot, &'static str> {
+    ) -> Result<Slot, Over> {
         if self.total.fetch_add(1, Relaxed) >= self.max {
             self.total.fetch_sub(1, Relaxed);
-            return Err("max_connections");
+            return Err(Over::Total);
         }
         let ip = ip.filter(|_| self.max_per_ip > 0);
-        if let Some(shard) = ip.as_ref().and_then(|ip| self.shard(ip)) {
+        if let Some((ip, shard)) = ip.and_then(|ip| Some((ip, self.shard(&ip)?))) {
             let mut map = shard.lock().unwrap_or_else(|p| p.into_inner());
-            let n = map.entry(ip.unwrap_or(IpAddr::from([0u8; 4]))).or_insert(0);
+            let n = map.entry(ip).or_insert(0);
             if *n >= self.max_per_ip {
                 drop(map);
                 self.total.fetch_sub(1, Relaxed);
-                return Err("max_connections_per_ip");
+                return Err(Over::PerIp);
             }
             *n += 1;
         }
@@ -172,8 +181,8 @@ where
         let gauge = self.gauge(stream::local_addr(&stream));
         let slot = match self.connections.admit(stream::peer_ip(&stream), gauge) {
             Ok(slot) => slot,
-            Err(reason) => {
-                self.policy.refused.by_reason(reason).inc();
+            Err(over) => {
+                self.policy.refused.over(over).inc();
                 return None; // dropped: closed at once
             }
         };

@@ -18,6 +18,7 @@ use std::time::Duration;
 use prometheus::{IntCounter, IntCounterVec};
 
 use crate::config::ClientsConfig;
+use crate::metrics::Metrics;
 use framing::Limits;
 
 /// What every client connection is held to (`clients:`), and where refusals are counted.
@@ -27,10 +28,12 @@ pub struct ClientPolicy {
     pub body_timeout: Duration,
     pub keepalive_timeout: Duration,
     pub refused: Refusals,
+    /// `fanout_requests_total`: the edge's own answers count as requests of no route.
+    answered: IntCounterVec,
 }
 
 impl ClientPolicy {
-    pub fn new(config: &ClientsConfig, refused: &IntCounterVec) -> ClientPolicy {
+    pub fn new(config: &ClientsConfig, metrics: &Metrics) -> ClientPolicy {
         ClientPolicy {
             limits: Limits {
                 max_request_line: config.max_request_line,
@@ -40,8 +43,16 @@ impl ClientPolicy {
             header_timeout: config.header_timeout,
             body_timeout: config.body_timeout,
             keepalive_timeout: config.keepalive_timeout,
-            refused: Refusals::new(refused),
+            refused: Refusals::new(&metrics.client_refused),
+            answered: metrics.requests.clone(),
         }
+    }
+
+    /// Counts an answer the edge gave itself (400, 408, 414, 431, 505).
+    pub fn count_answer(&self, status: u16) {
+        self.answered
+            .with_label_values(&["none", &status.to_string()])
+            .inc();
     }
 }
 
@@ -67,10 +78,10 @@ impl Refusals {
     }
 
     /// The counter of a connection-limit refusal.
-    pub fn by_reason(&self, reason: &str) -> &IntCounter {
-        match reason {
-            "max_connections_per_ip" => &self.max_connections_per_ip,
-            _ => &self.max_connections,
+    pub fn over(&self, limit: accept::Over) -> &IntCounter {
+        match limit {
+            accept::Over::Total => &self.max_connections,
+            accept::Over::PerIp => &self.max_connections_per_ip,
         }
     }
 }

@@ -248,6 +248,7 @@ impl ClientStream {
             self.closed = true;
             return;
         }
+        self.policy.count_answer(status);
         // What Pingora may still have (whole requests ahead of this one) stays.
         self.held.truncate(self.ready);
         self.timer = None;

@@ -173,6 +173,35 @@ async fn handle(
         .unwrap())
 }
 
+/// A listener that records every byte it is sent and never answers (a fallback or a
+/// mirror that is always too slow), so that what was sent is seen whatever the peer would
+/// have done with it.
+pub async fn silent_listener() -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+) {
+    use tokio::io::AsyncReadExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let received: std::sync::Arc<std::sync::Mutex<Vec<u8>>> = Default::default();
+    let log = received.clone();
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            let log = log.clone();
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = conn.read(&mut buf).await {
+                    if n == 0 {
+                        return;
+                    }
+                    log.lock().unwrap().extend_from_slice(&buf[..n]);
+                }
+            });
+        }
+    });
+    (addr, received)
+}
+
 /// A free loopback port (bound then released; the gateway binds it right after). The
 /// OS may hand a released port out again, so ports already given to a test of this process
 /// are never given twice: parallel tests cannot end up talking to each other's gateway.
