@@ -134,11 +134,6 @@ def main():
             fo = run.start([args.fanout, "-c", f"{tmp}/fanout.yaml"], "fanout", PORTS["fanout"], tmp)
             return ng, fo
 
-        def stop(ps):
-            for p in ps:
-                p.terminate()
-                p.wait(timeout=10)
-
         print(f"fanout: {args.fanout}\n")
         print("| server | connections | count | RSS before (MiB) | RSS after (MiB) | KiB per connection |")
         print("|---|---|---|---|---|---|")
@@ -146,7 +141,7 @@ def main():
             ng, fo = servers()
             measure("fanout", PORTS["fanout"], lambda: [fo.pid], args.conns, mode)
             measure("nginx", PORTS["nginx"], lambda: nginx_pids(ng.pid), args.conns, mode)
-            stop([ng, fo])
+            run.stop([ng, fo])
         ng, fo = servers()
         procs += [ng, fo]
         if args.skip_slow:
@@ -163,13 +158,7 @@ def main():
                 print(f"| {name} | {mode} | {wrk['rps']:.0f} (errors {wrk['errors']}) | "
                       f"{last_counts(prefix)} |", flush=True)
     finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        run.stop(procs)
 
 
 if __name__ == "__main__":

@@ -192,6 +192,17 @@ def start(cmd, name, port, tmp, stdout=None):
     return proc
 
 
+def stop(procs):
+    """Terminates every process, killing those that do not exit within 10 s."""
+    for p in procs:
+        p.terminate()
+    for p in procs:
+        try:
+            p.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            p.kill()
+
+
 def peak_rss_mib(proc):
     for line in open(f"/proc/{proc.pid}/status"):
         if line.startswith("VmHWM:"):
@@ -231,13 +242,7 @@ def scenario(name, duration, rounds, tmp):
                       f"  p99 {res['p99']:.2f} ms  errors {res['errors']}", file=sys.stderr)
         return desc, results, peak_rss_mib(fanout)
     finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop(procs)
 
 
 def main():
