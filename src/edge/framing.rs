@@ -488,8 +488,11 @@ impl Framer {
                 false => Err(Reject::Bad("asterisk-form is only for OPTIONS")),
             };
         }
-        let lower: Vec<u8> = start.to_ascii_lowercase();
-        let absolute = |scheme: &[u8]| lower.starts_with(scheme) && h.target_len > scheme.len();
+        let absolute = |scheme: &[u8]| {
+            h.target_len > scheme.len()
+                && start.len() >= scheme.len()
+                && start[..scheme.len()].eq_ignore_ascii_case(scheme)
+        };
         if absolute(b"http://") || absolute(b"https://") {
             return Ok(());
         }

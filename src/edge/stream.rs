@@ -199,25 +199,18 @@ impl ClientStream {
     /// Arms the timer for the current deadline and polls it; `Ready` when it ran out.
     fn poll_deadline(&mut self, cx: &mut Context<'_>) -> Poll<Expiry> {
         let Some((at, expiry)) = self.deadline() else {
-            self.timer = None;
             return Poll::Pending;
         };
-        // An answer's write deadline is set once, when the answer starts.
-        let keep = expiry == Expiry::Answer && self.timer.is_some();
-        match &mut self.timer {
-            Some((armed, sleep)) if *armed == at || keep => {
-                ready!(sleep.as_mut().poll(cx));
-            }
-            slot => {
-                let mut sleep = Box::pin(tokio::time::sleep_until(at.into()));
-                let fired = sleep.as_mut().poll(cx).is_ready();
-                *slot = Some((at, sleep));
-                if !fired {
-                    return Poll::Pending;
-                }
-            }
+        // One timer per connection, moved when the phase's deadline moves. An answer's
+        // write deadline is set once, when the answer starts (`refuse` clears the timer).
+        let (armed, sleep) = self
+            .timer
+            .get_or_insert_with(|| (at, Box::pin(tokio::time::sleep_until(at.into()))));
+        if *armed != at && expiry != Expiry::Answer {
+            sleep.as_mut().reset(at.into());
+            *armed = at;
         }
-        self.timer = None;
+        ready!(sleep.as_mut().poll(cx));
         Poll::Ready(expiry)
     }
 
