@@ -95,11 +95,6 @@ impl Connections {
             gauge,
         })
     }
-
-    /// Client connections open now.
-    pub fn open(&self) -> usize {
-        self.total.load(Relaxed)
-    }
 }
 
 /// One admitted connection; dropping it gives the slot back.
