@@ -22,8 +22,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(ROOT, "bench")
 # FANOUT_BIN: another fanout binary to measure (e.g. an earlier build, for before/after).
 FANOUT = os.environ.get("FANOUT_BIN") or os.path.join(ROOT, "target", "release", "fanout")
+# FANOUT_BASE: an earlier fanout build measured in the same rounds as target "base", so a
+# before/after comparison shares the machine's noise instead of comparing two runs.
+BASE = os.environ.get("FANOUT_BASE")
 BACKENDS = [19101, 19102]
-PORTS = {"fanout": 19001, "nginx": 19002, "haproxy": 19003, "pingora": 19004}
+PORTS = {"fanout": 19001, "nginx": 19002, "haproxy": 19003, "pingora": 19004, "base": 19005}
 PLAIN = os.path.join(ROOT, "target", "release", "examples", "plain_pingora")
 SLOW = os.path.join(ROOT, "target", "release", "examples", "slow_backend")
 # Mirror targets: another port of the nginx backend, a 1 s asyncio server, nothing at all.
@@ -135,7 +138,7 @@ backend be
 """
 
 
-def fanout_conf(tmp, workers, log, mirror):
+def fanout_conf(tmp, workers, log, mirror, name="fanout"):
     backends = ", ".join(f"127.0.0.1:{p}" for p in BACKENDS)
     shadow = (f"  shadow: {{ backends: [127.0.0.1:{MIRRORS[mirror]}], breaker: {{ failures: 5, open: 10s }} }}\n"
               if mirror else "")
@@ -145,11 +148,11 @@ def fanout_conf(tmp, workers, log, mirror):
   threads: {workers}
   work_stealing: true
   upstream_keepalive_pool_size: 1024
-  pid_file: {tmp}/fanout.pid
-  upgrade_sock: {tmp}/fanout.sock
+  pid_file: {tmp}/{name}.pid
+  upgrade_sock: {tmp}/{name}.sock
   grace_period_seconds: 0
   graceful_shutdown_timeout_seconds: 1
-listen: ["127.0.0.1:{PORTS['fanout']}"]
+listen: ["127.0.0.1:{PORTS[name]}"]
 defaults:
   max_body_bytes: 20MiB
   access_log: {"json" if log else "off"}
@@ -163,7 +166,25 @@ upstreams:
 {mirror_route}"""
 
 
-def run_wrk(port, connections, duration, script, tmp):
+def cpu_seconds(pid):
+    """User and system CPU time a process (all its threads) and its live children (nginx's
+    workers) have used so far."""
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    total = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return total + sum(cpu_seconds(int(c)) for c in f.read().split())
+
+
+def run_wrk(port, connections, duration, script, tmp, proc):
+    """One wrk run, with the CPU time the proxy `proc` spent per request (µs): a figure
+    that the machine's noise moves less than req/s."""
+    cpu = cpu_seconds(proc.pid)
+    res = wrk(port, connections, duration, script, tmp)
+    res["cpu_us"] = (cpu_seconds(proc.pid) - cpu) * 1e6 / max(res["requests"], 1)
+    return res
+
+
+def wrk(port, connections, duration, script, tmp):
     report = open(os.path.join(BENCH, "report.lua")).read()
     body = open(os.path.join(BENCH, script)).read() if script else ""
     path = os.path.join(tmp, "wrk.lua")
@@ -181,7 +202,8 @@ def run_wrk(port, connections, duration, script, tmp):
                 if "Non-2xx or 3xx responses" in l:
                     non2xx = int(l.split(":")[1])
             return {"rps": float(fields["rps"]), "p50": float(fields["p50_ms"]),
-                    "p99": float(fields["p99_ms"]), "errors": int(fields["errors"]) + non2xx}
+                    "p99": float(fields["p99_ms"]), "errors": int(fields["errors"]) + non2xx,
+                    "requests": int(fields["requests"])}
     sys.exit(f"wrk gave no result:\n{out.stdout}\n{out.stderr}")
 
 
@@ -210,9 +232,12 @@ def peak_rss_mib(proc):
     return 0.0
 
 
-def scenario(name, duration, rounds, tmp):
+def scenario(name, duration, rounds, tmp, only=None):
     desc, workers, conns, script, log, mirror = SCENARIOS[name]
     targets = ["fanout", "nginx"] if mirror else ["fanout", "nginx", "haproxy", "pingora"]
+    if BASE:
+        targets.insert(1, "base")
+    targets = [t for t in targets if not only or t in only]
     procs = []
     try:
         for fname, text in [("backend.conf", backend_conf(tmp)), ("nginx.conf", nginx_conf(tmp, workers, log, mirror)),
@@ -222,24 +247,34 @@ def scenario(name, duration, rounds, tmp):
         for d in ["backend_body", "nginx_body", "nginx_proxy"]:
             os.makedirs(os.path.join(tmp, d), exist_ok=True)
         procs.append(start(["nginx", "-c", f"{tmp}/backend.conf"], "backend", BACKENDS[0], tmp))
-        procs.append(start(["nginx", "-c", f"{tmp}/nginx.conf"], "nginx", PORTS["nginx"], tmp))
+        proxies = {"nginx": start(["nginx", "-c", f"{tmp}/nginx.conf"], "nginx", PORTS["nginx"], tmp)}
+        procs.append(proxies["nginx"])
         if not mirror:
-            procs.append(start(["haproxy", "-f", f"{tmp}/haproxy.cfg"], "haproxy", PORTS["haproxy"], tmp))
+            proxies["haproxy"] = start(["haproxy", "-f", f"{tmp}/haproxy.cfg"], "haproxy", PORTS["haproxy"], tmp)
             os.environ["THREADS"] = str(workers)
-            procs.append(start([PLAIN, f"127.0.0.1:{PORTS['pingora']}"] + [f"127.0.0.1:{p}" for p in BACKENDS],
-                               "pingora", PORTS["pingora"], tmp))
+            proxies["pingora"] = start([PLAIN, f"127.0.0.1:{PORTS['pingora']}"] + [f"127.0.0.1:{p}" for p in BACKENDS],
+                                       "pingora", PORTS["pingora"], tmp)
+            procs += [proxies["haproxy"], proxies["pingora"]]
         if mirror == "slow":
             procs.append(start([SLOW, str(MIRRORS["slow"]), "1000"], "slow", MIRRORS["slow"], tmp))
         fanout_out = open(os.path.join(tmp, "fanout_access.log"), "w") if log else None
         fanout = start([FANOUT, "-c", f"{tmp}/fanout.yaml"], "fanout", PORTS["fanout"], tmp, stdout=fanout_out)
         procs.append(fanout)
+        proxies["fanout"] = fanout
+        if BASE:
+            with open(os.path.join(tmp, "base.yaml"), "w") as f:
+                f.write(fanout_conf(tmp, workers, log, mirror, "base"))
+            proxies["base"] = start([BASE, "-c", f"{tmp}/base.yaml"], "base", PORTS["base"], tmp)
+            procs.append(proxies["base"])
         results = {k: [] for k in targets}
         for r in range(rounds):
-            for target in targets:
-                res = run_wrk(PORTS[target], conns, duration, script, tmp)
+            # Every other round in reverse, so that no proxy always follows the same one.
+            for target in (targets if r % 2 == 0 else targets[::-1]):
+                res = run_wrk(PORTS[target], conns, duration, script, tmp, proxies[target])
                 results[target].append(res)
                 print(f"  {name} round {r + 1} {target:8} {res['rps']:>10.0f} req/s  p50 {res['p50']:.2f} ms"
-                      f"  p99 {res['p99']:.2f} ms  errors {res['errors']}", file=sys.stderr)
+                      f"  p99 {res['p99']:.2f} ms  errors {res['errors']}  CPU {res['cpu_us']:.1f} µs/req",
+                      file=sys.stderr)
         return desc, results, peak_rss_mib(fanout)
     finally:
         stop(procs)
@@ -250,6 +285,7 @@ def main():
     ap.add_argument("--duration", type=int, default=10)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--scenarios", default=",".join(SCENARIOS))
+    ap.add_argument("--only", help="measure only these proxies, e.g. fanout,base")
     args = ap.parse_args()
     if not os.path.exists(FANOUT):
         sys.exit("build fanout first: make build")
@@ -257,20 +293,32 @@ def main():
     cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
     print(f"# {time.strftime('%Y-%m-%d')}, nproc {os.cpu_count()}, {cpu}")
     print(f"# bench/run.py --duration {args.duration} --rounds {args.rounds} --scenarios {args.scenarios}")
-    print("| scenario | proxy | req/s (median) | p50 ms | p99 ms | errors | vs nginx | vs HAProxy | vs plain Pingora |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    base = " | req/s vs base (paired) | CPU vs base (paired)" if BASE else ""
+    print(f"| scenario | proxy | req/s (median) | p50 ms | p99 ms | errors | CPU µs/req | vs nginx | vs HAProxy "
+          f"| vs plain Pingora{base} |")
+    print("|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if BASE else ""))
     try:
         for name in args.scenarios.split(","):
-            desc, results, rss = scenario(name, args.duration, args.rounds, tmp)
-            med = {t: {k: statistics.median(r[k] for r in rs) for k in ["rps", "p50", "p99"]}
+            desc, results, rss = scenario(name, args.duration, args.rounds, tmp,
+                                          args.only.split(",") if args.only else None)
+            med = {t: {k: statistics.median(r[k] for r in rs) for k in ["rps", "p50", "p99", "cpu_us"]}
                    for t, rs in results.items()}
             for t in results:
                 errors = sum(r["errors"] for r in results[t])
                 ratio = lambda other: (f"{med[t]['rps'] / med[other]['rps']:.2f}×"
-                                       if t == "fanout" and other in med else "")
+                                       if t in ("fanout", "base") and other in med else "")
                 label = f"{desc} (fanout peak RSS {rss:.0f} MiB)" if t == "fanout" else ""
+                vs_base = ""
+                if BASE:
+                    # The median of each round's pair: both ran back to back, in the same noise.
+                    pairs = [(f["rps"] / b["rps"], f["cpu_us"] / b["cpu_us"])
+                             for f, b in zip(results["fanout"], results["base"])]
+                    rps_pair = statistics.median(p[0] for p in pairs)
+                    cpu = f"{statistics.median(p[1] for p in pairs):.3f}×" if t == "fanout" else ""
+                    vs_base = f" {f'{rps_pair:.3f}×' if t == 'fanout' else ''} | {cpu} |"
                 print(f"| {label} | {t} | {med[t]['rps']:.0f} | {med[t]['p50']:.2f} | "
-                      f"{med[t]['p99']:.2f} | {errors} | {ratio('nginx')} | {ratio('haproxy')} | {ratio('pingora')} |", flush=True)
+                      f"{med[t]['p99']:.2f} | {errors} | {med[t]['cpu_us']:.1f} | {ratio('nginx')} | {ratio('haproxy')} "
+                      f"| {ratio('pingora')} |" + vs_base, flush=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

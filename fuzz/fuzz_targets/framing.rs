@@ -1,4 +1,5 @@
-//! The request framer never panics, and gives the same verdict however the bytes are split.
+//! The request framer never panics, and gives the same verdict however the bytes are split
+//! and whether or not it takes runs of bytes at once.
 #![no_main]
 use fanout::edge::framing::{Framer, Limits};
 use libfuzzer_sys::fuzz_target;
@@ -18,6 +19,11 @@ fuzz_target!(|data: &[u8]| {
         .and_then(|_| parts.feed(&data[split..]))
         .map(|open| (open, parts.heads(), parts.phase()));
     assert_eq!(one, two);
+    let mut reference = Framer::stepwise(limits);
+    let three = reference
+        .feed(data)
+        .map(|open| (open, reference.heads(), reference.phase()));
+    assert_eq!(one, three);
     if let Ok((open, _, _)) = one {
         assert!(open <= data.len());
     }

@@ -211,7 +211,28 @@ pub struct Framer {
     ended: bool,
     /// Bytes of the last `feed`'s data up to the end of the last message that ended in it.
     clean: usize,
+    /// Whether [`Framer::run`] may take runs of bytes at once (off only to check it).
+    runs: bool,
 }
+
+/// A byte class as a table, for [`Framer::run`].
+macro_rules! class {
+    ($b:ident => $test:expr) => {{
+        let mut table = [false; 256];
+        let mut i = 0;
+        while i < 256 {
+            let $b = i as u8;
+            table[i] = $test;
+            i += 1;
+        }
+        table
+    }};
+}
+
+/// Bytes a request-target may hold past its first few (where its form is decided).
+const TARGET: [bool; 256] = class!(b => matches!(b, 0x21..=0x7e | 0x80..=0xff) && b != b'#');
+const VALUE: [bool; 256] = class!(b => value_char(b));
+const HOST: [bool; 256] = class!(b => host_char(b));
 
 /// Whether `b` may appear in a token (RFC 9110 §5.6.2).
 fn tchar(b: u8) -> bool {
@@ -219,13 +240,34 @@ fn tchar(b: u8) -> bool {
 }
 
 /// Whether `b` may appear in a field value: VCHAR, obs-text, SP or HTAB.
-fn value_char(b: u8) -> bool {
+const fn value_char(b: u8) -> bool {
     matches!(b, b'\t' | b' ' | 0x21..=0x7e | 0x80..=0xff)
 }
 
 /// Whether `b` may appear in a Host value (RFC 3986 authority characters).
-fn host_char(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:[]%".contains(&b)
+const fn host_char(b: u8) -> bool {
+    b.is_ascii_alphanumeric()
+        || matches!(
+            b,
+            b'-' | b'.'
+                | b'_'
+                | b'~'
+                | b'!'
+                | b'$'
+                | b'&'
+                | b'\''
+                | b'('
+                | b')'
+                | b'*'
+                | b'+'
+                | b','
+                | b';'
+                | b'='
+                | b':'
+                | b'['
+                | b']'
+                | b'%'
+        )
 }
 
 fn ows(b: u8) -> bool {
@@ -250,6 +292,17 @@ impl Framer {
             heads: 0,
             ended: false,
             clean: 0,
+            runs: true,
+        }
+    }
+
+    /// A framer that takes every byte through [`Framer::step`]: the reference that tests
+    /// and the fuzzer compare the fast path with.
+    #[doc(hidden)]
+    pub fn stepwise(limits: Limits) -> Framer {
+        Framer {
+            runs: false,
+            ..Framer::new(limits)
         }
     }
 
@@ -296,10 +349,13 @@ impl Framer {
                         rest => State::ChunkData(rest),
                     };
                 }
-                _ => {
-                    self.state = self.step(data[i]);
-                    i += 1;
-                }
+                _ => match self.run(&data[i..]) {
+                    0 => {
+                        self.state = self.step(data[i]);
+                        i += 1;
+                    }
+                    n => i += n,
+                },
             }
         }
         if std::mem::take(&mut self.ended) {
@@ -315,6 +371,58 @@ impl Framer {
     /// message, complete messages that may still be served.
     pub fn clean(&self) -> usize {
         self.clean
+    }
+
+    /// Takes at once the leading bytes of `data` that [`Framer::step`] would accept one by
+    /// one without recording anything: the rest of a long request-target, or a run of a
+    /// header value that is not compared (any value in trailers; Host's value is only
+    /// checked, unless an absolute-form target makes it compared). Stops before the first
+    /// byte that ends the run, changes the state, or reaches a limit; `step` takes that one.
+    fn run(&mut self, data: &[u8]) -> usize {
+        if !self.runs {
+            return 0;
+        }
+        let (class, room) = match self.state {
+            State::Target if self.head.target_len >= self.head.target.len() => {
+                if self.head.absolute.is_some() {
+                    return 0;
+                }
+                (
+                    &TARGET,
+                    self.limits.max_request_line.saturating_sub(self.head_len),
+                )
+            }
+            State::Value => {
+                let class = match self.line.kind {
+                    _ if self.in_trailers => &VALUE,
+                    Some(Field::Other) => &VALUE,
+                    Some(Field::Host) if !self.line.ws_after && self.head.absolute.is_none() => {
+                        &HOST
+                    }
+                    _ => return 0,
+                };
+                (
+                    class,
+                    self.limits
+                        .max_header_bytes
+                        .saturating_sub(self.section_bytes),
+                )
+            }
+            _ => return 0,
+        };
+        let n = data
+            .iter()
+            .take(room)
+            .position(|&b| !class[usize::from(b)])
+            .unwrap_or_else(|| data.len().min(room));
+        match self.state {
+            State::Target => self.head.target_len += n,
+            _ => self.section_bytes += n,
+        }
+        if !self.in_trailers {
+            self.head_len += n;
+        }
+        n
     }
 
     fn failed(&self) -> Option<Reject> {
@@ -839,14 +947,19 @@ fn bad(why: &'static str) -> State {
 mod tests {
     use super::*;
 
-    /// Feeds `input` whole, then byte by byte, and checks both give the same verdict.
+    /// Feeds `input` whole, then byte by byte through the reference path, and checks both
+    /// give the same verdict.
     fn verdict(input: &[u8]) -> Result<(u64, Phase), Reject> {
+        verdict_with(Limits::default(), input)
+    }
+
+    fn verdict_with(limits: Limits, input: &[u8]) -> Result<(u64, Phase), Reject> {
         let whole = {
-            let mut f = Framer::new(Limits::default());
-            f.feed(input).map(|_| (f.heads(), f.phase()))
+            let mut f = Framer::new(limits);
+            f.feed(input).map(|open| (open, f.heads(), f.phase()))
         };
         let split = {
-            let mut f = Framer::new(Limits::default());
+            let mut f = Framer::stepwise(limits);
             let mut r = Ok(0);
             for b in input {
                 r = f.feed(std::slice::from_ref(b));
@@ -854,10 +967,10 @@ mod tests {
                     break;
                 }
             }
-            r.map(|_| (f.heads(), f.phase()))
+            r.map(|open| (open, f.heads(), f.phase()))
         };
         assert_eq!(whole, split, "{:?}", String::from_utf8_lossy(input));
-        whole
+        whole.map(|(_, heads, phase)| (heads, phase))
     }
 
     #[test]
@@ -934,5 +1047,51 @@ mod tests {
         let mut f = Framer::new(Limits::default());
         assert!(f.feed(b"GET / HTTP/1.1\r\nHost\x01: a\r\n").is_err());
         assert!(f.feed(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n").is_err());
+    }
+
+    /// The runs taken at once stop where stepping stops: at each limit, to the byte, and
+    /// at every byte that ends or spoils a target or a value.
+    #[test]
+    fn runs_agree_with_stepping_at_every_boundary() {
+        let limits = Limits {
+            max_request_line: 40,
+            max_header_bytes: 60,
+            max_headers: 4,
+        };
+        let mut inputs = Vec::new();
+        for n in 20..50 {
+            let a = "a".repeat(n);
+            inputs.push(format!("GET /{a} HTTP/1.1\r\nHost: h\r\n\r\n"));
+            inputs.push(format!("GET / HTTP/1.1\r\nHost: h\r\nX-Long: {a}\r\n\r\n"));
+            inputs.push(format!("GET / HTTP/1.1\r\nHost: {a}\r\n\r\n"));
+            inputs.push(format!(
+                "POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n\
+                 0\r\nT: {a}\r\n\r\n"
+            ));
+        }
+        for bad in [
+            "#", "\0", "\x01", " ", "\t", "\n", "\x7f", "\u{e9}", "@", "/",
+        ] {
+            let a = "a".repeat(12);
+            inputs.push(format!("GET /{a}{bad}b HTTP/1.1\r\nHost: h\r\n\r\n"));
+            inputs.push(format!(
+                "GET / HTTP/1.1\r\nHost: h\r\nX: {a}{bad}b \r\n\r\n"
+            ));
+            inputs.push(format!("GET / HTTP/1.1\r\nHost: {a}{bad}b\r\n\r\n"));
+            inputs.push(format!(
+                "GET http://{a}/ HTTP/1.1\r\nHost: {a}{bad}\r\n\r\n"
+            ));
+        }
+        let mut outcomes = std::collections::HashSet::new();
+        for input in &inputs {
+            outcomes.insert(format!("{:?}", verdict_with(limits, input.as_bytes())));
+        }
+        // The inputs reach completion, every limit and bad characters alike.
+        for seen in ["Ok((1, Idle))", "TargetTooLong", "HeadersTooLarge", "Bad("] {
+            assert!(
+                outcomes.iter().any(|o| o.contains(seen)),
+                "{seen}: {outcomes:?}"
+            );
+        }
     }
 }
