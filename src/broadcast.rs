@@ -32,7 +32,6 @@ use tokio::task::JoinSet;
 
 use crate::config::{BreakerConfig, RouteConfig};
 use crate::forwarding;
-use crate::keys::client_ip;
 use crate::limits::{ByteBudget, Refusal};
 use crate::metrics::Metrics;
 use crate::outbound::{self, Body, Keep};
@@ -138,7 +137,7 @@ pub async fn accept(
     forwarding::broadcast_request(
         &mut header,
         route,
-        client_ip(session),
+        forwarding::client(session),
         request_id,
         body.len(),
     )?;

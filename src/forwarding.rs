@@ -24,6 +24,34 @@ const HOP_BY_HOP: [HeaderName; 5] = [
     header::UPGRADE,
 ];
 
+/// Who sent a request, as the forwarding headers tell it.
+#[derive(Debug, Clone, Copy)]
+pub struct Client {
+    pub ip: Option<IpAddr>,
+    /// It came over TLS: `X-Forwarded-Proto: https`.
+    pub https: bool,
+}
+
+/// The client of a session.
+pub fn client(session: &pingora_proxy::Session) -> Client {
+    Client {
+        ip: crate::keys::client_ip(session),
+        https: session.digest().is_some_and(|d| d.ssl_digest.is_some()),
+    }
+}
+
+/// A request to switch protocols (`Connection: upgrade` and `Upgrade`, e.g. WebSocket).
+pub fn is_upgrade(req: &RequestHeader) -> bool {
+    req.headers.contains_key(header::UPGRADE)
+        && req
+            .headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+}
+
 /// Names of the headers to drop from `headers` as hop-by-hop.
 fn hop_by_hop(headers: &http::HeaderMap) -> Vec<HeaderName> {
     let mut names: Vec<HeaderName> = headers
@@ -75,11 +103,11 @@ pub fn stripped_uri(uri: &Uri, prefix: &str) -> Option<Uri> {
 }
 
 /// Drops hop-by-hop headers and adds `X-Forwarded-For` / `X-Forwarded-Proto`.
-fn forwarded(req: &mut RequestHeader, client: Option<IpAddr>) -> Result<()> {
+fn forwarded(req: &mut RequestHeader, client: Client) -> Result<()> {
     for name in hop_by_hop(&req.headers) {
         req.remove_header(&name);
     }
-    if let Some(ip) = client {
+    if let Some(ip) = client.ip {
         let earlier: Vec<&str> = req
             .headers
             .get_all("x-forwarded-for")
@@ -93,7 +121,8 @@ fn forwarded(req: &mut RequestHeader, client: Option<IpAddr>) -> Result<()> {
         };
         req.insert_header("x-forwarded-for", value)?;
     }
-    req.insert_header("x-forwarded-proto", "http")?;
+    let proto = if client.https { "https" } else { "http" };
+    req.insert_header("x-forwarded-proto", proto)?;
     Ok(())
 }
 
@@ -101,10 +130,18 @@ fn forwarded(req: &mut RequestHeader, client: Option<IpAddr>) -> Result<()> {
 pub fn upstream_request(
     req: &mut RequestHeader,
     route: &RouteConfig,
-    client: Option<IpAddr>,
+    client: Client,
     request_id: &str,
 ) -> Result<()> {
+    // An upgrade goes on as one: its hop-by-hop `Upgrade` is what the backend must see.
+    let upgrade = is_upgrade(req)
+        .then(|| req.headers.get(header::UPGRADE).cloned())
+        .flatten();
     forwarded(req, client)?;
+    if let Some(protocol) = upgrade {
+        req.insert_header(header::CONNECTION, "upgrade")?;
+        req.insert_header(header::UPGRADE, protocol)?;
+    }
     if let (true, PathMatch::Prefix(prefix)) = (route.strip_prefix, &route.path) {
         if let Some(uri) = stripped_uri(&req.uri, prefix) {
             req.set_uri(uri);
@@ -126,7 +163,7 @@ pub fn upstream_request(
 pub fn mirror_request(
     req: &mut RequestHeader,
     mirror: &MirrorConfig,
-    client: Option<IpAddr>,
+    client: Client,
     request_id: &str,
 ) -> Result<()> {
     redacted_copy(req, &mirror.redact_headers, client)?;
@@ -137,11 +174,7 @@ pub fn mirror_request(
 
 /// What every copy of a client's request starts from: forwarding headers, and none of the
 /// `redact` headers.
-fn redacted_copy(
-    req: &mut RequestHeader,
-    redact: &[HeaderName],
-    client: Option<IpAddr>,
-) -> Result<()> {
+fn redacted_copy(req: &mut RequestHeader, redact: &[HeaderName], client: Client) -> Result<()> {
     forwarded(req, client)?;
     for name in redact {
         req.remove_header(name);
@@ -155,7 +188,7 @@ fn redacted_copy(
 pub fn broadcast_request(
     req: &mut RequestHeader,
     route: &RouteConfig,
-    client: Option<IpAddr>,
+    client: Client,
     request_id: &str,
     body_len: usize,
 ) -> Result<()> {

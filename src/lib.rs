@@ -23,4 +23,5 @@ pub mod request_id;
 pub mod respond;
 pub mod routing;
 pub mod server;
+pub mod tls;
 pub mod upstream;

@@ -267,6 +267,11 @@ impl FanoutProxy {
             }
         }
         match &route.config.kind {
+            // An upgrade (WebSocket) becomes a tunnel to one backend: never mirrored, and
+            // no fallback can take over a tunnel.
+            RouteKind::Proxy { .. } if forwarding::is_upgrade(session.req_header()) => {
+                Verdict::Proxy
+            }
             RouteKind::Proxy { .. } => {
                 let connector = &self.gw.connector;
                 if !route.mirrors.is_empty() {
@@ -427,7 +432,7 @@ impl ProxyHttp for FanoutProxy {
         upstream_request: &mut RequestHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
-        let client = client_ip(session);
+        let client = forwarding::client(session);
         let route = self
             .route(ctx)
             .ok_or_else(|| Error::explain(ErrorType::InternalError, "request has no route"))?;
@@ -496,6 +501,16 @@ impl ProxyHttp for FanoutProxy {
         ctx: &mut RequestCtx,
         mut e: Box<Error>,
     ) -> Box<Error> {
+        if e.etype == ErrorType::TLSHandshakeFailure {
+            // The usual cause is configuration (CA, name, protocol): say which backend.
+            let upstream = self.target(ctx).map(|u| self.gw.upstreams[u].name());
+            log::error!(
+                "TLS to backend {} of upstream {} failed: {}",
+                ctx.backend.as_deref().unwrap_or("?"),
+                upstream.unwrap_or("?"),
+                e
+            );
+        }
         attempt_failed(ctx, &e);
         // Nothing reached the backend: any request may go to another one.
         self.decide_retry(ctx, &mut e, true);

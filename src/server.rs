@@ -16,7 +16,8 @@ use pingora_core::services::ServiceWithDependents;
 use crate::admin::AdminApp;
 use crate::broadcast::Deliverer;
 use crate::config::Config;
-use crate::edge::accept::Edge;
+use crate::edge::accept::{Edge, EdgeListener};
+use crate::edge::handshake::Terminator;
 use crate::gateway::Gateway;
 use crate::lifecycle::SignalWatch;
 use crate::proxy::FanoutProxy;
@@ -46,22 +47,37 @@ pub fn build(
     let mut server = Server::new_with_opt_and_conf(opt, config.server);
     server.bootstrap();
 
-    let http = pingora_proxy::http_proxy(
+    let mut http = pingora_proxy::http_proxy(
         &server.configuration,
         FanoutProxy::new(Arc::clone(&gateway)),
     );
-    let listeners = config
-        .listen
-        .iter()
-        .map(|addr| {
-            let label = addr.to_string();
-            let gauge = gateway
-                .metrics
-                .client_connections
-                .with_label_values(&[&label]);
-            (*addr, gauge)
-        })
-        .collect();
+    let mut listeners = Vec::new();
+    for l in &config.listen {
+        let tls = match &l.tls {
+            Some(t) => Some(Terminator::new(crate::tls::server_config(
+                &t.certificates,
+                t.min_tls13,
+                l.http2,
+            )?)),
+            None => None,
+        };
+        let gauge = gateway
+            .metrics
+            .client_connections
+            .with_label_values(&[&l.addr.to_string()]);
+        listeners.push(EdgeListener {
+            addr: l.addr,
+            gauge,
+            h2c: l.http2 && tls.is_none(),
+            tls,
+        });
+    }
+    if listeners.iter().any(|l| l.h2c) {
+        // Pingora peeks for the preface; the edge hands it over only on h2c listeners.
+        let mut options = http.server_options.take().unwrap_or_default();
+        options.h2c = true;
+        http.server_options = Some(options);
+    }
     let edge = Edge::new(
         http,
         Arc::clone(&gateway.clients),
@@ -69,12 +85,12 @@ pub fn build(
         listeners,
     );
     let mut proxy = Service::new("fanout proxy".into(), edge);
-    for addr in &config.listen {
+    for l in &config.listen {
         // No L4 read buffer: Pingora's 64 KiB default per connection is most of what an
         // idle or slow client costs, and the edge reads a head into a buffer of its own
-        // size anyway (bench/RESULTS.md, memory per connection).
+        // size anyway (bench/RESULTS.md, memory per connection). TLS is the edge's too.
         proxy.add_listener(
-            ListenerConfig::tcp(addr.to_string()).l4_buffer(L4BufferSettings::default().read(0)),
+            ListenerConfig::tcp(l.addr.to_string()).l4_buffer(L4BufferSettings::default().read(0)),
         );
     }
     server.add_service(proxy);

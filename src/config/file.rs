@@ -66,21 +66,28 @@ impl<'de> Deserialize<'de> for Dur {
     }
 }
 
-/// `listen:` takes one address or a list of them.
+/// One `listen:` entry written out (a plain `"IP:PORT"` entry is a string).
 #[derive(Debug, Deserialize)]
-#[serde(untagged)]
-pub enum OneOrMany {
-    One(String),
-    Many(Vec<String>),
+#[serde(deny_unknown_fields)]
+pub struct FileListener {
+    pub address: String,
+    pub tls: Option<FileListenerTls>,
+    pub http2: Option<bool>,
 }
 
-impl OneOrMany {
-    pub fn into_vec(self) -> Vec<String> {
-        match self {
-            OneOrMany::One(s) => vec![s],
-            OneOrMany::Many(v) => v,
-        }
-    }
+/// `listen[].tls`: TLS termination.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileListenerTls {
+    pub certificates: Vec<FileCertificate>,
+    pub min_version: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileCertificate {
+    pub cert: String,
+    pub key: String,
 }
 
 /// `admin:` takes an address, or an address with a token file.
@@ -172,6 +179,29 @@ pub struct FileUpstream {
     pub breaker: Option<FileBreaker>,
     pub timeouts: Option<FileTimeouts>,
     pub retries: Option<u32>,
+    pub tls: Option<FileUpstreamTls>,
+    pub protocol: Option<Protocol>,
+}
+
+/// `upstreams.*.tls`: TLS to the backends.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileUpstreamTls {
+    pub sni: Option<String>,
+    pub verify: Option<bool>,
+    pub ca_file: Option<String>,
+    pub client_cert: Option<String>,
+    pub client_key: Option<String>,
+}
+
+/// `upstreams.*.protocol`: the HTTP version spoken to the backends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Protocol {
+    H1,
+    H2,
+    /// h2 or HTTP/1.1 by ALPN on TLS, HTTP/1.1 on plain connections.
+    Auto,
 }
 
 #[derive(Debug, Deserialize)]

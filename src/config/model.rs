@@ -8,7 +8,10 @@ use std::time::Duration;
 use http::{HeaderName, HeaderValue, Method};
 use pingora_core::server::configuration::ServerConf;
 
-pub use super::file::{AccessLog, Balance, EncodedSlashes, HealthCheckType};
+pub use super::file::{AccessLog, Balance, EncodedSlashes, HealthCheckType, Protocol};
+use crate::tls::ServerCert;
+use pingora_core::utils::tls::{CertKey, WrappedX509};
+use std::sync::Arc;
 
 /// Index of an upstream in [`Config::upstreams`].
 pub type UpstreamId = usize;
@@ -27,7 +30,7 @@ pub const DEFAULT_REDACT_HEADERS: [&str; 4] = [
 pub struct Config {
     /// Pingora's own settings, from `server:` (threads already resolved: 0 means per core).
     pub server: ServerConf,
-    pub listen: Vec<SocketAddr>,
+    pub listen: Vec<Listener>,
     pub admin: Option<AdminConfig>,
     pub clients: ClientsConfig,
     /// Legal but probably unwanted settings, one line each (`-t` and start-up print them).
@@ -36,6 +39,24 @@ pub struct Config {
     pub default_access_log: AccessLog,
     pub upstreams: Vec<UpstreamConfig>,
     pub routes: Vec<RouteConfig>,
+}
+
+/// One listening address of the proxy.
+#[derive(Debug, Clone)]
+pub struct Listener {
+    pub addr: SocketAddr,
+    pub tls: Option<ListenerTls>,
+    /// TLS: offer h2 by ALPN; plain: accept h2c with prior knowledge beside HTTP/1.1.
+    pub http2: bool,
+}
+
+/// `listen[].tls`, with its certificates read and checked.
+#[derive(Debug, Clone)]
+pub struct ListenerTls {
+    /// The first one is served when no other's names match.
+    pub certificates: Vec<ServerCert>,
+    /// `min_version: "1.3"`.
+    pub min_tls13: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -86,12 +107,36 @@ pub struct UpstreamConfig {
     pub breaker: Option<BreakerConfig>,
     pub timeouts: Timeouts,
     pub retries: u32,
+    /// TLS to the backends (`tls:`, or every backend written `https://`).
+    pub tls: Option<UpstreamTls>,
+    pub protocol: Protocol,
+}
+
+impl UpstreamConfig {
+    /// Whether connections to the backends are plain HTTP/1.1 (what the mirror's own
+    /// pipelined lanes speak).
+    pub fn plain_h1(&self) -> bool {
+        self.tls.is_none() && self.protocol != Protocol::H2
+    }
 }
 
 #[derive(Debug, Clone)]
 pub struct BackendConfig {
     pub addr: SocketAddr,
     pub weight: u32,
+    /// The host name it was written with, if any: the default SNI and verified name.
+    pub host: Option<String>,
+}
+
+/// `upstreams.*.tls`, with its files read and checked.
+#[derive(Debug, Clone)]
+pub struct UpstreamTls {
+    /// `None`: each backend's host name (or its IP address).
+    pub sni: Option<String>,
+    pub verify: bool,
+    /// `None`: the system's roots.
+    pub ca: Option<Arc<[WrappedX509]>>,
+    pub client_cert: Option<Arc<CertKey>>,
 }
 
 /// Where a per-request key comes from (consistent hashing, rate limits, mirror sampling).

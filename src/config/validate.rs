@@ -143,20 +143,24 @@ pub(super) fn build(text: &str) -> Result<Config, Vec<ConfigError>> {
     }
 
     let server = build_server(&mut ck, root.remove("server"));
-    let listen: Vec<SocketAddr> = match root.remove("listen") {
+    let listen: Vec<Listener> = match root.remove("listen") {
         None | Some(Value::Null) => {
             ck.err("listen", "at least one listen address is required");
             Vec::new()
         }
-        Some(v) => ck
-            .parse::<OneOrMany>("listen", v)
-            .map(OneOrMany::into_vec)
-            .unwrap_or_default()
-            .iter()
+        Some(Value::Sequence(items)) => items
+            .into_iter()
             .enumerate()
-            .filter_map(|(i, a)| parse_listen(&mut ck, &format!("listen[{i}]"), a))
+            .filter_map(|(i, v)| build_listener(&mut ck, &format!("listen[{i}]"), v))
             .collect(),
+        Some(v) => build_listener(&mut ck, "listen", v).into_iter().collect(),
     };
+    let mut seen = HashSet::new();
+    for l in &listen {
+        if !seen.insert(l.addr) {
+            ck.err("listen", format!("{} is listed twice", l.addr));
+        }
+    }
     let admin = match root.remove("admin") {
         None | Some(Value::Null) => None,
         Some(v) => ck
@@ -363,6 +367,61 @@ fn build_clients(ck: &mut Checker, f: FileClients) -> ClientsConfig {
     }
 }
 
+/// One `listen:` entry: `"IP:PORT"`, or `{address, tls, http2}`.
+fn build_listener(ck: &mut Checker, path: &str, value: Value) -> Option<Listener> {
+    let f = match value {
+        Value::String(address) => FileListener {
+            address,
+            tls: None,
+            http2: None,
+        },
+        other => ck.parse::<FileListener>(path, other)?,
+    };
+    let addr = parse_listen(ck, &format!("{path}.address"), &f.address);
+    let http2 = f.http2.unwrap_or(f.tls.is_some());
+    let tls = f.tls.and_then(|t| {
+        let tpath = format!("{path}.tls");
+        let min_tls13 = match t.min_version.as_deref() {
+            None | Some("1.2") => false,
+            Some("1.3") => true,
+            Some(other) => {
+                ck.err(
+                    &format!("{tpath}.min_version"),
+                    format!("min_version {other:?} is not one of \"1.2\", \"1.3\""),
+                );
+                false
+            }
+        };
+        if t.certificates.is_empty() {
+            ck.err(
+                &format!("{tpath}.certificates"),
+                "at least one certificate is required",
+            );
+        }
+        let before = ck.errors.len();
+        let certificates: Vec<_> = t
+            .certificates
+            .iter()
+            .enumerate()
+            .filter_map(|(i, c)| {
+                let loaded = crate::tls::load_server_cert(c.cert.as_ref(), c.key.as_ref());
+                loaded
+                    .map_err(|e| ck.err(&format!("{tpath}.certificates[{i}]"), e))
+                    .ok()
+            })
+            .collect();
+        (ck.errors.len() == before && !certificates.is_empty()).then_some(ListenerTls {
+            certificates,
+            min_tls13,
+        })
+    });
+    Some(Listener {
+        addr: addr?,
+        tls,
+        http2,
+    })
+}
+
 fn parse_listen(ck: &mut Checker, path: &str, text: &str) -> Option<SocketAddr> {
     match text.parse::<SocketAddr>() {
         Ok(a) => Some(a),
@@ -376,24 +435,90 @@ fn parse_listen(ck: &mut Checker, path: &str, text: &str) -> Option<SocketAddr> 
     }
 }
 
-/// Parses a backend address: `IP:PORT`, `host:PORT` (resolved once, now) or the same behind
-/// `http://`.
-pub fn parse_backend_addr(text: &str) -> Result<SocketAddr, String> {
+/// A backend as written: `IP:PORT`, `host:PORT` (resolved once, now), either behind
+/// `http://`, or behind `https://` (TLS, verified against the host name).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendAddr {
+    pub addr: SocketAddr,
+    pub host: Option<String>,
+    pub https: bool,
+}
+
+pub fn parse_backend_addr(text: &str) -> Result<BackendAddr, String> {
     let t = text.trim();
-    let t = t.strip_prefix("http://").unwrap_or(t).trim_end_matches('/');
-    if let Ok(a) = t.parse::<SocketAddr>() {
-        return Ok(a);
+    let (https, t) = match (t.strip_prefix("https://"), t.strip_prefix("http://")) {
+        (Some(rest), _) => (true, rest),
+        (None, Some(rest)) => (false, rest),
+        (None, None) => (false, t),
+    };
+    let t = t.trim_end_matches('/');
+    if let Ok(addr) = t.parse::<SocketAddr>() {
+        return Ok(BackendAddr {
+            addr,
+            host: None,
+            https,
+        });
     }
     let invalid = || format!("invalid address {text:?} (expected HOST:PORT)");
     let (host, port) = t.rsplit_once(':').ok_or_else(invalid)?;
-    if host.is_empty() || port.parse::<u16>().is_err() || host.contains('/') {
+    if host.is_empty() || host.contains('/') {
         return Err(invalid());
     }
-    (host, port.parse::<u16>().map_err(|_| invalid())?)
+    let port = port.parse::<u16>().map_err(|_| invalid())?;
+    let addr = (host, port)
         .to_socket_addrs()
         .ok()
         .and_then(|mut addrs| addrs.next())
-        .ok_or_else(|| format!("cannot resolve address {text:?}"))
+        .ok_or_else(|| format!("cannot resolve address {text:?}"))?;
+    Ok(BackendAddr {
+        addr,
+        host: Some(host.to_ascii_lowercase()),
+        https,
+    })
+}
+
+/// `upstreams.*.tls`, its files read and checked; `https://` backends alone stand for the
+/// defaults (verify against the system's roots and each backend's name).
+fn build_upstream_tls(
+    ck: &mut Checker,
+    path: &str,
+    f: Option<FileUpstreamTls>,
+    any_https: bool,
+) -> Option<UpstreamTls> {
+    let f = match f {
+        Some(f) => f,
+        None if any_https => FileUpstreamTls::default(),
+        None => return None,
+    };
+    let ca = f.ca_file.as_ref().and_then(|file| {
+        crate::tls::load_ca(file.as_ref())
+            .map_err(|e| ck.err(&format!("{path}.ca_file"), e))
+            .ok()
+    });
+    let client_cert = match (&f.client_cert, &f.client_key) {
+        (Some(cert), Some(key)) => crate::tls::load_client_cert(cert.as_ref(), key.as_ref())
+            .map_err(|e| ck.err(&format!("{path}.client_cert"), e))
+            .ok(),
+        (None, None) => None,
+        _ => {
+            ck.err(path, "client_cert and client_key go together");
+            None
+        }
+    };
+    if let Some(sni) = &f.sni {
+        if rustls::pki_types::ServerName::try_from(sni.as_str()).is_err() {
+            ck.err(
+                &format!("{path}.sni"),
+                format!("{sni:?} is not a host name"),
+            );
+        }
+    }
+    Some(UpstreamTls {
+        sni: f.sni,
+        verify: f.verify.unwrap_or(true),
+        ca,
+        client_cert,
+    })
 }
 
 /// Every declared upstream by name; `None` where it has errors (already reported), so
@@ -448,6 +573,7 @@ fn build_upstream(
         );
     }
     let mut backends: Vec<BackendConfig> = Vec::new();
+    let mut https: Vec<bool> = Vec::new();
     for (i, value) in f.backends.into_iter().enumerate() {
         let bpath = format!("{path}.backends[{i}]");
         let (address, weight) = match value {
@@ -466,10 +592,17 @@ fn build_upstream(
             continue;
         }
         match parse_backend_addr(&address) {
-            Ok(addr) if backends.iter().any(|b| b.addr == addr) => {
-                ck.err(&bpath, format!("duplicate backend {addr}"));
+            Ok(b) if backends.iter().any(|seen| seen.addr == b.addr) => {
+                ck.err(&bpath, format!("duplicate backend {}", b.addr));
             }
-            Ok(addr) => backends.push(BackendConfig { addr, weight }),
+            Ok(b) => {
+                https.push(b.https);
+                backends.push(BackendConfig {
+                    addr: b.addr,
+                    weight,
+                    host: b.host,
+                });
+            }
             Err(e) => ck.err(&bpath, e),
         }
     }
@@ -549,8 +682,19 @@ fn build_upstream(
             format!("retries {retries} is out of range 0..=16"),
         );
     }
+    if https.contains(&true) && https.contains(&false) && f.tls.is_none() {
+        ck.err(
+            &format!("{path}.backends"),
+            "https:// and plain backends are mixed: one upstream speaks one protocol \
+             (write every backend https://, or set tls:)",
+        );
+    }
+    let tls = build_upstream_tls(ck, &format!("{path}.tls"), f.tls, https.contains(&true));
+    let protocol = f.protocol.unwrap_or(Protocol::H1);
     (ck.errors.len() == before).then(|| UpstreamConfig {
         name: name.to_string(),
+        tls,
+        protocol,
         balance,
         hash_key,
         backends,

@@ -19,6 +19,7 @@ use pingora_core::protocols::{Stream, ALPN};
 use pingora_core::server::ShutdownWatch;
 use prometheus::IntGauge;
 
+use super::handshake::Terminator;
 use super::stream::{self, ClientStream};
 use super::ClientPolicy;
 
@@ -124,13 +125,22 @@ impl Drop for Slot {
     }
 }
 
+/// One listening address as the edge serves it.
+pub struct EdgeListener {
+    pub addr: SocketAddr,
+    /// `fanout_client_connections` of this listener.
+    pub gauge: IntGauge,
+    pub tls: Option<Terminator>,
+    /// Plain listener with `http2: true`: h2c with prior knowledge beside HTTP/1.1.
+    pub h2c: bool,
+}
+
 /// The proxy service's application: admission and defences, then Pingora's HTTP server.
 pub struct Edge<A> {
     exchanges: Arc<Exchanges<A>>,
     policy: Arc<ClientPolicy>,
     connections: Arc<Connections>,
-    /// `fanout_client_connections` per configured listener address.
-    listeners: Vec<(SocketAddr, IntGauge)>,
+    listeners: Vec<EdgeListener>,
 }
 
 impl<A> Edge<A> {
@@ -138,7 +148,7 @@ impl<A> Edge<A> {
         app: A,
         policy: Arc<ClientPolicy>,
         connections: Arc<Connections>,
-        listeners: Vec<(SocketAddr, IntGauge)>,
+        listeners: Vec<EdgeListener>,
     ) -> Edge<A> {
         Edge {
             exchanges: Arc::new(Exchanges { app: Arc::new(app) }),
@@ -148,8 +158,8 @@ impl<A> Edge<A> {
         }
     }
 
-    /// The gauge of the listener a connection came in on.
-    fn gauge(&self, local: Option<SocketAddr>) -> Option<IntGauge> {
+    /// The listener a connection came in on.
+    fn listener(&self, local: Option<SocketAddr>) -> Option<&EdgeListener> {
         let matches = |l: &SocketAddr| {
             local.is_some_and(|a| {
                 a.port() == l.port() && (l.ip().is_unspecified() || a.ip() == l.ip())
@@ -157,9 +167,8 @@ impl<A> Edge<A> {
         };
         self.listeners
             .iter()
-            .find(|(l, _)| matches(l))
+            .find(|l| matches(&l.addr))
             .or(self.listeners.first())
-            .map(|(_, g)| g.clone())
     }
 }
 
@@ -173,7 +182,8 @@ where
         stream: Stream,
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
-        let gauge = self.gauge(stream::local_addr(&stream));
+        let listener = self.listener(stream::local_addr(&stream));
+        let gauge = listener.map(|l| l.gauge.clone());
         let slot = match self.connections.admit(stream::peer_ip(&stream), gauge) {
             Ok(slot) => slot,
             Err(over) => {
@@ -181,12 +191,28 @@ where
                 return None; // dropped: closed at once
             }
         };
+        let stream: Stream = match listener.and_then(|l| l.tls.as_ref()) {
+            Some(tls) => match tls.accept(stream, self.policy.header_timeout).await {
+                Some(client) => Box::new(client),
+                None => {
+                    self.policy.refused.tls_handshake.inc();
+                    return None;
+                }
+            },
+            None => stream,
+        };
         if matches!(stream.selected_alpn_proto(), Some(ALPN::H2)) {
             // HTTP/2 has its own framing, which Pingora's h2 library checks strictly.
             let _slot = slot;
             return self.exchanges.process_new(stream, shutdown).await;
         }
-        let mut client = Box::new(ClientStream::new(stream, Arc::clone(&self.policy), slot));
+        let h2c = listener.is_some_and(|l| l.h2c);
+        let mut client = Box::new(ClientStream::new(
+            stream,
+            Arc::clone(&self.policy),
+            slot,
+            h2c,
+        ));
         if !next_head(&mut client, shutdown).await {
             return None;
         }

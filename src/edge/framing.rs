@@ -102,6 +102,8 @@ enum Field {
     ContentLength,
     TransferEncoding,
     Host,
+    /// Only noted: a `101` answer to such a request turns the connection into a tunnel.
+    Upgrade,
     Other,
 }
 
@@ -170,6 +172,7 @@ struct Head {
     transfer_encodings: u32,
     chunked: bool,
     hosts: u32,
+    upgrade: bool,
 }
 
 /// The field line being read.
@@ -319,6 +322,12 @@ impl Framer {
         self.heads
     }
 
+    /// The last complete head asked for a protocol upgrade (`Upgrade:`), and no later
+    /// head has begun.
+    pub fn upgrade_requested(&self) -> bool {
+        self.heads > 0 && self.head_len == 0 && self.head.upgrade
+    }
+
     /// Checks the next bytes of the stream. `Ok(open)`: they are fine so far, and the
     /// last `open` bytes seen (this call's and earlier ones') belong to a head that is not
     /// complete yet. A refusal is final: every later call returns it again.
@@ -395,7 +404,7 @@ impl Framer {
             State::Value => {
                 let class = match self.line.kind {
                     _ if self.in_trailers => &VALUE,
-                    Some(Field::Other) => &VALUE,
+                    Some(Field::Other | Field::Upgrade) => &VALUE,
                     Some(Field::Host) if !self.line.ws_after && self.head.absolute.is_none() => {
                         &HOST
                     }
@@ -708,6 +717,7 @@ impl Framer {
                     b"content-length" => Field::ContentLength,
                     b"transfer-encoding" => Field::TransferEncoding,
                     b"host" => Field::Host,
+                    b"upgrade" => Field::Upgrade,
                     _ => Field::Other,
                 });
                 State::ValueLead
@@ -812,6 +822,7 @@ impl Framer {
                 head.chunked = !line.invalid && trimmed.eq_ignore_ascii_case(b"chunked");
             }
             Some(Field::Host) => head.hosts += 1,
+            Some(Field::Upgrade) => head.upgrade = true,
             Some(Field::Other) | None => {}
         }
         State::FieldStart

@@ -2,6 +2,7 @@
 //!
 //! - [`accept`]: connection admission (`clients.max_connections`, per address), the
 //!   connection gauges, and the hook into Pingora's HTTP server loop;
+//! - [`handshake`]: TLS termination (SNI, ALPN) within the head's deadline;
 //! - [`stream`]: each HTTP/1 client connection, with its head, body and idle deadlines and
 //!   the answers it gives itself (400, 408, 414, 431, 505);
 //! - [`framing`]: the RFC 9112 request grammar those answers come from;
@@ -10,6 +11,7 @@
 
 pub mod accept;
 pub mod framing;
+pub mod handshake;
 pub mod path;
 pub mod stream;
 
@@ -63,6 +65,8 @@ pub struct Refusals {
     pub header_timeout: IntCounter,
     pub body_timeout: IntCounter,
     pub bad_request: IntCounter,
+    /// A TLS handshake failed or did not finish within `header_timeout`.
+    pub tls_handshake: IntCounter,
 }
 
 impl Refusals {
@@ -74,6 +78,7 @@ impl Refusals {
             header_timeout: r("header_timeout"),
             body_timeout: r("body_timeout"),
             bad_request: r("bad_request"),
+            tls_handshake: r("tls_handshake"),
         }
     }
 

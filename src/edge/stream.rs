@@ -13,6 +13,11 @@
 //! The deadlines follow the connection's phase as the framer sees it, and the end of each
 //! exchange, which [`super::accept`] reports through [`ClientStream::exchange_done`]: while
 //! an answer is being produced for a complete request, no client deadline runs.
+//!
+//! Two kinds of connection leave HTTP/1 framing, and then pass through unchecked ("raw"):
+//! one that opens with the h2c preface on a listener with `http2: true` (Pingora's h2
+//! server checks its frames), and one whose upgrade request (WebSocket) was answered
+//! `101 Switching Protocols`: from then on it carries the new protocol's bytes both ways.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -85,8 +90,15 @@ pub struct ClientStream {
     refusal: Option<Refusal>,
     /// The connection is finished: reads see its end, writes fail.
     closed: bool,
+    /// The listener accepts h2c with prior knowledge, and the first bytes may be its preface.
+    h2c: bool,
+    /// No longer HTTP/1 (h2c, or an upgrade): bytes pass through unchecked.
+    raw: bool,
     _slot: Slot,
 }
+
+/// What an h2c connection opens with (RFC 9113 §3.4).
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 impl std::fmt::Debug for ClientStream {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -98,7 +110,7 @@ impl std::fmt::Debug for ClientStream {
 }
 
 impl ClientStream {
-    pub fn new(inner: Stream, policy: Arc<ClientPolicy>, slot: Slot) -> ClientStream {
+    pub fn new(inner: Stream, policy: Arc<ClientPolicy>, slot: Slot, h2c: bool) -> ClientStream {
         let now = Instant::now();
         ClientStream {
             inner,
@@ -115,6 +127,8 @@ impl ClientStream {
             timer: None,
             refusal: None,
             closed: false,
+            h2c,
+            raw: false,
             _slot: slot,
         }
     }
@@ -130,6 +144,9 @@ impl ClientStream {
     }
 
     fn poll_next_head(&mut self, cx: &mut Context<'_>) -> Poll<bool> {
+        if self.raw {
+            return Poll::Ready(!self.closed);
+        }
         loop {
             // Ready bytes, or a pipelined request Pingora already holds.
             if self.ready > 0 || self.answer_pending() {
@@ -149,12 +166,48 @@ impl ClientStream {
             if self.closed || self.refusal.is_some() || buf.filled().is_empty() {
                 continue;
             }
-            self.check(&mut buf, 0);
-            // A whole head in one read stays in `buf`: keep it for Pingora.
-            if !buf.filled().is_empty() {
+            if self.h2c {
                 self.held.extend_from_slice(buf.filled());
-                self.ready = self.held.len();
+                let n = self.held.len().min(H2_PREFACE.len());
+                if self.held[..n] == H2_PREFACE[..n] {
+                    if n == H2_PREFACE.len() {
+                        self.raw = true;
+                        self.ready = self.held.len();
+                    }
+                    continue;
+                }
+                // Not h2c: what was held goes through the framer like any bytes.
+                self.h2c = false;
+                let mut bytes = std::mem::take(&mut self.held).to_vec();
+                let len = bytes.len();
+                let mut held = ReadBuf::new(&mut bytes);
+                held.set_filled(len);
+                self.take_checked(&mut held);
+                continue;
             }
+            self.take_checked(&mut buf);
+        }
+    }
+
+    /// Checks bytes read while waiting for a head, and keeps what passes for Pingora.
+    fn take_checked(&mut self, buf: &mut ReadBuf<'_>) {
+        self.check(buf, 0);
+        // A whole head in one read stays in `buf`: keep it for Pingora.
+        if !buf.filled().is_empty() {
+            self.held.extend_from_slice(buf.filled());
+            self.ready = self.held.len();
+        }
+    }
+
+    /// Pingora writes the start of an answer: a `101` to an upgrade request turns the
+    /// connection into a tunnel.
+    fn answer_starts(&mut self, first: &[u8]) {
+        if !self.wrote
+            && self.framer.upgrade_requested()
+            && (first.starts_with(b"HTTP/1.1 101") || first.starts_with(b"HTTP/1.0 101"))
+        {
+            self.raw = true;
+            self.timer = None;
         }
     }
 
@@ -380,6 +433,9 @@ impl AsyncRead for ClientStream {
                 this.ready -= n;
                 return Poll::Ready(Ok(()));
             }
+            if this.raw {
+                return Pin::new(&mut this.inner).poll_read(cx, buf);
+            }
             if let Some(r) = &this.refusal {
                 // A refused head waits until the answers owed before it are written.
                 if !r.in_body && this.answer_pending() {
@@ -418,6 +474,7 @@ impl AsyncWrite for ClientStream {
         if self.write_closed() {
             return Poll::Ready(Err(std::io::ErrorKind::BrokenPipe.into()));
         }
+        self.answer_starts(buf);
         self.wrote |= !buf.is_empty();
         Pin::new(&mut self.inner).poll_write(cx, buf)
     }
@@ -430,7 +487,10 @@ impl AsyncWrite for ClientStream {
         if self.write_closed() {
             return Poll::Ready(Err(std::io::ErrorKind::BrokenPipe.into()));
         }
-        self.wrote |= bufs.iter().any(|b| !b.is_empty());
+        if let Some(first) = bufs.iter().find(|b| !b.is_empty()) {
+            self.answer_starts(first);
+            self.wrote = true;
+        }
         Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
     }
 
@@ -508,9 +568,17 @@ impl GetSocketDigest for ClientStream {
     }
 }
 
-/// Peeking would let Pingora see bytes the framer has not checked: not offered (Pingora
-/// only peeks for an h2c preface, and h2c connections are not wrapped).
-impl Peek for ClientStream {}
+/// Pingora peeks for an h2c preface: it sees the start of what it is about to read (a
+/// checked HTTP/1 head, or the preface of a connection that turned raw for it).
+#[async_trait]
+impl Peek for ClientStream {
+    async fn try_peek(&mut self, buf: &mut [u8]) -> std::io::Result<bool> {
+        let n = buf.len().min(self.ready);
+        buf[..n].copy_from_slice(&self.held[..n]);
+        buf[n..].fill(0);
+        Ok(true)
+    }
+}
 
 /// The peer's address, when it is an IP one.
 pub fn peer_ip(stream: &Stream) -> Option<std::net::IpAddr> {

@@ -52,7 +52,7 @@ use tokio::task::JoinHandle;
 use crate::config::{MirrorConfig, RouteConfig, RouteKind, UpstreamId};
 use crate::fallback;
 use crate::forwarding;
-use crate::keys::{self, client_ip};
+use crate::keys;
 use crate::limits;
 use crate::metrics::Metrics;
 use crate::outbound::{self, Body, Failure, Keep, Piece};
@@ -196,8 +196,20 @@ struct Deferred {
 }
 
 impl Deferred {
-    /// Sends head and whole body on a lane.
-    fn send_on_lane(self, body: Bytes) {
+    /// Sends head and whole body on a lane, or on a connection of its own where the
+    /// mirror's connections are not plain HTTP/1.1 (TLS, h2).
+    fn send_whole(self, body: Bytes) {
+        if !self.mirror.upstream.config.plain_h1() {
+            tokio::spawn(mirror_task(
+                self.mirror,
+                self.connector,
+                self.lease,
+                self.header,
+                self.permit,
+                Body::Full(body),
+            ));
+            return;
+        }
         lanes::send(
             &self.mirror,
             &self.header,
@@ -278,7 +290,7 @@ impl Copy {
         let sink = match sink {
             Sink::Deferred(d) if self.sent <= self.max_body && end && len == d.declared => {
                 if let Some(body) = chunk {
-                    d.send_on_lane(body.clone());
+                    d.send_whole(body.clone());
                 }
                 return;
             }
@@ -339,15 +351,25 @@ impl Copies {
                 continue;
             };
             let shape = |h: &mut RequestHeader| {
-                forwarding::mirror_request(h, &mirror.config, client_ip(session), request_id)
+                forwarding::mirror_request(
+                    h,
+                    &mirror.config,
+                    forwarding::client(session),
+                    request_id,
+                )
             };
             let Some(header) = copy_header(session, shape) else {
                 mirror.outcomes.error.inc();
                 continue;
             };
-            if !has_body {
+            if !has_body && upstream.config.plain_h1() {
                 // Pipelined with other copies on a lane (see `lanes`).
                 lanes::send(mirror, &header, None, lease, permit);
+                continue;
+            }
+            if !has_body {
+                let (m, c) = (Arc::clone(mirror), Arc::clone(connector));
+                tokio::spawn(mirror_task(m, c, lease, header, permit, Body::Empty));
                 continue;
             }
             let deferred = Deferred {
@@ -400,7 +422,7 @@ impl Copies {
         let keep = Keep::UpTo(max_body);
         for (id, upstream) in targets {
             let shape = |h: &mut RequestHeader| {
-                forwarding::upstream_request(h, route, client_ip(session), request_id)
+                forwarding::upstream_request(h, route, forwarding::client(session), request_id)
             };
             let (Some(mut lease), Some(header)) = (
                 upstream.select_for(session, &Tried::default()),

@@ -18,7 +18,7 @@ use pingora_load_balancing::Backend;
 use tokio::task::JoinSet;
 
 use super::Upstream;
-use crate::config::{HealthCheckConfig, HealthCheckType};
+use crate::config::{BackendConfig, HealthCheckConfig, HealthCheckType, UpstreamConfig};
 
 type Probe = Arc<dyn HealthCheck + Send + Sync>;
 
@@ -46,7 +46,14 @@ impl BackgroundService for HealthChecker {
     }
 }
 
-fn probe_for(hc: &HealthCheckConfig, host: &str) -> Result<Probe, Box<Error>> {
+/// The probe of one backend; HTTP probes go out as its requests do (TLS, HTTP version).
+fn probe_for(
+    hc: &HealthCheckConfig,
+    config: &UpstreamConfig,
+    backend: &BackendConfig,
+) -> Result<Probe, Box<Error>> {
+    let label = backend.addr.to_string();
+    let host = backend.host.as_deref().unwrap_or(&label);
     Ok(match hc.kind {
         HealthCheckType::Tcp => {
             let mut probe = TcpHealthCheck::new();
@@ -55,6 +62,7 @@ fn probe_for(hc: &HealthCheckConfig, host: &str) -> Result<Probe, Box<Error>> {
         }
         HealthCheckType::Http => {
             let mut probe = HttpHealthCheck::new(host, false);
+            probe.peer_template = super::peer_for(config, backend);
             let mut req = RequestHeader::build("GET", hc.path.as_bytes(), None)?;
             req.insert_header("Host", host)?;
             req.insert_header("User-Agent", "fanout-health-check")?;
@@ -81,8 +89,8 @@ async fn check_forever(up: Arc<Upstream>) {
         return;
     };
     let mut probes = Vec::new();
-    for b in &up.backends {
-        match (probe_for(&hc, &b.label), Backend::new(&b.label)) {
+    for (b, config) in up.backends.iter().zip(&up.config.backends) {
+        match (probe_for(&hc, &up.config, config), Backend::new(&b.label)) {
             (Ok(p), Ok(target)) => probes.push((p, target)),
             (Err(e), _) | (_, Err(e)) => {
                 warn!(

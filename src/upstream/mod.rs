@@ -17,11 +17,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Instant;
 
+use pingora_core::protocols::ALPN;
 use pingora_core::upstreams::peer::HttpPeer;
 use pingora_proxy::Session;
 use prometheus::IntCounter;
 
-use crate::config::{Balance, UpstreamConfig};
+use crate::config::{BackendConfig, Balance, Protocol, UpstreamConfig};
 use crate::keys;
 use crate::metrics::Metrics;
 use balance::{Balancer, Candidate};
@@ -171,6 +172,42 @@ impl Tried {
     }
 }
 
+/// The Pingora peer of one backend: its timeouts, TLS and HTTP version.
+pub fn peer_for(config: &UpstreamConfig, b: &BackendConfig) -> HttpPeer {
+    let tls = config.tls.as_ref();
+    // The name sent (SNI) and verified: `tls.sni`, else the name the backend was written
+    // with, else its IP address (verified against the certificate's IP names).
+    let sni = tls
+        .and_then(|t| t.sni.clone())
+        .or_else(|| b.host.clone())
+        .unwrap_or_else(|| b.addr.ip().to_string());
+    let mut peer = HttpPeer::new(b.addr, tls.is_some(), sni);
+    // Pooled connections are shared only within one upstream: another upstream on the same
+    // address may trust another CA (Pingora's pool key does not hold the CA).
+    peer.group_key = keys::stable_hash(config.name.as_bytes());
+    let t = &config.timeouts;
+    let o = &mut peer.options;
+    o.connection_timeout = Some(t.connect);
+    o.read_timeout = Some(t.read);
+    o.write_timeout = Some(t.write);
+    o.idle_timeout = Some(t.idle);
+    if let Some(tls) = tls {
+        o.verify_cert = tls.verify;
+        o.verify_hostname = tls.verify;
+        o.ca = tls.ca.clone();
+        peer.client_cert_key = tls.client_cert.clone();
+    }
+    let o = &mut peer.options;
+    o.alpn = match (config.protocol, tls.is_some()) {
+        (Protocol::H1, _) | (Protocol::Auto, false) => ALPN::H1,
+        (Protocol::H2, _) => ALPN::H2,
+        (Protocol::Auto, true) => ALPN::H2H1,
+    };
+    // One h2 connection carries many requests at once.
+    o.max_h2_streams = 100;
+    peer
+}
+
 pub struct Upstream {
     pub name: Arc<str>,
     pub config: UpstreamConfig,
@@ -192,12 +229,7 @@ impl Upstream {
             .iter()
             .map(|b| {
                 let label: Arc<str> = b.addr.to_string().into();
-                let mut peer = HttpPeer::new(b.addr, false, String::new());
-                let t = &config.timeouts;
-                peer.options.connection_timeout = Some(t.connect);
-                peer.options.read_timeout = Some(t.read);
-                peer.options.write_timeout = Some(t.write);
-                peer.options.idle_timeout = Some(t.idle);
+                let peer = peer_for(config, b);
                 let outcome = |o: &str| {
                     metrics
                         .upstream_requests
@@ -329,7 +361,7 @@ impl Upstream {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{BackendConfig, KeySource, Timeouts};
+    use crate::config::{KeySource, Timeouts};
 
     fn upstream(n: u16) -> Arc<Upstream> {
         let config = UpstreamConfig {
@@ -340,12 +372,15 @@ mod tests {
                 .map(|i| BackendConfig {
                     addr: SocketAddr::from(([127, 0, 0, 1], 10_000 + i)),
                     weight: 1,
+                    host: None,
                 })
                 .collect(),
             health_check: None,
             breaker: None,
             timeouts: Timeouts::default(),
             retries: 2,
+            tls: None,
+            protocol: crate::config::Protocol::H1,
         };
         let metrics = Metrics::new().expect("metrics");
         Arc::new(Upstream::new(&config, &metrics))

@@ -3,6 +3,8 @@
 //! started on free loopback ports, waited for with a bound, and killed when dropped.
 #![allow(dead_code)]
 
+pub mod pki;
+
 use std::io::Write;
 use std::net::{SocketAddr, TcpListener as StdListener, TcpStream};
 use std::path::PathBuf;
@@ -24,6 +26,7 @@ use tokio::task::JoinHandle;
 #[derive(Debug, Clone)]
 pub struct Seen {
     pub method: String,
+    pub version: http::Version,
     pub path: String,
     pub headers: http::HeaderMap,
     pub body: Bytes,
@@ -51,6 +54,16 @@ pub struct Backend {
 
 impl Backend {
     pub async fn start(name: &str) -> Backend {
+        Backend::start_on(name, None).await
+    }
+
+    /// A backend that speaks TLS with `tls` (h2 or HTTP/1.1, as ALPN says).
+    pub async fn start_tls(name: &str, tls: Arc<rustls::ServerConfig>) -> Backend {
+        Backend::start_on(name, Some(tls)).await
+    }
+
+    async fn start_on(name: &str, tls: Option<Arc<rustls::ServerConfig>>) -> Backend {
+        let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind backend");
@@ -73,11 +86,25 @@ impl Backend {
                     return;
                 };
                 let st = Arc::clone(&st);
+                let acceptor = acceptor.clone();
                 let conn = tokio::spawn(async move {
                     let svc = service_fn(move |req| handle(Arc::clone(&st), req));
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), svc)
-                        .await;
+                    match acceptor {
+                        None => {
+                            let _ = hyper::server::conn::http1::Builder::new()
+                                .serve_connection(TokioIo::new(stream), svc)
+                                .await;
+                        }
+                        Some(acceptor) => {
+                            let Ok(tls) = acceptor.accept(stream).await else {
+                                return;
+                            };
+                            let builder = hyper_util::server::conn::auto::Builder::new(
+                                hyper_util::rt::TokioExecutor::new(),
+                            );
+                            let _ = builder.serve_connection(TokioIo::new(tls), svc).await;
+                        }
+                    }
                 });
                 ts.lock().unwrap().push(conn);
             }
@@ -133,6 +160,7 @@ async fn handle(
     }
     st.inflight.fetch_add(1, SeqCst);
     let method = req.method().to_string();
+    let version = req.version();
     let path = req
         .uri()
         .path_and_query()
@@ -151,6 +179,7 @@ async fn handle(
     };
     st.seen.lock().unwrap().push(Seen {
         method,
+        version,
         path,
         headers,
         body,
@@ -248,12 +277,18 @@ impl Gateway {
     /// Starts fanout on `body` (upstreams, routes, defaults) with its own `server`,
     /// `listen` and `admin` settings on free ports, and waits until both listen.
     pub fn start(body: &str) -> Gateway {
+        Gateway::start_listening(|port| format!("[\"127.0.0.1:{port}\"]"), body)
+    }
+
+    /// Like [`Gateway::start`], with the `listen:` value that `listen` writes for the port.
+    pub fn start_listening(listen: impl Fn(u16) -> String, body: &str) -> Gateway {
         Gateway::launch(|port, admin_port, dir| {
             let yaml = format!(
                 "server:\n  threads: 2\n  grace_period_seconds: 2\n  graceful_shutdown_timeout_seconds: 1\n  \
                  pid_file: {d}/fanout.pid\n  upgrade_sock: {d}/upgrade.sock\n\
-                 listen: [\"127.0.0.1:{port}\"]\nadmin: 127.0.0.1:{admin_port}\n{body}",
-                d = dir.display()
+                 listen: {listen}\nadmin: 127.0.0.1:{admin_port}\n{body}",
+                d = dir.display(),
+                listen = listen(port),
             );
             let conf = dir.join("fanout.yaml");
             std::fs::write(&conf, yaml).expect("write conf");
