@@ -1,4 +1,5 @@
-//! What a request's body must respect: the route's `max_body_bytes`, checked on the
+//! What a request must respect before it goes on: its `Expect` (only `100-continue`), and
+//! the route's `max_body_bytes`, checked on the
 //! declared length before anything goes upstream and counted piece by piece while a body
 //! streams, without ever buffering it. (Framing itself is held to RFC 9112 before a request
 //! reaches the proxy at all: [`crate::edge::framing`].)
@@ -50,6 +51,8 @@ pub enum Refusal {
     BadRequest(&'static str),
     /// 413: declared or streamed body over the limit.
     TooLarge,
+    /// 417: an `Expect` other than `100-continue`.
+    Expectation,
 }
 
 impl Refusal {
@@ -57,6 +60,7 @@ impl Refusal {
         match self {
             Refusal::BadRequest(_) => 400,
             Refusal::TooLarge => 413,
+            Refusal::Expectation => 417,
         }
     }
 
@@ -64,6 +68,7 @@ impl Refusal {
         match self {
             Refusal::BadRequest(why) => why,
             Refusal::TooLarge => "request body too large",
+            Refusal::Expectation => "only Expect: 100-continue is supported",
         }
     }
 }
@@ -190,5 +195,26 @@ mod tests {
         assert_eq!(c.add(50, 100), Ok(50));
         assert_eq!(c.add(20, 100), Ok(10));
         assert_eq!(c.add(30, 100), Ok(0));
+    }
+}
+
+/// What a request's `Expect` asks for (RFC 9110 §10.1.1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expect {
+    Nothing,
+    /// `100-continue`: the client waits for a `100` before it sends the body.
+    Continue,
+    /// Anything else: 417.
+    Unsupported,
+}
+
+pub fn expectation(req: &RequestHeader) -> Expect {
+    let mut values = req.headers.get_all(http::header::EXPECT).iter().peekable();
+    if values.peek().is_none() {
+        return Expect::Nothing;
+    }
+    match values.all(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue")) {
+        true => Expect::Continue,
+        false => Expect::Unsupported,
     }
 }

@@ -36,7 +36,7 @@ use crate::fallback::{self, Fallbacks};
 use crate::forwarding;
 use crate::gateway::{Gateway, Route};
 use crate::keys::{self, client_ip};
-use crate::limits::{self, BodyCounter, Refusal};
+use crate::limits::{self, BodyCounter, Expect, Refusal};
 use crate::mirror::Copies;
 use crate::ratelimit::Decision;
 use crate::request_id;
@@ -334,6 +334,24 @@ impl ProxyHttp for FanoutProxy {
                 self.gw.clients.refused.bad_request.inc();
                 Verdict::Answer(Answer::refusal(r))
             }
+        };
+        // `Expect: 100-continue` is answered here, once the request is admitted (route,
+        // size and rate limits passed): the client sends its body at once instead of waiting
+        // for a backend's `100` that may never come. A refusal above went out without the
+        // body being read.
+        let verdict = match (verdict, limits::expectation(session.req_header())) {
+            (v @ (Verdict::Proxy | Verdict::Broadcast), Expect::Unsupported) => {
+                drop(v);
+                Verdict::Answer(Answer::refusal(Refusal::Expectation))
+            }
+            (v @ (Verdict::Proxy | Verdict::Broadcast), Expect::Continue) => {
+                session
+                    .req_header_mut()
+                    .remove_header(&http::header::EXPECT);
+                respond::send_continue(session).await?;
+                v
+            }
+            (v, _) => v,
         };
         match verdict {
             Verdict::Proxy => Ok(false),

@@ -82,3 +82,14 @@ pub async fn send_error(
     session.write_response_header(Box::new(resp), false).await?;
     session.write_response_body(Some(body), true).await
 }
+
+/// Tells an HTTP/1.1 client that waits with `Expect: 100-continue` to send its body. (Pingora's
+/// h2 server drops informational answers: an h2 client waits out its own timer instead.)
+pub async fn send_continue(session: &mut Session) -> Result<()> {
+    let downstream = session.as_downstream_mut();
+    if downstream.is_http2() || downstream.req_header().version != http::Version::HTTP_11 {
+        return Ok(());
+    }
+    let head = ResponseHeader::build(100, Some(0))?;
+    downstream.write_response_header(Box::new(head)).await
+}
