@@ -633,6 +633,7 @@ impl ProxyHttp for FanoutProxy {
                 request_id: std::mem::take(&mut ctx.request_id),
                 client: client_ip(session),
                 method: req.method.as_str().to_string(),
+                protocol: protocol(session),
                 host: request_host(req).map(String::from),
                 path: req.uri.path().to_string(),
                 status,
@@ -651,6 +652,19 @@ impl ProxyHttp for FanoutProxy {
 }
 
 /// Milliseconds with microsecond precision.
+/// The client's protocol, for the access log.
+fn protocol(session: &Session) -> &'static str {
+    let tls = session.digest().is_some_and(|d| d.ssl_digest.is_some());
+    match (session.req_header().version, tls) {
+        (http::Version::HTTP_2, true) => "HTTP/2+tls",
+        (http::Version::HTTP_2, false) => "HTTP/2",
+        (http::Version::HTTP_10, true) => "HTTP/1.0+tls",
+        (http::Version::HTTP_10, false) => "HTTP/1.0",
+        (_, true) => "HTTP/1.1+tls",
+        (_, false) => "HTTP/1.1",
+    }
+}
+
 fn millis(d: Duration) -> f64 {
     d.as_micros() as f64 / 1000.0
 }

@@ -224,6 +224,7 @@ async fn access_log_writes_one_json_line_per_request() {
     assert_eq!(v["request_id"], "log-line-1");
     assert_eq!(v["client"], "127.0.0.1");
     assert_eq!(v["method"], "POST");
+    assert_eq!(v["protocol"], "HTTP/1.1");
     assert_eq!(v["host"], "logs.example.com");
     assert_eq!(v["path"], "/log/me");
     assert_eq!(v["status"], 200);

@@ -112,6 +112,11 @@ async fn sni_picks_the_certificate_and_h2_and_http11_share_the_listener() {
     assert_eq!(r.version(), http::Version::HTTP_11);
     assert_eq!(r.status(), 200);
 
+    for (path, protocol) in [("/x", "HTTP/2+tls"), ("/y", "HTTP/1.1+tls")] {
+        let line = stdout_line(&gw, &format!("\"path\":\"{path}\"")).await;
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(v["protocol"], protocol, "{line}");
+    }
     let seen = backend.seen();
     assert_eq!(seen.len(), 2);
     assert_eq!(seen[1].body.as_ref(), b"payload");
