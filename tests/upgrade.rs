@@ -1,7 +1,8 @@
 //! Zero-downtime operations: a daemonized fanout upgraded the way the systemd unit's
 //! ExecReload does it (check, SIGQUIT the old process, start the new one with -u) under
 //! keep-alive load from real clients, with zero failed requests; a broken new
-//! configuration leaves the old process serving; SIGTERM lets in-flight requests finish.
+//! configuration leaves the old process serving; SIGTERM lets in-flight requests finish; a
+//! TLS listener's new certificate takes over through the same upgrade, under HTTPS load.
 
 mod common;
 
@@ -11,6 +12,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::pki;
 use common::*;
 
 /// A daemonized fanout, identified by its pid file; whatever runs is killed on drop.
@@ -48,9 +50,20 @@ impl Daemon {
     }
 
     fn start(backend: &Backend) -> Daemon {
-        let dir = scratch_dir();
+        Daemon::start_in(scratch_dir(), backend, |port| {
+            format!("[\"127.0.0.1:{port}\"]")
+        })
+    }
+
+    /// Starts a daemon whose `listen:` is what `listen` writes for its port.
+    fn start_in(dir: PathBuf, backend: &Backend, listen: impl Fn(u16) -> String) -> Daemon {
         let port = free_port();
-        let conf = write_conf(&dir, "fanout.yaml", port, &backend.addr.to_string());
+        let conf = write_conf_listening(
+            &dir,
+            "fanout.yaml",
+            &listen(port),
+            &backend.addr.to_string(),
+        );
         let d = Daemon { dir, conf, port };
         let (ok, out) = d.run(&["-d", "-c", d.conf.to_str().unwrap()]);
         assert!(ok, "fanout -d failed: {out}");
@@ -72,12 +85,12 @@ impl Drop for Daemon {
     }
 }
 
-fn write_conf(dir: &Path, name: &str, port: u16, backend: &str) -> PathBuf {
+fn write_conf_listening(dir: &Path, name: &str, listen: &str, backend: &str) -> PathBuf {
     let d = dir.display();
     let text = format!(
         "server:\n  threads: 2\n  pid_file: {d}/fanout.pid\n  upgrade_sock: {d}/upgrade.sock\n  \
          grace_period_seconds: 1\n  graceful_shutdown_timeout_seconds: 1\n\
-         listen: [\"127.0.0.1:{port}\"]\ndefaults: {{ access_log: off }}\n\
+         listen: {listen}\ndefaults: {{ access_log: off }}\n\
          upstreams:\n  u: {{ backends: [{backend}] }}\nroutes:\n  - {{ match: {{ prefix: / }}, upstream: u }}\n"
     );
     let path = dir.join(name);
@@ -119,6 +132,11 @@ struct Load {
 
 impl Load {
     fn start(port: u16, clients: usize) -> Load {
+        Load::start_with(client(), format!("http://127.0.0.1:{port}/load"), clients)
+    }
+
+    /// `clients` tasks sending GET `url` with clones of `c`.
+    fn start_with(c: reqwest::Client, url: String, clients: usize) -> Load {
         let (stop, ok, failed) = (
             Arc::new(AtomicBool::new(false)),
             Arc::new(AtomicU64::new(0)),
@@ -127,18 +145,17 @@ impl Load {
         let tasks = (0..clients)
             .map(|_| {
                 let (stop, ok, failed) = (Arc::clone(&stop), Arc::clone(&ok), Arc::clone(&failed));
-                let c = client();
+                let (c, url) = (c.clone(), url.clone());
                 tokio::spawn(async move {
                     let mut errors = Vec::new();
                     while !stop.load(SeqCst) {
-                        let result =
-                            match c.get(format!("http://127.0.0.1:{port}/load")).send().await {
-                                Ok(r) if r.status() == 200 => {
-                                    r.text().await.map(|_| ()).map_err(|e| format!("{e:?}"))
-                                }
-                                Ok(r) => Err(format!("status {}", r.status())),
-                                Err(e) => Err(format!("{e:?}")),
-                            };
+                        let result = match c.get(&url).send().await {
+                            Ok(r) if r.status() == 200 => {
+                                r.text().await.map(|_| ()).map_err(|e| format!("{e:?}"))
+                            }
+                            Ok(r) => Err(format!("status {}", r.status())),
+                            Err(e) => Err(format!("{e:?}")),
+                        };
                         match result {
                             Ok(()) => ok.fetch_add(1, SeqCst),
                             Err(e) => {
@@ -292,4 +309,81 @@ async fn sigterm_lets_in_flight_requests_finish() {
         .await
         .unwrap();
     assert!(exited, "fanout did not exit after SIGTERM");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upgrade_with_new_certificates_fails_no_request() {
+    let dir = scratch_dir();
+    let ca = pki::Ca::new(&dir, "upgrade");
+    let (before, after) = (
+        ca.issue(&dir, "before", &["a.test"]),
+        ca.issue(&dir, "after", &["a.test"]),
+    );
+    let backend = Backend::start("b").await;
+    let tls_listen = |cert: &pki::Issued, port: u16| {
+        format!(
+            "[{{ address: \"127.0.0.1:{port}\", tls: {{ certificates: [{{ cert: {}, key: {} }}] }} }}]",
+            cert.cert.display(),
+            cert.key.display()
+        )
+    };
+    let d = Daemon::start_in(dir.clone(), &backend, |port| tls_listen(&before, port));
+    let served = |port: u16| {
+        let connector = tokio_rustls::TlsConnector::from(ca.client_config(&[]));
+        async move {
+            let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .unwrap();
+            let name = rustls::pki_types::ServerName::try_from("a.test").unwrap();
+            let tls = connector.connect(name, tcp).await.expect("handshake");
+            tls.get_ref().1.peer_certificates().unwrap()[0].to_vec()
+        }
+    };
+    assert_eq!(served(d.port).await, before.der);
+    let https = reqwest::Client::builder()
+        .use_rustls_tls()
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(ca.reqwest_root())
+        .resolve(
+            "a.test",
+            std::net::SocketAddr::from(([127, 0, 0, 1], d.port)),
+        )
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    let old = d.pid().unwrap();
+    let load = Load::start_with(https, format!("https://a.test:{}/load", d.port), 8);
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+
+    // The new certificate goes into the file, then the reload: check, SIGQUIT, -u.
+    let conf = write_conf_listening(
+        &d.dir,
+        "fanout.yaml",
+        &tls_listen(&after, d.port),
+        &backend.addr.to_string(),
+    );
+    let conf = conf.to_str().unwrap().to_string();
+    let (ok, out) = d.run(&["-t", "-c", &conf]);
+    assert!(ok, "{out}");
+    signal(old, "-QUIT");
+    let (ok, out) = d.run(&["-u", "-d", "-c", &conf]);
+    assert!(ok, "fanout -u -d failed: {out}");
+    tokio::task::spawn_blocking(move || {
+        wait_until(Duration::from_secs(15), "old process exit", || !alive(old))
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        served(d.port).await,
+        after.der,
+        "new handshakes get the new certificate"
+    );
+    let (ok, failed, errors) = load.finish().await;
+    assert_eq!(
+        failed,
+        0,
+        "{failed} failed across the upgrade: {:?}",
+        &errors[..errors.len().min(5)]
+    );
+    assert!(ok > 0);
 }
