@@ -6,7 +6,7 @@
 CARGO ?= cargo
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test deps build lint fmt bench bench-clients fuzz check-conf upgrade-demo verify-unit
+.PHONY: run test deps build lint fmt bench bench-clients bench-tls fuzz check-conf upgrade-demo verify-unit
 
 deps:
 	@command -v cargo >/dev/null || { echo "cargo is missing: install Rust with rustup first" >&2; exit 1; }
@@ -38,6 +38,11 @@ bench: build
 bench-clients: build
 	bench/deps.sh nginx:nginx-light wrk:wrk slowhttptest:slowhttptest python3:python3
 	python3 bench/clients.py
+
+# TLS handshakes, keep-alive HTTPS, h2 (h2load) and HTTPS backends, against nginx and HAProxy.
+bench-tls: build
+	bench/deps.sh nginx:nginx-light haproxy:haproxy wrk:wrk h2load:nghttp2-client openssl:openssl python3:python3
+	python3 bench/tls.py
 
 # libFuzzer through cargo-fuzz (nightly): each target for FUZZ_SECONDS, from its corpus in
 # fuzz/corpus/ (new inputs worth keeping are added there; crashes land in fuzz/artifacts/).

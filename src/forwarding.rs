@@ -179,6 +179,18 @@ fn redacted_copy(req: &mut RequestHeader, redact: &[HeaderName], client: Client)
     for name in redact {
         req.remove_header(name);
     }
+    as_http11(req)
+}
+
+/// A copy goes out over HTTP/1.1 whatever the client spoke: an h2 request's authority
+/// becomes its `Host`.
+pub fn as_http11(req: &mut RequestHeader) -> Result<()> {
+    req.set_version(http::Version::HTTP_11);
+    if !req.headers.contains_key(header::HOST) {
+        if let Some(authority) = req.uri.authority().map(|a| a.as_str().to_string()) {
+            req.insert_header(header::HOST, authority)?;
+        }
+    }
     Ok(())
 }
 

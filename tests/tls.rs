@@ -399,3 +399,68 @@ fn check_names_missing_mismatched_and_expired_certificate_files() {
     assert!(!ok);
     assert!(text.contains("mixed"), "{text}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_route_kind_works_over_h2() {
+    let (main, shadow, spare, events) = (
+        Backend::start("main").await,
+        Backend::start("shadow").await,
+        Backend::start("spare").await,
+        Backend::start("events").await,
+    );
+    main.set_status(503);
+    let gw = Gateway::start_listening(
+        |port| format!("[{{ address: \"127.0.0.1:{port}\", http2: true }}]"),
+        &format!(
+            "upstreams:\n  main: {{ backends: [{}] }}\n  shadow: {{ backends: [{}] }}\n  spare: {{ backends: [{}] }}\n  events: {{ backends: [{}] }}\n\
+             routes:\n\
+             \x20 - {{ match: {{ prefix: /fb }}, upstream: main, fallback: [spare], mirror: [{{ upstream: shadow }}], max_body_bytes: 1000 }}\n\
+             \x20 - {{ match: {{ prefix: /events }}, broadcast: [events] }}\n\
+             \x20 - {{ match: {{ prefix: /limited }}, upstream: spare, rate_limit: {{ requests_per_second: 1, burst: 1 }} }}\n",
+            main.addr, shadow.addr, spare.addr, events.addr
+        ),
+    );
+    let h2 = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    let post = |path: &str, body: Vec<u8>| {
+        let r = h2.post(gw.url(path)).body(body).send();
+        async move {
+            let r = r.await.unwrap();
+            assert_eq!(r.version(), http::Version::HTTP_2);
+            (r.status().as_u16(), r.text().await.unwrap())
+        }
+    };
+    // Fallback (the primary answers 503), with a mirror copy.
+    assert_eq!(
+        post("/fb", b"over h2".to_vec()).await,
+        (200, "spare".into())
+    );
+    // 413 over the route's limit.
+    assert_eq!(post("/fb", vec![1u8; 5000]).await.0, 413);
+    // Broadcast: 202 at once.
+    assert_eq!(post("/events", b"event".to_vec()).await.0, 202);
+    // Rate limit: the second request within the second is refused.
+    assert_eq!(post("/limited", Vec::new()).await.0, 200);
+    assert_eq!(post("/limited", Vec::new()).await.0, 429);
+    eventually(
+        Duration::from_secs(10),
+        "the mirror copy and the delivery",
+        || {
+            let (shadow, events) = (&shadow, &events);
+            async move {
+                shadow
+                    .seen()
+                    .first()
+                    .is_some_and(|s| s.body.as_ref() == b"over h2")
+                    && events
+                        .seen()
+                        .first()
+                        .is_some_and(|s| s.body.as_ref() == b"event")
+            }
+        },
+    )
+    .await;
+}

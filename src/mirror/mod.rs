@@ -158,7 +158,7 @@ fn copy_header(
     shape: impl FnOnce(&mut RequestHeader) -> pingora_error::Result<()>,
 ) -> Option<RequestHeader> {
     let mut header = session.req_header().clone();
-    header.set_version(http::Version::HTTP_11);
+    forwarding::as_http11(&mut header).ok()?;
     shape(&mut header).ok()?;
     Some(header)
 }
