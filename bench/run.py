@@ -61,14 +61,19 @@ def wait_port(port, proc, name, limit=15.0):
     sys.exit(f"{name} did not listen on {port}")
 
 
+def nginx_head(tmp, name, workers=1):
+    """The top of an nginx configuration: one process in the foreground, its files in tmp."""
+    return f"""worker_processes {workers};
+daemon off;
+pid {tmp}/{name}.pid;
+error_log {tmp}/{name}.err;
+events {{ worker_connections 8192; }}
+"""
+
+
 def backend_conf(tmp):
     listens = "\n".join(f"    listen 127.0.0.1:{p} reuseport;" for p in BACKENDS + [MIRRORS["fast"]])
-    return f"""worker_processes 1;
-daemon off;
-pid {tmp}/backend.pid;
-error_log {tmp}/backend.err;
-events {{ worker_connections 8192; }}
-http {{
+    return nginx_head(tmp, "backend") + f"""http {{
   access_log off;
   client_max_body_size 20m;
   client_body_temp_path {tmp}/backend_body;
@@ -87,12 +92,7 @@ def nginx_conf(tmp, workers, log, mirror):
     mirror_in = "mirror /_mirror; mirror_request_body on;" if mirror else ""
     mirror_loc = (f"location = /_mirror {{ internal; proxy_pass http://127.0.0.1:{MIRRORS[mirror]}$request_uri; "
                   f"proxy_http_version 1.1; proxy_set_header Connection \"\"; }}") if mirror else ""
-    return f"""worker_processes {workers};
-daemon off;
-pid {tmp}/nginx.pid;
-error_log {tmp}/nginx.err;
-events {{ worker_connections 8192; }}
-http {{
+    return nginx_head(tmp, "nginx", workers) + f"""http {{
   {access}
   client_max_body_size 20m;
   client_body_temp_path {tmp}/nginx_body;

@@ -46,12 +46,7 @@ def nginx_conf(tmp, crt, key, upstream_tls):
               f"listen 127.0.0.1:{PORTS['nginx']} ssl http2; ssl_certificate {crt}; ssl_certificate_key {key};"
               " ssl_session_cache off; ssl_session_tickets off;")
     servers = "\n".join(f"    server 127.0.0.1:{p};" for p in run.BACKENDS)
-    return f"""worker_processes 1;
-daemon off;
-pid {tmp}/nginx.pid;
-error_log {tmp}/nginx.err;
-events {{ worker_connections 8192; }}
-http {{
+    return run.nginx_head(tmp, "nginx") + f"""http {{
   access_log off;
   keepalive_requests 1000000;
   upstream be {{
@@ -71,12 +66,7 @@ http {{
 
 
 def tls_backend_conf(tmp, crt, key):
-    return f"""worker_processes 1;
-daemon off;
-pid {tmp}/tlsbe.pid;
-error_log {tmp}/tlsbe.err;
-events {{ worker_connections 8192; }}
-http {{
+    return run.nginx_head(tmp, "tlsbe") + f"""http {{
   access_log off;
   keepalive_requests 1000000;
   server {{
