@@ -137,10 +137,22 @@ pub fn upstream_request(
     let upgrade = is_upgrade(req)
         .then(|| req.headers.get(header::UPGRADE).cloned())
         .flatten();
+    // `TE: trailers` says the client takes trailers (gRPC needs it); h2 allows that value
+    // alone (RFC 9113 §8.2.2), and it stays true through the gateway.
+    let trailers = req
+        .headers
+        .get_all(header::TE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("trailers"));
     forwarded(req, client)?;
     if let Some(protocol) = upgrade {
         req.insert_header(header::CONNECTION, "upgrade")?;
         req.insert_header(header::UPGRADE, protocol)?;
+    }
+    if trailers {
+        req.insert_header(header::TE, "trailers")?;
     }
     if let (true, PathMatch::Prefix(prefix)) = (route.strip_prefix, &route.path) {
         if let Some(uri) = stripped_uri(&req.uri, prefix) {

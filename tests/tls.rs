@@ -464,3 +464,32 @@ async fn every_route_kind_works_over_h2() {
     )
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quick_mode_speaks_tls_to_https_backends() {
+    let dir = scratch_dir();
+    let ca = Ca::new(&dir, "quick");
+    let leaf = ca.issue(&dir, "backend", &["127.0.0.1"]);
+    let backend = Backend::start_tls("tls", pki::server_config(&leaf)).await;
+    let gw = Gateway::spawn_with(|port, admin| {
+        vec![
+            "--listen".into(),
+            format!("127.0.0.1:{port}"),
+            "--backends".into(),
+            format!("https://{}", backend.addr),
+            "--admin".into(),
+            format!("127.0.0.1:{admin}"),
+        ]
+    });
+    // `https://` verifies against the system's roots, which do not hold this test's CA:
+    // the handshake happens, and fails verification, by name of the backend.
+    let (status, _, _) = get(&client(), &gw.url("/")).await;
+    assert_eq!(status, 502);
+    let stderr = gw.stderr();
+    assert!(
+        stderr.lines().any(|l| l.contains("TLS to backend")
+            && l.contains(&backend.addr.to_string())
+            && l.contains("UnknownIssuer")),
+        "{stderr}"
+    );
+}

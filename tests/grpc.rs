@@ -1,0 +1,102 @@
+//! gRPC's shape over h2 passes through: an h2c client, fanout with `http2: true`, an h2c
+//! backend (`protocol: h2`) that answers with a body and trailers (`grpc-status`), which the
+//! client receives; `TE: trailers` reaches the backend.
+
+mod common;
+
+use std::convert::Infallible;
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::*;
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::{TcpListener, TcpStream};
+
+/// An h2c backend answering every request like a unary gRPC call: the request's body back,
+/// then `grpc-status: 0` and `grpc-message: ok` as trailers.
+async fn grpc_backend() -> std::net::SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(|req: hyper::Request<Incoming>| async move {
+                    let te = req.headers().get("te").cloned();
+                    let body = req
+                        .into_body()
+                        .collect()
+                        .await
+                        .map(|b| b.to_bytes())
+                        .unwrap_or_default();
+                    let mut trailers = http::HeaderMap::new();
+                    trailers.insert("grpc-status", "0".parse().unwrap());
+                    trailers.insert("grpc-message", "ok".parse().unwrap());
+                    let frames: Vec<Result<Frame<Bytes>, Infallible>> =
+                        vec![Ok(Frame::data(body)), Ok(Frame::trailers(trailers))];
+                    let stream = futures_util::stream::iter(frames);
+                    Ok::<_, Infallible>(
+                        hyper::Response::builder()
+                            .header("content-type", "application/grpc")
+                            .header(
+                                "x-seen-te",
+                                te.unwrap_or(http::HeaderValue::from_static("none")),
+                            )
+                            .body(StreamBody::new(stream))
+                            .unwrap(),
+                    )
+                });
+                let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_trailers_pass_through_h2() {
+    let backend = grpc_backend().await;
+    let gw = Gateway::start_listening(
+        |port| format!("[{{ address: \"127.0.0.1:{port}\", http2: true }}]"),
+        &format!(
+            "upstreams:\n  grpc: {{ backends: [{backend}], protocol: h2 }}\n\
+             routes:\n  - {{ match: {{ prefix: /pkg.Service/ }}, upstream: grpc }}\n"
+        ),
+    );
+    let tcp = TcpStream::connect(("127.0.0.1", gw.port)).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+            .await
+            .expect("h2c handshake");
+    tokio::spawn(conn);
+    let message = Bytes::from_static(b"\0\0\0\0\x05hello");
+    let req = hyper::Request::builder()
+        .method("POST")
+        .uri(format!("http://127.0.0.1:{}/pkg.Service/Call", gw.port))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(Full::new(message.clone()))
+        .unwrap();
+    let resp = tokio::time::timeout(Duration::from_secs(10), sender.send_request(req))
+        .await
+        .expect("answer in time")
+        .expect("answer");
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["content-type"], "application/grpc");
+    // `TE: trailers` is the one TE gRPC needs, and h2 allows it through (RFC 9113 §8.2.2).
+    assert_eq!(resp.headers()["x-seen-te"], "trailers");
+    let collected = tokio::time::timeout(Duration::from_secs(10), resp.into_body().collect())
+        .await
+        .expect("body in time")
+        .expect("body");
+    let trailers = collected
+        .trailers()
+        .cloned()
+        .expect("trailers reached the client");
+    assert_eq!(trailers["grpc-status"], "0");
+    assert_eq!(trailers["grpc-message"], "ok");
+    assert_eq!(collected.to_bytes(), message);
+}
