@@ -6,7 +6,7 @@
 CARGO ?= cargo
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test deps build lint fmt bench bench-clients bench-tls fuzz check-conf upgrade-demo verify-unit
+.PHONY: run test deps build lint fmt bench bench-clients bench-tls bench-tls-candidates fuzz check-conf upgrade-demo verify-unit
 
 deps:
 	@command -v cargo >/dev/null || { echo "cargo is missing: install Rust with rustup first" >&2; exit 1; }
@@ -43,6 +43,13 @@ bench-clients: build
 bench-tls: build
 	bench/deps.sh nginx:nginx-light haproxy:haproxy wrk:wrk h2load:nghttp2-client openssl:openssl python3:python3
 	python3 bench/tls.py
+
+# The TLS library candidates (Pingora built with rustls, then with OpenSSL) on handshakes
+# and keep-alive HTTPS, beside nginx. OpenSSL's headers come from Debian's libssl-dev.
+bench-tls-candidates: deps
+	bench/deps.sh nginx:nginx-light wrk:wrk openssl:openssl python3:python3 pkg-config:pkg-config
+	@[ -f /usr/include/openssl/ssl.h ] || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq libssl-dev; }
+	python3 bench/tls.py --candidates
 
 # libFuzzer through cargo-fuzz (nightly): each target for FUZZ_SECONDS, from its corpus in
 # fuzz/corpus/ (new inputs worth keeping are added there; crashes land in fuzz/artifacts/).

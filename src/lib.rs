@@ -24,4 +24,5 @@ pub mod respond;
 pub mod routing;
 pub mod server;
 pub mod tls;
+pub mod tunnel;
 pub mod upstream;

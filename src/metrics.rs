@@ -22,6 +22,7 @@ pub struct Metrics {
     pub circuit_open: IntGaugeVec,
     pub mirror_requests: IntCounterVec,
     pub mirror_inflight: IntGaugeVec,
+    pub tunnels_open: IntGaugeVec,
     pub broadcast_deliveries: IntCounterVec,
     pub rate_limited: IntCounterVec,
     pub client_connections: IntGaugeVec,
@@ -127,6 +128,12 @@ impl Metrics {
                 "fanout_mirror_inflight",
                 "Mirror copies in flight",
                 &["route", "upstream"],
+            )?,
+            tunnels_open: gauge(
+                &reg,
+                "fanout_tunnels_open",
+                "Upgraded connections (WebSocket) open to the upstream",
+                &["upstream"],
             )?,
             broadcast_deliveries: counter(
                 &reg,

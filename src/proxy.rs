@@ -42,6 +42,7 @@ use crate::ratelimit::Decision;
 use crate::request_id;
 use crate::respond::{self, send_error};
 use crate::routing::RouteMatch;
+use crate::tunnel;
 use crate::upstream::{Lease, Tried};
 
 pub struct FanoutProxy {
@@ -124,6 +125,8 @@ fn request_host(req: &RequestHeader) -> Option<&str> {
 enum Verdict {
     /// Proxy it (its mirror copies, if any, are started).
     Proxy,
+    /// An upgrade (WebSocket): relay the handshake, then bytes both ways ([`tunnel`]).
+    Tunnel(UpstreamId),
     /// A broadcast route: read the body, answer 202, deliver in the background.
     Broadcast,
     /// Refused or answered by the gateway itself.
@@ -269,6 +272,9 @@ impl FanoutProxy {
         match &route.config.kind {
             // An upgrade (WebSocket) becomes a tunnel to one backend: never mirrored, and
             // no fallback can take over a tunnel.
+            RouteKind::Proxy { upstream, .. } if tunnel::wanted(session) => {
+                Verdict::Tunnel(*upstream)
+            }
             RouteKind::Proxy { .. } if forwarding::is_upgrade(session.req_header()) => {
                 Verdict::Proxy
             }
@@ -340,7 +346,10 @@ impl ProxyHttp for FanoutProxy {
         // for a backend's `100` that may never come. A refusal above went out without the
         // body being read.
         let verdict = match (verdict, limits::expectation(session.req_header())) {
-            (v @ (Verdict::Proxy | Verdict::Broadcast), Expect::Unsupported) => {
+            (
+                v @ (Verdict::Proxy | Verdict::Broadcast | Verdict::Tunnel(_)),
+                Expect::Unsupported,
+            ) => {
                 drop(v);
                 Verdict::Answer(Answer::refusal(Refusal::Expectation))
             }
@@ -355,6 +364,18 @@ impl ProxyHttp for FanoutProxy {
         };
         match verdict {
             Verdict::Proxy => Ok(false),
+            Verdict::Tunnel(upstream) => {
+                if let Some(route) = self.route(ctx) {
+                    let target = tunnel::Target {
+                        upstream: &self.gw.upstreams[upstream],
+                        route: &route.config,
+                        connector: &self.gw.connector,
+                        request_id: &ctx.request_id,
+                    };
+                    ctx.backend = tunnel::serve(session, target).await?;
+                }
+                Ok(true)
+            }
             Verdict::Broadcast => {
                 if let Some(route) = ctx.route.map(|id| &self.gw.routes[id]) {
                     let closing = self.gw.draining.is_set();

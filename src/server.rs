@@ -72,12 +72,13 @@ pub fn build(
             tls,
         });
     }
-    if listeners.iter().any(|l| l.h2c) {
-        // Pingora peeks for the preface; the edge hands it over only on h2c listeners.
-        let mut options = http.server_options.take().unwrap_or_default();
-        options.h2c = true;
-        http.server_options = Some(options);
-    }
+    let mut options = http.server_options.take().unwrap_or_default();
+    // Pingora peeks for the preface; the edge hands it over only on h2c listeners.
+    options.h2c = listeners.iter().any(|l| l.h2c);
+    // An h2 connection without a stream is idle: it gets `keepalive_timeout`, as an
+    // HTTP/1 connection between requests does.
+    options.h2_idle_timeout = Some(gateway.clients.keepalive_timeout);
+    http.server_options = Some(options);
     let edge = Edge::new(
         http,
         Arc::clone(&gateway.clients),

@@ -493,3 +493,86 @@ async fn quick_mode_speaks_tls_to_https_backends() {
         "{stderr}"
     );
 }
+
+/// h2 clients are held to the edge's deadlines: a TLS connection that chose h2 and then
+/// says nothing is closed after `header_timeout`, one that sends something other than the
+/// h2 preface at once, and an h2 connection without a stream after `keepalive_timeout`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2_connections_are_held_to_the_edge_deadlines() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = scratch_dir();
+    let ca = Ca::new(&dir, "deadlines");
+    let cert = ca.issue(&dir, "app", &["app.test"]);
+    let backend = Backend::start("app").await;
+    let gw = Gateway::start_listening(
+        |port| tls_listener(port, &[&cert], ""),
+        &format!(
+            "clients: {{ header_timeout: 500ms, keepalive_timeout: 800ms }}\n\
+             upstreams:\n  app: {{ backends: [{}] }}\n\
+             routes:\n  - {{ match: {{ prefix: / }}, upstream: app }}\n",
+            backend.addr
+        ),
+    );
+    let connector = tokio_rustls::TlsConnector::from(ca.client_config(&[b"h2"]));
+    let connect = || async {
+        let tcp = TcpStream::connect(("127.0.0.1", gw.port)).await.unwrap();
+        let name = ServerName::try_from("app.test").unwrap();
+        connector.connect(name, tcp).await.expect("TLS handshake")
+    };
+    // Silent after the handshake: closed after header_timeout.
+    let mut silent = connect().await;
+    assert_eq!(silent.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    let started = std::time::Instant::now();
+    let mut buf = [0u8; 64];
+    let read = tokio::time::timeout(Duration::from_secs(5), silent.read(&mut buf))
+        .await
+        .expect("a silent h2 connection is closed");
+    assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+    let waited = started.elapsed();
+    assert!(waited >= Duration::from_millis(400), "{waited:?}");
+    let c = client();
+    assert!(
+        metric(
+            &c,
+            &gw,
+            "fanout_client_refused_total{reason=\"header_timeout\"}"
+        )
+        .await
+            >= 1
+    );
+
+    // Not the preface: closed at once.
+    let mut wrong = connect().await;
+    wrong
+        .write_all(b"GET / HTTP/1.1\r\nHost: app.test\r\n\r\n")
+        .await
+        .unwrap();
+    let read = tokio::time::timeout(Duration::from_secs(2), wrong.read(&mut buf))
+        .await
+        .expect("closed at once");
+    assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+
+    // A request, then no stream: closed after keepalive_timeout, not before.
+    let tls = connect().await;
+    let (mut send, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tls),
+    )
+    .await
+    .expect("h2 handshake");
+    let conn = tokio::spawn(conn);
+    let req = http::Request::get("https://app.test/x")
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let resp = send.send_request(req).await.expect("an answer");
+    assert_eq!(resp.status(), 200);
+    drop(resp);
+    let idle_from = std::time::Instant::now();
+    tokio::time::timeout(Duration::from_secs(5), conn)
+        .await
+        .expect("an idle h2 connection is closed")
+        .expect("connection task")
+        .ok();
+    let idled = idle_from.elapsed();
+    assert!(idled >= Duration::from_millis(600), "{idled:?}");
+}

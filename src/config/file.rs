@@ -245,6 +245,7 @@ pub struct FileTimeouts {
     pub read: Option<Dur>,
     pub write: Option<Dur>,
     pub idle: Option<Dur>,
+    pub tunnel: Option<Dur>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -201,6 +201,8 @@ pub struct Timeouts {
     pub read: Duration,
     pub write: Duration,
     pub idle: Duration,
+    /// An upgraded connection (WebSocket) ends after this long with no byte either way.
+    pub tunnel: Duration,
 }
 
 impl Timeouts {
@@ -217,6 +219,7 @@ impl Default for Timeouts {
             read: Duration::from_secs(60),
             write: Duration::from_secs(60),
             idle: Duration::from_secs(60),
+            tunnel: Duration::from_secs(60),
         }
     }
 }

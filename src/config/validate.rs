@@ -668,11 +668,16 @@ fn build_upstream(
             ("read", t.read, &mut timeouts.read),
             ("write", t.write, &mut timeouts.write),
             ("idle", t.idle, &mut timeouts.idle),
+            ("tunnel", t.tunnel, &mut timeouts.tunnel),
         ] {
             if let Some(d) = given {
                 positive(ck, &format!("{tpath}.{key}"), d.0);
                 *slot = d.0;
             }
+        }
+        if t.tunnel.is_none() {
+            // Like HAProxy's `timeout tunnel`, it falls back to the read timeout.
+            timeouts.tunnel = timeouts.read;
         }
     }
     let retries = f.retries.unwrap_or(1);

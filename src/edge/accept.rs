@@ -201,18 +201,15 @@ where
             },
             None => stream,
         };
-        if matches!(stream.selected_alpn_proto(), Some(ALPN::H2)) {
-            // HTTP/2 has its own framing, which Pingora's h2 library checks strictly.
-            let _slot = slot;
-            return self.exchanges.process_new(stream, shutdown).await;
-        }
-        let h2c = listener.is_some_and(|l| l.h2c);
-        let mut client = Box::new(ClientStream::new(
-            stream,
-            Arc::clone(&self.policy),
-            slot,
-            h2c,
-        ));
+        let policy = Arc::clone(&self.policy);
+        let mut client = if matches!(stream.selected_alpn_proto(), Some(ALPN::H2)) {
+            // HTTP/2 has its own framing, which Pingora's h2 library checks strictly; the
+            // stream only holds the connection to its preface's deadline.
+            Box::new(ClientStream::h2(stream, policy, slot))
+        } else {
+            let h2c = listener.is_some_and(|l| l.h2c);
+            Box::new(ClientStream::new(stream, policy, slot, h2c))
+        };
         if !next_head(&mut client, shutdown).await {
             return None;
         }

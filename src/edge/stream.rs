@@ -15,9 +15,11 @@
 //! an answer is being produced for a complete request, no client deadline runs.
 //!
 //! Two kinds of connection leave HTTP/1 framing, and then pass through unchecked ("raw"):
-//! one that opens with the h2c preface on a listener with `http2: true` (Pingora's h2
-//! server checks its frames), and one whose upgrade request (WebSocket) was answered
-//! `101 Switching Protocols`: from then on it carries the new protocol's bytes both ways.
+//! one that opens with the h2 preface (h2c on a plain listener with `http2: true`, or h2
+//! chosen by ALPN, whose preface must come within `header_timeout`; Pingora's h2 server
+//! checks its frames and closes it after `keepalive_timeout` without a stream), and one
+//! whose upgrade request (WebSocket) was answered `101 Switching Protocols`: from then on
+//! it carries the new protocol's bytes both ways.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -92,6 +94,8 @@ pub struct ClientStream {
     closed: bool,
     /// The listener accepts h2c with prior knowledge, and the first bytes may be its preface.
     h2c: bool,
+    /// ALPN chose h2: the first bytes must be its preface (nothing else is served).
+    h2_only: bool,
     /// No longer HTTP/1 (h2c, or an upgrade): bytes pass through unchecked.
     raw: bool,
     _slot: Slot,
@@ -128,9 +132,19 @@ impl ClientStream {
             refusal: None,
             closed: false,
             h2c,
+            h2_only: false,
             raw: false,
             _slot: slot,
         }
+    }
+
+    /// A connection whose TLS handshake chose h2 by ALPN: it must open with the h2 preface
+    /// within `header_timeout` (a silent one is closed, as any silent connection is), then
+    /// passes through to Pingora's h2 server, which bounds its idle time.
+    pub fn h2(inner: Stream, policy: Arc<ClientPolicy>, slot: Slot) -> ClientStream {
+        let mut stream = ClientStream::new(inner, policy, slot, true);
+        stream.h2_only = true;
+        stream
     }
 
     /// Waits until the connection's next request head is complete and checked, so that
@@ -174,6 +188,11 @@ impl ClientStream {
                         self.raw = true;
                         self.ready = self.held.len();
                     }
+                    continue;
+                }
+                if self.h2_only {
+                    self.policy.refused.bad_request.inc();
+                    self.closed = true;
                     continue;
                 }
                 // Not h2c: what was held goes through the framer like any bytes.

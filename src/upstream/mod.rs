@@ -20,7 +20,7 @@ use std::time::Instant;
 use pingora_core::protocols::ALPN;
 use pingora_core::upstreams::peer::HttpPeer;
 use pingora_proxy::Session;
-use prometheus::IntCounter;
+use prometheus::{IntCounter, IntGauge};
 
 use crate::config::{BackendConfig, Balance, Protocol, UpstreamConfig};
 use crate::keys;
@@ -215,6 +215,8 @@ pub struct Upstream {
     balancer: Balancer,
     /// Counts attempts that were retried.
     pub retries: IntCounter,
+    /// Upgraded connections (WebSocket) open to this upstream.
+    pub tunnels_open: IntGauge,
     /// When the next open circuit's period ends, as nanoseconds after `epoch` (0: none):
     /// the schedule is rebuilt then so that backend can be probed.
     reopen_at: AtomicU64,
@@ -256,6 +258,7 @@ impl Upstream {
             name: config.name.as_str().into(),
             balancer: Balancer::new(config.balance, &addrs),
             retries: metrics.upstream_retries.with_label_values(&[name]),
+            tunnels_open: metrics.tunnels_open.with_label_values(&[name]),
             config: config.clone(),
             backends,
             reopen_at: AtomicU64::new(0),
