@@ -10,7 +10,14 @@ made here with openssl), same nginx backend, alternating rounds:
 - https-backend: plain clients, the proxy speaks TLS to an HTTPS nginx backend
   (fanout `tls:` vs nginx `proxy_pass https://`, keep-alive to the backend both).
 
+With --candidates, the TLS libraries Pingora offers are measured on equal terms instead:
+bench/tlslib (a Pingora HTTPS listener that answers itself, one worker) built with the
+`rustls` and with the `openssl` feature, beside nginx answering itself (`return 200`), on
+handshakes and keep-alive HTTPS. (`boringssl` needs Go and a BoringSSL build; `s2n` needs
+s2n-tls: neither is packaged by Debian.)
+
 Usage: bench/tls.py [--duration S] [--rounds N] [--scenarios handshakes,https-ka,h2,https-backend]
+       bench/tls.py --candidates [--duration S] [--rounds N]
 """
 import argparse
 import os
@@ -201,8 +208,79 @@ def wrk(scheme, port, conns, duration, script, tmp):
             "requests": int(fields["requests"])}
 
 
+CANDIDATE_PORTS = {"pingora-rustls": 19321, "pingora-openssl": 19322, "nginx": 19323}
+
+
+def build_candidates(tmp):
+    """bench/tlslib built with each TLS feature; the binaries copied to tmp."""
+    manifest = os.path.join(run.BENCH, "tlslib", "Cargo.toml")
+    bins = {}
+    for feature in ["rustls", "openssl"]:
+        subprocess.run(["cargo", "build", "--release", "--locked", "--manifest-path", manifest,
+                        "--features", feature], check=True)
+        built = os.path.join(run.BENCH, "tlslib", "target", "release", "tlslib-bench")
+        bins[f"pingora-{feature}"] = shutil.copy(built, os.path.join(tmp, f"tlslib-{feature}"))
+    return bins
+
+
+def candidates(duration, rounds, tmp, crt, key):
+    bins = build_candidates(tmp)
+    with open(os.path.join(tmp, "direct.conf"), "w") as f:
+        f.write(run.nginx_head(tmp, "direct") + f"""http {{
+  access_log off;
+  keepalive_requests 1000000;
+  server {{
+    listen 127.0.0.1:{CANDIDATE_PORTS['nginx']} ssl; ssl_certificate {crt}; ssl_certificate_key {key};
+    ssl_session_cache off; ssl_session_tickets off;
+    location / {{ return 200 "ok\\n"; }}
+  }}
+}}
+""")
+    procs = {}
+    try:
+        for name, path in bins.items():
+            procs[name] = run.start([path, f"127.0.0.1:{CANDIDATE_PORTS[name]}", crt, key],
+                                    name, CANDIDATE_PORTS[name], tmp)
+        procs["nginx"] = run.start(["nginx", "-c", f"{tmp}/direct.conf"], "direct",
+                                   CANDIDATE_PORTS["nginx"], tmp)
+        script = os.path.join(tmp, "close.lua")
+        with open(script, "w") as f:
+            f.write('wrk.headers["Connection"] = "close"\n')
+        targets = list(CANDIDATE_PORTS)
+        out = {}
+        for name in ["handshakes", "https-ka"]:
+            results = {t: [] for t in targets}
+            for r in range(rounds):
+                for t in (targets if r % 2 == 0 else targets[::-1]):
+                    cpu = run.cpu_seconds(procs[t].pid)
+                    res = wrk("https", CANDIDATE_PORTS[t], 16 if name == "handshakes" else 64,
+                              duration, script if name == "handshakes" else None, tmp)
+                    res["cpu_us"] = (run.cpu_seconds(procs[t].pid) - cpu) * 1e6 / max(res["requests"], 1)
+                    results[t].append(res)
+                    print(f"  {name} round {r + 1} {t:16} {res['rps']:>10.0f} req/s  errors {res['errors']}"
+                          f"  CPU {res['cpu_us']:.1f} µs/req", file=sys.stderr)
+            out[name] = results
+        return out
+    finally:
+        run.stop(list(procs.values()))
+
+
+def print_candidates(out):
+    print("| scenario | server | req/s (median) | errors | CPU µs/req | vs pingora-openssl | vs nginx |")
+    print("|---|---|---|---|---|---|---|")
+    for name, results in out.items():
+        med = {t: {k: statistics.median(r[k] for r in rs) for k in ["rps", "cpu_us"]}
+               for t, rs in results.items()}
+        for i, t in enumerate(results):
+            ratio = lambda o: f"{med[t]['rps'] / med[o]['rps']:.2f}×" if t != o else ""
+            print(f"| {name if i == 0 else ''} | {t} | {med[t]['rps']:.0f} | "
+                  f"{sum(r['errors'] for r in results[t])} | {med[t]['cpu_us']:.1f} | "
+                  f"{ratio('pingora-openssl')} | {ratio('nginx')} |", flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser()
+    ap.add_argument("--candidates", action="store_true")
     ap.add_argument("--duration", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--scenarios", default="handshakes,https-ka,h2,https-backend")
@@ -210,6 +288,10 @@ def main():
     tmp = tempfile.mkdtemp(prefix="fanout-tls-bench-")
     try:
         crt, key = make_cert(tmp)
+        if args.candidates:
+            print(f"# bench/tls.py --candidates --duration {args.duration} --rounds {args.rounds}")
+            print_candidates(candidates(args.duration, args.rounds, tmp, crt, key))
+            return
         print(f"# bench/tls.py --duration {args.duration} --rounds {args.rounds} --scenarios {args.scenarios}")
         print("| scenario | proxy | req/s (median) | errors | CPU µs/req | vs nginx | vs HAProxy |")
         print("|---|---|---|---|---|---|---|")
