@@ -123,8 +123,11 @@ impl AdminApp {
                             v["fallback"] = json!(fallback.iter().map(name).collect::<Vec<_>>());
                         }
                     }
-                    RouteKind::Broadcast { targets } => {
+                    RouteKind::Broadcast { targets, .. } => {
                         v["broadcast"] = json!(targets.iter().map(name).collect::<Vec<_>>());
+                        if let Some(t) = &r.targets {
+                            v["targets"] = json!(t.list.iter().map(|t| t.status()).collect::<Vec<_>>());
+                        }
                     }
                 }
                 v

@@ -7,7 +7,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::access_log::AccessLogger;
-use crate::broadcast::{self, Queues, Target};
+use crate::broadcast::spool::Spool;
+use crate::broadcast::{self, Targets};
 use crate::config::{AccessLog, Config, EncodedSlashes, RouteConfig, RouteKind, UpstreamId};
 use crate::edge::accept::Connections;
 use crate::edge::ClientPolicy;
@@ -29,7 +30,7 @@ pub struct Route {
     pub rate_limiter: Option<RateLimiter>,
     pub rate_limited: IntCounter,
     /// The delivery targets of a broadcast route.
-    pub targets: Vec<Arc<Target>>,
+    pub targets: Option<Arc<Targets>>,
     /// The fallback upstreams of a proxy route, in order.
     pub fallbacks: Vec<(UpstreamId, Arc<Upstream>)>,
     /// Bounds the fallback copies in flight, on a route with fallbacks.
@@ -68,8 +69,8 @@ pub struct Gateway {
     pub access_log: AccessLogger,
     /// Set on SIGQUIT/SIGTERM: answers close their connections from then on.
     pub draining: Arc<Draining>,
-    /// Broadcast queues' receiving ends, until the delivery service takes them.
-    pub broadcast_queues: std::sync::Mutex<Queues>,
+    /// Where broadcast routes keep what they accept until it is delivered.
+    pub spool: Arc<dyn Spool>,
     pub started: Instant,
     /// What client connections are held to (`clients:`).
     pub clients: Arc<ClientPolicy>,
@@ -78,14 +79,13 @@ pub struct Gateway {
 }
 
 impl Gateway {
-    pub fn new(config: &Config) -> prometheus::Result<Gateway> {
+    pub fn new(config: &Config, spool: Arc<dyn Spool>) -> prometheus::Result<Gateway> {
         let metrics = Metrics::new()?;
         let upstreams: Vec<Arc<Upstream>> = config
             .upstreams
             .iter()
             .map(|u| Arc::new(Upstream::new(u, &metrics)))
             .collect();
-        let mut queues = Queues::new();
         let routes: Vec<Route> = config
             .routes
             .iter()
@@ -94,12 +94,14 @@ impl Gateway {
                 rate_limiter: r.rate_limit.as_ref().map(RateLimiter::new),
                 rate_limited: metrics.rate_limited.with_label_values(&[&r.label]),
                 targets: match &r.kind {
-                    RouteKind::Broadcast { targets } => {
+                    RouteKind::Broadcast { targets, retry } => {
                         let ups: Vec<Arc<Upstream>> =
                             targets.iter().map(|&t| Arc::clone(&upstreams[t])).collect();
-                        broadcast::targets(&r.label, &ups, &metrics, &mut queues)
+                        Some(Arc::new(broadcast::targets(
+                            &r.label, &ups, *retry, &metrics,
+                        )))
                     }
-                    RouteKind::Proxy { .. } => Vec::new(),
+                    RouteKind::Proxy { .. } => None,
                 },
                 fallbacks: match &r.kind {
                     RouteKind::Proxy { fallback, .. } => fallback
@@ -140,7 +142,7 @@ impl Gateway {
             unrouted: RouteMetrics::new("none"),
             default_access_log: config.default_access_log,
             access_log: AccessLogger::new(metrics.access_log_dropped.clone()),
-            broadcast_queues: std::sync::Mutex::new(queues),
+            spool,
             draining: Arc::default(),
             clients: Arc::new(ClientPolicy::new(&config.clients, &metrics)),
             connections: Connections::new(

@@ -23,6 +23,8 @@ pub struct Metrics {
     pub mirror_requests: IntCounterVec,
     pub mirror_inflight: IntGaugeVec,
     pub tunnels_open: IntGaugeVec,
+    pub spool_bytes: IntGaugeVec,
+    pub spool_oldest: IntGaugeVec,
     pub broadcast_deliveries: IntCounterVec,
     pub rate_limited: IntCounterVec,
     pub client_connections: IntGaugeVec,
@@ -135,10 +137,23 @@ impl Metrics {
                 "Upgraded connections (WebSocket) open to the upstream",
                 &["upstream"],
             )?,
+            spool_bytes: gauge(
+                &reg,
+                "fanout_spool_bytes",
+                "Bytes of accepted broadcast requests still to be delivered to the upstream",
+                &["upstream"],
+            )?,
+            spool_oldest: gauge(
+                &reg,
+                "fanout_spool_oldest_seconds",
+                "Age of the oldest broadcast request still to be delivered to the upstream",
+                &["upstream"],
+            )?,
             broadcast_deliveries: counter(
                 &reg,
                 "fanout_broadcast_deliveries_total",
-                "Broadcast deliveries, by outcome (ok, error, dropped)",
+                "Broadcast delivery attempts, by outcome (ok; error: failed, then retried \
+                 or expired; rejected: a 4xx, not retried; dropped: lost)",
                 &["route", "upstream", "outcome"],
             )?,
             rate_limited: counter(

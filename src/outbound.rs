@@ -52,6 +52,8 @@ pub enum Keep {
 /// A complete answer. With [`Keep::Discard`] only its status is kept.
 pub struct Answer {
     pub status: u16,
+    /// How long the answer's `Retry-After` asks to wait.
+    pub retry_after: Option<Duration>,
     /// The head and body, with [`Keep::UpTo`].
     pub kept: Option<(ResponseHeader, Bytes)>,
 }
@@ -182,10 +184,15 @@ async fn attempt(
             _ = wanted.changed() => return Err((Failure::Unwanted, false)),
         },
     };
+    let retry_after = session.response_header().and_then(retry_after);
     connector
         .release_http_session(session, &*peer, Some(timeouts.idle))
         .await;
-    Ok(Answer { status, kept })
+    Ok(Answer {
+        status,
+        retry_after,
+        kept,
+    })
 }
 
 /// Reads the answer's head and body (keeping the body as `keep` says). A pooled
@@ -236,4 +243,39 @@ async fn read_chunk(session: &mut HttpSession) -> Result<Option<Bytes>, (Failure
         .read_response_body()
         .await
         .map_err(|e| (Failure::Upstream(e), false))
+}
+
+/// `Retry-After` as a wait: delay-seconds, or an HTTP date (RFC 9110 §10.2.3).
+pub fn retry_after(h: &ResponseHeader) -> Option<Duration> {
+    let v = h
+        .headers
+        .get(http::header::RETRY_AFTER)?
+        .to_str()
+        .ok()?
+        .trim();
+    if let Ok(secs) = v.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let at = chrono::DateTime::parse_from_rfc2822(v).ok()?;
+    let wait = at.timestamp() - chrono::Utc::now().timestamp();
+    Some(Duration::from_secs(wait.max(0) as u64))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_takes_seconds_and_dates() {
+        let with = |v: &str| {
+            let mut h = ResponseHeader::build(503, None).unwrap();
+            h.insert_header("retry-after", v).unwrap();
+            retry_after(&h)
+        };
+        assert_eq!(with("7"), Some(Duration::from_secs(7)));
+        assert_eq!(with("Wed, 21 Oct 2015 07:28:00 GMT"), Some(Duration::ZERO));
+        let later = (chrono::Utc::now() + chrono::Duration::seconds(100)).to_rfc2822();
+        assert!(with(&later).is_some_and(|d| d >= Duration::from_secs(98)));
+        assert_eq!(with("soon"), None);
+    }
 }

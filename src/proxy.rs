@@ -377,12 +377,14 @@ impl ProxyHttp for FanoutProxy {
                 Ok(true)
             }
             Verdict::Broadcast => {
-                if let Some(route) = ctx.route.map(|id| &self.gw.routes[id]) {
+                let route = ctx.route.map(|id| &self.gw.routes[id]);
+                if let Some((route, targets)) = route.and_then(|r| Some((r, r.targets.as_ref()?))) {
                     let closing = self.gw.draining.is_set();
                     broadcast::accept(
                         session,
                         &route.config,
-                        &route.targets,
+                        targets,
+                        &*self.gw.spool,
                         &ctx.request_id,
                         closing,
                     )

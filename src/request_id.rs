@@ -32,6 +32,12 @@ fn mix(mut z: u64) -> u64 {
     z ^ (z >> 31)
 }
 
+/// A number in [0, 1), for jitter: a fresh mix of the seed and the counter.
+pub fn unit_random() -> f64 {
+    let n = COUNTER.fetch_add(1, Relaxed);
+    (mix(n ^ seed().rotate_left(29)) >> 11) as f64 / (1u64 << 53) as f64
+}
+
 /// A new request id.
 pub fn generate() -> String {
     let n = COUNTER.fetch_add(1, Relaxed);

@@ -14,14 +14,18 @@ use pingora_core::services::listening::Service;
 use pingora_core::services::ServiceWithDependents;
 
 use crate::admin::AdminApp;
-use crate::broadcast::Deliverer;
+use crate::broadcast::disk::DiskSpool;
+use crate::broadcast::spool::{MemorySpool, Spool};
+use crate::broadcast::{Deliverer, Targets};
 use crate::config::Config;
+use crate::config::MEMORY_SPOOL_MAX_SIZE;
 use crate::edge::accept::{Edge, EdgeListener};
 use crate::edge::handshake::Terminator;
 use crate::gateway::Gateway;
 use crate::lifecycle::SignalWatch;
 use crate::proxy::FanoutProxy;
 use crate::upstream::health::HealthChecker;
+use std::collections::HashMap;
 
 /// Process options from the command line (Pingora's `-d` and `-u`).
 #[derive(Debug, Default, Clone, Copy)]
@@ -43,7 +47,13 @@ pub fn build(
         test: false,
         conf: None,
     };
-    let gateway = Arc::new(Gateway::new(&config).map_err(|e| format!("metrics: {e}"))?);
+    let spool: Arc<dyn Spool> = match &config.spool {
+        Some(c) => {
+            Arc::new(DiskSpool::open(c).map_err(|e| format!("spool.dir {}: {e}", c.dir.display()))?)
+        }
+        None => Arc::new(MemorySpool::new(MEMORY_SPOOL_MAX_SIZE)),
+    };
+    let gateway = Arc::new(Gateway::new(&config, spool).map_err(|e| format!("metrics: {e}"))?);
     let mut server = Server::new_with_opt_and_conf(opt, config.server);
     server.bootstrap();
 
@@ -115,14 +125,19 @@ pub fn build(
         "health checks",
         HealthChecker::new(gateway.upstreams.clone()),
     ));
-    let queues = std::mem::take(
-        &mut *gateway
-            .broadcast_queues
-            .lock()
-            .unwrap_or_else(|p| p.into_inner()),
-    );
-    if !queues.is_empty() {
-        let deliverer = Deliverer::new(queues, &server.configuration);
+    let broadcast: HashMap<String, Arc<Targets>> = gateway
+        .routes
+        .iter()
+        .filter_map(|r| Some((r.config.label.clone(), Arc::clone(r.targets.as_ref()?))))
+        .collect();
+    if !broadcast.is_empty() {
+        let deliverer = Deliverer::new(
+            Arc::clone(&gateway.spool),
+            broadcast,
+            &server.configuration,
+            gateway.metrics.spool_bytes.clone(),
+            gateway.metrics.spool_oldest.clone(),
+        );
         server.add_service(background_service("broadcast delivery", deliverer));
     }
     server.add_services(extra);

@@ -66,15 +66,42 @@ async fn answers_202_at_once_and_delivers_everywhere() {
             );
         }
     }
+    // One Idempotency-Key per accepted request, the same for every target.
+    let key = |b: &Backend, i: usize| {
+        b.seen()
+            .into_iter()
+            .find(|s| s.headers["x-request-id"] == format!("ev-{i}").as_str())
+            .map(|s| s.headers["idempotency-key"].clone())
+            .expect("delivered with an Idempotency-Key")
+    };
+    for i in 0..10 {
+        assert_eq!(key(&fast, i), key(&slow, i));
+        if i > 0 {
+            assert_ne!(key(&fast, i), key(&fast, i - 1));
+        }
+    }
     assert_eq!(broadcast_count(&c, &gw, "audit", "ok").await, 10);
     eventually(Duration::from_secs(5), "slow target counted", || async {
         broadcast_count(&c, &gw, "analytics", "ok").await == 10
     })
     .await;
-    eventually(Duration::from_secs(5), "dead target counted", || async {
-        broadcast_count(&c, &gw, "gone", "error").await == 10
-    })
+    // The dead target's attempts fail and are retried (its circuit opens after 5 in a row
+    // and holds the rest back); nothing is given up.
+    eventually(
+        Duration::from_secs(5),
+        "dead target's failures counted",
+        || async {
+            broadcast_count(&c, &gw, "gone", "error").await >= 5
+                && broadcast_count(&c, &gw, "gone", "retried").await >= 5
+        },
+    )
     .await;
+    assert_eq!(broadcast_count(&c, &gw, "gone", "expired").await, 0);
+    let status = status_json(&c, &gw).await;
+    let gone = &status["routes"][0]["targets"][2];
+    assert_eq!(gone["upstream"], "gone");
+    assert_eq!(gone["pending"], 10, "{status}");
+    assert!(gone["last_error"].as_str().is_some(), "{status}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,126 +1,90 @@
 //! Broadcast routes (`broadcast: [a, b, ...]`): the gateway reads the request (body limit
-//! applies), answers `202 Accepted` with `{"request_id", "targets"}` at once, and delivers
-//! a copy to one backend of every listed upstream in the background.
+//! applies), keeps it in the spool ([`spool`]: on disk with `spool:`, else in memory), and
+//! answers `202 Accepted` with `{"request_id", "targets"}` once it is kept; a full spool
+//! answers 503 with `Retry-After`. The delivery service ([`deliver`]) then sends it to one
+//! backend of every listed upstream, retrying failed attempts with backoff until
+//! `broadcast_retry` gives up, and survives stops, upgrades and crashes with a disk spool.
 //!
-//! Each (route, target) pair has its own bounded queue — at most [`QUEUE`] deliveries and
-//! [`QUEUE_BYTES`] of them (heads and bodies, from acceptance until delivered or given
-//! up); a full queue drops the delivery and counts it — and its own circuit breaker (5 consecutive failures open it for 10 s,
-//! doubling to 5 min), on top of the target upstream's own balancing, health checks and
-//! backend breakers. One body is shared by all targets. Deliveries go out through
-//! Pingora's HTTP connector and its keep-alive pool, a bounded number at once per target.
-//!
-//! Delivery runs as a Pingora background service: on a graceful stop or upgrade it keeps
-//! delivering what was accepted until the queues are empty or `grace_period_seconds`
-//! ends; what it had to give up is logged and counted as `dropped`.
+//! Each (route, target) pair has its own circuit breaker (5 consecutive failures open it for
+//! 10 s, doubling to 5 min; an open circuit delays deliveries, never drops them), on top of
+//! the target upstream's own balancing, health checks and backend breakers.
 
-use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+mod deliver;
+pub mod disk;
+pub mod spool;
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use async_trait::async_trait;
 use bytes::Bytes;
-use pingora_core::connectors::http::Connector;
-use pingora_core::connectors::ConnectorOptions;
-use pingora_core::server::configuration::ServerConf;
-use pingora_core::server::ShutdownWatch;
-use pingora_core::services::background::BackgroundService;
-use pingora_http::RequestHeader;
-
-use prometheus::IntCounter;
-use tokio::sync::{mpsc, Notify, Semaphore};
-use tokio::task::JoinSet;
-
-use crate::config::{BreakerConfig, RouteConfig};
-use crate::forwarding;
-use crate::limits::{ByteBudget, Refusal};
-use crate::metrics::Metrics;
-use crate::outbound::{self, Body, Keep};
-use crate::request_id;
-use crate::respond::send_error;
-use crate::upstream::breaker::Breaker;
-use crate::upstream::{Tried, Upstream};
 use pingora_error::Result;
 use pingora_http::ResponseHeader;
 use pingora_proxy::Session;
+use prometheus::IntCounter;
 
-/// Deliveries that may wait per target before new ones are dropped.
-pub const QUEUE: usize = 1024;
-/// Bytes of deliveries one target may hold, queued or in flight.
-pub const QUEUE_BYTES: usize = 64 * 1024 * 1024;
-/// Deliveries in flight at once per target.
-const CONCURRENCY: usize = 64;
-/// Deliveries in flight at once in all, so hundreds of targets cannot exhaust the
-/// process's sockets.
-const TOTAL_CONCURRENCY: usize = 1024;
+use crate::config::{BreakerConfig, RetryPolicy, RouteConfig};
+use crate::forwarding;
+use crate::limits::Refusal;
+use crate::metrics::Metrics;
+use crate::request_id;
+use crate::respond::send_error;
+use crate::upstream::breaker::Breaker;
+use crate::upstream::Upstream;
+pub use deliver::Deliverer;
+use spool::{Accepted, PutError, Spool};
 
-/// One accepted request, shared by all its targets.
-pub struct Delivery {
-    pub header: RequestHeader,
-    pub body: Bytes,
-}
+/// The header that lets a target drop a delivery it already has.
+pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
 
-impl Delivery {
-    /// What one delivery holds, counted against each of its targets' byte bound.
-    fn size(&self) -> usize {
-        let head: usize = self
-            .header
-            .headers
-            .iter()
-            .map(|(k, v)| k.as_str().len() + v.len() + 4)
-            .sum();
-        std::mem::size_of::<Delivery>() + head + self.header.raw_path().len() + self.body.len()
-    }
-}
-
-/// One upstream of one broadcast route.
+/// One upstream of one broadcast route: its breaker, its outcome counters, and what waits
+/// for it (for `/status` and the spool gauges).
 pub struct Target {
-    upstream: Arc<Upstream>,
-    queue: mpsc::Sender<Arc<Delivery>>,
-    bytes: ByteBudget,
+    pub upstream: Arc<Upstream>,
+    route: String,
     breaker: Breaker,
     ok: IntCounter,
     error: IntCounter,
+    retried: IntCounter,
+    rejected: IntCounter,
+    expired: IntCounter,
     dropped: IntCounter,
+    /// Deliveries waiting or in flight, their bytes, and the oldest one's accept time.
+    pub pending: AtomicU64,
+    pub pending_bytes: AtomicU64,
+    pub oldest_ms: AtomicU64,
+    /// Why the last failed attempt failed.
+    pub last_error: Mutex<Option<String>>,
 }
 
-impl Target {}
+/// The targets of one broadcast route and how long their deliveries are tried.
+pub struct Targets {
+    pub list: Vec<Arc<Target>>,
+    pub retry: RetryPolicy,
+}
 
-/// Queues one accepted request for every target, without waiting. `None`: no target had
-/// room, so nothing was accepted (the client is told to retry). Otherwise the number of
-/// targets it was queued for; the targets whose queue was full count it as dropped.
-pub fn offer(targets: &[Arc<Target>], d: &Arc<Delivery>) -> Option<usize> {
-    let size = d.size();
-    let slots: Vec<_> = targets
-        .iter()
-        .map(|t| {
-            let slot = t.queue.try_reserve().ok()?;
-            t.bytes.try_take(size).then_some(slot)
-        })
-        .collect();
-    if slots.iter().all(Option::is_none) {
-        return None;
-    }
-    let mut queued = 0;
-    for (target, slot) in targets.iter().zip(slots) {
-        match slot {
-            Some(slot) => {
-                slot.send(Arc::clone(d));
-                queued += 1;
-            }
-            None => target.dropped.inc(),
-        }
-    }
-    Some(queued)
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// How long ago `ms` (milliseconds since the epoch) was.
+pub fn age(ms: u64) -> Duration {
+    Duration::from_millis(now_ms().saturating_sub(ms))
 }
 
 /// Accepts a request on a broadcast route: reads its body within the route's
-/// `max_body_bytes` (413 past it), queues one delivery for every target and answers
-/// `202 {"request_id", "targets"}` at once — or 503 with `Retry-After` when no target has
-/// room. `closing`: the process is draining, so the answer closes the connection.
+/// `max_body_bytes` (413 past it), keeps it in the spool for every target and answers
+/// `202 {"request_id", "targets"}` — or 503 with `Retry-After` when the spool is full or
+/// cannot be written. `closing`: the process is draining, so the answer closes the
+/// connection.
 pub async fn accept(
     session: &mut Session,
     route: &RouteConfig,
-    targets: &[Arc<Target>],
+    targets: &Targets,
+    spool: &dyn Spool,
     request_id: &str,
     closing: bool,
 ) -> Result<()> {
@@ -141,22 +105,36 @@ pub async fn accept(
         request_id,
         body.len(),
     )?;
-    let delivery = Arc::new(Delivery { header, body });
-    if offer(targets, &delivery).is_none() {
-        // Every queue is full: push back rather than accept what cannot be delivered.
+    if !header.headers.contains_key(IDEMPOTENCY_KEY) {
+        header.insert_header(IDEMPOTENCY_KEY, request_id::generate())?;
+    }
+    let accepted = Arc::new(Accepted {
+        route: route.label.clone(),
+        targets: targets
+            .list
+            .iter()
+            .map(|t| t.upstream.name().to_string())
+            .collect(),
+        request_id: request_id.to_string(),
+        accepted_ms: now_ms(),
+        header,
+        body,
+    });
+    let refused = match spool.put(accepted).await {
+        Ok(()) => None,
+        Err(PutError::Full) => Some("broadcast spool is full"),
+        Err(PutError::Io(e)) => {
+            log::error!("broadcast: cannot keep request {request_id} in the spool: {e}");
+            Some("broadcast spool cannot be written")
+        }
+    };
+    if let Some(message) = refused {
+        // Push back rather than accept what might not be delivered.
         let retry = [("retry-after", "1".to_string())];
-        return send_error(
-            session,
-            503,
-            "broadcast queues are full",
-            request_id,
-            &retry,
-            closing,
-        )
-        .await;
+        return send_error(session, 503, message, request_id, &retry, closing).await;
     }
     let answer =
-        serde_json::json!({ "request_id": request_id, "targets": targets.len() }).to_string();
+        serde_json::json!({ "request_id": request_id, "targets": targets.list.len() }).to_string();
     let mut resp = ResponseHeader::build(202, Some(4))?;
     resp.insert_header("content-type", "application/json")?;
     resp.insert_header("content-length", answer.len().to_string())?;
@@ -171,177 +149,56 @@ pub async fn accept(
         .await
 }
 
-/// The receiving ends of every target's queue, handed to the delivery service at start.
-pub type Queues = Vec<(Arc<Target>, mpsc::Receiver<Arc<Delivery>>)>;
-
-/// Builds the targets of one route, adding their queues' receiving ends to `queues`.
+/// Builds the targets of one route.
 pub fn targets(
     route: &str,
     upstreams: &[Arc<Upstream>],
+    retry: RetryPolicy,
     metrics: &Metrics,
-    queues: &mut Queues,
-) -> Vec<Arc<Target>> {
+) -> Targets {
     let breaker = BreakerConfig {
         failures: 5,
         open: Duration::from_secs(10),
         max_open: Duration::from_secs(300),
     };
-    upstreams
+    let list = upstreams
         .iter()
         .map(|u| {
-            let (tx, rx) = mpsc::channel(QUEUE);
             let count = |o: &str| {
                 metrics
                     .broadcast_deliveries
                     .with_label_values(&[route, u.name(), o])
             };
-            let target = Arc::new(Target {
+            Arc::new(Target {
                 upstream: Arc::clone(u),
-                queue: tx,
-                bytes: ByteBudget::new(QUEUE_BYTES),
+                route: route.to_string(),
                 breaker: Breaker::new(&breaker),
                 ok: count("ok"),
                 error: count("error"),
+                retried: count("retried"),
+                rejected: count("rejected"),
+                expired: count("expired"),
                 dropped: count("dropped"),
-            });
-            queues.push((Arc::clone(&target), rx));
-            target
+                pending: AtomicU64::new(0),
+                pending_bytes: AtomicU64::new(0),
+                oldest_ms: AtomicU64::new(0),
+                last_error: Mutex::new(None),
+            })
         })
-        .collect()
+        .collect();
+    Targets { list, retry }
 }
 
-/// The background service that delivers broadcast copies.
-pub struct Deliverer {
-    queues: Mutex<Queues>,
-    options: ConnectorOptions,
-    grace: Duration,
-}
-
-impl Deliverer {
-    pub fn new(queues: Queues, conf: &ServerConf) -> Deliverer {
-        Deliverer {
-            queues: Mutex::new(queues),
-            options: ConnectorOptions::from_server_conf(conf),
-            grace: Duration::from_secs(conf.grace_period_seconds.unwrap_or(0)),
-        }
-    }
-}
-
-/// Tells the dispatchers to finish: drain what is queued, then stop.
-#[derive(Default)]
-struct Stop {
-    stopping: AtomicBool,
-    notify: Notify,
-}
-
-#[async_trait]
-impl BackgroundService for Deliverer {
-    async fn start(&self, mut shutdown: ShutdownWatch) {
-        let queues = std::mem::take(&mut *self.queues.lock().unwrap_or_else(|p| p.into_inner()));
-        if queues.is_empty() {
-            return;
-        }
-        let connector = Arc::new(Connector::new(Some(self.options.clone())));
-        let stop = Arc::new(Stop::default());
-        let total = Arc::new(Semaphore::new(TOTAL_CONCURRENCY));
-        let mut dispatchers = JoinSet::new();
-        for (target, rx) in queues {
-            let shared = (
-                Arc::clone(&connector),
-                Arc::clone(&stop),
-                Arc::clone(&total),
-            );
-            dispatchers.spawn(dispatch(target, rx, shared));
-        }
-        let _ = shutdown.changed().await;
-        stop.stopping.store(true, Relaxed);
-        stop.notify.notify_waiters();
-        let drained = tokio::time::timeout(self.grace, async {
-            while dispatchers.join_next().await.is_some() {}
+impl Target {
+    /// What `/status` shows of it.
+    pub fn status(&self) -> serde_json::Value {
+        let oldest = self.oldest_ms.load(Relaxed);
+        serde_json::json!({
+            "upstream": self.upstream.name(),
+            "pending": self.pending.load(Relaxed),
+            "pending_bytes": self.pending_bytes.load(Relaxed),
+            "oldest_seconds": (oldest > 0).then(|| age(oldest).as_secs()),
+            "last_error": spool::lock(&self.last_error).clone(),
         })
-        .await;
-        if drained.is_err() {
-            dispatchers.abort_all();
-            log::warn!("broadcast: grace period over, giving up the deliveries still queued (counted as dropped)");
-        }
     }
-}
-
-/// Delivers one target's queue, at most `CONCURRENCY` at once, until told to stop; then
-/// delivers what is still queued and returns. Whatever is left when the task is aborted is
-/// counted as dropped.
-async fn dispatch(
-    target: Arc<Target>,
-    mut rx: mpsc::Receiver<Arc<Delivery>>,
-    (connector, stop, total): (Arc<Connector>, Arc<Stop>, Arc<Semaphore>),
-) {
-    struct CountLeft<'a>(&'a Target, &'a mut mpsc::Receiver<Arc<Delivery>>);
-    impl Drop for CountLeft<'_> {
-        fn drop(&mut self) {
-            let left = self.1.len() as u64;
-            if left > 0 {
-                self.0.dropped.inc_by(left);
-                log::warn!(
-                    "broadcast to {}: {left} deliveries given up",
-                    self.0.upstream.name()
-                );
-            }
-        }
-    }
-    let guard = CountLeft(&target, &mut rx);
-    let slots = Arc::new(Semaphore::new(CONCURRENCY));
-    let mut inflight = JoinSet::new();
-    loop {
-        let Ok(slot) = Arc::clone(&slots).acquire_owned().await else {
-            break;
-        };
-        let Ok(global) = Arc::clone(&total).acquire_owned().await else {
-            break;
-        };
-        let next = if stop.stopping.load(Relaxed) {
-            guard.1.try_recv().ok()
-        } else {
-            tokio::select! {
-                d = guard.1.recv() => d,
-                _ = stop.notify.notified() => guard.1.try_recv().ok(),
-            }
-        };
-        let Some(delivery) = next else { break };
-        let (t, c) = (Arc::clone(&target), Arc::clone(&connector));
-        inflight.spawn(async move {
-            deliver(&t, &delivery, &c).await;
-            t.bytes.give_back(delivery.size());
-            drop((slot, global));
-        });
-        while inflight.try_join_next().is_some() {}
-    }
-    while inflight.join_next().await.is_some() {}
-}
-
-/// Sends one copy to one backend of the target upstream and counts the outcome.
-async fn deliver(target: &Target, d: &Delivery, connector: &Connector) {
-    let now = Instant::now();
-    if target.breaker.admit(now).is_none() {
-        target.error.inc();
-        return;
-    }
-    let Some(mut lease) = target.upstream.select(b"", &Tried::default()) else {
-        target.error.inc();
-        target.breaker.report(false, now);
-        return;
-    };
-    let t = &target.upstream.config.timeouts;
-    let body = Body::Full(d.body.clone());
-    let answer = outbound::exchange(
-        connector,
-        &mut lease,
-        t,
-        t.total(),
-        &d.header,
-        body,
-        Keep::Discard,
-    );
-    let success = answer.await.is_ok_and(|a| a.status < 500);
-    if success { &target.ok } else { &target.error }.inc();
-    target.breaker.report(success, Instant::now());
 }

@@ -267,6 +267,37 @@ pub struct FileRoute {
     pub access_log: Option<AccessLog>,
     pub mirror: Option<Vec<FileMirror>>,
     pub redact_headers: Option<Vec<String>>,
+    pub broadcast_retry: Option<FileBroadcastRetry>,
+}
+
+/// `routes[].broadcast_retry`: how long a broadcast delivery keeps being tried.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileBroadcastRetry {
+    pub max_attempts: Option<u32>,
+    pub max_age: Option<Dur>,
+}
+
+/// `spool:` — where accepted broadcast requests wait until every target has them.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileSpool {
+    pub dir: String,
+    pub max_size: Option<Size>,
+    pub fsync: Option<Fsync>,
+}
+
+/// When the spool's writes are made durable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Fsync {
+    /// One `fdatasync` for every write that arrived while the previous one ran, before
+    /// the 202s of those writes go out.
+    Group,
+    /// One `fdatasync` per accepted request, before its 202.
+    Always,
+    /// Left to the kernel's write-back.
+    Never,
 }
 
 /// `match:` — exactly one of `path` (exact) and `prefix`, optionally `host` and `methods`.

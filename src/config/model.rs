@@ -8,7 +8,7 @@ use std::time::Duration;
 use http::{HeaderName, HeaderValue, Method};
 use pingora_core::server::configuration::ServerConf;
 
-pub use super::file::{AccessLog, Balance, EncodedSlashes, HealthCheckType, Protocol};
+pub use super::file::{AccessLog, Balance, EncodedSlashes, Fsync, HealthCheckType, Protocol};
 use crate::tls::ServerCert;
 use pingora_core::utils::tls::{CertKey, WrappedX509};
 use std::sync::Arc;
@@ -39,6 +39,37 @@ pub struct Config {
     pub default_access_log: AccessLog,
     pub upstreams: Vec<UpstreamConfig>,
     pub routes: Vec<RouteConfig>,
+    /// `spool:`; absent: accepted broadcast requests are kept in memory only.
+    pub spool: Option<SpoolConfig>,
+}
+
+/// `spool:`.
+#[derive(Debug, Clone)]
+pub struct SpoolConfig {
+    pub dir: std::path::PathBuf,
+    pub max_size: u64,
+    pub fsync: Fsync,
+}
+
+pub const DEFAULT_SPOOL_MAX_SIZE: u64 = 1024 * 1024 * 1024;
+/// Bytes of accepted requests kept in memory when no `spool:` is configured.
+pub const MEMORY_SPOOL_MAX_SIZE: u64 = 64 * 1024 * 1024;
+
+/// `broadcast_retry:`: a delivery is given up after `max_attempts` attempts or once it
+/// is older than `max_age`, whichever comes first.
+#[derive(Debug, Clone, Copy)]
+pub struct RetryPolicy {
+    pub max_attempts: u32,
+    pub max_age: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            max_attempts: 20,
+            max_age: Duration::from_secs(24 * 3600),
+        }
+    }
 }
 
 /// One listening address of the proxy.
@@ -241,7 +272,10 @@ pub enum RouteKind {
         fallback_max_inflight: usize,
     },
     /// Answer 202 at once and deliver to every target in the background.
-    Broadcast { targets: Vec<UpstreamId> },
+    Broadcast {
+        targets: Vec<UpstreamId>,
+        retry: RetryPolicy,
+    },
 }
 
 #[derive(Debug, Clone)]

@@ -15,11 +15,12 @@ use super::file::*;
 use super::model::*;
 use super::ConfigError;
 
-const TOP_KEYS: [&str; 7] = [
+const TOP_KEYS: [&str; 8] = [
     "server",
     "listen",
     "admin",
     "clients",
+    "spool",
     "defaults",
     "upstreams",
     "routes",
@@ -174,6 +175,12 @@ pub(super) fn build(text: &str) -> Result<Config, Vec<ConfigError>> {
             .map(|c| build_clients(&mut ck, c))
             .unwrap_or_default(),
     };
+    let spool = match root.remove("spool") {
+        None | Some(Value::Null) => None,
+        Some(v) => ck
+            .parse::<FileSpool>("spool", v)
+            .and_then(|f| build_spool(&mut ck, f)),
+    };
     let defaults = match root.remove("defaults") {
         None | Some(Value::Null) => FileDefaults::default(),
         Some(v) => ck.parse("defaults", v).unwrap_or_default(),
@@ -197,6 +204,18 @@ pub(super) fn build(text: &str) -> Result<Config, Vec<ConfigError>> {
             .unwrap_or_default(),
     };
 
+    if spool.is_none() {
+        if let Some(i) = routes
+            .iter()
+            .position(|r| matches!(r.kind, RouteKind::Broadcast { .. }))
+        {
+            ck.warn(
+                &format!("routes[{i}]"),
+                "broadcast without `spool:` keeps accepted requests in memory only: \
+                 a stop or crash loses those not yet delivered",
+            );
+        }
+    }
     if ck.errors.is_empty() {
         Ok(Config {
             server,
@@ -207,10 +226,45 @@ pub(super) fn build(text: &str) -> Result<Config, Vec<ConfigError>> {
             default_access_log: defaults.access_log.unwrap_or(AccessLog::Json),
             upstreams: upstreams.into_iter().filter_map(|(_, u)| u).collect(),
             routes,
+            spool,
         })
     } else {
         Err(ck.errors)
     }
+}
+
+/// `spool:`: the directory must be one (or be creatable: its parent must exist).
+fn build_spool(ck: &mut Checker, f: FileSpool) -> Option<SpoolConfig> {
+    let dir = std::path::PathBuf::from(&f.dir);
+    if f.dir.is_empty() {
+        ck.err("spool.dir", "must not be empty");
+        return None;
+    }
+    match std::fs::metadata(&dir) {
+        Ok(m) if !m.is_dir() => ck.err("spool.dir", format!("{} is not a directory", f.dir)),
+        Ok(m) if m.permissions().readonly() => {
+            ck.err("spool.dir", format!("{} is not writable", f.dir))
+        }
+        Ok(_) => {}
+        Err(_) => {
+            let parent = dir.parent().filter(|p| !p.as_os_str().is_empty());
+            if parent.is_some_and(|p| !p.is_dir()) {
+                ck.err(
+                    "spool.dir",
+                    format!("{} does not exist, nor does its parent directory", f.dir),
+                );
+            }
+        }
+    }
+    let max_size = f.max_size.map_or(DEFAULT_SPOOL_MAX_SIZE, |s| s.0);
+    if max_size < 1024 * 1024 {
+        ck.err("spool.max_size", "must be at least 1MiB");
+    }
+    Some(SpoolConfig {
+        dir,
+        max_size,
+        fsync: f.fsync.unwrap_or(Fsync::Group),
+    })
 }
 
 /// `server:` holds Pingora's `ServerConf` keys unchanged; unknown ones are refused (Pingora
@@ -781,6 +835,12 @@ fn build_routes(
         });
         let kind = match (f.upstream, f.broadcast) {
             (Some(name), None) => {
+                if f.broadcast_retry.is_some() {
+                    ck.err(
+                        &format!("{path}.broadcast_retry"),
+                        "applies only to broadcast routes (`broadcast:`)",
+                    );
+                }
                 let upstream = lookup(ck, &format!("{path}.upstream"), &name);
                 let fallback: Vec<UpstreamId> = f
                     .fallback
@@ -815,12 +875,31 @@ fn build_routes(
                         "fallback applies only to proxy routes (`upstream:`)",
                     );
                 }
-                let targets = targets
+                let targets: Vec<UpstreamId> = targets
                     .iter()
                     .enumerate()
                     .filter_map(|(j, n)| lookup(ck, &format!("{path}.broadcast[{j}]"), n))
                     .collect();
-                Some(RouteKind::Broadcast { targets })
+                if targets.len() > u16::MAX as usize {
+                    ck.err(&format!("{path}.broadcast"), "at most 65535 upstreams");
+                }
+                let mut retry = RetryPolicy::default();
+                if let Some(r) = &f.broadcast_retry {
+                    if let Some(n) = r.max_attempts {
+                        if n == 0 {
+                            ck.err(
+                                &format!("{path}.broadcast_retry.max_attempts"),
+                                "must be at least 1",
+                            );
+                        }
+                        retry.max_attempts = n;
+                    }
+                    if let Some(d) = r.max_age {
+                        positive(ck, &format!("{path}.broadcast_retry.max_age"), d.0);
+                        retry.max_age = d.0;
+                    }
+                }
+                Some(RouteKind::Broadcast { targets, retry })
             }
             _ => {
                 ck.err(

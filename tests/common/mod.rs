@@ -42,6 +42,8 @@ pub struct BackendState {
     pub inflight: AtomicUsize,
     /// When set, requests are read in full and then the connection is dropped unanswered.
     pub drop_after_body: AtomicBool,
+    /// When n > 0, every n-th request is answered 503 instead of `status`.
+    pub fail_every: AtomicUsize,
     pub seen: Mutex<Vec<Seen>>,
 }
 
@@ -76,6 +78,7 @@ impl Backend {
             status: AtomicU16::new(200),
             inflight: AtomicUsize::new(0),
             drop_after_body: AtomicBool::new(false),
+            fail_every: AtomicUsize::new(0),
             seen: Mutex::new(Vec::new()),
         });
         let tasks: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::default();
@@ -127,6 +130,11 @@ impl Backend {
 
     pub fn set_status(&self, status: u16) {
         self.state.status.store(status, SeqCst);
+    }
+
+    /// Every `n`-th request gets 503 (0: none).
+    pub fn set_fail_every(&self, n: usize) {
+        self.state.fail_every.store(n, SeqCst);
     }
 
     pub fn seen(&self) -> Vec<Seen> {
@@ -184,7 +192,7 @@ async fn handle(
         headers,
         body,
     });
-    st.hits.fetch_add(1, SeqCst);
+    let hit = st.hits.fetch_add(1, SeqCst) + 1;
     if st.drop_after_body.load(SeqCst) {
         st.inflight.fetch_sub(1, SeqCst);
         return Err(std::io::Error::other("dropping the connection unanswered"));
@@ -194,7 +202,12 @@ async fn handle(
         tokio::time::sleep(Duration::from_millis(delay)).await;
     }
     st.inflight.fetch_sub(1, SeqCst);
-    let status = st.status.load(SeqCst);
+    let every = st.fail_every.load(SeqCst);
+    let status = if every > 0 && hit.is_multiple_of(every) {
+        503
+    } else {
+        st.status.load(SeqCst)
+    };
     Ok(Response::builder()
         .status(status)
         .header("x-backend", st.name.as_str())

@@ -1,0 +1,587 @@
+//! The delivery service: a Pingora background service that takes the right to deliver from
+//! the spool ([`Spool::claim`]), is handed every kept request ([`Spool::found`]) and sends
+//! each to every target that does not have it yet.
+//!
+//! Each target has its own lane: a queue of deliveries ready to go, a heap of failed ones
+//! waiting for their next attempt, and at most [`CONCURRENCY`] attempts in flight
+//! ([`TOTAL_CONCURRENCY`] in all). An attempt that fails to connect, times out, or gets 408,
+//! 429 or a 5xx is tried again after an exponential backoff with jitter (at least what
+//! `Retry-After` asks), until `broadcast_retry.max_attempts` or `max_age` gives it up
+//! (counted `expired`, logged with its request id); another 4xx is not retried (counted
+//! `rejected`, logged). While a target's circuit is open its deliveries wait.
+//!
+//! On a graceful stop or upgrade, with a disk spool the service stops starting attempts,
+//! waits a few seconds for those in flight, and hands the spool over (the next process, or
+//! the `-u` successor, resumes from it; what was in flight and not finished is sent again).
+//! With the memory spool it keeps delivering until nothing is left or
+//! `grace_period_seconds` ends; what is left then is lost (counted `dropped`).
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use pingora_core::connectors::http::Connector;
+use pingora_core::connectors::ConnectorOptions;
+use pingora_core::server::configuration::ServerConf;
+use pingora_core::server::ShutdownWatch;
+use pingora_core::services::background::BackgroundService;
+use prometheus::IntGaugeVec;
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::{watch, Notify, Semaphore};
+use tokio::task::JoinSet;
+
+use super::spool::{lock, Accepted, Found, Key, Spool};
+use super::{age, Target, Targets};
+use crate::config::RetryPolicy;
+use crate::limits::ByteBudget;
+use crate::outbound::{self, Body, Failure, Keep};
+use crate::upstream::Tried;
+
+/// Attempts in flight at once per target.
+const CONCURRENCY: usize = 64;
+/// Attempts in flight at once in all, so hundreds of targets cannot exhaust the process's
+/// sockets.
+const TOTAL_CONCURRENCY: usize = 1024;
+/// Requests kept in memory for their deliveries (beyond, a disk spool reads them again).
+const KEEP_BYTES: usize = 64 * 1024 * 1024;
+/// The first retry's delay; each further one doubles it, up to [`BACKOFF_MAX`].
+const BACKOFF_BASE: Duration = Duration::from_millis(500);
+const BACKOFF_MAX: Duration = Duration::from_secs(300);
+/// How long a stopping process waits for attempts in flight before handing over.
+const HANDOVER_WAIT: Duration = Duration::from_secs(5);
+
+/// One request for one target.
+struct Item {
+    key: Key,
+    /// The target's index in the request's list.
+    index: u16,
+    attempts: u32,
+    accepted_ms: u64,
+    size: u64,
+    request_id: Arc<str>,
+    /// The request, while kept in memory.
+    held: Option<Held>,
+}
+
+/// A request kept in memory, counted against [`KEEP_BYTES`] until dropped.
+struct Held {
+    accepted: Arc<Accepted>,
+    budget: Option<Arc<ByteBudget>>,
+    size: usize,
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        if let Some(b) = &self.budget {
+            b.give_back(self.size);
+        }
+    }
+}
+
+struct Later {
+    at: Instant,
+    seq: u64,
+    item: Item,
+}
+
+impl PartialEq for Later {
+    fn eq(&self, other: &Self) -> bool {
+        (self.at, self.seq) == (other.at, other.seq)
+    }
+}
+impl Eq for Later {}
+impl PartialOrd for Later {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for Later {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        (self.at, self.seq).cmp(&(other.at, other.seq))
+    }
+}
+
+#[derive(Default)]
+struct Queue {
+    ready: VecDeque<Item>,
+    later: BinaryHeap<Reverse<Later>>,
+    seq: u64,
+    inflight: usize,
+}
+
+impl Queue {
+    fn is_empty(&self) -> bool {
+        self.ready.is_empty() && self.later.is_empty() && self.inflight == 0
+    }
+}
+
+/// One target's deliveries.
+struct Lane {
+    target: Arc<Target>,
+    retry: RetryPolicy,
+    queue: Mutex<Queue>,
+    more: Notify,
+}
+
+/// What the lanes share.
+struct Shared {
+    spool: Arc<dyn Spool>,
+    connector: Connector,
+    total: Arc<Semaphore>,
+    keep: Arc<ByteBudget>,
+    /// Turns true when the service is told to stop.
+    stop: watch::Receiver<bool>,
+}
+
+/// The background service that delivers broadcast requests.
+pub struct Deliverer {
+    spool: Arc<dyn Spool>,
+    /// Every broadcast route's targets, by route label.
+    routes: HashMap<String, Arc<Targets>>,
+    options: ConnectorOptions,
+    grace: Duration,
+    spool_bytes: IntGaugeVec,
+    spool_oldest: IntGaugeVec,
+}
+
+impl Deliverer {
+    pub fn new(
+        spool: Arc<dyn Spool>,
+        routes: HashMap<String, Arc<Targets>>,
+        conf: &ServerConf,
+        spool_bytes: IntGaugeVec,
+        spool_oldest: IntGaugeVec,
+    ) -> Deliverer {
+        Deliverer {
+            spool,
+            routes,
+            options: ConnectorOptions::from_server_conf(conf),
+            grace: Duration::from_secs(conf.grace_period_seconds.unwrap_or(0)),
+            spool_bytes,
+            spool_oldest,
+        }
+    }
+}
+
+#[async_trait]
+impl BackgroundService for Deliverer {
+    async fn start(&self, shutdown: ShutdownWatch) {
+        let mut waiting = shutdown.clone();
+        if !self.spool.claim(&mut waiting).await {
+            return;
+        }
+        log::info!("broadcast: delivering from the spool");
+        let (stop_tx, stop) = watch::channel(false);
+        let shared = Arc::new(Shared {
+            spool: Arc::clone(&self.spool),
+            connector: Connector::new(Some(self.options.clone())),
+            total: Arc::new(Semaphore::new(TOTAL_CONCURRENCY)),
+            keep: Arc::new(ByteBudget::new(KEEP_BYTES)),
+            stop,
+        });
+        // One lane per (route, target), found by route label and upstream name.
+        let mut lanes: HashMap<(String, String), Arc<Lane>> = HashMap::new();
+        for (label, targets) in &self.routes {
+            for t in &targets.list {
+                let lane = Arc::new(Lane {
+                    target: Arc::clone(t),
+                    retry: targets.retry,
+                    queue: Mutex::default(),
+                    more: Notify::new(),
+                });
+                lanes.insert((label.clone(), t.upstream.name().to_string()), lane);
+            }
+        }
+        let lanes = Arc::new(lanes);
+        let mut tasks = JoinSet::new();
+        for lane in lanes.values() {
+            tasks.spawn(run_lane(Arc::clone(lane), Arc::clone(&shared)));
+        }
+        let mut intake = tokio::spawn(intake(Arc::clone(&lanes), Arc::clone(&shared)));
+        let gauges = tokio::spawn(report(
+            Arc::clone(&lanes),
+            self.spool_bytes.clone(),
+            self.spool_oldest.clone(),
+        ));
+        let durable = self.spool.durable();
+        let mut shutdown = shutdown;
+        if !*shutdown.borrow() {
+            // A disk spool is handed over as soon as the stop or upgrade is asked for (on
+            // SIGQUIT Pingora itself waits 5 s before telling its services): the next
+            // process, which waits for the spool, then delivers at once.
+            let signals = (signal(SignalKind::quit()), signal(SignalKind::terminate()));
+            match signals {
+                (Ok(mut quit), Ok(mut term)) if durable => tokio::select! {
+                    _ = shutdown.changed() => {}
+                    _ = quit.recv() => {}
+                    _ = term.recv() => {}
+                },
+                _ => {
+                    let _ = shutdown.changed().await;
+                }
+            }
+        }
+        let _ = stop_tx.send(true);
+        if durable {
+            intake.abort();
+        }
+        let limit = if durable {
+            HANDOVER_WAIT.min(self.grace.max(Duration::from_secs(1)))
+        } else {
+            self.grace
+        };
+        let finished =
+            tokio::time::timeout(limit, async { while tasks.join_next().await.is_some() {} }).await;
+        tasks.abort_all();
+        intake.abort();
+        let _ = (&mut intake).await;
+        gauges.abort();
+        let left: u64 = lanes
+            .values()
+            .map(|l| {
+                let q = lock(&l.queue);
+                (q.ready.len() + q.later.len() + q.inflight) as u64
+            })
+            .sum();
+        if durable {
+            self.spool.release();
+            log::info!("broadcast: spool handed over ({left} deliveries pending)");
+        } else if finished.is_err() || left > 0 {
+            for lane in lanes.values() {
+                let q = lock(&lane.queue);
+                let n = (q.ready.len() + q.later.len() + q.inflight) as u64;
+                if n > 0 {
+                    lane.target.dropped.inc_by(n);
+                }
+            }
+            log::warn!("broadcast: stopping with {left} deliveries undelivered and no spool: they are lost (counted as dropped)");
+        }
+    }
+}
+
+/// Takes what the spool hands out and queues each request on the lanes of its targets.
+async fn intake(lanes: Arc<HashMap<(String, String), Arc<Lane>>>, shared: Arc<Shared>) {
+    let keep_all = !shared.spool.durable();
+    loop {
+        let found = shared.spool.found(Duration::from_millis(250)).await;
+        for Found {
+            key,
+            pending,
+            size,
+            accepted,
+        } in found
+        {
+            let request_id: Arc<str> = Arc::from(accepted.request_id.as_str());
+            for index in pending {
+                let name = accepted.targets.get(index as usize);
+                let lane = name.and_then(|n| lanes.get(&(accepted.route.clone(), n.clone())));
+                let Some(lane) = lane else {
+                    log::warn!(
+                        "broadcast: request {} was kept for {} of route {}, which is no longer one of its targets: given up",
+                        accepted.request_id,
+                        name.map_or("?", |n| n.as_str()),
+                        accepted.route
+                    );
+                    shared.spool.done(key, index);
+                    continue;
+                };
+                let held = if keep_all {
+                    Some(Held {
+                        accepted: Arc::clone(&accepted),
+                        budget: None,
+                        size: 0,
+                    })
+                } else if shared.keep.try_take(size as usize) {
+                    Some(Held {
+                        accepted: Arc::clone(&accepted),
+                        budget: Some(Arc::clone(&shared.keep)),
+                        size: size as usize,
+                    })
+                } else {
+                    None
+                };
+                let item = Item {
+                    key,
+                    index,
+                    attempts: 0,
+                    accepted_ms: accepted.accepted_ms,
+                    size,
+                    request_id: Arc::clone(&request_id),
+                    held,
+                };
+                lane.target.pending.fetch_add(1, Relaxed);
+                lane.target.pending_bytes.fetch_add(size, Relaxed);
+                lock(&lane.queue).ready.push_back(item);
+                lane.more.notify_one();
+            }
+        }
+        if *shared.stop.borrow() && !keep_all {
+            return;
+        }
+    }
+}
+
+/// Refreshes the age of each target's oldest delivery and the spool gauges once a second.
+async fn report(
+    lanes: Arc<HashMap<(String, String), Arc<Lane>>>,
+    bytes: IntGaugeVec,
+    oldest: IntGaugeVec,
+) {
+    loop {
+        let mut by_upstream: HashMap<&str, (u64, u64)> = HashMap::new();
+        for lane in lanes.values() {
+            let first = {
+                let q = lock(&lane.queue);
+                q.ready
+                    .iter()
+                    .chain(q.later.iter().map(|l| &l.0.item))
+                    .map(|i| i.accepted_ms)
+                    .min()
+                    .unwrap_or(0)
+            };
+            let t = &lane.target;
+            t.oldest_ms.store(first, Relaxed);
+            let e = by_upstream.entry(t.upstream.name()).or_insert((0, 0));
+            e.0 += t.pending_bytes.load(Relaxed);
+            if first > 0 && (e.1 == 0 || first < e.1) {
+                e.1 = first;
+            }
+        }
+        for (upstream, (b, first)) in by_upstream {
+            bytes.with_label_values(&[upstream]).set(b as i64);
+            let seconds = if first > 0 { age(first).as_secs() } else { 0 };
+            oldest.with_label_values(&[upstream]).set(seconds as i64);
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+/// Runs one target's deliveries until told to stop (with the memory spool: until nothing
+/// is left), then waits for its attempts in flight.
+async fn run_lane(lane: Arc<Lane>, shared: Arc<Shared>) {
+    let slots = Arc::new(Semaphore::new(CONCURRENCY));
+    let mut inflight = JoinSet::new();
+    let mut stop = shared.stop.clone();
+    let draining = !shared.spool.durable();
+    loop {
+        let stopping = *stop.borrow();
+        if stopping && (!draining || lock(&lane.queue).is_empty()) {
+            break;
+        }
+        let Ok(slot) = Arc::clone(&slots).acquire_owned().await else {
+            break;
+        };
+        let Ok(global) = Arc::clone(&shared.total).acquire_owned().await else {
+            break;
+        };
+        // The next delivery: a ready one, else a retry whose time has come.
+        let (next, wake_at) = {
+            let mut q = lock(&lane.queue);
+            let now = Instant::now();
+            let due = q.later.peek().is_some_and(|l| l.0.at <= now);
+            let next = match q.ready.pop_front() {
+                Some(item) => Some(item),
+                None if due => q.later.pop().map(|l| l.0.item),
+                None => None,
+            };
+            if next.is_some() {
+                q.inflight += 1;
+            }
+            (next, q.later.peek().map(|l| l.0.at))
+        };
+        let Some(item) = next else {
+            drop((slot, global));
+            let far = Instant::now() + Duration::from_secs(3600);
+            tokio::select! {
+                _ = lane.more.notified() => {}
+                _ = tokio::time::sleep_until(wake_at.unwrap_or(far).into()) => {}
+                _ = stop.changed(), if !stopping => {}
+                _ = tokio::time::sleep(Duration::from_millis(100)), if stopping => {}
+            }
+            continue;
+        };
+        // An open circuit delays the delivery; it is not lost.
+        let probe = loop {
+            if let Some(probe) = lane.target.breaker.admit(Instant::now()) {
+                break Some(probe);
+            }
+            if *stop.borrow() && !draining {
+                break None;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
+        let Some(probe) = probe else {
+            let mut q = lock(&lane.queue);
+            q.inflight -= 1;
+            q.ready.push_front(item);
+            break;
+        };
+        let (lane, shared) = (Arc::clone(&lane), Arc::clone(&shared));
+        inflight.spawn(async move {
+            attempt(&lane, &shared, item, probe).await;
+            drop((slot, global));
+        });
+        while inflight.try_join_next().is_some() {}
+    }
+    while inflight.join_next().await.is_some() {}
+}
+
+/// What became of one attempt.
+enum Outcome {
+    Delivered,
+    /// A 4xx other than 408 and 429: the target refuses it; not tried again.
+    Rejected(u16),
+    /// Worth another try: why it failed, and how long the target asked to wait.
+    Failed(String, Option<Duration>),
+}
+
+/// One attempt of one delivery, and what follows from it: done, or queued again.
+async fn attempt(lane: &Lane, shared: &Shared, mut item: Item, probe: bool) {
+    let target = &lane.target;
+    let accepted = match &item.held {
+        Some(h) => Ok(Arc::clone(&h.accepted)),
+        None => shared.spool.load(item.key).await,
+    };
+    let outcome = match accepted {
+        Ok(a) => send(target, &a, &shared.connector).await,
+        Err(e) => {
+            log::error!(
+                "broadcast: request {} for {} cannot be read from the spool ({e}): lost",
+                item.request_id,
+                target.upstream.name()
+            );
+            if probe {
+                target.breaker.abandon_probe();
+            }
+            target.dropped.inc();
+            finish(lane, shared, &item);
+            return;
+        }
+    };
+    target
+        .breaker
+        .report(!matches!(outcome, Outcome::Failed(..)), Instant::now());
+    match outcome {
+        Outcome::Delivered => {
+            target.ok.inc();
+            finish(lane, shared, &item);
+        }
+        Outcome::Rejected(status) => {
+            target.rejected.inc();
+            log::warn!(
+                "broadcast: {} rejected request {} of route {} with {status}; not retried",
+                target.upstream.name(),
+                item.request_id,
+                target.route
+            );
+            finish(lane, shared, &item);
+        }
+        Outcome::Failed(why, asked) => {
+            target.error.inc();
+            item.attempts += 1;
+            let age = age(item.accepted_ms);
+            let delay = backoff(item.attempts).max(asked.unwrap_or_default());
+            let retry = &lane.retry;
+            if item.attempts >= retry.max_attempts || age + delay > retry.max_age {
+                target.expired.inc();
+                log::warn!(
+                    "broadcast: gave up request {} for {} of route {} after {} attempts over {}s: {why}",
+                    item.request_id,
+                    target.upstream.name(),
+                    target.route,
+                    item.attempts,
+                    age.as_secs()
+                );
+                *lock(&target.last_error) = Some(why);
+                finish(lane, shared, &item);
+                return;
+            }
+            target.retried.inc();
+            *lock(&target.last_error) = Some(why);
+            if shared.spool.durable() {
+                // It waits anyway: let its memory go (it is read again when due).
+                item.held = None;
+            }
+            let mut q = lock(&lane.queue);
+            q.inflight -= 1;
+            q.seq += 1;
+            let seq = q.seq;
+            q.later.push(Reverse(Later {
+                at: Instant::now() + delay,
+                seq,
+                item,
+            }));
+            drop(q);
+            lane.more.notify_one();
+        }
+    }
+}
+
+/// The delivery is over for this target: the spool forgets it once all targets are done.
+fn finish(lane: &Lane, shared: &Shared, item: &Item) {
+    shared.spool.done(item.key, item.index);
+    lane.target.pending.fetch_sub(1, Relaxed);
+    lane.target.pending_bytes.fetch_sub(item.size, Relaxed);
+    let mut q = lock(&lane.queue);
+    q.inflight -= 1;
+}
+
+/// Sends the request to one backend of the target upstream.
+async fn send(target: &Target, a: &Accepted, connector: &Connector) -> Outcome {
+    let Some(mut lease) = target.upstream.select(b"", &Tried::default()) else {
+        return Outcome::Failed("no healthy backend".into(), None);
+    };
+    let t = &target.upstream.config.timeouts;
+    let body = Body::Full(a.body.clone());
+    let answer = outbound::exchange(
+        connector,
+        &mut lease,
+        t,
+        t.total(),
+        &a.header,
+        body,
+        Keep::Discard,
+    );
+    match answer.await {
+        Ok(answer) => match answer.status {
+            408 | 429 | 500..=599 => {
+                Outcome::Failed(format!("answered {}", answer.status), answer.retry_after)
+            }
+            400..=499 => Outcome::Rejected(answer.status),
+            _ => Outcome::Delivered,
+        },
+        Err(Failure::Timeout) => Outcome::Failed("timed out".into(), None),
+        Err(Failure::Upstream(e)) => Outcome::Failed(e.to_string().trim().to_string(), None),
+        Err(f) => Outcome::Failed(format!("{f:?}"), None),
+    }
+}
+
+/// The wait before attempt `n + 1`: 0.5 s doubled for each failure, at most 5 min, with
+/// "equal jitter" (between half of it and all of it) so that retries do not come in waves.
+fn backoff(failures: u32) -> Duration {
+    let exp = BACKOFF_BASE.saturating_mul(1u32 << failures.saturating_sub(1).min(20));
+    let full = exp.min(BACKOFF_MAX);
+    let half = full / 2;
+    half + half.mul_f64(crate::request_id::unit_random())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_with_jitter_up_to_its_cap() {
+        for n in 1..30 {
+            let d = backoff(n);
+            let full = BACKOFF_BASE
+                .saturating_mul(1u32 << (n - 1).min(20))
+                .min(BACKOFF_MAX);
+            assert!(d >= full / 2 && d <= full, "{n}: {d:?} vs {full:?}");
+        }
+        assert!(backoff(1) <= Duration::from_millis(500));
+        assert!(backoff(40) >= Duration::from_secs(150));
+    }
+}
