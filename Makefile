@@ -6,7 +6,7 @@
 CARGO ?= cargo
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test deps build lint fmt bench bench-clients bench-tls bench-tls-candidates fuzz check-conf upgrade-demo verify-unit
+.PHONY: run test deps build lint fmt bench bench-clients bench-tls bench-tls-candidates bench-spool fuzz check-conf upgrade-demo verify-unit
 
 deps:
 	@command -v cargo >/dev/null || { echo "cargo is missing: install Rust with rustup first" >&2; exit 1; }
@@ -43,6 +43,12 @@ bench-clients: build
 bench-tls: build
 	bench/deps.sh nginx:nginx-light haproxy:haproxy wrk:wrk h2load:nghttp2-client openssl:openssl python3:python3
 	python3 bench/tls.py
+
+# The broadcast spool: accepted/s, the 202's p99 and CPU per request with the memory spool
+# and the disk spool under each fsync policy; disk bytes per event.
+bench-spool: build
+	bench/deps.sh nginx:nginx-light wrk:wrk python3:python3
+	python3 bench/spool.py
 
 # The TLS library candidates (Pingora built with rustls, then with OpenSSL) on handshakes
 # and keep-alive HTTPS, beside nginx. OpenSSL's headers come from Debian's libssl-dev.

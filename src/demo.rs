@@ -82,6 +82,7 @@ pub fn config_yaml(listen: Option<&str>, admin: Option<&str>) -> String {
         r#"server: {{ threads: 2, grace_period_seconds: 1, graceful_shutdown_timeout_seconds: 1 }}
 listen: ["{listen}"]
 admin: {admin}
+spool: {{ dir: {spool} }}
 upstreams:
   api:
     balance: weighted
@@ -114,6 +115,7 @@ routes:
 "#,
         listen = listen.unwrap_or(DEFAULT_LISTEN),
         admin = admin.unwrap_or(ADMIN),
+        spool = std::env::temp_dir().join("fanout-demo-spool").display(),
         p0 = p[0],
         p1 = p[1],
         p2 = p[2],

@@ -233,28 +233,23 @@ pub(super) fn build(text: &str) -> Result<Config, Vec<ConfigError>> {
     }
 }
 
-/// `spool:`: the directory must be one (or be creatable: its parent must exist).
+/// `spool:`: the directory must be one, or be creatable (its nearest existing ancestor is
+/// a writable directory).
 fn build_spool(ck: &mut Checker, f: FileSpool) -> Option<SpoolConfig> {
     let dir = std::path::PathBuf::from(&f.dir);
     if f.dir.is_empty() {
         ck.err("spool.dir", "must not be empty");
         return None;
     }
-    match std::fs::metadata(&dir) {
-        Ok(m) if !m.is_dir() => ck.err("spool.dir", format!("{} is not a directory", f.dir)),
-        Ok(m) if m.permissions().readonly() => {
-            ck.err("spool.dir", format!("{} is not writable", f.dir))
+    let existing = dir.ancestors().find(|p| !p.as_os_str().is_empty() && p.exists());
+    match existing.map(|p| (p, std::fs::metadata(p))) {
+        Some((p, Ok(m))) if !m.is_dir() => {
+            ck.err("spool.dir", format!("{} is not a directory", p.display()))
         }
-        Ok(_) => {}
-        Err(_) => {
-            let parent = dir.parent().filter(|p| !p.as_os_str().is_empty());
-            if parent.is_some_and(|p| !p.is_dir()) {
-                ck.err(
-                    "spool.dir",
-                    format!("{} does not exist, nor does its parent directory", f.dir),
-                );
-            }
+        Some((p, Ok(m))) if m.permissions().readonly() => {
+            ck.err("spool.dir", format!("{} is not writable", p.display()))
         }
+        _ => {}
     }
     let max_size = f.max_size.map_or(DEFAULT_SPOOL_MAX_SIZE, |s| s.0);
     if max_size < 1024 * 1024 {
