@@ -180,3 +180,66 @@ fn an_open_admin_listener_without_a_token_is_warned_about() {
     assert_eq!(guarded.admin.unwrap().token.as_deref(), Some("s3cret"));
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn spool_and_broadcast_retry_are_checked() {
+    let bcast = "routes:\n  - { match: { prefix: /e }, broadcast: [u] }\n";
+    let memory = ok(&format!("{BASE}{bcast}"));
+    assert!(memory.spool.is_none());
+    assert_eq!(memory.warnings.len(), 1);
+    assert!(memory.warnings[0].message.contains("in memory only"));
+    let RouteKind::Broadcast { retry, .. } = &memory.routes[0].kind else {
+        panic!("a broadcast route");
+    };
+    assert_eq!((retry.max_attempts, retry.max_age.as_secs()), (20, 86_400));
+
+    let dir = std::env::temp_dir().join(format!("fanout-spool-conf-{}", std::process::id()));
+    let c = ok(&format!(
+        "{BASE}spool: {{ dir: {}/a/b, max_size: 2MiB, fsync: always }}\n\
+         routes:\n  - {{ match: {{ prefix: /e }}, broadcast: [u], broadcast_retry: {{ max_attempts: 3, max_age: 1m }} }}\n",
+        dir.display()
+    ));
+    assert!(c.warnings.is_empty());
+    let s = c.spool.as_ref().expect("a spool");
+    assert_eq!((s.max_size, s.fsync), (2 * 1024 * 1024, Fsync::Always));
+    let RouteKind::Broadcast { retry, .. } = &c.routes[0].kind else {
+        panic!("a broadcast route");
+    };
+    assert_eq!((retry.max_attempts, retry.max_age.as_secs()), (3, 60));
+
+    let file = std::env::temp_dir().join(format!("fanout-spool-file-{}", std::process::id()));
+    std::fs::write(&file, b"").unwrap();
+    let e = errors(&format!(
+        "{BASE}spool: {{ dir: {}, max_size: 10, fsync: sometimes }}\n\
+         routes:\n  - {{ match: {{ prefix: /e }}, broadcast: [u], broadcast_retry: {{ max_attempts: 0 }} }}\n\
+         \x20 - {{ match: {{ prefix: /p }}, upstream: u, broadcast_retry: {{ max_attempts: 2 }} }}\n",
+        file.display()
+    ));
+    assert!(has(&e, "spool.fsync: unknown variant `sometimes`"), "{e:?}");
+    let e = errors(&format!(
+        "{BASE}spool: {{ dir: {}/sub, max_size: 10 }}\n\
+         routes:\n  - {{ match: {{ prefix: /e }}, broadcast: [u], broadcast_retry: {{ max_attempts: 0 }} }}\n\
+         \x20 - {{ match: {{ prefix: /p }}, upstream: u, broadcast_retry: {{ max_attempts: 2 }} }}\n",
+        file.display()
+    ));
+    assert!(
+        has(&e, "spool.dir: ") && has(&e, "is not a directory"),
+        "{e:?}"
+    );
+    assert!(has(&e, "spool.max_size: must be at least 1MiB"), "{e:?}");
+    assert!(
+        has(
+            &e,
+            "routes[0].broadcast_retry.max_attempts: must be at least 1"
+        ),
+        "{e:?}"
+    );
+    assert!(
+        has(
+            &e,
+            "routes[1].broadcast_retry: applies only to broadcast routes"
+        ),
+        "{e:?}"
+    );
+    let _ = std::fs::remove_file(&file);
+}

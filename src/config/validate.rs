@@ -241,7 +241,9 @@ fn build_spool(ck: &mut Checker, f: FileSpool) -> Option<SpoolConfig> {
         ck.err("spool.dir", "must not be empty");
         return None;
     }
-    let existing = dir.ancestors().find(|p| !p.as_os_str().is_empty() && p.exists());
+    let existing = dir
+        .ancestors()
+        .find(|p| !p.as_os_str().is_empty() && p.exists());
     match existing.map(|p| (p, std::fs::metadata(p))) {
         Some((p, Ok(m))) if !m.is_dir() => {
             ck.err("spool.dir", format!("{} is not a directory", p.display()))
