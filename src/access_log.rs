@@ -42,6 +42,9 @@ pub struct Record {
     pub route: Option<Arc<str>>,
     pub upstream: Option<Arc<str>>,
     pub backend: Option<Arc<str>>,
+    /// On a cached route: what the cache did (`hit`, `miss`, `stale`, ...).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cache: Option<&'static str>,
     pub duration_ms: f64,
     pub bytes_in: u64,
     pub bytes_out: u64,
@@ -153,6 +156,7 @@ mod tests {
             route: Some("api".into()),
             upstream: None,
             backend: None,
+            cache: None,
             duration_ms: 1.5,
             bytes_in: 0,
             bytes_out: 2,
@@ -208,6 +212,7 @@ mod bound_tests {
                 route: None,
                 upstream: None,
                 backend: None,
+                cache: None,
                 duration_ms: 0.0,
                 bytes_in: 0,
                 bytes_out: 0,

@@ -140,6 +140,11 @@ impl AdminApp {
                 "uptime_seconds": gw.started.elapsed().as_secs(),
                 "upstreams": upstreams,
                 "routes": routes,
+                "cache": self.gw.cache.as_ref().map(|c| json!({
+                    "entries": c.store.entries(),
+                    "bytes": c.size(),
+                    "max_size": c.max_size,
+                })),
                 "totals": {
                     "requests": t.requests.load(Relaxed),
                     "responses": t.responses.load(Relaxed),
@@ -149,9 +154,43 @@ impl AdminApp {
         )
     }
 
+    /// `DELETE /cache`, or `DELETE /cache?host=H&path=P`: purges every entry, or those of
+    /// one host and path (all their variants and queries).
+    fn purge(&self, query: Option<&str>) -> (StatusCode, Value) {
+        let Some(cache) = &self.gw.cache else {
+            return (
+                StatusCode::NOT_FOUND,
+                json!({ "error": "no route uses the cache" }),
+            );
+        };
+        let (mut host, mut path) = (None, None);
+        for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            let v = query_value(v);
+            match k {
+                "host" => host = Some(v),
+                "path" => path = Some(v),
+                _ => {
+                    return (
+                        StatusCode::BAD_REQUEST,
+                        json!({ "error": format!("unknown parameter {k:?}: host and path only") }),
+                    )
+                }
+            }
+        }
+        let purged = cache.purge(host.as_deref(), path.as_deref());
+        (StatusCode::OK, json!({ "purged": purged }))
+    }
+
     /// Copies live backend state into the gauges, then renders every family.
     fn metrics(&self) -> Vec<u8> {
         let m = &self.gw.metrics;
+        if let Some(cache) = &self.gw.cache {
+            m.cache_size.set(cache.size() as i64);
+            let seen = m.cache_evictions.get();
+            m.cache_evictions
+                .inc_by(cache.evictions().saturating_sub(seen));
+        }
         let now = std::time::Instant::now();
         for u in &self.gw.upstreams {
             for b in &u.backends {
@@ -168,6 +207,31 @@ impl AdminApp {
         }
         m.render()
     }
+}
+
+/// A query parameter's value with its `%XX` escapes (and `+` for a space) decoded.
+fn query_value(v: &str) -> String {
+    let b = v.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = |j: usize| b.get(j).and_then(|c| (*c as char).to_digit(16));
+        match (b[i], hex(i + 1), hex(i + 2)) {
+            (b'%', Some(hi), Some(lo)) => {
+                out.push((hi * 16 + lo) as u8);
+                i += 3;
+            }
+            (b'+', _, _) => {
+                out.push(b' ');
+                i += 1;
+            }
+            (c, _, _) => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// `125` → `2m5s`.
@@ -203,7 +267,8 @@ fn json_answer((status, body): (StatusCode, Value)) -> Response<Vec<u8>> {
 impl ServeHttp for AdminApp {
     async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
         let req = session.req_header();
-        if req.method != Method::GET && req.method != Method::HEAD {
+        let purge = req.method == Method::DELETE && req.uri.path() == "/cache";
+        if req.method != Method::GET && req.method != Method::HEAD && !purge {
             return json_answer((
                 StatusCode::METHOD_NOT_ALLOWED,
                 json!({ "error": "method not allowed" }),
@@ -221,6 +286,9 @@ impl ServeHttp for AdminApp {
                 http::HeaderValue::from_static("Bearer"),
             );
             return resp;
+        }
+        if purge {
+            return json_answer(self.purge(req.uri.query()));
         }
         match path {
             "/health" => json_answer(self.health()),

@@ -9,6 +9,7 @@ use std::time::Instant;
 use crate::access_log::AccessLogger;
 use crate::broadcast::spool::Spool;
 use crate::broadcast::{self, Targets};
+use crate::cache;
 use crate::config::{AccessLog, Config, EncodedSlashes, RouteConfig, RouteKind, UpstreamId};
 use crate::edge::accept::Connections;
 use crate::edge::ClientPolicy;
@@ -35,6 +36,8 @@ pub struct Route {
     pub fallbacks: Vec<(UpstreamId, Arc<Upstream>)>,
     /// Bounds the fallback copies in flight, on a route with fallbacks.
     pub fallback_budget: Option<Arc<fallback::Budget>>,
+    /// On a cached route: `fanout_cache_requests_total` by [`cache::Outcome`].
+    pub cache_results: Vec<IntCounter>,
 }
 
 impl Route {
@@ -71,6 +74,8 @@ pub struct Gateway {
     pub draining: Arc<Draining>,
     /// Where broadcast routes keep what they accept until it is delivered.
     pub spool: Arc<dyn Spool>,
+    /// The response cache, when a route uses it.
+    pub cache: Option<cache::Cache>,
     pub started: Instant,
     /// What client connections are held to (`clients:`).
     pub clients: Arc<ClientPolicy>,
@@ -129,9 +134,25 @@ impl Gateway {
                         Arc::new(Mirror::new(m, &r.label, upstream, &metrics))
                     })
                     .collect(),
+                cache_results: match &r.cache {
+                    Some(_) => cache::Outcome::ALL
+                        .iter()
+                        .map(|o| {
+                            metrics
+                                .cache_requests
+                                .with_label_values(&[&r.label, o.label()])
+                        })
+                        .collect(),
+                    None => Vec::new(),
+                },
                 config: r.clone(),
             })
             .collect();
+        let cache = config
+            .routes
+            .iter()
+            .any(|r| r.cache.is_some())
+            .then(|| cache::Cache::new(config.cache_max_size));
         Ok(Gateway {
             router: Router::new(&config.routes),
             connector: Arc::new(Connector::new(Some(ConnectorOptions::from_server_conf(
@@ -143,6 +164,7 @@ impl Gateway {
             default_access_log: config.default_access_log,
             access_log: AccessLogger::new(metrics.access_log_dropped.clone()),
             spool,
+            cache,
             draining: Arc::default(),
             clients: Arc::new(ClientPolicy::new(&config.clients, &metrics)),
             connections: Connections::new(

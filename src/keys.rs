@@ -83,6 +83,14 @@ pub fn within_percent(x: u64, percent: f64) -> bool {
     (x as f64) < percent / 100.0 * (u64::MAX as f64)
 }
 
+/// The request's host: its `Host` header, else the target's authority.
+pub fn request_host(req: &pingora_http::RequestHeader) -> Option<&str> {
+    req.headers
+        .get(http::header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .or_else(|| req.uri.host())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

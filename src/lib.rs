@@ -4,6 +4,7 @@
 pub mod access_log;
 pub mod admin;
 pub mod broadcast;
+pub mod cache;
 pub mod cli;
 pub mod config;
 pub mod demo;

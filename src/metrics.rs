@@ -7,8 +7,8 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, OnceLock};
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 pub struct Metrics {
@@ -31,6 +31,9 @@ pub struct Metrics {
     pub client_refused: IntCounterVec,
     pub fallback_skipped: IntCounterVec,
     pub admin_unauthorized: IntCounter,
+    pub cache_requests: IntCounterVec,
+    pub cache_size: IntGauge,
+    pub cache_evictions: IntCounter,
     pub access_log_dropped: IntCounter,
     /// Totals for `/status`.
     pub totals: Totals,
@@ -180,6 +183,26 @@ impl Metrics {
                 "Requests that ran without their fallbacks (over fallback_max_inflight)",
                 &["route"],
             )?,
+            cache_requests: counter(
+                &reg,
+                "fanout_cache_requests_total",
+                "Requests on cached routes, by what the cache did (hit, miss, stale, expired, \
+                 revalidated, bypass)",
+                &["route", "result"],
+            )?,
+            cache_size: {
+                let g = IntGauge::new("fanout_cache_size_bytes", "Bytes of cached answers")?;
+                reg.register(Box::new(g.clone()))?;
+                g
+            },
+            cache_evictions: {
+                let c = IntCounter::new(
+                    "fanout_cache_evictions_total",
+                    "Cached answers evicted to stay under cache.max_size",
+                )?;
+                reg.register(Box::new(c.clone()))?;
+                c
+            },
             admin_unauthorized: {
                 let c = IntCounter::new(
                     "fanout_admin_unauthorized_total",

@@ -30,12 +30,13 @@ use pingora_proxy::{FailToProxy, ProxyHttp, Session};
 
 use crate::access_log::Record;
 use crate::broadcast;
+use crate::cache;
 use crate::config::{AccessLog, RouteId, RouteKind, UpstreamId};
 use crate::edge::path;
 use crate::fallback::{self, Fallbacks};
 use crate::forwarding;
 use crate::gateway::{Gateway, Route};
-use crate::keys::{self, client_ip};
+use crate::keys::{self, client_ip, request_host};
 use crate::limits::{self, BodyCounter, Expect, Refusal};
 use crate::mirror::Copies;
 use crate::ratelimit::Decision;
@@ -104,6 +105,11 @@ pub struct RequestCtx {
     answered_by: Option<UpstreamId>,
     /// Tokens left in the client's rate-limit bucket after this request, on a limited route.
     rate_remaining: Option<u64>,
+    /// What the cache did, on a cached route.
+    cache: Option<cache::Outcome>,
+    /// The cache was looked up for this request (a later "bypass" phase means the answer
+    /// could not be stored: a miss).
+    cache_looked_up: bool,
 }
 
 /// Reports a failed attempt to its backend (outcome counters, circuit breaker), when the
@@ -112,13 +118,6 @@ fn attempt_failed(ctx: &mut RequestCtx, e: &Error) {
     if let (Some(lease), ErrorSource::Upstream) = (ctx.lease.as_mut(), e.esource()) {
         lease.failed(respond::is_timeout(e));
     }
-}
-
-fn request_host(req: &RequestHeader) -> Option<&str> {
-    req.headers
-        .get(header::HOST)
-        .and_then(|v| v.to_str().ok())
-        .or_else(|| req.uri.host())
 }
 
 /// What becomes of a client request once admitted or refused.
@@ -326,6 +325,8 @@ impl ProxyHttp for FanoutProxy {
             primary_failed: false,
             answered_by: None,
             rate_remaining: None,
+            cache: None,
+            cache_looked_up: false,
         }
     }
 
@@ -442,6 +443,73 @@ impl ProxyHttp for FanoutProxy {
         Ok(())
     }
 
+    fn request_cache_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<()> {
+        let route_cache = self.route(ctx).and_then(|r| r.config.cache.as_ref());
+        if let (Some(cache), Some(rc)) = (&self.gw.cache, route_cache) {
+            cache.enable(session, rc);
+        }
+        Ok(())
+    }
+
+    fn cache_key_callback(
+        &self,
+        session: &Session,
+        ctx: &mut RequestCtx,
+    ) -> Result<pingora_cache::CacheKey> {
+        ctx.cache_looked_up = true;
+        let label = self.route(ctx).map_or("", |r| r.config.label.as_str());
+        Ok(cache::key(label, session.req_header()))
+    }
+
+    fn response_cache_filter(
+        &self,
+        session: &Session,
+        resp: &ResponseHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<pingora_cache::RespCacheable> {
+        let refuse =
+            pingora_cache::RespCacheable::Uncacheable(pingora_cache::NoCacheReason::NeverEnabled);
+        Ok(
+            match self.route(ctx).and_then(|r| r.config.cache.as_ref()) {
+                Some(rc) => cache::cacheable(rc, session.req_header(), resp),
+                None => refuse,
+            },
+        )
+    }
+
+    fn cache_vary_filter(
+        &self,
+        meta: &pingora_cache::CacheMeta,
+        _ctx: &mut RequestCtx,
+        req: &RequestHeader,
+    ) -> Option<[u8; 16]> {
+        cache::variance(meta, req)
+    }
+
+    async fn cache_hit_filter(
+        &self,
+        session: &mut Session,
+        _meta: &pingora_cache::CacheMeta,
+        _hit_handler: &mut pingora_cache::HitHandler,
+        is_fresh: bool,
+        _ctx: &mut RequestCtx,
+    ) -> Result<Option<pingora_cache::ForcedFreshness>> {
+        // A client that asks for a fresh answer gets the entry revalidated first.
+        Ok(
+            (is_fresh && cache::client_wants_fresh(session.req_header()))
+                .then_some(pingora_cache::ForcedFreshness::ForceExpired),
+        )
+    }
+
+    fn should_serve_stale(
+        &self,
+        _session: &mut Session,
+        _ctx: &mut RequestCtx,
+        error: Option<&Error>,
+    ) -> bool {
+        cache::stale_allowed(error)
+    }
+
     async fn upstream_peer(
         &self,
         session: &mut Session,
@@ -514,6 +582,15 @@ impl ProxyHttp for FanoutProxy {
                 ctx.answered_by = Some(u);
                 upstream_response.insert_header(fallback::HEADER, self.gw.upstreams[u].name())?;
             }
+        }
+        if let Some(route) = self.route(ctx).filter(|r| !r.cache_results.is_empty()) {
+            let outcome = match cache::Outcome::of(session.cache.phase()) {
+                cache::Outcome::Bypass if ctx.cache_looked_up => cache::Outcome::Miss,
+                outcome => outcome,
+            };
+            ctx.cache = Some(outcome);
+            route.cache_results[outcome.index()].inc();
+            upstream_response.insert_header("x-cache", outcome.header())?;
         }
         if self.gw.draining.is_set() || session.is_process_shutting_down() {
             // Stopping or handing over to a new process: close each client connection after
@@ -666,6 +743,7 @@ impl ProxyHttp for FanoutProxy {
                     .or_else(|| route.and_then(Route::upstream))
                     .map(|u| Arc::clone(&self.gw.upstreams[u].name)),
                 backend: ctx.backend.take(),
+                cache: ctx.cache.map(cache::Outcome::label),
                 duration_ms: millis(elapsed),
                 bytes_in: downstream.body_bytes_read() as u64,
                 bytes_out: downstream.body_bytes_sent() as u64,

@@ -268,6 +268,24 @@ pub struct FileRoute {
     pub mirror: Option<Vec<FileMirror>>,
     pub redact_headers: Option<Vec<String>>,
     pub broadcast_retry: Option<FileBroadcastRetry>,
+    pub cache: Option<FileRouteCache>,
+}
+
+/// `routes[].cache`: answers of this route are cached.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileRouteCache {
+    pub ttl: Option<Dur>,
+    pub max_object_size: Option<Size>,
+    pub stale_if_error: Option<Dur>,
+    pub stale_while_revalidate: Option<Dur>,
+}
+
+/// `cache:` — the shared response cache store.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileCache {
+    pub max_size: Option<Size>,
 }
 
 /// `routes[].broadcast_retry`: how long a broadcast delivery keeps being tried.

@@ -41,6 +41,20 @@ pub struct Config {
     pub routes: Vec<RouteConfig>,
     /// `spool:`; absent: accepted broadcast requests are kept in memory only.
     pub spool: Option<SpoolConfig>,
+    /// `cache.max_size`: bytes of cached answers at most.
+    pub cache_max_size: u64,
+}
+
+pub const DEFAULT_CACHE_MAX_SIZE: u64 = 256 * 1024 * 1024;
+
+/// `routes[].cache`.
+#[derive(Debug, Clone)]
+pub struct RouteCacheConfig {
+    /// Freshness for cacheable answers that state none; `None`: such answers are not stored.
+    pub ttl: Option<Duration>,
+    pub max_object_size: u64,
+    pub stale_if_error: Duration,
+    pub stale_while_revalidate: Duration,
 }
 
 /// `spool:`.
@@ -296,6 +310,7 @@ pub struct RouteConfig {
     pub mirrors: Vec<MirrorConfig>,
     /// Headers removed from broadcast copies.
     pub redact_headers: Vec<HeaderName>,
+    pub cache: Option<RouteCacheConfig>,
 }
 
 #[derive(Debug, Clone, Default)]

@@ -15,12 +15,13 @@ use super::file::*;
 use super::model::*;
 use super::ConfigError;
 
-const TOP_KEYS: [&str; 8] = [
+const TOP_KEYS: [&str; 9] = [
     "server",
     "listen",
     "admin",
     "clients",
     "spool",
+    "cache",
     "defaults",
     "upstreams",
     "routes",
@@ -175,6 +176,18 @@ pub(super) fn build(text: &str) -> Result<Config, Vec<ConfigError>> {
             .map(|c| build_clients(&mut ck, c))
             .unwrap_or_default(),
     };
+    let cache_max_size = match root.remove("cache") {
+        None | Some(Value::Null) => DEFAULT_CACHE_MAX_SIZE,
+        Some(v) => ck
+            .parse::<FileCache>("cache", v)
+            .and_then(|c| c.max_size)
+            .map_or(DEFAULT_CACHE_MAX_SIZE, |s| {
+                if s.0 < 1024 * 1024 {
+                    ck.err("cache.max_size", "must be at least 1MiB");
+                }
+                s.0
+            }),
+    };
     let spool = match root.remove("spool") {
         None | Some(Value::Null) => None,
         Some(v) => ck
@@ -227,6 +240,7 @@ pub(super) fn build(text: &str) -> Result<Config, Vec<ConfigError>> {
             upstreams: upstreams.into_iter().filter_map(|(_, u)| u).collect(),
             routes,
             spool,
+            cache_max_size,
         })
     } else {
         Err(ck.errors)
@@ -1009,6 +1023,31 @@ fn build_routes(
             );
         }
         let redact_headers = header_names(ck, &format!("{path}.redact_headers"), f.redact_headers);
+        let cache = f.cache.map(|c| {
+            let cpath = format!("{path}.cache");
+            if matches!(kind, Some(RouteKind::Broadcast { .. })) {
+                ck.err(&cpath, "cache applies only to proxy routes (`upstream:`)");
+            }
+            for (key, d) in [
+                ("ttl", c.ttl),
+                ("stale_if_error", c.stale_if_error),
+                ("stale_while_revalidate", c.stale_while_revalidate),
+            ] {
+                if let Some(d) = d {
+                    positive(ck, &format!("{cpath}.{key}"), d.0);
+                }
+            }
+            let max_object_size = c.max_object_size.map_or(1024 * 1024, |s| s.0);
+            if max_object_size == 0 {
+                ck.err(&format!("{cpath}.max_object_size"), "must be at least 1");
+            }
+            RouteCacheConfig {
+                ttl: c.ttl.map(|d| d.0),
+                max_object_size,
+                stale_if_error: c.stale_if_error.map_or(Duration::ZERO, |d| d.0),
+                stale_while_revalidate: c.stale_while_revalidate.map_or(Duration::ZERO, |d| d.0),
+            }
+        });
 
         let (Some(matcher), Some(kind)) = (matcher, kind) else {
             continue;
@@ -1048,6 +1087,7 @@ fn build_routes(
             access_log,
             mirrors,
             redact_headers,
+            cache,
         });
     }
     out
