@@ -6,7 +6,7 @@
 CARGO ?= cargo
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test deps build lint fmt bench bench-clients bench-tls bench-tls-candidates bench-spool fuzz check-conf upgrade-demo verify-unit
+.PHONY: run test deps build lint fmt bench bench-clients bench-tls bench-tls-candidates bench-spool bench-cache fuzz check-conf upgrade-demo verify-unit
 
 deps:
 	@command -v cargo >/dev/null || { echo "cargo is missing: install Rust with rustup first" >&2; exit 1; }
@@ -49,6 +49,12 @@ bench-tls: build
 bench-spool: build
 	bench/deps.sh nginx:nginx-light wrk:wrk python3:python3
 	python3 bench/spool.py
+
+# The response cache: hits/s and p99 (1 KiB and 1 MiB objects) against nginx proxy_cache
+# (on tmpfs) and Varnish; a cold-key stampede's origin requests.
+bench-cache: build
+	bench/deps.sh nginx:nginx-light wrk:wrk python3:python3 varnishd:varnish
+	python3 bench/cache.py
 
 # The TLS library candidates (Pingora built with rustls, then with OpenSSL) on handshakes
 # and keep-alive HTTPS, beside nginx. OpenSSL's headers come from Debian's libssl-dev.
