@@ -151,7 +151,9 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
     tmp = tempfile.mkdtemp(prefix="fanout-cache-bench-")
+    os.chmod(tmp, 0o755)  # Varnish's child runs as its own user and works in here
     cache_dir = tempfile.mkdtemp(prefix="fanout-nginx-cache-", dir="/dev/shm")
+    os.chmod(cache_dir, 0o777)  # nginx's workers write here as their own user
     procs = []
     try:
         with open(os.path.join(tmp, "origin.conf"), "w") as f:
@@ -164,14 +166,16 @@ def main():
             f.write(SLOW_SERVER)
         procs.append(run.start(["nginx", "-c", f"{tmp}/origin.conf"], "origin", ORIGIN, tmp))
         procs.append(run.start([sys.executable, f"{tmp}/slow.py", str(SLOW_ORIGIN)], "slow", SLOW_ORIGIN, tmp))
-        proxies = {"fanout": run.start([run.FANOUT, "-c", f"{tmp}/fanout.yaml"], "fanout", PORTS["fanout"], tmp),
-                   "nginx": run.start(["nginx", "-c", f"{tmp}/nginx.conf"], "nginx", PORTS["nginx"], tmp)}
+        proxies = {}
+        commands = {"fanout": [run.FANOUT, "-c", f"{tmp}/fanout.yaml"],
+                    "nginx": ["nginx", "-c", f"{tmp}/nginx.conf"]}
         if shutil.which("varnishd"):
-            proxies["varnish"] = run.start(
-                ["varnishd", "-F", "-a", f"127.0.0.1:{PORTS['varnish']}", "-f", varnish_vcl(tmp),
-                 "-s", "malloc,512m", "-n", os.path.join(tmp, "varnish"), "-p", "thread_pools=1"],
-                "varnish", PORTS["varnish"], tmp)
-        procs += proxies.values()
+            commands["varnish"] = [
+                "varnishd", "-F", "-a", f"127.0.0.1:{PORTS['varnish']}", "-f", varnish_vcl(tmp),
+                "-s", "malloc,512m", "-n", os.path.join(tmp, "varnish"), "-p", "thread_pools=1"]
+        for name, cmd in commands.items():
+            proxies[name] = run.start(cmd, name, PORTS[name], tmp)
+            procs.append(proxies[name])
         targets = list(proxies)
         print(f"# bench/cache.py --duration {args.duration} --rounds {args.rounds}")
         print("| object | cache | hits/s (median) | p50 ms | p99 ms | errors | CPU µs/req | vs nginx | vs Varnish |")
