@@ -20,7 +20,8 @@
 //! Copies without a body, or whose body arrives whole in its first piece, skip the
 //! connector: they are pipelined, many to a write, on a few long-lived connections per
 //! mirror backend ([`lanes`]), which only take more copies while their mirror answers
-//! fast, so a slow mirror still gets a connection per copy.
+//! fast, so a slow mirror still gets a connection per copy; their answers are read by
+//! [`reader`].
 //!
 //! Copies were first Pingora subrequests re-entering the proxy phases; a subrequest costs
 //! as much CPU as a client request (a second session, channels, every phase), which halved
@@ -33,9 +34,10 @@
 //! fails, instead of being discarded.
 
 mod lanes;
+mod reader;
 
 #[doc(hidden)]
-pub use lanes::read_all as lanes_read_all;
+pub use reader::read_all as lanes_read_all;
 
 use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
