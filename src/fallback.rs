@@ -1,21 +1,155 @@
 //! Fallback routes (`fallback: [b, c]` on a proxy route, the "go-conductor" pattern): the
-//! request goes to the route's upstream and to every fallback at once. The fallbacks are the
-//! copies of [`crate::mirror`] in capture mode (their answers kept in memory up to
-//! `fallback_max_body`); this module picks and sends the answer the client gets when the
-//! primary fails: the first successful fallback, in order of arrival.
+//! request goes to the route's upstream and to every fallback at once. Everything about them
+//! is here: starting the copies (the copies of [`crate::mirror`] in capture mode, their
+//! answers kept in memory up to `fallback_max_body`, at most `fallback_max_inflight` of the
+//! route's at once), letting them go when the primary answers, and, when the primary fails,
+//! completing their bodies and picking and sending the answer the client gets: the first
+//! successful fallback, in order of arrival.
 
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
 
+use bytes::Bytes;
 use http::header;
+use pingora_core::connectors::http::Connector;
 use pingora_error::Result;
+use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::Session;
 use prometheus::IntCounter;
 use tokio::sync::{mpsc, watch};
 
-use crate::config::RouteConfig;
+use crate::config::{RouteConfig, RouteKind, UpstreamId};
 use crate::forwarding;
-use crate::mirror::Captured;
+use crate::gateway::Route;
+use crate::limits::{self, BodyCounter, Refusal};
+use crate::mirror::{copy_header, Copies};
+use crate::outbound::{self, Keep};
+use crate::upstream::{Tried, Upstream};
+
+/// A fallback's complete answer.
+pub struct Captured {
+    pub upstream: UpstreamId,
+    pub header: ResponseHeader,
+    pub body: Bytes,
+}
+
+/// Starts the fallback copies of a request on a route with fallbacks, unless the route's
+/// `fallback_max_inflight` is used up: then the request runs without them (counted).
+pub fn start(
+    copies: &mut Copies,
+    session: &Session,
+    route: &Route,
+    request_id: &str,
+    connector: &Arc<Connector>,
+) -> Option<Fallbacks> {
+    let slots = route
+        .fallback_budget
+        .as_ref()?
+        .take(route.fallbacks.len())?;
+    let (leash, wanted) = Leash::new(slots);
+    let answers = spawn_copies(
+        copies,
+        session,
+        &route.config,
+        &route.fallbacks,
+        request_id,
+        connector,
+        leash,
+    );
+    Some(Fallbacks::new(answers, route.fallbacks.len(), wanted))
+}
+
+/// Starts a fallback copy to each of `targets`, shaped as `route` shapes requests,
+/// whose answers (up to the route's `fallback_max_body`) arrive on the returned channel
+/// (one per copy, `None` for a failure).
+fn spawn_copies(
+    copies: &mut Copies,
+    session: &Session,
+    route: &RouteConfig,
+    targets: &[(UpstreamId, Arc<Upstream>)],
+    request_id: &str,
+    connector: &Arc<Connector>,
+    leash: Leash,
+) -> mpsc::UnboundedReceiver<Option<Captured>> {
+    let (to, from) = mpsc::unbounded_channel();
+    let Leash { slots, wanted } = leash;
+    let mut slots = slots.into_iter();
+    let (has_body, _) = limits::declared_body(session.req_header());
+    let max_body = match route.kind {
+        RouteKind::Proxy {
+            fallback_max_body, ..
+        } => fallback_max_body,
+        RouteKind::Broadcast { .. } => 0,
+    };
+    let keep = Keep::UpTo(max_body);
+    for (id, upstream) in targets {
+        let shape = |h: &mut RequestHeader| {
+            forwarding::upstream_request(h, route, forwarding::client(session), request_id)
+        };
+        let (Some(mut lease), Some(header)) = (
+            upstream.select_for(session, &Tried::default()),
+            copy_header(session, shape),
+        ) else {
+            let _ = to.send(None);
+            continue;
+        };
+        let (id, u, to) = (*id, Arc::clone(upstream), to.clone());
+        let (connector, wanted, slot) = (Arc::clone(connector), wanted.clone(), slots.next());
+        copies.spawn_capture(has_body, |body| async move {
+            let _slot = slot;
+            let t = &u.config.timeouts;
+            let answer = outbound::exchange_until(
+                &connector,
+                &mut lease,
+                t,
+                t.total(),
+                &header,
+                body,
+                keep,
+                Some(wanted),
+            )
+            .await;
+            let captured = answer
+                .ok()
+                .and_then(|a| a.kept)
+                .map(|(header, body)| Captured {
+                    upstream: id,
+                    header,
+                    body,
+                });
+            let _ = to.send(captured);
+        });
+    }
+    from
+}
+
+/// The primary failed: gives the copies the rest of the body (the primary may have failed
+/// before reading all of it), counted against `limit`, then waits for the first successful
+/// fallback answer. `Err`: the body went over the limit meanwhile.
+pub async fn first_answer(
+    session: &mut Session,
+    copies: &mut Copies,
+    body: &mut BodyCounter,
+    limit: u64,
+    fallbacks: &mut Fallbacks,
+) -> std::result::Result<Option<Captured>, Refusal> {
+    loop {
+        if session.as_downstream_mut().is_body_done() {
+            // Copies that already had the last piece ignore a second end.
+            copies.feed(None, true);
+            break;
+        }
+        match session.read_request_body().await {
+            Ok(Some(chunk)) => {
+                body.add(chunk.len(), limit)?;
+                copies.feed(Some(&chunk), false);
+            }
+            Ok(None) => copies.feed(None, true),
+            Err(_) => break,
+        }
+    }
+    Ok(fallbacks.first_success().await)
+}
 
 /// The response header naming the upstream that answered.
 pub const HEADER: &str = "x-fanout-upstream";

@@ -4,7 +4,7 @@
 //! 1. `request_filter`: count it, settle its request id, refuse ambiguous framing (400),
 //!    route it (404/405), refuse a declared body over the limit (413).
 //!    Sampled requests on mirrored routes start their copies here, and fallback routes
-//!    their fallback copies ([`mirror`]): tasks that send the request elsewhere through
+//!    their fallback copies ([`mirror`], [`fallback`]): tasks that send the request elsewhere through
 //!    Pingora's connector and never enter these phases.
 //! 2. `request_body_filter`: count the streaming body against the limit (413, upstream
 //!    request aborted) and feed it to the copies.
@@ -174,31 +174,20 @@ impl FanoutProxy {
         let limit = ctx
             .route
             .map_or(u64::MAX, |id| self.gw.routes[id].config.max_body_bytes);
-        loop {
-            if session.as_downstream_mut().is_body_done() {
-                // Copies that already had the last piece ignore a second end.
-                ctx.copies.feed(None, true);
-                break;
-            }
-            match session.read_request_body().await {
-                Ok(Some(chunk)) => match ctx.body.add(chunk.len(), limit) {
-                    Ok(_) => ctx.copies.feed(Some(&chunk), false),
-                    Err(refusal) => {
-                        ctx.refused = Some(refusal);
-                        ctx.fallbacks = None;
-                        ctx.copies = Copies::default();
-                        return Ok(None);
-                    }
-                },
-                Ok(None) => ctx.copies.feed(None, true),
-                Err(_) => break,
-            }
-        }
         let Some(fallbacks) = ctx.fallbacks.as_mut() else {
             return Ok(None);
         };
-        let Some(answer) = fallbacks.first_success().await else {
-            return Ok(None);
+        let answer =
+            fallback::first_answer(session, &mut ctx.copies, &mut ctx.body, limit, fallbacks).await;
+        let answer = match answer {
+            Ok(Some(answer)) => answer,
+            Ok(None) => return Ok(None),
+            Err(refusal) => {
+                ctx.refused = Some(refusal);
+                ctx.fallbacks = None;
+                ctx.copies = Copies::default();
+                return Ok(None);
+            }
         };
         let upstream = answer.upstream;
         ctx.answered_by = Some(upstream);
@@ -282,21 +271,14 @@ impl FanoutProxy {
                 if !route.mirrors.is_empty() {
                     ctx.copies = Copies::start(session, &route.mirrors, &ctx.request_id, connector);
                 }
-                let slots = route
-                    .fallback_budget
-                    .as_ref()
-                    .and_then(|b| b.take(route.fallbacks.len()));
-                if let Some(slots) = slots {
-                    let (leash, wanted) = fallback::Leash::new(slots);
-                    let rx = ctx.copies.start_fallbacks(
+                if route.fallback_budget.is_some() {
+                    ctx.fallbacks = fallback::start(
+                        &mut ctx.copies,
                         session,
-                        &route.config,
-                        &route.fallbacks,
+                        route,
                         &ctx.request_id,
                         connector,
-                        leash,
                     );
-                    ctx.fallbacks = Some(Fallbacks::new(rx, route.fallbacks.len(), wanted));
                 }
                 Verdict::Proxy
             }

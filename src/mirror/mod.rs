@@ -45,14 +45,13 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use pingora_core::connectors::http::Connector;
-use pingora_http::{RequestHeader, ResponseHeader};
+use pingora_http::RequestHeader;
 use pingora_proxy::Session;
 use prometheus::{IntCounter, IntGauge};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
-use crate::config::{MirrorConfig, RouteConfig, RouteKind, UpstreamId};
-use crate::fallback;
+use crate::config::MirrorConfig;
 use crate::forwarding;
 use crate::keys;
 use crate::limits;
@@ -155,7 +154,7 @@ impl Drop for Permit {
 
 /// The client's request head, reshaped by `shape` for a copy, always HTTP/1.1 so the
 /// connection to the copy's backend can be kept alive.
-fn copy_header(
+pub fn copy_header(
     session: &Session,
     shape: impl FnOnce(&mut RequestHeader) -> pingora_error::Result<()>,
 ) -> Option<RequestHeader> {
@@ -163,13 +162,6 @@ fn copy_header(
     forwarding::as_http11(&mut header).ok()?;
     shape(&mut header).ok()?;
     Some(header)
-}
-
-/// A fallback's complete answer.
-pub struct Captured {
-    pub upstream: UpstreamId,
-    pub header: ResponseHeader,
-    pub body: Bytes,
 }
 
 /// Bodies up to this size that arrive in one piece go on a lane with their copy's head.
@@ -399,72 +391,9 @@ impl Copies {
         copies
     }
 
-    /// Starts a fallback copy to each of `upstreams`, shaped as `route` shapes requests,
-    /// whose answers (up to the route's `fallback_max_body`) arrive on the returned channel
-    /// (one per copy, `None` for a failure).
-    pub fn start_fallbacks(
-        &mut self,
-        session: &Session,
-        route: &RouteConfig,
-        targets: &[(UpstreamId, Arc<Upstream>)],
-        request_id: &str,
-        connector: &Arc<Connector>,
-        leash: fallback::Leash,
-    ) -> mpsc::UnboundedReceiver<Option<Captured>> {
-        let (to, from) = mpsc::unbounded_channel();
-        let fallback::Leash { slots, wanted } = leash;
-        let mut slots = slots.into_iter();
-        let (has_body, _) = limits::declared_body(session.req_header());
-        let max_body = match route.kind {
-            RouteKind::Proxy {
-                fallback_max_body, ..
-            } => fallback_max_body,
-            RouteKind::Broadcast { .. } => 0,
-        };
-        let keep = Keep::UpTo(max_body);
-        for (id, upstream) in targets {
-            let shape = |h: &mut RequestHeader| {
-                forwarding::upstream_request(h, route, forwarding::client(session), request_id)
-            };
-            let (Some(mut lease), Some(header)) = (
-                upstream.select_for(session, &Tried::default()),
-                copy_header(session, shape),
-            ) else {
-                let _ = to.send(None);
-                continue;
-            };
-            let (id, u, to) = (*id, Arc::clone(upstream), to.clone());
-            let (connector, wanted, slot) = (Arc::clone(connector), wanted.clone(), slots.next());
-            self.spawn_fallback(has_body, |body| async move {
-                let _slot = slot;
-                let t = &u.config.timeouts;
-                let answer = outbound::exchange_until(
-                    &connector,
-                    &mut lease,
-                    t,
-                    t.total(),
-                    &header,
-                    body,
-                    keep,
-                    Some(wanted),
-                )
-                .await;
-                let captured = answer
-                    .ok()
-                    .and_then(|a| a.kept)
-                    .map(|(header, body)| Captured {
-                        upstream: id,
-                        header,
-                        body,
-                    });
-                let _ = to.send(captured);
-            });
-        }
-        from
-    }
-
-    /// Spawns the task `run` makes of a fallback copy's body, keeping the feeding end.
-    fn spawn_fallback<F, R>(&mut self, has_body: bool, run: R)
+    /// Spawns the task `run` makes of a copy whose answer is kept (a fallback copy,
+    /// [`crate::fallback`]), keeping the end that feeds it the body.
+    pub fn spawn_capture<F, R>(&mut self, has_body: bool, run: R)
     where
         R: FnOnce(Body) -> F,
         F: Future<Output = ()> + Send + 'static,
