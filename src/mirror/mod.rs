@@ -31,15 +31,21 @@
 //!
 //! Fallback routes start the same copies with one difference: the answer of a fallback
 //! copy is kept (up to `fallback_max_body`) for the primary to use if its own upstream
-//! fails, instead of being discarded.
+//! fails, instead of being discarded. The rooms: this file is the mirrors (sampling,
+//! budgets, outcomes, the choice of a copy's way out); [`copies`] the copies of one request
+//! and the feeding of its body, shared with [`crate::fallback`]; [`lanes`] the pipelined
+//! connections; [`reader`] the answers read on them.
 
+mod copies;
 mod lanes;
 mod reader;
+
+pub use copies::{copy_header, Copies};
+use copies::{Copy, Sink, FEED_SLOTS};
 
 #[doc(hidden)]
 pub use reader::read_all as lanes_read_all;
 
-use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
 
@@ -49,14 +55,13 @@ use pingora_http::RequestHeader;
 use pingora_proxy::Session;
 use prometheus::{IntCounter, IntGauge};
 use tokio::sync::mpsc;
-use tokio::task::JoinHandle;
 
 use crate::config::MirrorConfig;
 use crate::forwarding;
 use crate::keys;
 use crate::limits;
 use crate::metrics::Metrics;
-use crate::outbound::{self, Body, Failure, Keep, Piece};
+use crate::outbound::{self, Body, Failure, Keep};
 use crate::upstream::{Lease, Tried, Upstream};
 
 /// Outcome counters of one mirror, resolved once.
@@ -66,11 +71,6 @@ struct Outcomes {
     dropped: IntCounter,
     too_large: IntCounter,
 }
-
-/// Body pieces a copy may hold before it is abandoned as too slow. Bytes are bounded
-/// separately: past the mirror's `max_body_bytes` the copy is abandoned (`too_large`), so a
-/// mirror holds at most `max_inflight × max_body_bytes` of body in memory.
-const FEED_SLOTS: usize = 1024;
 
 /// One `mirror:` entry of a route, with its live budget.
 pub struct Mirror {
@@ -152,32 +152,8 @@ impl Drop for Permit {
     }
 }
 
-/// The client's request head, reshaped by `shape` for a copy, always HTTP/1.1 so the
-/// connection to the copy's backend can be kept alive.
-pub fn copy_header(
-    session: &Session,
-    shape: impl FnOnce(&mut RequestHeader) -> pingora_error::Result<()>,
-) -> Option<RequestHeader> {
-    let mut header = session.req_header().clone();
-    forwarding::as_http11(&mut header).ok()?;
-    shape(&mut header).ok()?;
-    Some(header)
-}
-
 /// Bodies up to this size that arrive in one piece go on a lane with their copy's head.
 const LANE_BODY: u64 = 64 * 1024;
-
-/// Where a copy's body goes.
-enum Sink {
-    /// Into the bounded queue of a task that streams it to the copy's backend.
-    Task {
-        feed: mpsc::Sender<Piece>,
-        task: JoinHandle<()>,
-    },
-    /// A mirror copy waiting for its first piece: a body that arrives whole in it goes on a
-    /// lane together with the head; anything else starts a streaming task.
-    Deferred(Box<Deferred>),
-}
 
 /// A mirror copy whose way out is not chosen yet.
 struct Deferred {
@@ -255,67 +231,6 @@ async fn mirror_task(
     }
 }
 
-/// A copy in flight, as the primary request sees it.
-struct Copy {
-    /// Takes the copy's body; `None` once the body is complete or the copy is gone.
-    sink: Option<Sink>,
-    sent: u64,
-    max_body: u64,
-    /// Counters for an abandoned mirror copy (`dropped`, `too_large`); none for fallbacks.
-    mirror: Option<Arc<Mirror>>,
-}
-
-impl Copy {
-    fn abandon(&mut self, counter: impl Fn(&Outcomes) -> &IntCounter) {
-        let Some(sink) = self.sink.take() else { return };
-        if let Sink::Task { task, .. } = sink {
-            task.abort();
-        }
-        if let Some(m) = &self.mirror {
-            counter(&m.outcomes).inc();
-        }
-    }
-
-    /// Passes one piece on without waiting; a copy that cannot take it is abandoned.
-    fn feed(&mut self, chunk: Option<&Bytes>, end: bool) {
-        let Some(sink) = self.sink.take() else { return };
-        let len = chunk.map_or(0, |c| c.len() as u64);
-        self.sent += len;
-        let sink = match sink {
-            Sink::Deferred(d) if self.sent <= self.max_body && end && len == d.declared => {
-                if let Some(body) = chunk {
-                    d.send_whole(body.clone());
-                }
-                return;
-            }
-            Sink::Deferred(d) => d.start_task(),
-            task => task,
-        };
-        self.sink = Some(sink);
-        if self.sent > self.max_body {
-            return self.abandon(|o| &o.too_large);
-        }
-        let Some(Sink::Task { feed, .. }) = &self.sink else {
-            return;
-        };
-        let piece = Piece {
-            data: chunk.cloned(),
-            end,
-        };
-        match feed.try_send(piece) {
-            Ok(()) if end => self.sink = None,
-            Ok(()) => {}
-            Err(_) => self.abandon(|o| &o.dropped),
-        }
-    }
-}
-
-/// The copies of one primary request.
-#[derive(Default)]
-pub struct Copies {
-    list: Vec<Copy>,
-}
-
 impl Copies {
     /// Starts a copy for each sampled mirror of the route that has room for one.
     pub fn start(
@@ -389,48 +304,5 @@ impl Copies {
             });
         }
         copies
-    }
-
-    /// Spawns the task `run` makes of a copy whose answer is kept (a fallback copy,
-    /// [`crate::fallback`]), keeping the end that feeds it the body.
-    pub fn spawn_capture<F, R>(&mut self, has_body: bool, run: R)
-    where
-        R: FnOnce(Body) -> F,
-        F: Future<Output = ()> + Send + 'static,
-    {
-        let (feed, body) = if has_body {
-            let (feed, pieces) = mpsc::channel(FEED_SLOTS);
-            (Some(feed), Body::Stream(pieces))
-        } else {
-            (None, Body::Empty)
-        };
-        let task = tokio::spawn(run(body));
-        self.list.push(Copy {
-            sink: feed.map(|feed| Sink::Task { feed, task }),
-            sent: 0,
-            max_body: u64::MAX,
-            mirror: None,
-        });
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.list.is_empty()
-    }
-
-    /// Passes a piece of the primary's body to every live copy, never waiting.
-    pub fn feed(&mut self, chunk: Option<&Bytes>, end: bool) {
-        for copy in &mut self.list {
-            copy.feed(chunk, end);
-        }
-    }
-}
-
-impl Drop for Copies {
-    /// A primary that ends before its body did (refused, failed, client gone) takes down
-    /// the copies still waiting for body: mirror copies are counted `dropped`.
-    fn drop(&mut self) {
-        for copy in &mut self.list {
-            copy.abandon(|o| &o.dropped);
-        }
     }
 }
