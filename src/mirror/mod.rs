@@ -36,6 +36,7 @@
 //! and the feeding of its body, shared with [`crate::fallback`]; [`lanes`] the pipelined
 //! connections; [`reader`] the answers read on them.
 
+mod compare;
 mod copies;
 mod lanes;
 mod reader;
