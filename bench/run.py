@@ -44,6 +44,9 @@ SCENARIOS = {
     "mirror-fast": ("100% mirror to a fast target, 1 worker", 1, 64, None, False, "fast"),
     "mirror-slow": ("100% mirror to a 1 s target, 1 worker", 1, 64, None, False, "slow"),
     "mirror-dead": ("100% mirror to a dead port, 1 worker", 1, 64, None, False, "dead"),
+    # The same mirror with `compare` on every copy: its cost against mirror-fast (fanout only:
+    # no peer compares); run with --only fanout --scenarios mirror-fast,mirror-compare.
+    "mirror-compare": ("100% mirror to a fast target, answers compared, 1 worker", 1, 64, None, False, "fast-compare"),
     "mirror-post": ("100% mirror of 1 KiB POSTs to a fast target, 1 worker", 1, 64, "post1k.lua", False, "fast"),
 }
 
@@ -90,7 +93,7 @@ def nginx_conf(tmp, workers, log, mirror):
     servers = "\n".join(f"    server 127.0.0.1:{p};" for p in BACKENDS)
     access = f"access_log {tmp}/nginx_access.log;" if log else "access_log off;"
     mirror_in = "mirror /_mirror; mirror_request_body on;" if mirror else ""
-    mirror_loc = (f"location = /_mirror {{ internal; proxy_pass http://127.0.0.1:{MIRRORS[mirror]}$request_uri; "
+    mirror_loc = (f"location = /_mirror {{ internal; proxy_pass http://127.0.0.1:{MIRRORS[mirror.removesuffix('-compare')]}$request_uri; "
                   f"proxy_http_version 1.1; proxy_set_header Connection \"\"; }}") if mirror else ""
     return nginx_head(tmp, "nginx", workers) + f"""http {{
   {access}
@@ -140,9 +143,10 @@ backend be
 
 def fanout_conf(tmp, workers, log, mirror, name="fanout"):
     backends = ", ".join(f"127.0.0.1:{p}" for p in BACKENDS)
-    shadow = (f"  shadow: {{ backends: [127.0.0.1:{MIRRORS[mirror]}], breaker: {{ failures: 5, open: 10s }} }}\n"
+    shadow = (f"  shadow: {{ backends: [127.0.0.1:{MIRRORS[mirror.removesuffix('-compare')]}], breaker: {{ failures: 5, open: 10s }} }}\n"
               if mirror else "")
-    mirror_route = ("    mirror: [{ upstream: shadow, percent: 100, max_inflight: 1024, timeout: 5s }]\n"
+    compare = ", compare: { ignore_headers: [Date, X-Request-Id] }" if mirror and mirror.endswith("-compare") else ""
+    mirror_route = (f"    mirror: [{{ upstream: shadow, percent: 100, max_inflight: 1024, timeout: 5s{compare} }}]\n"
                     if mirror else "")
     return f"""server:
   threads: {workers}

@@ -154,6 +154,24 @@ impl AdminApp {
         )
     }
 
+    /// `GET /mirror/diffs`: the kept differing pairs of every mirror with `compare`, newest
+    /// first; values of the mirror's `redact_headers` never shown.
+    fn diffs(&self) -> Value {
+        let mut all: Vec<(std::time::SystemTime, Value)> = self
+            .gw
+            .routes
+            .iter()
+            .flat_map(|r| r.mirrors.iter())
+            .filter_map(|m| {
+                let c = m.compare.as_ref()?;
+                Some(c.kept.render(&c.config, &m.config.redact_headers))
+            })
+            .flatten()
+            .collect();
+        all.sort_by_key(|d| std::cmp::Reverse(d.0));
+        Value::Array(all.into_iter().map(|(_, v)| v).collect())
+    }
+
     /// `DELETE /cache`, or `DELETE /cache?host=H&path=P`: purges every entry, or those of
     /// one host and path (all their variants and queries).
     fn purge(&self, query: Option<&str>) -> (StatusCode, Value) {
@@ -294,10 +312,11 @@ impl ServeHttp for AdminApp {
             "/health" => json_answer(self.health()),
             "/ready" => json_answer(self.ready()),
             "/status" => json_answer(self.status()),
+            "/mirror/diffs" => json_answer((StatusCode::OK, self.diffs())),
             "/metrics" => answer(StatusCode::OK, "text/plain; version=0.0.4", self.metrics()),
             _ => json_answer((
                 StatusCode::NOT_FOUND,
-                json!({ "error": "not found", "endpoints": ["/health", "/ready", "/metrics", "/status"] }),
+                json!({ "error": "not found", "endpoints": ["/health", "/ready", "/metrics", "/status", "/mirror/diffs"] }),
             )),
         }
     }

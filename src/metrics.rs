@@ -22,6 +22,7 @@ pub struct Metrics {
     pub circuit_open: IntGaugeVec,
     pub mirror_requests: IntCounterVec,
     pub mirror_inflight: IntGaugeVec,
+    pub mirror_compare: IntCounterVec,
     pub tunnels_open: IntGaugeVec,
     pub spool_bytes: IntGaugeVec,
     pub spool_oldest: IntGaugeVec,
@@ -127,6 +128,13 @@ impl Metrics {
                 "fanout_mirror_requests_total",
                 "Mirrored copies, by outcome (ok, error, dropped, too_large)",
                 &["route", "upstream", "outcome"],
+            )?,
+            mirror_compare: counter(
+                &reg,
+                "fanout_mirror_compare_total",
+                "Mirror answers compared with the primary's, by result (match, status, \
+                 headers, body, incomplete)",
+                &["route", "upstream", "result"],
             )?,
             mirror_inflight: gauge(
                 &reg,

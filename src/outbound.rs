@@ -16,6 +16,7 @@ use pingora_http::{RequestHeader, ResponseHeader};
 use tokio::sync::{mpsc, watch};
 
 use crate::config::Timeouts;
+use crate::mirror::compare::{self, Digest, Seen};
 use crate::respond;
 use crate::upstream::Lease;
 
@@ -47,6 +48,13 @@ pub enum Keep {
     Discard,
     /// Keep up to this many bytes; a longer body makes the exchange fail as [`Failure::TooLarge`].
     UpTo(u64),
+    /// Reduce the answer for a mirror comparison as it streams past: its hash up to
+    /// `max_body` bytes, length and excerpt, and (with `json`, for a JSON answer no longer
+    /// than `max_body`) the body itself.
+    Digest {
+        max_body: u64,
+        json: bool,
+    },
 }
 
 /// A complete answer. With [`Keep::Discard`] only its status is kept.
@@ -56,6 +64,15 @@ pub struct Answer {
     pub retry_after: Option<Duration>,
     /// The head and body, with [`Keep::UpTo`].
     pub kept: Option<(ResponseHeader, Bytes)>,
+    /// The answer reduced, with [`Keep::Digest`].
+    pub seen: Option<Seen>,
+}
+
+/// What [`read_answer`] keeps of an answer.
+#[derive(Default)]
+struct Read {
+    kept: Option<(ResponseHeader, Bytes)>,
+    seen: Option<Seen>,
 }
 
 /// Why an exchange has no answer.
@@ -176,7 +193,7 @@ async fn attempt(
     }
     session.finish_request_body().await.map_err(stale)?;
     let answer = read_answer(&mut session, keep, reused);
-    let (status, kept) = match wanted {
+    let (status, Read { kept, seen }) = match wanted {
         None => answer.await?,
         Some(wanted) => tokio::select! {
             answer = answer => answer?,
@@ -192,6 +209,7 @@ async fn attempt(
         status,
         retry_after,
         kept,
+        seen,
     })
 }
 
@@ -201,14 +219,28 @@ async fn read_answer(
     session: &mut HttpSession,
     keep: Keep,
     reused: bool,
-) -> Result<(u16, Option<(ResponseHeader, Bytes)>), (Failure, bool)> {
+) -> Result<(u16, Read), (Failure, bool)> {
     let status = read_final_header(session)
         .await
         .map_err(|e| (Failure::Upstream(e), reused))?;
-    let kept = match keep {
+    let read = match keep {
         Keep::Discard => {
             while read_chunk(session).await?.is_some() {}
-            None
+            Read::default()
+        }
+        Keep::Digest { max_body, json } => {
+            let headers = session
+                .response_header()
+                .map(|h| h.headers.clone())
+                .unwrap_or_default();
+            let mut digest = Digest::new(max_body, json && compare::is_json(&headers));
+            while let Some(chunk) = read_chunk(session).await? {
+                digest.update(&chunk);
+            }
+            Read {
+                kept: None,
+                seen: Some(digest.finish(status, headers)),
+            }
         }
         Keep::UpTo(max) => {
             let header = session.response_header().cloned();
@@ -219,10 +251,13 @@ async fn read_answer(
                 }
                 body.extend_from_slice(&chunk);
             }
-            header.map(|h| (h, body.freeze()))
+            Read {
+                kept: header.map(|h| (h, body.freeze())),
+                seen: None,
+            }
         }
     };
-    Ok((status, kept))
+    Ok((status, read))
 }
 
 /// Reads answer heads until a final one (1xx heads are skipped); returns its status.

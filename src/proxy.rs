@@ -557,6 +557,11 @@ impl ProxyHttp for FanoutProxy {
         upstream_response: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
+        // Comparisons see the answer as the upstream (or the cache) gave it.
+        ctx.copies.primary_head(
+            upstream_response.status.as_u16(),
+            &upstream_response.headers,
+        );
         if let Some(fallbacks) = ctx.fallbacks.as_mut() {
             // The primary's answer is the client's: the fallbacks' are not needed.
             fallbacks.release();
@@ -592,6 +597,18 @@ impl ProxyHttp for FanoutProxy {
             self.route(ctx).map(|r| &r.config),
             &ctx.request_id,
         )
+    }
+
+    fn response_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        end_of_stream: bool,
+        ctx: &mut RequestCtx,
+    ) -> Result<Option<Duration>> {
+        // Hashed as it passes, never held: a comparison costs the client nothing.
+        ctx.copies.primary_body(body.as_deref(), end_of_stream);
+        Ok(None)
     }
 
     fn fail_to_connect(

@@ -356,4 +356,15 @@ pub struct FileMirror {
     pub max_body_bytes: Option<Size>,
     pub max_inflight: Option<usize>,
     pub timeout: Option<Dur>,
+    pub compare: Option<FileCompare>,
+}
+
+/// `mirror[].compare`: compare the mirror's answers with the primary's.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileCompare {
+    pub ignore_headers: Option<Vec<String>>,
+    pub ignore_json_fields: Option<Vec<String>>,
+    pub max_body: Option<Size>,
+    pub keep: Option<usize>,
 }

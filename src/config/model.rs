@@ -336,4 +336,5 @@ pub struct MirrorConfig {
     pub max_body_bytes: u64,
     pub max_inflight: usize,
     pub timeout: Duration,
+    pub compare: Option<crate::mirror::compare::CompareConfig>,
 }

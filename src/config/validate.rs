@@ -1003,6 +1003,34 @@ fn build_routes(
             }
             let timeout = m.timeout.map_or(Duration::from_secs(5), |d| d.0);
             positive(ck, &format!("{mp}.timeout"), timeout);
+            let compare = m.compare.map(|c| {
+                let cp = format!("{mp}.compare");
+                let ignore_headers = match c.ignore_headers {
+                    None => Vec::new(),
+                    names => header_names(ck, &format!("{cp}.ignore_headers"), names),
+                };
+                let mut ignore_json_fields = Vec::new();
+                for (k, field) in c.ignore_json_fields.unwrap_or_default().iter().enumerate() {
+                    let parts: Vec<String> = field.split('.').map(String::from).collect();
+                    if parts.iter().any(|p| p.is_empty()) {
+                        ck.err(
+                            &format!("{cp}.ignore_json_fields[{k}]"),
+                            format!("{field:?} is not a dotted path such as meta.generated_at"),
+                        );
+                    }
+                    ignore_json_fields.push(parts);
+                }
+                let max_body = c.max_body.map_or(1024 * 1024, |s| s.0);
+                if max_body == 0 {
+                    ck.err(&format!("{cp}.max_body"), "must be at least 1");
+                }
+                crate::mirror::compare::CompareConfig {
+                    ignore_headers,
+                    ignore_json_fields,
+                    max_body,
+                    keep: c.keep.unwrap_or(100),
+                }
+            });
             if let Some(upstream) = upstream {
                 mirrors.push(MirrorConfig {
                     upstream,
@@ -1013,6 +1041,7 @@ fn build_routes(
                     max_body_bytes: m.max_body_bytes.map_or(1024 * 1024, |s| s.0),
                     max_inflight,
                     timeout,
+                    compare,
                 });
             }
         }

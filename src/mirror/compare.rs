@@ -226,6 +226,7 @@ fn remove_path(v: &mut Value, path: &[String]) {
 
 /// A differing pair, as `/mirror/diffs` shows it.
 pub struct Diff {
+    /// When the request came.
     pub at: SystemTime,
     pub request_id: String,
     pub method: String,
@@ -251,12 +252,14 @@ impl Kept {
         }
     }
 
+    /// Keeps `d` in request order (comparisons end in any order), dropping the oldest.
     pub fn push(&self, d: Diff) {
         if self.keep == 0 {
             return;
         }
         let mut list = self.list.lock().unwrap_or_else(|p| p.into_inner());
-        list.push_front(d);
+        let at = list.iter().position(|k| k.at <= d.at).unwrap_or(list.len());
+        list.insert(at, d);
         list.truncate(self.keep);
     }
 

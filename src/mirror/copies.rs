@@ -10,12 +10,14 @@ use std::future::Future;
 use std::sync::Arc;
 
 use bytes::Bytes;
+use http::HeaderMap;
 use pingora_http::RequestHeader;
 use pingora_proxy::Session;
 use prometheus::IntCounter;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
+use super::compare::{is_json, CompareConfig, Digest, Seen};
 use super::{Deferred, Mirror, Outcomes};
 use crate::forwarding;
 use crate::outbound::{Body, Piece};
@@ -108,6 +110,29 @@ impl Copy {
 #[derive(Default)]
 pub struct Copies {
     pub(super) list: Vec<Copy>,
+    /// The primary's side of each comparison (mirrors with `compare`).
+    pub(super) primaries: Vec<Primary>,
+}
+
+/// The primary's answer, reduced as it passes for a mirror copy's comparison; handed over
+/// at its end. Dropped before (the client went away, the answer failed): the comparison is
+/// incomplete.
+pub(super) struct Primary {
+    to: Option<oneshot::Sender<Seen>>,
+    max_body: u64,
+    json: bool,
+    head: Option<(u16, HeaderMap, Digest)>,
+}
+
+impl Primary {
+    pub(super) fn new(to: oneshot::Sender<Seen>, config: &CompareConfig) -> Primary {
+        Primary {
+            to: Some(to),
+            max_body: config.max_body,
+            json: !config.ignore_json_fields.is_empty(),
+            head: None,
+        }
+    }
 }
 
 impl Copies {
@@ -135,6 +160,29 @@ impl Copies {
 
     pub fn is_empty(&self) -> bool {
         self.list.is_empty()
+    }
+
+    /// The primary's answer head, as the upstream (or the cache) gave it.
+    pub fn primary_head(&mut self, status: u16, headers: &HeaderMap) {
+        for p in &mut self.primaries {
+            let digest = Digest::new(p.max_body, p.json && is_json(headers));
+            p.head = Some((status, headers.clone(), digest));
+        }
+    }
+
+    /// A piece of the primary's answer body as it passes to the client; at its end each
+    /// comparison gets the answer.
+    pub fn primary_body(&mut self, chunk: Option<&[u8]>, end: bool) {
+        for p in &mut self.primaries {
+            if let (Some(chunk), Some((_, _, digest))) = (chunk, p.head.as_mut()) {
+                digest.update(chunk);
+            }
+            if end {
+                if let (Some(to), Some((status, headers, digest))) = (p.to.take(), p.head.take()) {
+                    let _ = to.send(digest.finish(status, headers));
+                }
+            }
+        }
     }
 
     /// Passes a piece of the primary's body to every live copy, never waiting.

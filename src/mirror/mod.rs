@@ -36,26 +36,28 @@
 //! and the feeding of its body, shared with [`crate::fallback`]; [`lanes`] the pipelined
 //! connections; [`reader`] the answers read on them.
 
-mod compare;
+pub mod compare;
 mod copies;
 mod lanes;
 mod reader;
 
+use compare::{judge, CompareConfig, Diff, Kept, Seen, Verdict};
 pub use copies::{copy_header, Copies};
-use copies::{Copy, Sink, FEED_SLOTS};
+use copies::{Copy, Primary, Sink, FEED_SLOTS};
 
 #[doc(hidden)]
 pub use reader::read_all as lanes_read_all;
 
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use bytes::Bytes;
 use pingora_core::connectors::http::Connector;
 use pingora_http::RequestHeader;
 use pingora_proxy::Session;
 use prometheus::{IntCounter, IntGauge};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 use crate::config::MirrorConfig;
 use crate::forwarding;
@@ -82,6 +84,36 @@ pub struct Mirror {
     outcomes: Outcomes,
     /// Pipelined connections for copies without a body, per backend of the upstream.
     lanes: Vec<lanes::BackendLanes>,
+    /// The route's label, for kept comparisons.
+    route: String,
+    /// With `compare:`: its settings, results and kept pairs.
+    pub compare: Option<Comparing>,
+}
+
+/// A mirror's comparisons: settings, `fanout_mirror_compare_total` by verdict, kept pairs.
+pub struct Comparing {
+    pub config: CompareConfig,
+    results: Vec<IntCounter>,
+    pub kept: Kept,
+}
+
+impl Comparing {
+    fn count(&self, v: Verdict) {
+        if let Some(c) = Verdict::ALL.iter().position(|x| *x == v) {
+            self.results[c].inc();
+        }
+    }
+}
+
+/// What a mirror copy with `compare` needs to judge its answer: the primary's (when the
+/// primary's answer has passed), and what to say about the request.
+pub struct Pairing {
+    primary: oneshot::Receiver<Seen>,
+    /// When the request came.
+    at: SystemTime,
+    request_id: String,
+    method: String,
+    path: String,
 }
 
 impl Mirror {
@@ -109,6 +141,19 @@ impl Mirror {
                 .map(|b| lanes::BackendLanes::new(b.addr))
                 .collect(),
             upstream: Arc::clone(&upstream),
+            route: route.to_string(),
+            compare: config.compare.as_ref().map(|c| Comparing {
+                config: c.clone(),
+                results: Verdict::ALL
+                    .iter()
+                    .map(|v| {
+                        metrics
+                            .mirror_compare
+                            .with_label_values(&[route, name, v.label()])
+                    })
+                    .collect(),
+                kept: Kept::new(c.keep),
+            }),
         }
     }
 
@@ -164,13 +209,15 @@ struct Deferred {
     permit: Permit,
     declared: u64,
     connector: Arc<Connector>,
+    pairing: Option<Pairing>,
 }
 
 impl Deferred {
     /// Sends head and whole body on a lane, or on a connection of its own where the
     /// mirror's connections are not plain HTTP/1.1 (TLS, h2).
     fn send_whole(self, body: Bytes) {
-        if !self.mirror.upstream.config.plain_h1() {
+        // Lanes skip answers' bodies: a copy whose answer is compared takes the connector.
+        if !self.mirror.upstream.config.plain_h1() || self.pairing.is_some() {
             tokio::spawn(mirror_task(
                 self.mirror,
                 self.connector,
@@ -178,6 +225,7 @@ impl Deferred {
                 self.header,
                 self.permit,
                 Body::Full(body),
+                self.pairing,
             ));
             return;
         }
@@ -200,12 +248,14 @@ impl Deferred {
             self.header,
             self.permit,
             Body::Stream(pieces),
+            self.pairing,
         ));
         Sink::Task { feed, task }
     }
 }
 
-/// A mirror copy sent through the connector, its outcome counted.
+/// A mirror copy sent through the connector, its outcome counted; with `compare`, its
+/// answer judged against the primary's.
 async fn mirror_task(
     m: Arc<Mirror>,
     connector: Arc<Connector>,
@@ -213,22 +263,54 @@ async fn mirror_task(
     header: RequestHeader,
     _permit: Permit,
     body: Body,
+    pairing: Option<Pairing>,
 ) {
     let (timeouts, limit) = (&m.upstream.config.timeouts, m.config.timeout);
-    let answer = outbound::exchange(
-        &connector,
-        &mut lease,
-        timeouts,
-        limit,
-        &header,
-        body,
-        Keep::Discard,
-    );
-    match answer.await {
-        Ok(answer) => m.count_answer(answer.status),
+    let keep = match &m.compare {
+        Some(c) => Keep::Digest {
+            max_body: c.config.max_body,
+            json: !c.config.ignore_json_fields.is_empty(),
+        },
+        None => Keep::Discard,
+    };
+    let answer = outbound::exchange(&connector, &mut lease, timeouts, limit, &header, body, keep);
+    let seen = match answer.await {
+        Ok(answer) => {
+            m.count_answer(answer.status);
+            answer.seen
+        }
         // Counted by the primary as it abandoned the copy.
-        Err(Failure::BodyAborted) => {}
-        Err(_) => m.outcomes.error.inc(),
+        Err(Failure::BodyAborted) => None,
+        Err(_) => {
+            m.outcomes.error.inc();
+            None
+        }
+    };
+    if let (Some(cmp), Some(pairing)) = (&m.compare, pairing) {
+        let primary = tokio::time::timeout(limit, pairing.primary).await;
+        let primary = primary.ok().and_then(Result::ok);
+        let (Some(primary), Some(mirror)) = (primary, seen) else {
+            return cmp.count(Verdict::Incomplete);
+        };
+        let verdict = judge(&cmp.config, &primary, &mirror);
+        cmp.count(verdict);
+        if verdict != Verdict::Match {
+            // A kept pair holds heads and excerpts only, never whole bodies.
+            let (mut primary, mut mirror) = (primary, mirror);
+            primary.json = None;
+            mirror.json = None;
+            cmp.kept.push(Diff {
+                at: pairing.at,
+                request_id: pairing.request_id,
+                method: pairing.method,
+                path: pairing.path,
+                route: m.route.clone(),
+                upstream: m.upstream.name().to_string(),
+                verdict,
+                primary,
+                mirror,
+            });
+        }
     }
 }
 
@@ -272,14 +354,36 @@ impl Copies {
                 mirror.outcomes.error.inc();
                 continue;
             };
-            if !has_body && upstream.config.plain_h1() {
+            // With `compare`, the primary's answer will be reduced as it passes and handed to
+            // the copy, which judges the two.
+            let pairing = mirror.compare.as_ref().map(|c| {
+                let (tx, rx) = oneshot::channel();
+                copies.primaries.push(Primary::new(tx, &c.config));
+                let req = session.req_header();
+                Pairing {
+                    primary: rx,
+                    at: SystemTime::now(),
+                    request_id: request_id.to_string(),
+                    method: req.method.to_string(),
+                    path: req.uri.path().to_string(),
+                }
+            });
+            if !has_body && upstream.config.plain_h1() && pairing.is_none() {
                 // Pipelined with other copies on a lane (see `lanes`).
                 lanes::send(mirror, &header, None, lease, permit);
                 continue;
             }
             if !has_body {
                 let (m, c) = (Arc::clone(mirror), Arc::clone(connector));
-                tokio::spawn(mirror_task(m, c, lease, header, permit, Body::Empty));
+                tokio::spawn(mirror_task(
+                    m,
+                    c,
+                    lease,
+                    header,
+                    permit,
+                    Body::Empty,
+                    pairing,
+                ));
                 continue;
             }
             let deferred = Deferred {
@@ -290,6 +394,7 @@ impl Copies {
                 // Unknown (chunked): never taken for a whole body.
                 declared: declared.unwrap_or(u64::MAX),
                 connector: Arc::clone(connector),
+                pairing,
             };
             // A body of known, small length may arrive whole with its first piece: wait for
             // it to choose. Others stream from the start.
