@@ -97,14 +97,6 @@ async fn wait_all_received(b: &Backend, ids: &[String], limit: Duration) {
     }
 }
 
-fn signal(pid: u32, sig: &str) {
-    assert!(Command::new("kill")
-        .args([sig, &pid.to_string()])
-        .status()
-        .unwrap()
-        .success());
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_target_failing_one_time_in_five_still_gets_every_event() {
     let (flaky, steady) = (

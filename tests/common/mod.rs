@@ -247,6 +247,15 @@ pub async fn silent_listener() -> (
 /// A free loopback port (bound then released; the gateway binds it right after). The
 /// OS may hand a released port out again, so ports already given to a test of this process
 /// are never given twice: parallel tests cannot end up talking to each other's gateway.
+/// Sends `sig` (`-TERM`, `-QUIT`, `-KILL`, ...) to `pid`.
+pub fn signal(pid: u32, sig: &str) {
+    assert!(Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()
+        .unwrap()
+        .success());
+}
+
 pub fn free_port() -> u16 {
     static GIVEN: Mutex<Vec<u16>> = Mutex::new(Vec::new());
     let mut given = GIVEN.lock().unwrap();
