@@ -2,6 +2,8 @@
 
 mod common;
 
+use std::time::Duration;
+
 use common::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -32,7 +34,16 @@ async fn admin_endpoints_report_the_gateway() {
 
     let metrics = c.get(gw.admin_url("/metrics")).send().await.unwrap();
     assert_eq!(metrics.status(), 200);
-    let text = metrics.text().await.unwrap();
+    // A request is counted in its logging phase, which runs after its answer went out:
+    // the client may see the answer before the count.
+    eventually(Duration::from_secs(5), "every request counted", || async {
+        metrics_text(&c, &gw)
+            .await
+            .contains("fanout_requests_total{route=\"none\",status=\"404\"} 1")
+            && status_json(&c, &gw).await["totals"]["responses"] == 5
+    })
+    .await;
+    let text = metrics_text(&c, &gw).await;
     for needle in [
         "fanout_requests_total{route=\"good\",status=\"200\"} 3",
         "fanout_requests_total{route=\"prefix:/bad\",status=\"500\"} 1",
