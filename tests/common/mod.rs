@@ -217,26 +217,32 @@ async fn handle(
 
 /// A listener that records every byte it is sent and never answers (a fallback or a
 /// mirror that is always too slow), so that what was sent is seen whatever the peer would
-/// have done with it.
+/// have done with it. One buffer per connection, in accept order: copies sent at the same
+/// time on two connections never run into each other.
 pub async fn silent_listener() -> (
     std::net::SocketAddr,
-    std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+    std::sync::Arc<std::sync::Mutex<Vec<Vec<u8>>>>,
 ) {
     use tokio::io::AsyncReadExt;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let received: std::sync::Arc<std::sync::Mutex<Vec<u8>>> = Default::default();
+    let received: std::sync::Arc<std::sync::Mutex<Vec<Vec<u8>>>> = Default::default();
     let log = received.clone();
     tokio::spawn(async move {
         while let Ok((mut conn, _)) = listener.accept().await {
             let log = log.clone();
+            let slot = {
+                let mut all = log.lock().unwrap();
+                all.push(Vec::new());
+                all.len() - 1
+            };
             tokio::spawn(async move {
                 let mut buf = [0u8; 4096];
                 while let Ok(n) = conn.read(&mut buf).await {
                     if n == 0 {
                         return;
                     }
-                    log.lock().unwrap().extend_from_slice(&buf[..n]);
+                    log.lock().unwrap()[slot].extend_from_slice(&buf[..n]);
                 }
             });
         }
@@ -244,9 +250,6 @@ pub async fn silent_listener() -> (
     (addr, received)
 }
 
-/// A free loopback port (bound then released; the gateway binds it right after). The
-/// OS may hand a released port out again, so ports already given to a test of this process
-/// are never given twice: parallel tests cannot end up talking to each other's gateway.
 /// Sends `sig` (`-TERM`, `-QUIT`, `-KILL`, ...) to `pid`.
 pub fn signal(pid: u32, sig: &str) {
     assert!(Command::new("kill")
@@ -256,6 +259,9 @@ pub fn signal(pid: u32, sig: &str) {
         .success());
 }
 
+/// A free loopback port (bound then released; the gateway binds it right after). The
+/// OS may hand a released port out again, so ports already given to a test of this process
+/// are never given twice: parallel tests cannot end up talking to each other's gateway.
 pub fn free_port() -> u16 {
     static GIVEN: Mutex<Vec<u16>> = Mutex::new(Vec::new());
     let mut given = GIVEN.lock().unwrap();
