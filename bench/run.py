@@ -7,6 +7,9 @@ req/s, p50, p99, errors and fanout's ratios. Mirror scenarios compare fanout wit
 
 Every process listens on 127.0.0.1 only. Usage: bench/run.py [--duration S] [--rounds N]
 [--scenarios ka1,ka2,close,post1k,post64k,post1m,log,mirror-fast,...]
+
+The cost of mirror comparison, paired round by round (fanout with `compare`, "base" the same
+build without it): bench/run.py --compare-cost --only fanout,base --scenarios mirror-compare
 """
 import argparse
 import os
@@ -25,6 +28,9 @@ FANOUT = os.environ.get("FANOUT_BIN") or os.path.join(ROOT, "target", "release",
 # FANOUT_BASE: an earlier fanout build measured in the same rounds as target "base", so a
 # before/after comparison shares the machine's noise instead of comparing two runs.
 BASE = os.environ.get("FANOUT_BASE")
+# --compare-cost: the cost of mirror `compare`, paired: "base" is this same build with the
+# same mirror but without `compare`, measured in the same rounds as "fanout" (with it).
+COMPARE_COST = False
 BACKENDS = [19101, 19102]
 PORTS = {"fanout": 19001, "nginx": 19002, "haproxy": 19003, "pingora": 19004, "base": 19005}
 PLAIN = os.path.join(ROOT, "target", "release", "examples", "plain_pingora")
@@ -145,7 +151,8 @@ def fanout_conf(tmp, workers, log, mirror, name="fanout"):
     backends = ", ".join(f"127.0.0.1:{p}" for p in BACKENDS)
     shadow = (f"  shadow: {{ backends: [127.0.0.1:{MIRRORS[mirror.removesuffix('-compare')]}], breaker: {{ failures: 5, open: 10s }} }}\n"
               if mirror else "")
-    compare = ", compare: { ignore_headers: [Date, X-Request-Id] }" if mirror and mirror.endswith("-compare") else ""
+    compared = mirror and mirror.endswith("-compare") and not (COMPARE_COST and name == "base")
+    compare = ", compare: { ignore_headers: [Date, X-Request-Id] }" if compared else ""
     mirror_route = (f"    mirror: [{{ upstream: shadow, percent: 100, max_inflight: 1024, timeout: 5s{compare} }}]\n"
                     if mirror else "")
     return f"""server:
@@ -288,15 +295,21 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--duration", type=int, default=10)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--compare-cost", action="store_true",
+                    help="measure base = this build without mirror compare, paired with fanout")
     ap.add_argument("--scenarios", default=",".join(SCENARIOS))
     ap.add_argument("--only", help="measure only these proxies, e.g. fanout,base")
     args = ap.parse_args()
+    global BASE, COMPARE_COST
+    if args.compare_cost:
+        BASE, COMPARE_COST = FANOUT, True
     if not os.path.exists(FANOUT):
         sys.exit("build fanout first: make build")
     tmp = tempfile.mkdtemp(prefix="fanout-bench-")
     cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
     print(f"# {time.strftime('%Y-%m-%d')}, nproc {os.cpu_count()}, {cpu}")
-    print(f"# bench/run.py --duration {args.duration} --rounds {args.rounds} --scenarios {args.scenarios}")
+    extra = (" --compare-cost" if args.compare_cost else "") + (f" --only {args.only}" if args.only else "")
+    print(f"# bench/run.py --duration {args.duration} --rounds {args.rounds} --scenarios {args.scenarios}{extra}")
     base = " | req/s vs base (paired) | CPU vs base (paired)" if BASE else ""
     print(f"| scenario | proxy | req/s (median) | p50 ms | p99 ms | errors | CPU µs/req | vs nginx | vs HAProxy "
           f"| vs plain Pingora{base} |")

@@ -16,7 +16,7 @@ use pingora_http::{RequestHeader, ResponseHeader};
 use tokio::sync::{mpsc, watch};
 
 use crate::config::Timeouts;
-use crate::mirror::compare::{self, Digest, Seen};
+use crate::mirror::compare::{Reduce, Seen};
 use crate::respond;
 use crate::upstream::Lease;
 
@@ -48,13 +48,8 @@ pub enum Keep {
     Discard,
     /// Keep up to this many bytes; a longer body makes the exchange fail as [`Failure::TooLarge`].
     UpTo(u64),
-    /// Reduce the answer for a mirror comparison as it streams past: its hash up to
-    /// `max_body` bytes, length and excerpt, and (with `json`, for a JSON answer no longer
-    /// than `max_body`) the body itself.
-    Digest {
-        max_body: u64,
-        json: bool,
-    },
+    /// Reduce the answer for a mirror comparison as it streams past ([`Reduce`]).
+    Digest(Reduce),
 }
 
 /// A complete answer. With [`Keep::Discard`] only its status is kept.
@@ -228,12 +223,12 @@ async fn read_answer(
             while read_chunk(session).await?.is_some() {}
             Read::default()
         }
-        Keep::Digest { max_body, json } => {
+        Keep::Digest(reduce) => {
             let headers = session
                 .response_header()
                 .map(|h| h.headers.clone())
                 .unwrap_or_default();
-            let mut digest = Digest::new(max_body, json && compare::is_json(&headers));
+            let mut digest = reduce.digest(&headers);
             while let Some(chunk) = read_chunk(session).await? {
                 digest.update(&chunk);
             }

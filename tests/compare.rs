@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use common::*;
-use http_body_util::Full;
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::service::service_fn;
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
@@ -24,7 +25,13 @@ async fn server(candidate: bool) -> SocketAddr {
         while let Ok((stream, _)) = listener.accept().await {
             tokio::spawn(async move {
                 let svc = service_fn(move |req: Request<hyper::body::Incoming>| async move {
-                    Ok::<_, std::io::Error>(answer(req.uri().path(), candidate).await)
+                    let path = req.uri().path().to_string();
+                    // Read the whole request body first, so the connection stays reusable.
+                    req.into_body()
+                        .collect()
+                        .await
+                        .map_err(std::io::Error::other)?;
+                    Ok::<_, std::io::Error>(answer(&path, candidate).await)
                 });
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(TokioIo::new(stream), svc)
@@ -35,7 +42,9 @@ async fn server(candidate: bool) -> SocketAddr {
     addr
 }
 
-async fn answer(path: &str, candidate: bool) -> Response<Full<Bytes>> {
+type Body = BoxBody<Bytes, std::convert::Infallible>;
+
+async fn answer(path: &str, candidate: bool) -> Response<Body> {
     let text = |body: &str| ("text/plain", body.to_string());
     let json = |body: &str| ("application/json", body.to_string());
     let pick = |p: &str, c: &str| {
@@ -79,6 +88,17 @@ async fn answer(path: &str, candidate: bool) -> Response<Full<Bytes>> {
             extra.push(("x-api-key", pick("primary-secret", "candidate-secret")));
             text("hello")
         }
+        "/chunked" => {
+            // A body of unknown length (sent chunked) whose second piece differs.
+            let pieces = ["first piece, ", if candidate { "second" } else { "Second" }];
+            let frames = pieces.map(|p| Ok(hyper::body::Frame::data(Bytes::from(p))));
+            let body = StreamBody::new(futures_util::stream::iter(frames));
+            return Response::builder()
+                .header("content-type", "text/plain")
+                .header("x-v", "1")
+                .body(BodyExt::boxed(body))
+                .unwrap();
+        }
         "/slow" => {
             if candidate {
                 tokio::time::sleep(Duration::from_secs(2)).await;
@@ -93,7 +113,7 @@ async fn answer(path: &str, candidate: bool) -> Response<Full<Bytes>> {
     for (k, v) in extra {
         b = b.header(k, v);
     }
-    b.body(Full::new(Bytes::from(body))).unwrap()
+    b.body(Full::new(Bytes::from(body)).boxed()).unwrap()
 }
 
 fn series(result: &str) -> String {
@@ -123,20 +143,32 @@ async fn each_comparison_lands_in_its_result_and_differing_pairs_are_kept() {
         ("/json-ignored", "match"),
         ("/json-differs", "body"),
         ("/long", "match"),
+        ("/chunked", "body"),
         ("/secret", "headers"),
     ];
-    for (path, _) in paths {
-        let r = c.get(gw.url(path)).send().await.unwrap();
-        // The client gets the primary's answer, unchanged.
-        assert_eq!(r.status(), 200, "{path}");
-        assert_eq!(r.headers()["x-v"], "1", "{path}");
-        let body = r.text().await.unwrap();
-        assert!(
-            !body.contains("hellp") && !body.contains('y'),
-            "{path}: {body}"
-        );
+    // Each path three ways: without a body and with a small one (copies pipelined on the
+    // mirror's lanes, their answers read by the lane reader), and with a body too long
+    // for a lane (copies streamed through the connector).
+    let bodies = [None, Some(100), Some(100_000)];
+    for body in bodies {
+        for (path, _) in paths {
+            let r = match body {
+                None => c.get(gw.url(path)),
+                Some(n) => c.post(gw.url(path)).body(vec![b'b'; n]),
+            };
+            let r = r.send().await.unwrap();
+            // The client gets the primary's answer, unchanged.
+            assert_eq!(r.status(), 200, "{path}");
+            assert_eq!(r.headers()["x-v"], "1", "{path}");
+            let text = r.text().await.unwrap();
+            assert!(
+                !text.contains("hellp") && !text.contains('y') && !text.contains("second"),
+                "{path}: {text}"
+            );
+        }
     }
-    let want = |result: &str| paths.iter().filter(|(_, r)| *r == result).count() as u64;
+    let want =
+        |result: &str| (bodies.len() * paths.iter().filter(|(_, r)| *r == result).count()) as u64;
     eventually(
         Duration::from_secs(10),
         "every comparison counted",
@@ -145,7 +177,7 @@ async fn each_comparison_lands_in_its_result_and_differing_pairs_are_kept() {
             for r in ["match", "status", "headers", "body"] {
                 total += metric(&c, &gw, &series(r)).await;
             }
-            total == paths.len() as u64
+            total == (bodies.len() * paths.len()) as u64
         },
     )
     .await;
@@ -163,9 +195,13 @@ async fn each_comparison_lands_in_its_result_and_differing_pairs_are_kept() {
         .await
         .unwrap();
     let diffs = diffs.as_array().expect("a list");
-    assert_eq!(diffs.len(), 5, "{diffs:?}");
+    assert_eq!(diffs.len(), 6 * bodies.len(), "{diffs:?}");
     // Newest first: the last differing request is /secret.
     assert_eq!(diffs[0]["path"], "/secret");
+    assert_eq!(diffs[0]["method"], "POST");
+    let chunked = diffs.iter().find(|d| d["path"] == "/chunked").unwrap();
+    assert_eq!(chunked["primary"]["body"], "first piece, Second");
+    assert_eq!(chunked["mirror"]["body"], "first piece, second");
     let text = serde_json::to_string(diffs).unwrap();
     assert!(
         !text.contains("primary-secret") && !text.contains("candidate-secret"),

@@ -1,5 +1,5 @@
-//! The mirror lanes' HTTP/1 answer reader never panics and finds the same answers however
-//! the bytes arrive.
+//! The mirror lanes' HTTP/1 answer reader never panics and finds (and reduces) the same
+//! answers however the bytes arrive.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
 

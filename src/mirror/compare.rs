@@ -27,6 +27,31 @@ pub struct CompareConfig {
     pub keep: usize,
 }
 
+impl CompareConfig {
+    /// How each answer of a comparison is reduced.
+    pub fn reduce(&self) -> Reduce {
+        Reduce {
+            max_body: self.max_body,
+            json: !self.ignore_json_fields.is_empty(),
+        }
+    }
+}
+
+/// How an answer is reduced for a comparison: its body hashed up to `max_body` bytes and,
+/// with `json` (the mirror ignores JSON fields), a JSON body no longer than that kept whole.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Reduce {
+    pub max_body: u64,
+    pub json: bool,
+}
+
+impl Reduce {
+    /// The digest for the body of an answer with these headers.
+    pub fn digest(self, headers: &HeaderMap) -> Digest {
+        Digest::new(self.max_body, self.json && is_json(headers))
+    }
+}
+
 /// What a comparison concluded: the `result` label of `fanout_mirror_compare_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verdict {
@@ -60,7 +85,7 @@ impl Verdict {
 }
 
 /// One answer, as the comparison sees it.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Seen {
     pub status: u16,
     pub headers: HeaderMap,
@@ -147,11 +172,7 @@ pub fn differing_headers(cfg: &CompareConfig, a: &HeaderMap, b: &HeaderMap) -> V
         .keys()
         .filter(|k| b.contains_key(*k))
         .filter(|k| !NEVER.contains(k) && !cfg.ignore_headers.contains(k))
-        .filter(|k| {
-            let va: Vec<_> = a.get_all(*k).iter().collect();
-            let vb: Vec<_> = b.get_all(*k).iter().collect();
-            va != vb
-        })
+        .filter(|k| !a.get_all(*k).iter().eq(b.get_all(*k).iter()))
         .cloned()
         .collect();
     out.sort_by(|x, y| x.as_str().cmp(y.as_str()));

@@ -17,7 +17,7 @@ use prometheus::IntCounter;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
-use super::compare::{is_json, CompareConfig, Digest, Seen};
+use super::compare::{CompareConfig, Digest, Reduce, Seen};
 use super::{Deferred, Mirror, Outcomes};
 use crate::forwarding;
 use crate::outbound::{Body, Piece};
@@ -119,8 +119,7 @@ pub struct Copies {
 /// incomplete.
 pub(super) struct Primary {
     to: Option<oneshot::Sender<Seen>>,
-    max_body: u64,
-    json: bool,
+    reduce: Reduce,
     head: Option<(u16, HeaderMap, Digest)>,
 }
 
@@ -128,8 +127,7 @@ impl Primary {
     pub(super) fn new(to: oneshot::Sender<Seen>, config: &CompareConfig) -> Primary {
         Primary {
             to: Some(to),
-            max_body: config.max_body,
-            json: !config.ignore_json_fields.is_empty(),
+            reduce: config.reduce(),
             head: None,
         }
     }
@@ -165,8 +163,7 @@ impl Copies {
     /// The primary's answer head, as the upstream (or the cache) gave it.
     pub fn primary_head(&mut self, status: u16, headers: &HeaderMap) {
         for p in &mut self.primaries {
-            let digest = Digest::new(p.max_body, p.json && is_json(headers));
-            p.head = Some((status, headers.clone(), digest));
+            p.head = Some((status, headers.clone(), p.reduce.digest(headers)));
         }
     }
 

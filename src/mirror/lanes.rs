@@ -26,7 +26,9 @@
 //!   idempotent ones go again, once, and the others count as errors.
 //!
 //! Every copy ends answered or counted as an error: none is left unaccounted, whatever the
-//! order in which a lane's end and a new copy's dispatch meet.
+//! order in which a lane's end and a new copy's dispatch meet. A compared copy (`compare:`)
+//! has its answer reduced by the reader as it passes and handed, or its failure, to its
+//! comparison.
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -36,13 +38,14 @@ use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes, BytesMut};
 
-use super::reader::{Parsed, Reader};
+use super::compare::{Reduce, Seen};
+use super::reader::{Awaited, Parsed, Reader};
 use pingora_core::protocols::http::v1::client::http_req_header_to_wire;
 use pingora_http::RequestHeader;
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
-use super::{Mirror, Permit};
+use super::{Mirror, Pairing, Permit};
 use crate::upstream::Lease;
 
 /// Copies a lane carries at once at most.
@@ -69,6 +72,8 @@ struct Job {
     handovers: u8,
     /// Written once to a lane that then closed without saying whether it processed it.
     maybe_processed: bool,
+    /// With `compare`: the comparison its answer goes to, and how to reduce that answer.
+    pairing: Option<(Pairing, Reduce)>,
 }
 
 /// Sends a copy's head, and its whole body if it has one, on a lane to the leased backend.
@@ -78,11 +83,16 @@ pub fn send(
     body: Option<Bytes>,
     lease: Lease,
     permit: Permit,
+    pairing: Option<Pairing>,
 ) {
     let Some(wire) = http_req_header_to_wire(header) else {
         mirror.outcomes.error.inc();
+        if let Some(pairing) = pairing {
+            pairing.conclude(mirror, None, permit);
+        }
         return;
     };
+    let reduce = mirror.compare.as_ref().map(|c| c.config.reduce());
     dispatch(
         mirror,
         Job {
@@ -95,23 +105,34 @@ pub fn send(
             permit,
             handovers: 0,
             maybe_processed: false,
+            pairing: pairing.zip(reduce),
         },
     );
 }
 
 impl Job {
-    fn mirror(&self) -> &Mirror {
+    fn mirror(&self) -> &Arc<Mirror> {
         &self.permit.0
     }
 
-    fn answered(mut self, status: u16) {
+    /// How the answer awaited for this copy is to be read.
+    fn awaited(&self) -> Awaited {
+        Awaited {
+            head: self.head,
+            reduce: self.pairing.as_ref().map(|(_, r)| *r),
+        }
+    }
+
+    fn answered(mut self, status: u16, seen: Option<Seen>) {
         self.lease.answered(status);
         self.mirror().count_answer(status);
+        self.end(seen);
     }
 
     fn failed(mut self, timeout: bool) {
         self.lease.failed(timeout);
         self.mirror().outcomes.error.inc();
+        self.end(None);
     }
 
     /// Failed only because the copy ahead of it on the same connection did: counted for the
@@ -119,6 +140,15 @@ impl Job {
     /// not count as thirty failures towards its circuit breaker).
     fn failed_behind(self) {
         self.mirror().outcomes.error.inc();
+        self.end(None);
+    }
+
+    /// Hands a compared copy's answer (or its failure) to its comparison.
+    fn end(self, seen: Option<Seen>) {
+        if let Some((pairing, _)) = self.pairing {
+            let mirror = Arc::clone(&self.permit.0);
+            pairing.conclude(&mirror, seen, self.permit);
+        }
     }
 }
 
@@ -349,9 +379,13 @@ impl LaneTask {
         }
         let mut answered = false;
         loop {
-            match reader.next(inb, self.pending.front().map(|s| s.job.head)) {
+            match reader.next(inb, self.pending.front().map(|s| s.job.awaited())) {
                 Parsed::NeedMore => return Ok(answered),
-                Parsed::Answer { status, close } => {
+                Parsed::Answer {
+                    status,
+                    close,
+                    seen,
+                } => {
                     let Some(sent) = self.pending.pop_front() else {
                         return Err(End::Failed { timeout: false });
                     };
@@ -359,7 +393,7 @@ impl LaneTask {
                         // Closed before its count drops, so no copy takes it for idle.
                         self.lane.closed.store(true, Relaxed);
                     }
-                    self.answered(sent, status);
+                    self.answered(sent, status, seen);
                     answered = true;
                     if close {
                         return Err(End::Announced);
@@ -372,10 +406,10 @@ impl LaneTask {
 
     /// The mirror closed the connection: fine between answers or at the end of one that
     /// lasts until the close, a failure within any other.
-    fn closed_by_mirror(&mut self, reader: &Reader, inb: &BytesMut) -> End {
-        if let Some(status) = reader.closed() {
+    fn closed_by_mirror(&mut self, reader: &mut Reader, inb: &BytesMut) -> End {
+        if let Some((status, seen)) = reader.closed() {
             if let Some(sent) = self.pending.pop_front() {
-                self.answered(sent, status);
+                self.answered(sent, status, seen);
             }
             return End::Polite;
         }
@@ -400,7 +434,7 @@ impl LaneTask {
         self.pending.push_back(Sent { job, at: now });
     }
 
-    fn answered(&mut self, sent: Sent, status: u16) {
+    fn answered(&mut self, sent: Sent, status: u16, seen: Option<Seen>) {
         let now = Instant::now();
         let latency = micros(sent.at, now);
         self.lane.last_latency.store(latency, Relaxed);
@@ -410,7 +444,7 @@ impl LaneTask {
             .map_or(0, |s| micros(self.epoch, s.at).max(1));
         self.lane.head_sent.store(head, Relaxed);
         self.lane.outstanding.fetch_sub(1, Relaxed);
-        sent.job.answered(status);
+        sent.job.answered(status, seen);
     }
 
     /// Ends the lane: closed to new copies, then each copy it still held goes to another

@@ -21,7 +21,8 @@
 //! connector: they are pipelined, many to a write, on a few long-lived connections per
 //! mirror backend ([`lanes`]), which only take more copies while their mirror answers
 //! fast, so a slow mirror still gets a connection per copy; their answers are read by
-//! [`reader`].
+//! [`reader`]. With `compare`, either way reduces the copy's answer ([`compare::Seen`]) and
+//! [`Pairing::conclude`] judges it against the primary's.
 //!
 //! Copies were first Pingora subrequests re-entering the proxy phases; a subrequest costs
 //! as much CPU as a client request (a second session, channels, every phase), which halved
@@ -216,8 +217,7 @@ impl Deferred {
     /// Sends head and whole body on a lane, or on a connection of its own where the
     /// mirror's connections are not plain HTTP/1.1 (TLS, h2).
     fn send_whole(self, body: Bytes) {
-        // Lanes skip answers' bodies: a copy whose answer is compared takes the connector.
-        if !self.mirror.upstream.config.plain_h1() || self.pairing.is_some() {
+        if !self.mirror.upstream.config.plain_h1() {
             tokio::spawn(mirror_task(
                 self.mirror,
                 self.connector,
@@ -235,6 +235,7 @@ impl Deferred {
             Some(body),
             self.lease,
             self.permit,
+            self.pairing,
         );
     }
 
@@ -261,17 +262,14 @@ async fn mirror_task(
     connector: Arc<Connector>,
     mut lease: Lease,
     header: RequestHeader,
-    _permit: Permit,
+    permit: Permit,
     body: Body,
     pairing: Option<Pairing>,
 ) {
     let (timeouts, limit) = (&m.upstream.config.timeouts, m.config.timeout);
-    let keep = match &m.compare {
-        Some(c) => Keep::Digest {
-            max_body: c.config.max_body,
-            json: !c.config.ignore_json_fields.is_empty(),
-        },
-        None => Keep::Discard,
+    let keep = match (&m.compare, &pairing) {
+        (Some(c), Some(_)) => Keep::Digest(c.config.reduce()),
+        _ => Keep::Discard,
     };
     let answer = outbound::exchange(&connector, &mut lease, timeouts, limit, &header, body, keep);
     let seen = match answer.await {
@@ -286,31 +284,67 @@ async fn mirror_task(
             None
         }
     };
-    if let (Some(cmp), Some(pairing)) = (&m.compare, pairing) {
-        let primary = tokio::time::timeout(limit, pairing.primary).await;
-        let primary = primary.ok().and_then(Result::ok);
-        let (Some(primary), Some(mirror)) = (primary, seen) else {
+    if let Some(pairing) = pairing {
+        pairing.conclude(&m, seen, permit);
+    }
+}
+
+impl Pairing {
+    /// Judges a compared copy's answer (`None`: the copy failed) against the primary's: at
+    /// once when the primary's answer has already passed (or is gone), else in a task that
+    /// waits for it up to the mirror's `timeout`, holding the copy's `max_inflight` slot so
+    /// that comparisons in flight stay bounded. Lanes and connector copies both end here.
+    fn conclude(mut self, m: &Arc<Mirror>, seen: Option<Seen>, permit: Permit) {
+        let Some(cmp) = &m.compare else { return };
+        let Some(mirror) = seen else {
             return cmp.count(Verdict::Incomplete);
         };
+        match self.primary.try_recv() {
+            Ok(primary) => m.judge(self, primary, mirror),
+            Err(oneshot::error::TryRecvError::Closed) => cmp.count(Verdict::Incomplete),
+            Err(oneshot::error::TryRecvError::Empty) => {
+                let m = Arc::clone(m);
+                tokio::spawn(async move {
+                    let _permit = permit;
+                    let primary = tokio::time::timeout(m.config.timeout, &mut self.primary);
+                    match primary.await {
+                        Ok(Ok(primary)) => m.judge(self, primary, mirror),
+                        _ => {
+                            if let Some(cmp) = &m.compare {
+                                cmp.count(Verdict::Incomplete);
+                            }
+                        }
+                    }
+                });
+            }
+        }
+    }
+}
+
+impl Mirror {
+    /// Counts how the pair compares, keeping it if it differs.
+    fn judge(&self, pairing: Pairing, primary: Seen, mirror: Seen) {
+        let Some(cmp) = &self.compare else { return };
         let verdict = judge(&cmp.config, &primary, &mirror);
         cmp.count(verdict);
-        if verdict != Verdict::Match {
-            // A kept pair holds heads and excerpts only, never whole bodies.
-            let (mut primary, mut mirror) = (primary, mirror);
-            primary.json = None;
-            mirror.json = None;
-            cmp.kept.push(Diff {
-                at: pairing.at,
-                request_id: pairing.request_id,
-                method: pairing.method,
-                path: pairing.path,
-                route: m.route.clone(),
-                upstream: m.upstream.name().to_string(),
-                verdict,
-                primary,
-                mirror,
-            });
+        if verdict == Verdict::Match {
+            return;
         }
+        // A kept pair holds heads and excerpts only, never whole bodies.
+        let (mut primary, mut mirror) = (primary, mirror);
+        primary.json = None;
+        mirror.json = None;
+        cmp.kept.push(Diff {
+            at: pairing.at,
+            request_id: pairing.request_id,
+            method: pairing.method,
+            path: pairing.path,
+            route: self.route.clone(),
+            upstream: self.upstream.name().to_string(),
+            verdict,
+            primary,
+            mirror,
+        });
     }
 }
 
@@ -368,9 +402,9 @@ impl Copies {
                     path: req.uri.path().to_string(),
                 }
             });
-            if !has_body && upstream.config.plain_h1() && pairing.is_none() {
+            if !has_body && upstream.config.plain_h1() {
                 // Pipelined with other copies on a lane (see `lanes`).
-                lanes::send(mirror, &header, None, lease, permit);
+                lanes::send(mirror, &header, None, lease, permit, pairing);
                 continue;
             }
             if !has_body {
