@@ -291,6 +291,11 @@ impl FanoutProxy {
 impl ProxyHttp for FanoutProxy {
     type CTX = RequestCtx;
 
+    /// No downstream modules: Pingora's default installs a (disabled) response compression
+    /// module whose context is built, and whose filters run, for every request. fanout
+    /// does not compress answers.
+    fn init_downstream_modules(&self, _modules: &mut pingora_core::modules::http::HttpModules) {}
+
     fn new_ctx(&self) -> RequestCtx {
         RequestCtx {
             start: Instant::now(),
@@ -751,7 +756,6 @@ impl ProxyHttp for FanoutProxy {
     }
 }
 
-/// Milliseconds with microsecond precision.
 /// The client's protocol, for the access log.
 fn protocol(session: &Session) -> &'static str {
     let tls = session.digest().is_some_and(|d| d.ssl_digest.is_some());
@@ -765,6 +769,7 @@ fn protocol(session: &Session) -> &'static str {
     }
 }
 
+/// Milliseconds with microsecond precision.
 fn millis(d: Duration) -> f64 {
     d.as_micros() as f64 / 1000.0
 }

@@ -10,9 +10,12 @@
 //! Keys live in sharded maps (key hash → arrival time) capped in size: a key whose bucket
 //! is full again needs no state and is the first to go, so a million distinct clients cost
 //! a bounded table, not a million entries. Only when more keys than the cap are active at
-//! once is an active key forgotten (it then gets a fresh burst).
+//! once is an active key forgotten (it then gets a fresh burst). The `global` key is one
+//! arrival time in one atomic, moved by compare-and-swap: every request of the route
+//! shares it, so no lock may stand there.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Instant;
 
@@ -33,7 +36,10 @@ pub struct RateLimiter {
     pub limit: f64,
     interval_ns: u64,
     tolerance_ns: u64,
+    /// Per-key arrival times (keys other than `global`).
     shards: Vec<Mutex<HashMap<u64, u64>>>,
+    /// The arrival time of the `global` key.
+    global: Option<AtomicU64>,
     epoch: Instant,
 }
 
@@ -53,19 +59,32 @@ impl RateLimiter {
         // Validation keeps the rate at or above MIN_REQUESTS_PER_SECOND; the clamp and the
         // saturating arithmetic below keep any other value from overflowing all the same.
         let interval_ns = (1e9 / config.requests_per_second).clamp(1.0, MAX_INTERVAL_NS) as u64;
-        let shards = if config.key == KeySource::Global {
-            1
-        } else {
-            SHARDS
-        };
+        let global = config.key == KeySource::Global;
+        let shards = if global { 0 } else { SHARDS };
         RateLimiter {
             key: config.key.clone(),
             limit: config.requests_per_second,
             interval_ns,
             tolerance_ns: interval_ns.saturating_mul(config.burst as u64),
             shards: (0..shards).map(|_| Mutex::new(HashMap::new())).collect(),
+            global: global.then(|| AtomicU64::new(0)),
             epoch: Instant::now(),
         }
+    }
+
+    /// GCRA for one key whose arrival time is `tat`: the new arrival time if a token is
+    /// free at `now_ns`, else the refusal.
+    fn take(&self, tat: u64, now_ns: u64) -> Result<(u64, Decision), Decision> {
+        let next = tat.max(now_ns).saturating_add(self.interval_ns);
+        let ahead = next - now_ns;
+        if ahead > self.tolerance_ns {
+            let wait_ns = ahead - self.tolerance_ns;
+            return Err(Decision::Deny {
+                retry_after_secs: wait_ns.div_ceil(1_000_000_000).max(1),
+            });
+        }
+        let remaining = (self.tolerance_ns - ahead) / self.interval_ns;
+        Ok((next, Decision::Allow { remaining }))
     }
 
     /// Takes one token for `key` at `now`, if there is one.
@@ -76,24 +95,34 @@ impl RateLimiter {
         let now_ns = u64::try_from(since_epoch)
             .unwrap_or(u64::MAX)
             .saturating_add(self.tolerance_ns);
-        let shard = &self.shards[(hash as usize) % self.shards.len()];
-        let mut map = shard.lock().unwrap_or_else(|p| p.into_inner());
-        let tat = map.get(&hash).copied().unwrap_or(0).max(now_ns);
-        let next = tat.saturating_add(self.interval_ns);
-        let ahead = next - now_ns;
-        if ahead > self.tolerance_ns {
-            let wait_ns = ahead - self.tolerance_ns;
-            return Decision::Deny {
-                retry_after_secs: wait_ns.div_ceil(1_000_000_000).max(1),
-            };
+        if let Some(global) = &self.global {
+            let mut tat = global.load(Ordering::Relaxed);
+            loop {
+                let (next, allow) = match self.take(tat, now_ns) {
+                    Ok(taken) => taken,
+                    Err(deny) => return deny,
+                };
+                match global.compare_exchange_weak(tat, next, Ordering::Relaxed, Ordering::Relaxed)
+                {
+                    Ok(_) => return allow,
+                    Err(moved) => tat = moved,
+                }
+            }
         }
+        let Some(shard) = self.shards.get((hash as usize) % self.shards.len().max(1)) else {
+            return Decision::Allow { remaining: 0 };
+        };
+        let mut map = shard.lock().unwrap_or_else(|p| p.into_inner());
+        let tat = map.get(&hash).copied().unwrap_or(0);
+        let (next, allow) = match self.take(tat, now_ns) {
+            Ok(taken) => taken,
+            Err(deny) => return deny,
+        };
         if map.len() >= SHARD_CAP && !map.contains_key(&hash) {
             make_room(&mut map, now_ns);
         }
         map.insert(hash, next);
-        Decision::Allow {
-            remaining: (self.tolerance_ns - ahead) / self.interval_ns,
-        }
+        allow
     }
 
     /// Keys currently remembered (for tests and the memory figure).
@@ -162,6 +191,26 @@ mod tests {
             })
             .count();
         assert_eq!(allowed, 5 + 100 - 1);
+    }
+
+    #[test]
+    fn the_global_key_allows_its_burst_once_across_threads() {
+        let l = limiter(1.0, 1000, KeySource::Global);
+        let t = Instant::now();
+        let allowed: usize = std::thread::scope(|s| {
+            let counts: Vec<_> = (0..4)
+                .map(|_| {
+                    s.spawn(|| {
+                        (0..1000)
+                            .filter(|_| matches!(l.check(b"", t), Decision::Allow { .. }))
+                            .count()
+                    })
+                })
+                .collect();
+            counts.into_iter().map(|c| c.join().unwrap()).sum()
+        });
+        assert_eq!(allowed, 1000);
+        assert_eq!(l.tracked_keys(), 0);
     }
 
     #[test]

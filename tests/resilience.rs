@@ -153,6 +153,48 @@ async fn rate_limit_allows_burst_plus_rate_and_answers_429() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_global_limit_is_shared_by_concurrent_clients() {
+    let b = Backend::start("b").await;
+    let gw = Gateway::start(&format!(
+        "upstreams:\n  u: {{ backends: [{}] }}\nroutes:\n  - name: shared\n    \
+         match: {{ prefix: / }}\n    upstream: u\n    \
+         rate_limit: {{ requests_per_second: 100, burst: 20, key: global }}\n",
+        b.addr
+    ));
+    let started = Instant::now();
+    // Eight clients, each on connections of its own, all drawing from the one bucket.
+    let clients: Vec<_> = (0..8)
+        .map(|_| {
+            let (c, url) = (client(), gw.url("/g"));
+            tokio::spawn(async move {
+                let (mut ok, mut limited) = (0u64, 0u64);
+                while started.elapsed() < Duration::from_secs(2) {
+                    match c.get(&url).send().await.unwrap().status().as_u16() {
+                        200 => ok += 1,
+                        429 => limited += 1,
+                        other => panic!("unexpected status {other}"),
+                    }
+                }
+                (ok, limited)
+            })
+        })
+        .collect();
+    let (mut ok, mut limited) = (0, 0);
+    for c in clients {
+        let (o, l) = c.await.unwrap();
+        ok += o;
+        limited += l;
+    }
+    let expected = 20.0 + 100.0 * started.elapsed().as_secs_f64();
+    assert!(
+        (ok as f64) >= expected * 0.85 && (ok as f64) <= expected * 1.05,
+        "{ok} allowed, expected ≈ {expected:.0}"
+    );
+    assert!(limited > 0);
+    assert_eq!(b.hits() as u64, ok);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn distinct_keys_are_limited_independently() {
     let b = Backend::start("b").await;
     let gw = Gateway::start(&format!(

@@ -4,10 +4,11 @@
 //! ends, exactly one request is let through as a probe (half-open). Its success closes the
 //! circuit; its failure opens it again for twice as long, up to `max_open`.
 //!
-//! The closed, failure-free path costs one atomic load per check and per report; the lock
-//! is taken only on failures and while the circuit is open.
+//! Checks never lock: the closed path costs one atomic load, an open circuit three (open,
+//! probing, until when), and the one probe is claimed by compare-and-swap. The lock only
+//! serialises transitions (a failure while closed, a probe's result).
 
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::SeqCst};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -34,19 +35,18 @@ impl Circuit {
 }
 
 #[derive(Debug)]
-struct State {
-    open_until: Option<Instant>,
-    open_for: Duration,
-    probing: bool,
-}
-
-#[derive(Debug)]
 pub struct Breaker {
     config: BreakerConfig,
     /// Consecutive failures while closed.
     failures: AtomicU32,
     open: AtomicBool,
-    state: Mutex<State>,
+    /// While open: when the period ends, as nanoseconds after `epoch`.
+    open_until: AtomicU64,
+    /// While open: a probe is out.
+    probing: AtomicBool,
+    /// The current open period (doubling after failed probes); held while transitioning.
+    open_for: Mutex<Duration>,
+    epoch: Instant,
 }
 
 /// What a reported result changed, for the upstream to rebuild its schedule.
@@ -62,32 +62,39 @@ impl Breaker {
         Breaker {
             failures: AtomicU32::new(0),
             open: AtomicBool::new(false),
-            state: Mutex::new(State {
-                open_until: None,
-                open_for: config.open,
-                probing: false,
-            }),
+            open_until: AtomicU64::new(0),
+            probing: AtomicBool::new(false),
+            open_for: Mutex::new(config.open),
             config: config.clone(),
+            epoch: Instant::now(),
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Duration> {
         // A panic while holding this lock cannot leave the state inconsistent: recover it.
-        self.state
+        self.open_for
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
+    fn nanos(&self, t: Instant) -> u64 {
+        u64::try_from(t.saturating_duration_since(self.epoch).as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    /// When the open period ends, if it has not yet at `now`.
+    fn open_until(&self, now: Instant) -> Option<Instant> {
+        let until = self.open_until.load(SeqCst);
+        (self.nanos(now) < until).then(|| self.epoch + Duration::from_nanos(until))
+    }
+
     pub fn circuit(&self, now: Instant) -> Circuit {
-        if !self.open.load(Relaxed) {
+        if !self.open.load(SeqCst) {
             return Circuit::Closed;
         }
-        let s = self.lock();
-        match s.open_until {
-            _ if s.probing => Circuit::HalfOpen,
-            Some(until) if now < until => Circuit::Open(Some(until)),
-            _ => Circuit::Open(None),
+        if self.probing.load(SeqCst) {
+            return Circuit::HalfOpen;
         }
+        Circuit::Open(self.open_until(now))
     }
 
     /// Whether a request may be sent now (closed, or open with its period over and no
@@ -99,70 +106,69 @@ impl Breaker {
     /// Claims the request about to be sent. `Some(true)`: it is the probe of an open
     /// circuit; `Some(false)`: an ordinary request; `None`: the circuit refuses it.
     pub fn admit(&self, now: Instant) -> Option<bool> {
-        if !self.open.load(Relaxed) {
+        if !self.open.load(SeqCst) {
             return Some(false);
         }
-        let mut s = self.lock();
-        if !self.open.load(Relaxed) {
-            return Some(false);
+        if self.open_until(now).is_some() {
+            return None;
         }
-        match s.open_until {
-            _ if s.probing => None,
-            Some(until) if now < until => None,
-            _ => {
-                s.probing = true;
-                Some(true)
-            }
-        }
+        // The period is over: the first to flip `probing` is the probe.
+        self.probing
+            .compare_exchange(false, true, SeqCst, SeqCst)
+            .ok()
+            .map(|_| true)
     }
 
     /// A probe that ended without a result (client gone): let another request probe.
     pub fn abandon_probe(&self) {
-        self.lock().probing = false;
+        self.probing.store(false, SeqCst);
+    }
+
+    /// Opens (or reopens) the circuit for `open_for` from `now`.
+    fn open_for(&self, open_for: Duration, now: Instant) -> Transition {
+        let until = now + open_for;
+        self.open_until.store(self.nanos(until), SeqCst);
+        // After the new end is in place, so no request takes the old one for a free probe.
+        self.probing.store(false, SeqCst);
+        self.open.store(true, SeqCst);
+        Transition::Opened(until)
     }
 
     /// Records one attempt's result.
     pub fn report(&self, success: bool, now: Instant) -> Transition {
         if success {
-            if !self.open.load(Relaxed) {
-                if self.failures.load(Relaxed) != 0 {
-                    self.failures.store(0, Relaxed);
+            if !self.open.load(SeqCst) {
+                if self.failures.load(SeqCst) != 0 {
+                    self.failures.store(0, SeqCst);
                 }
                 return Transition::None;
             }
-            let mut s = self.lock();
-            if !s.probing {
+            let mut open_for = self.lock();
+            if !self.open.load(SeqCst) || !self.probing.load(SeqCst) {
                 // A request admitted before the circuit opened: not the probe.
                 return Transition::None;
             }
-            s.probing = false;
-            s.open_until = None;
-            s.open_for = self.config.open;
-            self.failures.store(0, Relaxed);
-            self.open.store(false, Relaxed);
+            *open_for = self.config.open;
+            self.failures.store(0, SeqCst);
+            self.open.store(false, SeqCst);
+            self.probing.store(false, SeqCst);
             return Transition::Closed;
         }
-        let mut s = self.lock();
-        if self.open.load(Relaxed) {
-            if !s.probing {
+        let mut open_for = self.lock();
+        if self.open.load(SeqCst) {
+            if !self.probing.load(SeqCst) {
                 return Transition::None;
             }
             // The probe failed: open again, for twice as long.
-            s.probing = false;
-            s.open_for = (s.open_for * 2).min(self.config.max_open);
-            let until = now + s.open_for;
-            s.open_until = Some(until);
-            return Transition::Opened(until);
+            *open_for = (*open_for * 2).min(self.config.max_open);
+            return self.open_for(*open_for, now);
         }
-        let n = self.failures.fetch_add(1, Relaxed) + 1;
+        let n = self.failures.fetch_add(1, SeqCst) + 1;
         if n < self.config.failures {
             return Transition::None;
         }
-        let until = now + s.open_for;
-        s.open_until = Some(until);
-        self.open.store(true, Relaxed);
-        self.failures.store(0, Relaxed);
-        Transition::Opened(until)
+        self.failures.store(0, SeqCst);
+        self.open_for(*open_for, now)
     }
 }
 

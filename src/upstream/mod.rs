@@ -125,7 +125,7 @@ impl Lease {
         if let Some(b) = &self.backend().breaker {
             let transition = b.report(success, Instant::now());
             if transition != Transition::None {
-                self.upstream.refresh();
+                self.upstream.refresh_soon();
             }
         }
     }
@@ -176,11 +176,16 @@ impl Tried {
 pub fn peer_for(config: &UpstreamConfig, b: &BackendConfig) -> HttpPeer {
     let tls = config.tls.as_ref();
     // The name sent (SNI) and verified: `tls.sni`, else the name the backend was written
-    // with, else its IP address (verified against the certificate's IP names).
-    let sni = tls
-        .and_then(|t| t.sni.clone())
-        .or_else(|| b.host.clone())
-        .unwrap_or_else(|| b.addr.ip().to_string());
+    // with, else its IP address (verified against the certificate's IP names). None
+    // without TLS: the peer is cloned for every request, and an empty name costs nothing.
+    let sni = match tls {
+        Some(t) => t
+            .sni
+            .clone()
+            .or_else(|| b.host.clone())
+            .unwrap_or_else(|| b.addr.ip().to_string()),
+        None => String::new(),
+    };
     let mut peer = HttpPeer::new(b.addr, tls.is_some(), sni);
     // Pooled connections are shared only within one upstream: another upstream on the same
     // address may trust another CA (Pingora's pool key does not hold the CA).
@@ -220,6 +225,8 @@ pub struct Upstream {
     /// When the next open circuit's period ends, as nanoseconds after `epoch` (0: none):
     /// the schedule is rebuilt then so that backend can be probed.
     reopen_at: AtomicU64,
+    /// A rebuild of the schedule is queued ([`Upstream::refresh_soon`]).
+    refreshing: AtomicBool,
     epoch: Instant,
 }
 
@@ -262,6 +269,7 @@ impl Upstream {
             config: config.clone(),
             backends,
             reopen_at: AtomicU64::new(0),
+            refreshing: AtomicBool::new(false),
             epoch: Instant::now(),
         };
         upstream.refresh();
@@ -290,6 +298,25 @@ impl Upstream {
             t.saturating_duration_since(self.epoch).as_nanos().max(1) as u64
         });
         self.reopen_at.store(nanos, Relaxed);
+    }
+
+    /// [`Upstream::refresh`] off the request path: a weighted schedule has up to 65,536
+    /// steps to compute, so a request that notices a circuit change leaves the rebuild to
+    /// the blocking pool (one at a time; requests meanwhile skip unavailable backends in
+    /// the old schedule). Outside a runtime (tests, start-up) it is done at once.
+    pub fn refresh_soon(self: &Arc<Self>) {
+        if self.refreshing.swap(true, Relaxed) {
+            return; // one is already on its way, and will see this change
+        }
+        let upstream = Arc::clone(self);
+        let rebuild = move || {
+            upstream.refreshing.store(false, Relaxed);
+            upstream.refresh();
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => drop(rt.spawn_blocking(rebuild)),
+            Err(_) => rebuild(),
+        }
     }
 
     /// Marks a backend healthy or not; returns whether that changed anything.
@@ -323,7 +350,7 @@ impl Upstream {
         let now = Instant::now();
         let reopen = self.reopen_at.load(Relaxed);
         if reopen != 0 && now.saturating_duration_since(self.epoch).as_nanos() as u64 >= reopen {
-            self.refresh();
+            self.refresh_soon();
         }
         let bs = &self.backends;
         let mut refused = Tried::default();
