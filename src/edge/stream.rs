@@ -273,17 +273,28 @@ impl ClientStream {
         let Some((at, expiry)) = self.deadline() else {
             return Poll::Pending;
         };
-        // One timer per connection, moved when the phase's deadline moves. An answer's
-        // write deadline is set once, when the answer starts (`refuse` clears the timer).
+        // One timer per connection. A deadline that moves later (the idle deadline moves
+        // with every request on a keep-alive connection) leaves the timer where it is: when
+        // it fires early it is moved once, to the deadline then in force. Only a deadline
+        // that moves earlier moves it at once. So the timer wheel is touched about once per
+        // timeout period, not once per request. An answer's write deadline is set once, when
+        // the answer starts (`refuse` clears the timer).
         let (armed, sleep) = self
             .timer
             .get_or_insert_with(|| (at, Box::pin(tokio::time::sleep_until(at.into()))));
-        if *armed != at && expiry != Expiry::Answer {
+        if at < *armed && expiry != Expiry::Answer {
             sleep.as_mut().reset(at.into());
             *armed = at;
         }
-        ready!(sleep.as_mut().poll(cx));
-        Poll::Ready(expiry)
+        loop {
+            ready!(sleep.as_mut().poll(cx));
+            // (Within the timer's millisecond granularity counts as reached.)
+            if expiry == Expiry::Answer || Instant::now() + Duration::from_millis(1) >= at {
+                return Poll::Ready(expiry);
+            }
+            sleep.as_mut().reset(at.into());
+            *armed = at;
+        }
     }
 
     /// A deadline ran out: count it, and answer or close.

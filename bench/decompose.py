@@ -1,0 +1,199 @@
+#!/usr/bin/env python3
+"""Where a proxied keep-alive request's cost goes, per request, for fanout, plain Pingora
+(examples/plain_pingora.rs) and nginx: CPU (user and kernel), system calls (total, and by
+name from strace), context switches, wake-ups the proxy causes, and heap allocations
+(uprobes on the allocator: mimalloc's entry points in fanout, glibc's malloc family in
+plain Pingora and nginx).
+
+The scenario is ka1 of bench/run.py (wrk -t1 -c64 keep-alive GETs, one worker, two nginx
+backends answering 3 bytes). Requests are counted at the backends (nginx stub_status), so
+every figure is divided by the requests proxied in the same window. Each kind of figure
+is taken in a window of its own: strace and uprobes slow the proxy down, which changes
+nothing per request but would spoil the CPU figure.
+
+Needs root (perf, strace). Usage: bench/decompose.py [--window S] [--rounds N]
+"""
+import argparse
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import run  # noqa: E402  (the ports, configurations and process helpers of bench/run.py)
+
+STATUS_PORT = 19106
+LIBC = "/lib/x86_64-linux-gnu/libc.so.6"
+
+
+def backend_conf(tmp):
+    """run.py's backends, plus stub_status to count the requests that reached them."""
+    conf = run.backend_conf(tmp)
+    status = (f"  server {{ listen 127.0.0.1:{STATUS_PORT}; access_log off; "
+              f"location / {{ stub_status; }} }}\n}}\n")
+    return conf.rstrip().removesuffix("}") + status
+
+
+def backend_requests():
+    text = urllib.request.urlopen(f"http://127.0.0.1:{STATUS_PORT}/", timeout=5).read().decode()
+    # "server accepts handled requests\n A B C" -- minus the status requests themselves.
+    return int(text.splitlines()[2].split()[2])
+
+
+def worker_pid(name, proc):
+    """The process that does the work: nginx's single worker, else the proxy itself."""
+    if name != "nginx":
+        return proc.pid
+    with open(f"/proc/{proc.pid}/task/{proc.pid}/children") as f:
+        return int(f.read().split()[0])
+
+
+def cpu_split(pid):
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
+
+
+def windowed(measure, seconds, port, tmp):
+    """Runs wrk on `port` past both ends of a window, and `measure(seconds)` inside it;
+    returns (what measure returned, requests proxied in the window)."""
+    wrk = subprocess.Popen(["wrk", "-t1", "-c64", f"-d{seconds + 3}s", f"http://127.0.0.1:{port}/bench"],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(1.5)
+        before = backend_requests()
+        got = measure(seconds)
+        after = backend_requests()
+    finally:
+        wrk.wait(timeout=seconds + 30)
+    return got, after - before - 1
+
+
+def perf_counts(pid, events):
+    def measure(seconds):
+        out = subprocess.run(["perf", "stat", "-x,", "-e", ",".join(events), "-p", str(pid),
+                              "--", "sleep", str(seconds)], capture_output=True, text=True)
+        counts = {}
+        for line in out.stderr.splitlines():
+            parts = line.split(",")
+            if len(parts) > 2 and parts[0].strip().replace(".", "").isdigit():
+                counts[parts[2]] = float(parts[0])
+        return counts
+    return measure
+
+
+def cpu_measure(pid):
+    def measure(seconds):
+        u0, s0 = cpu_split(pid)
+        time.sleep(seconds)
+        u1, s1 = cpu_split(pid)
+        return {"user": u1 - u0, "sys": s1 - s0}
+    return measure
+
+
+def strace_measure(pid):
+    def measure(seconds):
+        out = subprocess.run(["timeout", "-s", "INT", str(seconds), "strace", "-c", "-f", "-p", str(pid)],
+                             capture_output=True, text=True)
+        calls = {}
+        for line in out.stderr.splitlines():
+            m = re.match(r"\s*[\d.]+\s+[\d.]+\s+\d+\s+(\d+)\s+(?:\d+\s+)?(\w+)\s*$", line)
+            if m and m.group(2) != "total":
+                calls[m.group(2)] = int(m.group(1))
+        return calls
+    return measure
+
+
+def alloc_probes(name):
+    """Adds uprobes on the allocator `name` uses; returns their event names."""
+    if name == "fanout":
+        binary, funcs = run.FANOUT, ["mi_malloc_aligned", "mi_zalloc_aligned", "mi_realloc_aligned"]
+    else:
+        binary, funcs = LIBC, ["malloc", "calloc", "realloc"]
+    events = []
+    for f in funcs:
+        out = subprocess.run(["perf", "probe", "-q", "-x", binary, "-a", f], capture_output=True, text=True)
+        listed = subprocess.run(["perf", "probe", "-l"], capture_output=True, text=True).stdout
+        m = re.search(rf"(probe_\w+:{f})\s", listed)
+        if not m:
+            sys.exit(f"could not probe {f} in {binary}: {out.stderr}")
+        events.append(m.group(1))
+    return events
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--window", type=int, default=4)
+    ap.add_argument("--rounds", type=int, default=3)
+    args = ap.parse_args()
+    tmp = tempfile.mkdtemp(prefix="fanout-decompose-")
+    procs = []
+    subprocess.run(["perf", "probe", "-q", "-d", "probe_*:*"], capture_output=True)
+    try:
+        with open(f"{tmp}/backend.conf", "w") as f:
+            f.write(backend_conf(tmp))
+        with open(f"{tmp}/nginx.conf", "w") as f:
+            f.write(run.nginx_conf(tmp, 1, False, None))
+        with open(f"{tmp}/fanout.yaml", "w") as f:
+            f.write(run.fanout_conf(tmp, 1, False, None))
+        for d in ["backend_body", "nginx_body", "nginx_proxy"]:
+            os.makedirs(f"{tmp}/{d}", exist_ok=True)
+        procs.append(run.start(["nginx", "-c", f"{tmp}/backend.conf"], "backend", run.BACKENDS[0], tmp))
+        os.environ["THREADS"] = "1"
+        proxies = {
+            "fanout": run.start([run.FANOUT, "-c", f"{tmp}/fanout.yaml"], "fanout", run.PORTS["fanout"], tmp),
+            "pingora": run.start([run.PLAIN, f"127.0.0.1:{run.PORTS['pingora']}"]
+                                 + [f"127.0.0.1:{p}" for p in run.BACKENDS], "pingora", run.PORTS["pingora"], tmp),
+            "nginx": run.start(["nginx", "-c", f"{tmp}/nginx.conf"], "nginx", run.PORTS["nginx"], tmp),
+        }
+        procs += proxies.values()
+        rows = {}
+        for name, proc in proxies.items():
+            pid, port, w = worker_pid(name, proc), run.PORTS[name], args.window
+            per = lambda got_n, key: got_n[0].get(key, 0) / max(got_n[1], 1)
+            r = {"cpu_user": [], "cpu_sys": [], "syscalls": [], "switches": [], "wakeups": [], "allocs": []}
+            for _ in range(args.rounds):
+                g = windowed(cpu_measure(pid), w, port, tmp)
+                r["cpu_user"].append(per(g, "user") * 1e6)
+                r["cpu_sys"].append(per(g, "sys") * 1e6)
+                g = windowed(perf_counts(pid, ["raw_syscalls:sys_enter", "context-switches",
+                                               "sched:sched_wakeup"]), w, port, tmp)
+                r["syscalls"].append(per(g, "raw_syscalls:sys_enter"))
+                r["switches"].append(per(g, "context-switches"))
+                r["wakeups"].append(per(g, "sched:sched_wakeup"))
+            events = alloc_probes(name)
+            for _ in range(args.rounds):
+                g = windowed(perf_counts(pid, events), w, port, tmp)
+                r["allocs"].append(sum(g[0].values()) / max(g[1], 1))
+            subprocess.run(["perf", "probe", "-q", "-d", "probe_*:*"], capture_output=True)
+            calls, n = windowed(strace_measure(pid), w, port, tmp)
+            r["by_call"] = {k: v / max(n, 1) for k, v in calls.items()}
+            rows[name] = r
+            print(f"  {name}: " + ", ".join(f"{k} {statistics.median(v):.2f}" for k, v in r.items()
+                                            if k != "by_call"), file=sys.stderr)
+        print(f"# {time.strftime('%Y-%m-%d')}: bench/decompose.py --window {args.window} --rounds {args.rounds}")
+        names = list(rows)
+        print("| per proxied request | " + " | ".join(names) + " |")
+        print("|---|" + "---|" * len(names))
+        for key, label, fmt in [("cpu_user", "CPU, user (µs)", "{:.1f}"), ("cpu_sys", "CPU, kernel (µs)", "{:.1f}"),
+                                ("syscalls", "system calls", "{:.2f}"), ("switches", "context switches", "{:.3f}"),
+                                ("wakeups", "wake-ups caused", "{:.2f}"), ("allocs", "heap allocations", "{:.1f}")]:
+            print(f"| {label} | " + " | ".join(fmt.format(statistics.median(rows[n][key])) for n in names) + " |")
+        calls = sorted({c for n in names for c in rows[n]["by_call"]},
+                       key=lambda c: -max(rows[n]["by_call"].get(c, 0) for n in names))
+        for c in calls:
+            if max(rows[n]["by_call"].get(c, 0) for n in names) >= 0.01:
+                print(f"| `{c}` (strace) | " + " | ".join(f"{rows[n]['by_call'].get(c, 0):.2f}" for n in names) + " |")
+    finally:
+        subprocess.run(["perf", "probe", "-q", "-d", "probe_*:*"], capture_output=True)
+        run.stop(procs)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
