@@ -52,28 +52,22 @@ pub fn is_upgrade(req: &RequestHeader) -> bool {
             .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
 }
 
-/// Names of the headers to drop from `headers` as hop-by-hop.
+/// Names of the headers to drop from `headers` as hop-by-hop: one pass over the names, no
+/// allocation unless there is something to drop (this runs twice per request).
 fn hop_by_hop(headers: &http::HeaderMap) -> Vec<HeaderName> {
-    let mut names: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-        .collect();
-    names.extend(
+    let named = |name: &str| {
         headers
-            .keys()
-            .filter(|k| k.as_str().starts_with("proxy-"))
-            .cloned(),
-    );
-    names.extend(
-        HOP_BY_HOP
+            .get_all(header::CONNECTION)
             .iter()
-            .filter(|h| headers.contains_key(*h))
-            .cloned(),
-    );
-    names
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case(name))
+    };
+    headers
+        .keys()
+        .filter(|k| HOP_BY_HOP.contains(k) || k.as_str().starts_with("proxy-") || named(k.as_str()))
+        .cloned()
+        .collect()
 }
 
 fn apply_rules_req(req: &mut RequestHeader, rules: &HeaderRules) -> Result<()> {

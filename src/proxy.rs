@@ -285,55 +285,21 @@ impl FanoutProxy {
             RouteKind::Broadcast { .. } => Verdict::Broadcast,
         }
     }
-}
 
-#[async_trait]
-impl ProxyHttp for FanoutProxy {
-    type CTX = RequestCtx;
-
-    /// No downstream modules: Pingora's default installs a (disabled) response compression
-    /// module whose context is built, and whose filters run, for every request. fanout
-    /// does not compress answers.
-    fn init_downstream_modules(&self, _modules: &mut pingora_core::modules::http::HttpModules) {}
-
-    fn new_ctx(&self) -> RequestCtx {
-        RequestCtx {
-            start: Instant::now(),
-            request_id: String::new(),
-            route: None,
-            lease: None,
-            backend: None,
-            tried: Tried::default(),
-            attempts: 0,
-            body: BodyCounter::default(),
-            refused: None,
-            copies: Copies::default(),
-            fallbacks: None,
-            primary_failed: false,
-            answered_by: None,
-            rate_remaining: None,
-            cache: None,
-            cache_looked_up: false,
-        }
-    }
-
-    async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
-        self.gw.metrics.totals.count_request();
-        let req = session.req_header();
-        ctx.request_id =
-            request_id::from_client(req.headers.get(request_id::HEADER).map(|v| v.as_bytes()));
-        let verdict = match self.normalize(session) {
-            Ok(()) => self.admit(session, ctx),
-            Err(r) => {
-                self.gw.clients.refused.bad_request.inc();
-                Verdict::Answer(Answer::refusal(r))
-            }
-        };
+    /// The rest of `request_filter` for requests that are not simply proxied: an
+    /// expectation to answer, a tunnel, a broadcast, or the gateway's own answer.
+    async fn settle(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        verdict: Verdict,
+        expect: Expect,
+    ) -> Result<bool> {
         // `Expect: 100-continue` is answered here, once the request is admitted (route,
         // size and rate limits passed): the client sends its body at once instead of waiting
         // for a backend's `100` that may never come. A refusal above went out without the
         // body being read.
-        let verdict = match (verdict, limits::expectation(session.req_header())) {
+        let verdict = match (verdict, expect) {
             (
                 v @ (Verdict::Proxy | Verdict::Broadcast | Verdict::Tunnel(_)),
                 Expect::Unsupported,
@@ -393,6 +359,59 @@ impl ProxyHttp for FanoutProxy {
                 Ok(true)
             }
         }
+    }
+}
+
+#[async_trait]
+impl ProxyHttp for FanoutProxy {
+    type CTX = RequestCtx;
+
+    /// No downstream modules: Pingora's default installs a (disabled) response compression
+    /// module whose context is built, and whose filters run, for every request. fanout
+    /// does not compress answers.
+    fn init_downstream_modules(&self, _modules: &mut pingora_core::modules::http::HttpModules) {}
+
+    fn new_ctx(&self) -> RequestCtx {
+        RequestCtx {
+            start: Instant::now(),
+            request_id: String::new(),
+            route: None,
+            lease: None,
+            backend: None,
+            tried: Tried::default(),
+            attempts: 0,
+            body: BodyCounter::default(),
+            refused: None,
+            copies: Copies::default(),
+            fallbacks: None,
+            primary_failed: false,
+            answered_by: None,
+            rate_remaining: None,
+            cache: None,
+            cache_looked_up: false,
+        }
+    }
+
+    async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        self.gw.metrics.totals.count_request();
+        let req = session.req_header();
+        ctx.request_id =
+            request_id::from_client(req.headers.get(request_id::HEADER).map(|v| v.as_bytes()));
+        let verdict = match self.normalize(session) {
+            Ok(()) => self.admit(session, ctx),
+            Err(r) => {
+                self.gw.clients.refused.bad_request.inc();
+                Verdict::Answer(Answer::refusal(r))
+            }
+        };
+        let expect = limits::expectation(session.req_header());
+        if matches!((&verdict, &expect), (Verdict::Proxy, Expect::Nothing)) {
+            // The common case awaits nothing: the others live in a future of their own,
+            // boxed only when needed, so this phase's future stays small (async_trait
+            // moves every phase's whole future onto the heap, per request).
+            return Ok(false);
+        }
+        Box::pin(self.settle(session, ctx, verdict, expect)).await
     }
 
     async fn request_body_filter(
