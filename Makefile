@@ -6,7 +6,7 @@
 CARGO ?= cargo
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test deps build lint fmt bench bench-clients bench-tls bench-tls-candidates bench-spool bench-cache fuzz check-conf upgrade-demo verify-unit
+.PHONY: run test deps build lint fmt bench bench-decompose bench-overload bench-clients bench-tls bench-tls-candidates bench-spool bench-cache fuzz check-conf upgrade-demo verify-unit
 
 deps:
 	@command -v cargo >/dev/null || { echo "cargo is missing: install Rust with rustup first" >&2; exit 1; }
@@ -33,6 +33,20 @@ check-conf: build
 
 bench: build
 	bench/run.sh
+
+# Where a keep-alive request's cost goes in fanout, plain Pingora and nginx (CPU, syscalls,
+# switches, wake-ups, allocations and who asks for them), and tail latency under overload.
+bench-decompose: build
+	bench/deps.sh nginx:nginx-light wrk:wrk perf:linux-perf strace:strace python3:python3
+	$(CARGO) build --release --locked --example plain_pingora
+	python3 bench/decompose.py
+	python3 bench/decompose.py --sites
+
+bench-overload: build
+	bench/deps.sh nginx:nginx-light wrk:wrk python3:python3
+	$(CARGO) build --release --locked --example plain_pingora
+	@[ -x bench/.tools/bin/oha ] || $(CARGO) install --locked oha --version 1.16.0 --root bench/.tools
+	python3 bench/overload.py
 
 # Slow, idle and hostile clients: memory per connection and slowhttptest, against nginx.
 bench-clients: build

@@ -11,7 +11,12 @@ every figure is divided by the requests proxied in the same window. Each kind of
 is taken in a window of its own: strace and uprobes slow the proxy down, which changes
 nothing per request but would spoil the CPU figure.
 
-Needs root (perf, strace). Usage: bench/decompose.py [--window S] [--rounds N]
+With --sites, it records each allocation of fanout and plain Pingora with its call stack
+(perf record on the allocator's uprobes) and prints, per request, the allocations by the
+innermost function of a named crate that asked for them (fanout's own code, Pingora's
+crates, tokio, http), so that each can be traced to its source.
+
+Needs root (perf, strace). Usage: bench/decompose.py [--window S] [--rounds N] [--sites]
 """
 import argparse
 import os
@@ -126,10 +131,61 @@ def alloc_probes(name):
     return events
 
 
+# Code an allocation is charged to: the innermost frame of fanout or Pingora, else of one of
+# the libraries they call.
+OWNERS = (("fanout::", "pingora_"), ("tokio::", "http::", "bytes::", "h2::"))
+
+
+def owner(frames):
+    """The innermost frame (`frames` leaf first) of fanout or Pingora, else of a library
+    they use, shortened to its path."""
+    names = []
+    for f in frames:
+        name = f.split(" ", 1)[-1].strip()
+        name = re.sub(r"^<(.*?) as .*?>", r"\1", name)
+        while re.search(r"<[^<>]*>", name):
+            name = re.sub(r"<[^<>]*>", "", name)
+        names.append(name.replace("::{{closure}}", "").replace(" (inlined)", "").split("+")[0][:100])
+    for prefixes in OWNERS:
+        for name in names:
+            if name.startswith(prefixes):
+                return name
+    return "(other)"
+
+
+def alloc_sites(pid, name, seconds, port, tmp):
+    """Allocations per request by the code that asked for them: the total counted by
+    uprobes, shared out by the stacks of one allocation in 25 (perf cannot copy a stack for
+    every one at this rate; a fixed period keeps the sample unbiased)."""
+    events = alloc_probes(name)
+    counted, n = windowed(perf_counts(pid, events), seconds, port, tmp)
+    total = sum(counted.values()) / max(n, 1)
+    data = f"{tmp}/{name}.perf"
+
+    def measure(seconds):
+        subprocess.run(["perf", "record", "-q", "-c", "25", "-e", ",".join(events),
+                        "--call-graph", "dwarf,8192", "-p", str(pid), "-o", data, "--",
+                        "sleep", str(seconds)], capture_output=True)
+    windowed(measure, seconds, port, tmp)
+    subprocess.run(["perf", "probe", "-q", "-d", "probe_*:*"], capture_output=True)
+    script = subprocess.run(["perf", "script", "-i", data, "-F", "ip,sym"], capture_output=True,
+                            text=True).stdout
+    counts = {}
+    for sample in script.split("\n\n"):
+        frames = [l.strip() for l in sample.strip().splitlines() if l.strip()]
+        if frames:
+            o = owner(frames)
+            counts[o] = counts.get(o, 0) + 1
+    sampled = max(sum(counts.values()), 1)
+    print(f"  {name}: {sampled} sampled allocation stacks", file=sys.stderr)
+    return total, {k: total * v / sampled for k, v in counts.items()}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--window", type=int, default=4)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--sites", action="store_true", help="allocations by call site instead")
     args = ap.parse_args()
     tmp = tempfile.mkdtemp(prefix="fanout-decompose-")
     procs = []
@@ -152,6 +208,17 @@ def main():
             "nginx": run.start(["nginx", "-c", f"{tmp}/nginx.conf"], "nginx", run.PORTS["nginx"], tmp),
         }
         procs += proxies.values()
+        if args.sites:
+            print(f"# {time.strftime('%Y-%m-%d')}: bench/decompose.py --sites --window {args.window}")
+            for name in ["fanout", "pingora"]:
+                total, sites = alloc_sites(worker_pid(name, proxies[name]), name, args.window,
+                                           run.PORTS[name], tmp)
+                print(f"\n{name}: {total:.1f} allocations per request\n")
+                print("| share of allocations | ≈ per request | asked for by |\n|---|---|---|")
+                for site, per_req in sorted(sites.items(), key=lambda kv: -kv[1]):
+                    if per_req >= 0.5:
+                        print(f"| {100 * per_req / total:.1f} % | {per_req:.1f} | `{site}` |")
+            return
         rows = {}
         for name, proc in proxies.items():
             pid, port, w = worker_pid(name, proc), run.PORTS[name], args.window
