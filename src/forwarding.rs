@@ -115,8 +115,9 @@ fn forwarded(req: &mut RequestHeader, client: Client) -> Result<()> {
         };
         req.insert_header("x-forwarded-for", value)?;
     }
+    // A static value: nothing to copy per request.
     let proto = if client.https { "https" } else { "http" };
-    req.insert_header("x-forwarded-proto", proto)?;
+    req.insert_header("x-forwarded-proto", http::HeaderValue::from_static(proto))?;
     Ok(())
 }
 
