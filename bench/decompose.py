@@ -66,8 +66,9 @@ def cpu_split(pid):
 
 def windowed(measure, seconds, port, tmp):
     """Runs wrk on `port` past both ends of a window, and `measure(seconds)` inside it;
-    returns (what measure returned, requests proxied in the window)."""
-    wrk = subprocess.Popen(["wrk", "-t1", "-c64", f"-d{seconds + 3}s", f"http://127.0.0.1:{port}/bench"],
+    returns (what measure returned, requests proxied in the window). A measure that counts
+    its own requests (it returns `(value, requests)` in an `Exact`) is taken at its word."""
+    wrk = subprocess.Popen(["wrk", "-t1", "-c64", f"-d{seconds + 5}s", f"http://127.0.0.1:{port}/bench"],
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         time.sleep(1.5)
@@ -76,19 +77,48 @@ def windowed(measure, seconds, port, tmp):
         after = backend_requests()
     finally:
         wrk.wait(timeout=seconds + 30)
+    if isinstance(got, Exact):
+        return got.value, got.requests
     return got, after - before - 1
 
 
+class Exact:
+    """What a measure saw, with the requests proxied while it was looking."""
+    def __init__(self, value, requests):
+        self.value, self.requests = value, requests
+
+
 def perf_counts(pid, events):
+    """Counts `events` in the process over the window. perf takes a while to attach (uprobes
+    most of all), so it counts in 100 ms intervals from the start, and only the intervals
+    between two readings of the backends' request count, taken once it is attached, count."""
     def measure(seconds):
-        out = subprocess.run(["perf", "stat", "-x,", "-e", ",".join(events), "-p", str(pid),
-                              "--", "sleep", str(seconds)], capture_output=True, text=True)
-        counts = {}
-        for line in out.stderr.splitlines():
+        perf = subprocess.Popen(["perf", "stat", "-x,", "-I", "100", "-e", ",".join(events), "-p", str(pid)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        started = time.time()
+        time.sleep(1.5)
+        t0, before = time.time() - started, backend_requests()
+        time.sleep(seconds)
+        t1, after = time.time() - started, backend_requests()
+        time.sleep(0.3)
+        perf.send_signal(2)
+        _, err = perf.communicate(timeout=30)
+        counts, first, last = {}, None, None
+        for line in err.splitlines():
             parts = line.split(",")
-            if len(parts) > 2 and parts[0].strip().replace(".", "").isdigit():
-                counts[parts[2]] = float(parts[0])
-        return counts
+            if len(parts) < 4 or not parts[1].strip().replace(".", "").isdigit():
+                continue
+            at = float(parts[0])
+            # perf's clock starts a little after ours: an interval ending in (t0, t1] counts.
+            if t0 < at <= t1:
+                counts[parts[3]] = counts.get(parts[3], 0) + float(parts[1])
+                first = at if first is None else min(first, at)
+                last = at if last is None else max(last, at)
+        if first is None:
+            return Exact(counts, 1)
+        # Scale the requests to the intervals counted (they cover last - first + 0.1 s).
+        covered = (last - first + 0.1) / max(t1 - t0, 1e-3)
+        return Exact(counts, max((after - before - 1) * covered, 1))
     return measure
 
 
@@ -191,23 +221,7 @@ def main():
     procs = []
     subprocess.run(["perf", "probe", "-q", "-d", "probe_*:*"], capture_output=True)
     try:
-        with open(f"{tmp}/backend.conf", "w") as f:
-            f.write(backend_conf(tmp))
-        with open(f"{tmp}/nginx.conf", "w") as f:
-            f.write(run.nginx_conf(tmp, 1, False, None))
-        with open(f"{tmp}/fanout.yaml", "w") as f:
-            f.write(run.fanout_conf(tmp, 1, False, None))
-        for d in ["backend_body", "nginx_body", "nginx_proxy"]:
-            os.makedirs(f"{tmp}/{d}", exist_ok=True)
-        procs.append(run.start(["nginx", "-c", f"{tmp}/backend.conf"], "backend", run.BACKENDS[0], tmp))
-        os.environ["THREADS"] = "1"
-        proxies = {
-            "fanout": run.start([run.FANOUT, "-c", f"{tmp}/fanout.yaml"], "fanout", run.PORTS["fanout"], tmp),
-            "pingora": run.start([run.PLAIN, f"127.0.0.1:{run.PORTS['pingora']}"]
-                                 + [f"127.0.0.1:{p}" for p in run.BACKENDS], "pingora", run.PORTS["pingora"], tmp),
-            "nginx": run.start(["nginx", "-c", f"{tmp}/nginx.conf"], "nginx", run.PORTS["nginx"], tmp),
-        }
-        procs += proxies.values()
+        proxies = run.start_ka1_trio(tmp, backend_conf(tmp), procs)
         if args.sites:
             print(f"# {time.strftime('%Y-%m-%d')}: bench/decompose.py --sites --window {args.window}")
             for name in ["fanout", "pingora"]:

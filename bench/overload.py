@@ -53,23 +53,7 @@ def main():
     tmp = tempfile.mkdtemp(prefix="fanout-overload-")
     procs = []
     try:
-        with open(f"{tmp}/backend.conf", "w") as f:
-            f.write(run.backend_conf(tmp))
-        with open(f"{tmp}/nginx.conf", "w") as f:
-            f.write(run.nginx_conf(tmp, 1, False, None))
-        with open(f"{tmp}/fanout.yaml", "w") as f:
-            f.write(run.fanout_conf(tmp, 1, False, None))
-        for d in ["backend_body", "nginx_body", "nginx_proxy"]:
-            os.makedirs(f"{tmp}/{d}", exist_ok=True)
-        procs.append(run.start(["nginx", "-c", f"{tmp}/backend.conf"], "backend", run.BACKENDS[0], tmp))
-        os.environ["THREADS"] = "1"
-        proxies = {
-            "fanout": run.start([run.FANOUT, "-c", f"{tmp}/fanout.yaml"], "fanout", run.PORTS["fanout"], tmp),
-            "pingora": run.start([run.PLAIN, f"127.0.0.1:{run.PORTS['pingora']}"]
-                                 + [f"127.0.0.1:{p}" for p in run.BACKENDS], "pingora", run.PORTS["pingora"], tmp),
-            "nginx": run.start(["nginx", "-c", f"{tmp}/nginx.conf"], "nginx", run.PORTS["nginx"], tmp),
-        }
-        procs += proxies.values()
+        proxies = run.start_ka1_trio(tmp, run.backend_conf(tmp), procs)
         print(f"# {time.strftime('%Y-%m-%d')}: bench/overload.py --duration {args.duration} "
               f"--factor {args.factor} --connections {args.connections}")
         print("| proxy | saturation req/s (wrk) | offered req/s | answered 2xx/s | p50 ms | p99 ms "

@@ -243,6 +243,28 @@ def peak_rss_mib(proc):
     return 0.0
 
 
+def start_ka1_trio(tmp, backend_text, procs):
+    """The ka1 set-up for the one-worker comparisons of bench/decompose.py and
+    bench/overload.py: the backends (`backend_text`: their nginx configuration), then fanout,
+    plain Pingora and nginx, each with one worker. Every process started is added to
+    `procs`; returns the three proxies by name."""
+    for fname, text in [("backend.conf", backend_text), ("nginx.conf", nginx_conf(tmp, 1, False, None)),
+                        ("fanout.yaml", fanout_conf(tmp, 1, False, None))]:
+        with open(os.path.join(tmp, fname), "w") as f:
+            f.write(text)
+    for d in ["backend_body", "nginx_body", "nginx_proxy"]:
+        os.makedirs(os.path.join(tmp, d), exist_ok=True)
+    procs.append(start(["nginx", "-c", f"{tmp}/backend.conf"], "backend", BACKENDS[0], tmp))
+    os.environ["THREADS"] = "1"
+    proxies = {}
+    for name, cmd in [("fanout", [FANOUT, "-c", f"{tmp}/fanout.yaml"]),
+                      ("pingora", [PLAIN, f"127.0.0.1:{PORTS['pingora']}"] + [f"127.0.0.1:{p}" for p in BACKENDS]),
+                      ("nginx", ["nginx", "-c", f"{tmp}/nginx.conf"])]:
+        proxies[name] = start(cmd, name, PORTS[name], tmp)
+        procs.append(proxies[name])
+    return proxies
+
+
 def scenario(name, duration, rounds, tmp, only=None):
     desc, workers, conns, script, log, mirror = SCENARIOS[name]
     targets = ["fanout", "nginx"] if mirror else ["fanout", "nginx", "haproxy", "pingora"]
