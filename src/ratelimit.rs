@@ -36,11 +36,16 @@ pub struct RateLimiter {
     pub limit: f64,
     interval_ns: u64,
     tolerance_ns: u64,
-    /// Per-key arrival times (keys other than `global`).
-    shards: Vec<Mutex<HashMap<u64, u64>>>,
-    /// The arrival time of the `global` key.
-    global: Option<AtomicU64>,
+    arrivals: Arrivals,
     epoch: Instant,
+}
+
+/// Where the arrival times live.
+enum Arrivals {
+    /// The `global` key's, in one atomic.
+    Global(AtomicU64),
+    /// Per key hash, in sharded maps.
+    PerKey(Vec<Mutex<HashMap<u64, u64>>>),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -59,15 +64,16 @@ impl RateLimiter {
         // Validation keeps the rate at or above MIN_REQUESTS_PER_SECOND; the clamp and the
         // saturating arithmetic below keep any other value from overflowing all the same.
         let interval_ns = (1e9 / config.requests_per_second).clamp(1.0, MAX_INTERVAL_NS) as u64;
-        let global = config.key == KeySource::Global;
-        let shards = if global { 0 } else { SHARDS };
+        let arrivals = match config.key {
+            KeySource::Global => Arrivals::Global(AtomicU64::new(0)),
+            _ => Arrivals::PerKey((0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect()),
+        };
         RateLimiter {
             key: config.key.clone(),
             limit: config.requests_per_second,
             interval_ns,
             tolerance_ns: interval_ns.saturating_mul(config.burst as u64),
-            shards: (0..shards).map(|_| Mutex::new(HashMap::new())).collect(),
-            global: global.then(|| AtomicU64::new(0)),
+            arrivals,
             epoch: Instant::now(),
         }
     }
@@ -95,23 +101,29 @@ impl RateLimiter {
         let now_ns = u64::try_from(since_epoch)
             .unwrap_or(u64::MAX)
             .saturating_add(self.tolerance_ns);
-        if let Some(global) = &self.global {
-            let mut tat = global.load(Ordering::Relaxed);
-            loop {
-                let (next, allow) = match self.take(tat, now_ns) {
-                    Ok(taken) => taken,
-                    Err(deny) => return deny,
-                };
-                match global.compare_exchange_weak(tat, next, Ordering::Relaxed, Ordering::Relaxed)
-                {
-                    Ok(_) => return allow,
-                    Err(moved) => tat = moved,
+        let shards = match &self.arrivals {
+            Arrivals::PerKey(shards) => shards,
+            Arrivals::Global(tat_now) => {
+                let mut tat = tat_now.load(Ordering::Relaxed);
+                loop {
+                    let (next, allow) = match self.take(tat, now_ns) {
+                        Ok(taken) => taken,
+                        Err(deny) => return deny,
+                    };
+                    let swapped = tat_now.compare_exchange_weak(
+                        tat,
+                        next,
+                        Ordering::Relaxed,
+                        Ordering::Relaxed,
+                    );
+                    match swapped {
+                        Ok(_) => return allow,
+                        Err(moved) => tat = moved,
+                    }
                 }
             }
-        }
-        let Some(shard) = self.shards.get((hash as usize) % self.shards.len().max(1)) else {
-            return Decision::Allow { remaining: 0 };
         };
+        let shard = &shards[(hash as usize) % shards.len()];
         let mut map = shard.lock().unwrap_or_else(|p| p.into_inner());
         let tat = map.get(&hash).copied().unwrap_or(0);
         let (next, allow) = match self.take(tat, now_ns) {
@@ -127,10 +139,12 @@ impl RateLimiter {
 
     /// Keys currently remembered (for tests and the memory figure).
     pub fn tracked_keys(&self) -> usize {
-        self.shards
-            .iter()
-            .map(|s| s.lock().map_or(0, |m| m.len()))
-            .sum()
+        match &self.arrivals {
+            Arrivals::Global(_) => 0,
+            Arrivals::PerKey(shards) => {
+                shards.iter().map(|s| s.lock().map_or(0, |m| m.len())).sum()
+            }
+        }
     }
 }
 
