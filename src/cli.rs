@@ -50,6 +50,11 @@ pub struct Cli {
     /// Admin listener address (/health, /ready, /metrics, /status), for quick mode and the demo.
     #[arg(long, value_name = "ADDR")]
     pub admin: Option<String>,
+    /// Ask a running fanout's admin listener for /health (default 127.0.0.1:9091) and exit 0
+    /// when it answers 2xx, 1 otherwise: the container image's HEALTHCHECK.
+    #[arg(long = "health-check", value_name = "ADDR", num_args = 0..=1,
+          default_missing_value = crate::probe::DEFAULT_ADDRESS)]
+    pub health_check: Option<String>,
 }
 
 /// What the command line asks to run.

@@ -18,6 +18,7 @@ pub mod limits;
 pub mod metrics;
 pub mod mirror;
 pub mod outbound;
+pub mod probe;
 pub mod proxy;
 pub mod ratelimit;
 pub mod request_id;

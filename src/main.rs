@@ -17,6 +17,18 @@ fn main() {
 }
 
 fn run(cli: Cli) -> i32 {
+    if let Some(address) = &cli.health_check {
+        return match fanout::probe::health(address) {
+            Ok(line) => {
+                println!("{line}");
+                0
+            }
+            Err(e) => {
+                eprintln!("fanout: health check: {e}");
+                1
+            }
+        };
+    }
     let mode = match cli.mode() {
         Ok(m) => m,
         Err(e) => {
