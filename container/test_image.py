@@ -11,7 +11,10 @@ and the admin ports published on 127.0.0.1:
   3. the image's HEALTHCHECK (`fanout --health-check`) passes inside the container;
   4. it runs as uid 65532, with its memory (RSS) printed;
   5. `stop` (SIGTERM) while a request is in flight: that request finishes with its 200, the
-     container exits with 0 within the stop timeout.
+     container exits with 0 within the stop timeout;
+  6. the README's hand-over between two containers (host network, /run/fanout shared in a
+     volume): a second container started with -u takes the sockets when the first gets
+     SIGQUIT, and keep-alive clients running throughout see no failed request.
 
 Every wait is bounded; the container and the backend are removed whatever happens.
 Ends with "N passed, N failed". Usage: container/test_image.py IMAGE (ENGINE from
@@ -93,15 +96,108 @@ def wait_ready(port, limit=30.0):
     return False
 
 
-def main():
+def start_backend():
     backend = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Backend)
     backend.daemon_threads = True
     threading.Thread(target=backend.serve_forever, daemon=True).start()
-    gw, admin = free_port(), free_port()
+    return backend
+
+
+def write_conf(text):
     tmp = tempfile.mkdtemp()
+    os.chmod(tmp, 0o755)
     conf = os.path.join(tmp, "fanout.yaml")
     with open(conf, "w") as f:
-        f.write(f"""server:
+        f.write(text)
+    os.chmod(conf, 0o644)
+    return conf
+
+
+def handover(backend_port):
+    """Two containers on the host's network share /run/fanout through a volume: the second,
+    started with -u, receives the listening sockets when the first gets SIGQUIT."""
+    gw, admin_a, admin_b = free_port(), free_port(), free_port()
+    volume = f"{NAME}-run"
+    conf = lambda admin: write_conf(f"""server:
+  upgrade_sock: /run/fanout/upgrade.sock
+  grace_period_seconds: 2
+  graceful_shutdown_timeout_seconds: 1
+listen: ["127.0.0.1:{gw}"]
+admin: 127.0.0.1:{admin}
+upstreams:
+  host: {{ backends: [127.0.0.1:{backend_port}] }}
+routes:
+  - match: {{ prefix: / }}
+    upstream: host
+""")
+    names = [f"{NAME}-a", f"{NAME}-b"]
+    stop = threading.Event()
+    counts = {"ok": 0, "failed": 0}
+    lock = threading.Lock()
+
+    def client():
+        conn = None
+        while not stop.is_set():
+            try:
+                conn = conn or http.client.HTTPConnection("127.0.0.1", gw, timeout=10)
+                conn.request("GET", "/handover")
+                resp = conn.getresponse()
+                resp.read()
+                ok = resp.status == 200
+                if resp.getheader("connection", "").lower() == "close":
+                    conn.close()
+                    conn = None
+            except (OSError, http.client.HTTPException):
+                ok = False
+                conn = None
+            with lock:
+                counts["ok" if ok else "failed"] += 1
+
+    threads = []
+    try:
+        engine("run", "-d", "--name", names[0], "--network", "host", "-v", f"{volume}:/run/fanout",
+               "-v", f"{conf(admin_a)}:/etc/fanout/fanout.yaml:ro", IMAGE)
+        if not wait_ready(admin_a):
+            check("hand-over: the first container comes up", False)
+            return
+        threads = [threading.Thread(target=client) for _ in range(4)]
+        for t in threads:
+            t.start()
+        time.sleep(1)
+        engine("run", "-d", "--name", names[1], "--network", "host", "-v", f"{volume}:/run/fanout",
+               "-v", f"{conf(admin_b)}:/etc/fanout/fanout.yaml:ro", IMAGE,
+               "-u", "-c", "/etc/fanout/fanout.yaml")
+        engine("kill", "--signal", "QUIT", names[0])
+        took = time.time()
+        ready = wait_ready(admin_b)
+        exited = False
+        deadline = time.time() + 30
+        while time.time() < deadline and not exited:
+            state = engine("inspect", "--format", "{{.State.Status}} {{.State.ExitCode}}", names[0]).stdout.split()
+            exited = state[0] == "exited"
+            time.sleep(0.2)
+        took = time.time() - took
+        time.sleep(1)
+        stop.set()
+        for t in threads:
+            t.join(15)
+        check("hand-over between containers: the new one serves, the old one exits 0, "
+              "no request fails", ready and exited and state[1] == "0" and counts["failed"] == 0
+              and counts["ok"] > 0,
+              f"{counts['ok']} requests, {counts['failed']} failed; old container gone after {took:.1f} s")
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(15)
+        for n in names:
+            engine("rm", "-f", n, check_rc=False)
+        engine("volume", "rm", "-f", volume, check_rc=False)
+
+
+def main():
+    gw, admin = free_port(), free_port()
+    backend = start_backend()
+    conf = write_conf(f"""server:
   grace_period_seconds: 4
   graceful_shutdown_timeout_seconds: 1
 listen: ["0.0.0.0:8080"]
@@ -114,8 +210,6 @@ routes:
   - match: {{ prefix: / }}
     upstream: host
 """)
-    os.chmod(conf, 0o644)
-    os.chmod(tmp, 0o755)
     try:
         started = time.time()
         engine("run", "-d", "--name", NAME,
@@ -171,6 +265,9 @@ routes:
               '"path":"/through/the/gateway"' in logs.stdout + logs.stderr)
     finally:
         engine("rm", "-f", NAME, check_rc=False)
+    try:
+        handover(backend.server_address[1])
+    finally:
         backend.shutdown()
     passed = sum(results)
     print(f"{passed} passed, {len(results) - passed} failed")
