@@ -6,7 +6,7 @@
 CARGO ?= cargo
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test deps build lint fmt bench bench-decompose bench-overload bench-clients bench-tls bench-tls-candidates bench-spool bench-cache fuzz check-conf upgrade-demo verify-unit image image-test systemd-test
+.PHONY: run test deps build lint fmt bench bench-decompose bench-overload bench-clients bench-tls bench-tls-candidates bench-spool bench-cache bench-redis fuzz check-conf upgrade-demo verify-unit image image-test systemd-test
 
 deps:
 	@command -v cargo >/dev/null || { echo "cargo is missing: install Rust with rustup first" >&2; exit 1; }
@@ -21,7 +21,13 @@ build: deps
 run: build
 	./target/release/fanout --demo
 
+# The shared rate-limit tests start their own redis-server (Debian's package; its own
+# service, if the package starts one, is stopped again: the tests use free ports).
 test: deps
+	@command -v redis-server >/dev/null && command -v redis-cli >/dev/null || { \
+		echo "installing redis-server (the shared rate-limit tests run it)"; \
+		$(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server; \
+		$(SUDO) service redis-server stop >/dev/null 2>&1 || true; }
 	$(CARGO) test --release --locked
 
 lint: deps
@@ -63,6 +69,12 @@ bench-tls: build
 bench-spool: build
 	bench/deps.sh nginx:nginx-light wrk:wrk python3:python3
 	python3 bench/spool.py
+
+# Rate limits decided in Redis against decided in the process (req/s, p99, CPU), and one
+# Redis's ceiling in decisions per second (redis-benchmark running the same script).
+bench-redis: build
+	bench/deps.sh nginx:nginx-light wrk:wrk python3:python3 redis-server:redis-server redis-benchmark:redis-tools
+	python3 bench/redis_limits.py
 
 # The response cache: hits/s and p99 (1 KiB and 1 MiB objects) against nginx proxy_cache
 # (on tmpfs) and Varnish; a cold-key stampede's origin requests.

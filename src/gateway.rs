@@ -17,7 +17,7 @@ use crate::fallback;
 use crate::lifecycle::Draining;
 use crate::metrics::{Metrics, RouteMetrics};
 use crate::mirror::Mirror;
-use crate::ratelimit::RateLimiter;
+use crate::ratelimit::{RateLimiter, SharedStore};
 use crate::routing::Router;
 use crate::upstream::Upstream;
 use pingora_core::connectors::http::Connector;
@@ -30,6 +30,8 @@ pub struct Route {
     pub mirrors: Vec<Arc<Mirror>>,
     pub rate_limiter: Option<RateLimiter>,
     pub rate_limited: IntCounter,
+    /// Decisions the shared store (Redis) did not give in time.
+    pub rate_limit_store_errors: IntCounter,
     /// The delivery targets of a broadcast route.
     pub targets: Option<Arc<Targets>>,
     /// The fallback upstreams of a proxy route, in order.
@@ -84,8 +86,14 @@ pub struct Gateway {
 }
 
 impl Gateway {
-    pub fn new(config: &Config, spool: Arc<dyn Spool>) -> prometheus::Result<Gateway> {
-        let metrics = Metrics::new()?;
+    /// The runtime for `config`. Fails on what validation cannot see: the metrics registry,
+    /// or a Redis URL the client library refuses.
+    pub fn new(config: &Config, spool: Arc<dyn Spool>) -> Result<Gateway, String> {
+        let metrics = Metrics::new().map_err(|e| format!("metrics: {e}"))?;
+        let shared_store = match &config.redis {
+            Some(redis) => Some(Arc::new(SharedStore::new(redis)?)),
+            None => None,
+        };
         let upstreams: Vec<Arc<Upstream>> = config
             .upstreams
             .iter()
@@ -96,8 +104,14 @@ impl Gateway {
             .iter()
             .map(|r| Route {
                 metrics: RouteMetrics::new(&r.label),
-                rate_limiter: r.rate_limit.as_ref().map(RateLimiter::new),
+                rate_limiter: r
+                    .rate_limit
+                    .as_ref()
+                    .map(|l| RateLimiter::new(l, &r.label, shared_store.as_ref())),
                 rate_limited: metrics.rate_limited.with_label_values(&[&r.label]),
+                rate_limit_store_errors: metrics
+                    .rate_limit_store_errors
+                    .with_label_values(&[&r.label]),
                 targets: match &r.kind {
                     RouteKind::Broadcast { targets, retry } => {
                         let ups: Vec<Arc<Upstream>> =

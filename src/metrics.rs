@@ -28,6 +28,7 @@ pub struct Metrics {
     pub spool_oldest: IntGaugeVec,
     pub broadcast_deliveries: IntCounterVec,
     pub rate_limited: IntCounterVec,
+    pub rate_limit_store_errors: IntCounterVec,
     pub client_connections: IntGaugeVec,
     pub client_refused: IntCounterVec,
     pub fallback_skipped: IntCounterVec,
@@ -171,6 +172,13 @@ impl Metrics {
                 &reg,
                 "fanout_rate_limited_total",
                 "Requests refused by a rate limit",
+                &["route"],
+            )?,
+            rate_limit_store_errors: counter(
+                &reg,
+                "fanout_rate_limit_store_errors_total",
+                "Rate-limit decisions the shared store (Redis) did not give within \
+                 redis.timeout; on_store_error decided those requests",
                 &["route"],
             )?,
             client_connections: gauge(

@@ -31,6 +31,7 @@ use pingora_proxy::{FailToProxy, ProxyHttp, Session};
 use crate::access_log::Record;
 use crate::broadcast;
 use crate::cache;
+use crate::config::OnStoreError;
 use crate::config::{AccessLog, RouteId, RouteKind, UpstreamId};
 use crate::edge::path;
 use crate::fallback::{self, Fallbacks};
@@ -39,7 +40,7 @@ use crate::gateway::{Gateway, Route};
 use crate::keys::{self, client_ip, request_host};
 use crate::limits::{self, BodyCounter, Expect, Refusal};
 use crate::mirror::Copies;
-use crate::ratelimit::Decision;
+use crate::ratelimit::{Check, Decision};
 use crate::request_id;
 use crate::respond::{self, send_error};
 use crate::routing::RouteMatch;
@@ -130,6 +131,8 @@ enum Verdict {
     Broadcast,
     /// Refused or answered by the gateway itself.
     Answer(Answer),
+    /// The route's rate limit is in Redis: ask it, then dispatch ([`FanoutProxy::admit_shared`]).
+    AskLimit,
 }
 
 /// An answer the gateway gives itself instead of proxying.
@@ -238,25 +241,94 @@ impl FanoutProxy {
         if let Some(limiter) = &route.rate_limiter {
             let mut buf = [0u8; 16];
             let key = keys::key_bytes(session, &limiter.key, &mut buf);
-            let decision = limiter.check(key, Instant::now());
-            if let Decision::Allow { remaining } = decision {
-                ctx.rate_remaining = Some(remaining);
+            match limiter.decide(key, Instant::now()) {
+                Check::Now(decision) => {
+                    if let Some(answer) = self.limited(ctx, route, decision, req) {
+                        return Verdict::Answer(answer);
+                    }
+                }
+                Check::Ask(_) => return Verdict::AskLimit,
             }
-            if let Decision::Deny { retry_after_secs } = decision {
+        }
+        self.dispatch(session, ctx)
+    }
+
+    /// What the rate limit's decision means for the request: `None` to go on (the tokens
+    /// left noted for `X-RateLimit-Remaining`), else the 429.
+    fn limited(
+        &self,
+        ctx: &mut RequestCtx,
+        route: &Route,
+        decision: Decision,
+        req: &RequestHeader,
+    ) -> Option<Answer> {
+        let limit = route.rate_limiter.as_ref().map_or(0.0, |l| l.limit);
+        match decision {
+            Decision::Allow { remaining } => {
+                ctx.rate_remaining = Some(remaining);
+                None
+            }
+            Decision::Deny { retry_after_secs } => {
                 route.rate_limited.inc();
                 let (has_body, _) = limits::declared_body(req);
-                return Verdict::Answer(Answer {
+                Some(Answer {
                     status: 429,
                     message: respond::reason(429),
                     headers: vec![
                         ("retry-after", retry_after_secs.to_string()),
-                        ("x-ratelimit-limit", limiter.limit.to_string()),
+                        ("x-ratelimit-limit", limit.to_string()),
                         ("x-ratelimit-remaining", "0".to_string()),
                     ],
                     close: has_body,
-                });
+                })
             }
         }
+    }
+
+    /// The decision of a route whose rate limit lives in Redis (`store: redis`), then the
+    /// rest of [`Self::admit`]. Redis not answering within `redis.timeout` is a store error:
+    /// counted, then `on_store_error` lets the request through or answers 503.
+    async fn admit_shared(&self, session: &Session, ctx: &mut RequestCtx) -> Verdict {
+        let Some(route) = self.route(ctx) else {
+            return Verdict::Answer(Answer::status(404));
+        };
+        let Some(limiter) = route.rate_limiter.as_ref() else {
+            return self.dispatch(session, ctx);
+        };
+        let mut buf = [0u8; 16];
+        let key = keys::key_bytes(session, &limiter.key, &mut buf).to_vec();
+        let Check::Ask(shared) = limiter.decide(&key, Instant::now()) else {
+            return self.dispatch(session, ctx);
+        };
+        match shared.check(&key).await {
+            Ok(decision) => {
+                if let Some(answer) = self.limited(ctx, route, decision, session.req_header()) {
+                    return Verdict::Answer(answer);
+                }
+            }
+            Err(e) => {
+                route.rate_limit_store_errors.inc();
+                log::debug!("rate limit of {}: {e}", route.config.label);
+                if shared.on_error == OnStoreError::Deny {
+                    let (has_body, _) = limits::declared_body(session.req_header());
+                    return Verdict::Answer(Answer {
+                        status: 503,
+                        message: "rate limit store unavailable",
+                        headers: vec![("retry-after", "1".to_string())],
+                        close: has_body,
+                    });
+                }
+            }
+        }
+        self.dispatch(session, ctx)
+    }
+
+    /// The route's kind decides what becomes of an admitted request.
+    fn dispatch(&self, session: &Session, ctx: &mut RequestCtx) -> Verdict {
+        let Some(id) = ctx.route else {
+            return Verdict::Answer(Answer::status(404));
+        };
+        let route = &self.gw.routes[id];
         match &route.config.kind {
             // An upgrade (WebSocket) becomes a tunnel to one backend: never mirrored, and
             // no fallback can take over a tunnel.
@@ -299,6 +371,10 @@ impl FanoutProxy {
         // size and rate limits passed): the client sends its body at once instead of waiting
         // for a backend's `100` that may never come. A refusal above went out without the
         // body being read.
+        let verdict = match verdict {
+            Verdict::AskLimit => self.admit_shared(session, ctx).await,
+            v => v,
+        };
         let verdict = match (verdict, expect) {
             (
                 v @ (Verdict::Proxy | Verdict::Broadcast | Verdict::Tunnel(_)),
@@ -356,6 +432,12 @@ impl FanoutProxy {
                     a.close || self.gw.draining.is_set(),
                 )
                 .await?;
+                Ok(true)
+            }
+            // `admit_shared` has decided it above: never here.
+            Verdict::AskLimit => {
+                let a = Answer::status(500);
+                send_error(session, 500, a.message, &ctx.request_id, &[], true).await?;
                 Ok(true)
             }
         }

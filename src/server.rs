@@ -53,7 +53,7 @@ pub fn build(
         }
         None => Arc::new(MemorySpool::new(MEMORY_SPOOL_MAX_SIZE)),
     };
-    let gateway = Arc::new(Gateway::new(&config, spool).map_err(|e| format!("metrics: {e}"))?);
+    let gateway = Arc::new(Gateway::new(&config, spool)?);
     let mut server = Server::new_with_opt_and_conf(opt, config.server);
     server.bootstrap();
 

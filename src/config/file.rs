@@ -288,6 +288,39 @@ pub struct FileCache {
     pub max_size: Option<Size>,
 }
 
+/// `redis:` — the store several instances share (`rate_limit.store: redis`).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileRedis {
+    pub url: OneOrMany,
+    pub pool: Option<usize>,
+    pub timeout: Option<Dur>,
+}
+
+/// One string, or a list of them.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+/// `rate_limit.store`.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FileLimitStore {
+    Local,
+    Redis,
+}
+
+/// `rate_limit.on_store_error`.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FileOnStoreError {
+    Allow,
+    Deny,
+}
+
 /// `routes[].broadcast_retry`: how long a broadcast delivery keeps being tried.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -343,6 +376,8 @@ pub struct FileRateLimit {
     pub requests_per_second: f64,
     pub burst: Option<u32>,
     pub key: Option<String>,
+    pub store: Option<FileLimitStore>,
+    pub on_store_error: Option<FileOnStoreError>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -43,7 +43,30 @@ pub struct Config {
     pub spool: Option<SpoolConfig>,
     /// `cache.max_size`: bytes of cached answers at most.
     pub cache_max_size: u64,
+    /// `redis:`; absent: no route may use `store: redis`.
+    pub redis: Option<RedisConfig>,
 }
+
+/// `redis:`.
+#[derive(Debug, Clone)]
+pub struct RedisConfig {
+    pub server: RedisServer,
+    /// Connections kept open (each multiplexes many requests).
+    pub pool: usize,
+    /// The longest a request waits for a decision from Redis.
+    pub timeout: Duration,
+}
+
+/// Where Redis is: one server (`url: redis://...`), or the seed nodes of a Redis Cluster
+/// (`url: [redis://..., ...]`).
+#[derive(Debug, Clone)]
+pub enum RedisServer {
+    Single(String),
+    Cluster(Vec<String>),
+}
+
+pub const DEFAULT_REDIS_POOL: usize = 16;
+pub const DEFAULT_REDIS_TIMEOUT: Duration = Duration::from_millis(50);
 
 pub const DEFAULT_CACHE_MAX_SIZE: u64 = 256 * 1024 * 1024;
 
@@ -324,6 +347,24 @@ pub struct RateLimitConfig {
     pub requests_per_second: f64,
     pub burst: u32,
     pub key: KeySource,
+    /// Where the buckets live: this process, or Redis (shared by every instance).
+    pub store: LimitStore,
+    /// What a request gets when Redis cannot decide in time.
+    pub on_store_error: OnStoreError,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LimitStore {
+    Local,
+    Redis,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnStoreError {
+    /// Let the request through (fail open): the default.
+    Allow,
+    /// Refuse it with 503 (fail closed).
+    Deny,
 }
 
 #[derive(Debug, Clone)]

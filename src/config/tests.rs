@@ -243,3 +243,97 @@ fn spool_and_broadcast_retry_are_checked() {
     );
     let _ = std::fs::remove_file(&file);
 }
+
+#[test]
+fn redis_and_shared_limits_are_checked() {
+    let shared = "rate_limit: { requests_per_second: 10, store: redis, on_store_error: deny }";
+    let c = ok(&format!(
+        "{BASE}redis: {{ url: redis://127.0.0.1:6379, pool: 4, timeout: 20ms }}\n\
+         routes:\n  - {{ match: {{ prefix: / }}, upstream: u, {shared} }}\n"
+    ));
+    let redis = c.redis.as_ref().expect("redis");
+    assert!(matches!(&redis.server, RedisServer::Single(u) if u == "redis://127.0.0.1:6379"));
+    assert_eq!(
+        (redis.pool, redis.timeout),
+        (4, std::time::Duration::from_millis(20))
+    );
+    let limit = c.routes[0].rate_limit.as_ref().expect("limit");
+    assert_eq!(limit.store, LimitStore::Redis);
+    assert_eq!(limit.on_store_error, OnStoreError::Deny);
+
+    // A list is a cluster's nodes; defaults for pool and timeout.
+    let c = ok(&format!(
+        "{BASE}redis: {{ url: [redis://10.0.0.1:7000, redis://10.0.0.2:7000] }}\n\
+         routes:\n  - {{ match: {{ prefix: / }}, upstream: u, {shared} }}\n"
+    ));
+    let redis = c.redis.as_ref().expect("redis");
+    assert!(matches!(&redis.server, RedisServer::Cluster(u) if u.len() == 2));
+    assert_eq!(redis.pool, DEFAULT_REDIS_POOL);
+    assert_eq!(redis.timeout, DEFAULT_REDIS_TIMEOUT);
+    // Local is the default store, allow the default policy.
+    let c = ok(&format!(
+        "{BASE}routes:\n  - {{ match: {{ prefix: / }}, upstream: u, rate_limit: {{ requests_per_second: 1 }} }}\n"
+    ));
+    let limit = c.routes[0].rate_limit.as_ref().expect("limit");
+    assert_eq!(
+        (limit.store, limit.on_store_error),
+        (LimitStore::Local, OnStoreError::Allow)
+    );
+
+    let e = errors(&format!(
+        "{BASE}routes:\n  - {{ match: {{ prefix: / }}, upstream: u, {shared} }}\n\
+         \x20 - {{ match: {{ prefix: /b }}, upstream: u, rate_limit: {{ requests_per_second: 1, store: disk }} }}\n"
+    ));
+    assert!(
+        has(
+            &e,
+            "routes[0].rate_limit.store: store: redis needs a top-level `redis:`"
+        ),
+        "{e:?}"
+    );
+    assert!(
+        has(&e, "routes[1].rate_limit.store: unknown variant `disk`"),
+        "{e:?}"
+    );
+    let e = errors(&format!(
+        "{BASE}redis: {{ url: [], pool: 0, timeout: 0s }}\nroutes:\n  - {{ match: {{ prefix: / }}, upstream: u }}\n"
+    ));
+    assert!(
+        has(&e, "redis.url: the list of Redis Cluster nodes is empty"),
+        "{e:?}"
+    );
+    assert!(has(&e, "redis.pool: must be from 1 to 1024"), "{e:?}");
+    assert!(has(&e, "redis.timeout: must be more than 0"), "{e:?}");
+    let e = errors(&format!(
+        "{BASE}redis: {{ url: http://127.0.0.1:6379 }}\nroutes:\n  - {{ match: {{ prefix: / }}, upstream: u }}\n"
+    ));
+    assert!(
+        has(
+            &e,
+            "redis.url: \"http://127.0.0.1:6379\" is not a Redis URL"
+        ),
+        "{e:?}"
+    );
+
+    // Legal but pointless: warned.
+    let c = ok(&format!(
+        "{BASE}redis: {{ url: redis://127.0.0.1:6379 }}\nroutes:\n  - {{ match: {{ prefix: / }}, upstream: u, \
+         rate_limit: {{ requests_per_second: 1, on_store_error: deny }} }}\n"
+    ));
+    let warnings: Vec<String> = c
+        .warnings
+        .iter()
+        .map(|w| format!("{}: {}", w.path, w.message))
+        .collect();
+    assert!(
+        has(&warnings, "redis: no rate_limit uses `store: redis`"),
+        "{warnings:?}"
+    );
+    assert!(
+        has(
+            &warnings,
+            "routes[0].rate_limit.on_store_error: applies only with `store: redis`"
+        ),
+        "{warnings:?}"
+    );
+}

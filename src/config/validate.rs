@@ -15,11 +15,12 @@ use super::file::*;
 use super::model::*;
 use super::ConfigError;
 
-const TOP_KEYS: [&str; 9] = [
+const TOP_KEYS: [&str; 10] = [
     "server",
     "listen",
     "admin",
     "clients",
+    "redis",
     "spool",
     "cache",
     "defaults",
@@ -188,6 +189,12 @@ pub(super) fn build(text: &str) -> Result<Config, Vec<ConfigError>> {
                 s.0
             }),
     };
+    let redis = match root.remove("redis") {
+        None | Some(Value::Null) => None,
+        Some(v) => ck
+            .parse::<FileRedis>("redis", v)
+            .and_then(|f| build_redis(&mut ck, f)),
+    };
     let spool = match root.remove("spool") {
         None | Some(Value::Null) => None,
         Some(v) => ck
@@ -217,6 +224,22 @@ pub(super) fn build(text: &str) -> Result<Config, Vec<ConfigError>> {
             .unwrap_or_default(),
     };
 
+    let shared = routes.iter().position(|r| {
+        r.rate_limit
+            .as_ref()
+            .is_some_and(|l| l.store == LimitStore::Redis)
+    });
+    match (shared, &redis) {
+        (Some(i), None) => ck.err(
+            &format!("routes[{i}].rate_limit.store"),
+            "store: redis needs a top-level `redis:` section (url, pool, timeout)",
+        ),
+        (None, Some(_)) => ck.warn(
+            "redis",
+            "no rate_limit uses `store: redis`: no connection to Redis is made",
+        ),
+        _ => {}
+    }
     if spool.is_none() {
         if let Some(i) = routes
             .iter()
@@ -241,10 +264,49 @@ pub(super) fn build(text: &str) -> Result<Config, Vec<ConfigError>> {
             routes,
             spool,
             cache_max_size,
+            redis,
         })
     } else {
         Err(ck.errors)
     }
+}
+
+/// `redis:`: every URL must be one Redis can take (`redis://` or `redis+unix://`; checked
+/// by the client library, no connection is made), the pool and the timeout sane.
+fn build_redis(ck: &mut Checker, f: FileRedis) -> Option<RedisConfig> {
+    let check_url = |ck: &mut Checker, path: &str, url: &str| {
+        if let Err(e) = redis::Client::open(url) {
+            ck.err(path, format!("{url:?} is not a Redis URL: {e}"));
+        }
+    };
+    let server = match f.url {
+        OneOrMany::One(url) => {
+            check_url(ck, "redis.url", &url);
+            RedisServer::Single(url)
+        }
+        OneOrMany::Many(urls) => {
+            if urls.is_empty() {
+                ck.err("redis.url", "the list of Redis Cluster nodes is empty");
+            }
+            for (i, url) in urls.iter().enumerate() {
+                check_url(ck, &format!("redis.url[{i}]"), url);
+            }
+            RedisServer::Cluster(urls)
+        }
+    };
+    let pool = f.pool.unwrap_or(DEFAULT_REDIS_POOL);
+    if !(1..=1024).contains(&pool) {
+        ck.err("redis.pool", "must be from 1 to 1024 connections");
+    }
+    let timeout = f.timeout.map_or(DEFAULT_REDIS_TIMEOUT, |d| d.0);
+    if timeout.is_zero() || timeout > Duration::from_secs(10) {
+        ck.err("redis.timeout", "must be more than 0 and at most 10s");
+    }
+    Some(RedisConfig {
+        server,
+        pool,
+        timeout,
+    })
 }
 
 /// `spool:`: the directory must be one, or be creatable (its nearest existing ancestor is
@@ -957,10 +1019,24 @@ fn build_routes(
                     KeySource::ClientIp
                 }
             };
+            if r.on_store_error.is_some() && !matches!(r.store, Some(FileLimitStore::Redis)) {
+                ck.warn(
+                    &format!("{rpath}.on_store_error"),
+                    "applies only with `store: redis`",
+                );
+            }
             RateLimitConfig {
                 requests_per_second: r.requests_per_second,
                 burst,
                 key,
+                store: match r.store {
+                    None | Some(FileLimitStore::Local) => LimitStore::Local,
+                    Some(FileLimitStore::Redis) => LimitStore::Redis,
+                },
+                on_store_error: match r.on_store_error {
+                    None | Some(FileOnStoreError::Allow) => OnStoreError::Allow,
+                    Some(FileOnStoreError::Deny) => OnStoreError::Deny,
+                },
             }
         });
         let max_body_bytes = f

@@ -13,14 +13,20 @@
 //! once is an active key forgotten (it then gets a fresh burst). The `global` key is one
 //! arrival time in one atomic, moved by compare-and-swap: every request of the route
 //! shares it, so no lock may stand there.
+//!
+//! With `store: redis` the arrival times live in Redis instead, shared by every instance
+//! ([`shared`]): the same GCRA, run there by one script per decision.
+
+pub mod shared;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use crate::config::{KeySource, RateLimitConfig};
+use crate::config::{KeySource, LimitStore, RateLimitConfig};
 use crate::keys;
+pub use shared::{SharedLimit, SharedStore};
 
 const SHARDS: usize = 64;
 /// Keys remembered per shard (64 × 16,384 ≈ one million at most per route).
@@ -46,6 +52,16 @@ enum Arrivals {
     Global(AtomicU64),
     /// Per key hash, in sharded maps.
     PerKey(Vec<Mutex<HashMap<u64, u64>>>),
+    /// In Redis (`store: redis`): decided there, asynchronously.
+    Shared(SharedLimit),
+}
+
+/// How a request's decision is had.
+pub enum Check<'a> {
+    /// Decided here and now.
+    Now(Decision),
+    /// To be asked of the shared store ([`SharedLimit::check`]).
+    Ask(&'a SharedLimit),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -60,19 +76,35 @@ pub enum Decision {
 }
 
 impl RateLimiter {
-    pub fn new(config: &RateLimitConfig) -> RateLimiter {
+    /// A route's limiter; `label` names the route in the shared store's keys, `store` is
+    /// the shared store when the configuration has `redis:`.
+    pub fn new(
+        config: &RateLimitConfig,
+        label: &str,
+        store: Option<&Arc<SharedStore>>,
+    ) -> RateLimiter {
         // Validation keeps the rate at or above MIN_REQUESTS_PER_SECOND; the clamp and the
         // saturating arithmetic below keep any other value from overflowing all the same.
         let interval_ns = (1e9 / config.requests_per_second).clamp(1.0, MAX_INTERVAL_NS) as u64;
-        let arrivals = match config.key {
-            KeySource::Global => Arrivals::Global(AtomicU64::new(0)),
+        let tolerance_ns = interval_ns.saturating_mul(config.burst as u64);
+        let arrivals = match (config.store, store, &config.key) {
+            // Validation refuses `store: redis` without `redis:`; were it missing all the
+            // same, the limit would hold per instance rather than not at all.
+            (LimitStore::Redis, Some(store), _) => Arrivals::Shared(SharedLimit::new(
+                Arc::clone(store),
+                label,
+                interval_ns,
+                tolerance_ns,
+                config.on_store_error,
+            )),
+            (_, _, KeySource::Global) => Arrivals::Global(AtomicU64::new(0)),
             _ => Arrivals::PerKey((0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect()),
         };
         RateLimiter {
             key: config.key.clone(),
             limit: config.requests_per_second,
             interval_ns,
-            tolerance_ns: interval_ns.saturating_mul(config.burst as u64),
+            tolerance_ns,
             arrivals,
             epoch: Instant::now(),
         }
@@ -93,8 +125,17 @@ impl RateLimiter {
         Ok((next, Decision::Allow { remaining }))
     }
 
-    /// Takes one token for `key` at `now`, if there is one.
-    pub fn check(&self, key: &[u8], now: Instant) -> Decision {
+    /// Takes one token for `key` at `now` if there is one, or says to ask the shared store.
+    pub fn decide(&self, key: &[u8], now: Instant) -> Check<'_> {
+        match &self.arrivals {
+            Arrivals::Shared(shared) => Check::Ask(shared),
+            _ => Check::Now(self.check(key, now)),
+        }
+    }
+
+    /// Takes one token for `key` at `now`, if there is one, from the buckets of this process
+    /// (a shared limiter's are in Redis: [`Self::decide`] says so; here it allows).
+    fn check(&self, key: &[u8], now: Instant) -> Decision {
         let hash = keys::stable_hash(key);
         // Time runs from `epoch` shifted by the tolerance, so arithmetic never goes below 0.
         let since_epoch = now.saturating_duration_since(self.epoch).as_nanos();
@@ -103,6 +144,7 @@ impl RateLimiter {
             .saturating_add(self.tolerance_ns);
         let shards = match &self.arrivals {
             Arrivals::PerKey(shards) => shards,
+            Arrivals::Shared(_) => return Decision::Allow { remaining: 0 },
             Arrivals::Global(tat_now) => {
                 let mut tat = tat_now.load(Ordering::Relaxed);
                 loop {
@@ -140,7 +182,7 @@ impl RateLimiter {
     /// Keys currently remembered (for tests and the memory figure).
     pub fn tracked_keys(&self) -> usize {
         match &self.arrivals {
-            Arrivals::Global(_) => 0,
+            Arrivals::Global(_) | Arrivals::Shared(_) => 0,
             Arrivals::PerKey(shards) => {
                 shards.iter().map(|s| s.lock().map_or(0, |m| m.len())).sum()
             }
@@ -166,11 +208,14 @@ mod tests {
     use std::time::Duration;
 
     fn limiter(rps: f64, burst: u32, key: KeySource) -> RateLimiter {
-        RateLimiter::new(&RateLimitConfig {
+        let config = RateLimitConfig {
             requests_per_second: rps,
             burst,
             key,
-        })
+            store: LimitStore::Local,
+            on_store_error: crate::config::OnStoreError::Allow,
+        };
+        RateLimiter::new(&config, "test", None)
     }
 
     #[test]
