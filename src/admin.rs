@@ -81,11 +81,13 @@ impl AdminApp {
             .iter()
             .map(|u| {
                 let backends: Vec<Value> = u
+                    .backends()
                     .backends
                     .iter()
                     .map(|b| {
                         json!({
                             "address": b.label,
+                            "source": b.source,
                             "weight": b.weight,
                             "healthy": b.healthy(),
                             "circuit": b.circuit(now).name(),
@@ -211,7 +213,7 @@ impl AdminApp {
         }
         let now = std::time::Instant::now();
         for u in &self.gw.upstreams {
-            for b in &u.backends {
+            for b in &u.backends().backends {
                 let labels = [u.name(), &*b.label];
                 m.backend_healthy
                     .with_label_values(&labels)

@@ -64,7 +64,7 @@ pub struct Gateway {
     pub router: Router,
     pub routes: Vec<Route>,
     pub upstreams: Vec<Arc<Upstream>>,
-    pub metrics: Metrics,
+    pub metrics: Arc<Metrics>,
     /// Metric handles for requests that matched no route.
     pub unrouted: RouteMetrics,
     /// Sends mirror and fallback copies, with its own keep-alive pool.
@@ -89,7 +89,7 @@ impl Gateway {
     /// The runtime for `config`. Fails on what validation cannot see: the metrics registry,
     /// or a Redis URL the client library refuses.
     pub fn new(config: &Config, spool: Arc<dyn Spool>) -> Result<Gateway, String> {
-        let metrics = Metrics::new().map_err(|e| format!("metrics: {e}"))?;
+        let metrics = Arc::new(Metrics::new().map_err(|e| format!("metrics: {e}"))?);
         let shared_store = match &config.redis {
             Some(redis) => Some(Arc::new(SharedStore::new(redis)?)),
             None => None,

@@ -3,6 +3,7 @@
 //! and the health checker in the background.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use pingora_core::apps::http_app::HttpServer;
 use pingora_core::listeners::ListenerConfig;
@@ -24,8 +25,12 @@ use crate::edge::handshake::Terminator;
 use crate::gateway::Gateway;
 use crate::lifecycle::SignalWatch;
 use crate::proxy::FanoutProxy;
+use crate::upstream::discovery::Discovery;
 use crate::upstream::health::HealthChecker;
 use std::collections::HashMap;
+
+/// The longest the first DNS lookups may hold the start up.
+const DNS_AT_START: Duration = Duration::from_secs(5);
 
 /// Process options from the command line (Pingora's `-d` and `-u`).
 #[derive(Debug, Default, Clone, Copy)]
@@ -54,6 +59,10 @@ pub fn build(
         None => Arc::new(MemorySpool::new(MEMORY_SPOOL_MAX_SIZE)),
     };
     let gateway = Arc::new(Gateway::new(&config, spool)?);
+    // Backends found by DNS are looked up before anything serves: no request may find
+    // their upstream empty, not even the first after a graceful upgrade.
+    let discovery = Discovery::new(config.resolver.as_ref(), &gateway.upstreams)?;
+    discovery.resolve_at_start(DNS_AT_START)?;
     let mut server = Server::new_with_opt_and_conf(opt, config.server);
     server.bootstrap();
 
@@ -125,6 +134,9 @@ pub fn build(
         "health checks",
         HealthChecker::new(gateway.upstreams.clone()),
     ));
+    if discovery.is_needed() {
+        server.add_service(background_service("dns discovery", discovery));
+    }
     let broadcast: HashMap<String, Arc<Targets>> = gateway
         .routes
         .iter()

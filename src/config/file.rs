@@ -211,6 +211,24 @@ pub struct FileBackend {
     pub weight: Option<u32>,
 }
 
+/// `{ dns: NAME, port: P, interval: I, weight: W }`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileDnsBackend {
+    pub dns: String,
+    pub port: u16,
+    pub interval: Option<Dur>,
+    pub weight: Option<u32>,
+}
+
+/// `resolver:`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileResolver {
+    pub nameservers: Vec<String>,
+    pub timeout: Option<Dur>,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum HealthCheckType {

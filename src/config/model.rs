@@ -45,6 +45,8 @@ pub struct Config {
     pub cache_max_size: u64,
     /// `redis:`; absent: no route may use `store: redis`.
     pub redis: Option<RedisConfig>,
+    /// `resolver:`; absent: the system's resolver configuration.
+    pub resolver: Option<ResolverConfig>,
 }
 
 /// `redis:`.
@@ -170,7 +172,10 @@ pub struct UpstreamConfig {
     pub name: String,
     pub balance: Balance,
     pub hash_key: KeySource,
+    /// The backends written as addresses (resolved once, at start).
     pub backends: Vec<BackendConfig>,
+    /// The backends found by DNS, re-resolved on their interval.
+    pub discover: Vec<DnsBackend>,
     pub health_check: Option<HealthCheckConfig>,
     pub breaker: Option<BreakerConfig>,
     pub timeouts: Timeouts,
@@ -195,6 +200,31 @@ pub struct BackendConfig {
     /// The host name it was written with, if any: the default SNI and verified name.
     pub host: Option<String>,
 }
+
+/// `{ dns: NAME, port: P, interval: I, weight: W }`: every A/AAAA record of NAME, on port
+/// P, each with weight W, looked up again every I.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DnsBackend {
+    pub name: String,
+    pub port: u16,
+    pub weight: u32,
+    pub interval: Duration,
+}
+
+pub const DEFAULT_DNS_INTERVAL: Duration = Duration::from_secs(10);
+/// The shortest `interval` allowed: DNS is asked at most this often per name.
+pub const MIN_DNS_INTERVAL: Duration = Duration::from_millis(100);
+
+/// `resolver:`: the DNS servers asked for `dns:` backends; absent: the system's
+/// (`/etc/resolv.conf`, with `/etc/hosts` first).
+#[derive(Debug, Clone)]
+pub struct ResolverConfig {
+    pub nameservers: Vec<SocketAddr>,
+    /// The bound on one lookup.
+    pub timeout: Duration,
+}
+
+pub const DEFAULT_RESOLVER_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// `upstreams.*.tls`, with its files read and checked.
 #[derive(Debug, Clone)]

@@ -337,3 +337,108 @@ fn redis_and_shared_limits_are_checked() {
         "{warnings:?}"
     );
 }
+
+#[test]
+fn dns_backends_and_the_resolver_are_checked() {
+    let c = ok(
+        "listen: 127.0.0.1:8080\nresolver: { nameservers: [\"127.0.0.1:5353\", 10.0.0.2] }\n\
+         upstreams:\n  u:\n    backends:\n      - 127.0.0.1:9000\n      \
+         - { dns: API.internal., port: 8080, interval: 2s, weight: 3 }\n      \
+         - { dns: other.internal, port: 81 }\n\
+         routes:\n  - { match: { prefix: / }, upstream: u }\n",
+    );
+    let u = &c.upstreams[0];
+    assert_eq!(u.backends.len(), 1);
+    assert_eq!(
+        u.discover,
+        vec![
+            DnsBackend {
+                name: "api.internal".into(),
+                port: 8080,
+                weight: 3,
+                interval: std::time::Duration::from_secs(2),
+            },
+            DnsBackend {
+                name: "other.internal".into(),
+                port: 81,
+                weight: 1,
+                interval: DEFAULT_DNS_INTERVAL,
+            },
+        ]
+    );
+    let r = c.resolver.expect("resolver");
+    assert_eq!(
+        r.nameservers,
+        vec![
+            "127.0.0.1:5353".parse().unwrap(),
+            "10.0.0.2:53".parse().unwrap()
+        ]
+    );
+    assert_eq!(r.timeout, DEFAULT_RESOLVER_TIMEOUT);
+    // A name alone is a whole upstream; `host:PORT` is the same as `{ dns, port }`.
+    let c = ok("listen: 127.0.0.1:8080\nupstreams:\n  u: { backends: [{ dns: api.internal, port: 80 }] }\n\
+         \x20 v: { backends: [\"https://Api.Internal:8443\", { address: \"https://api.internal:81\", weight: 2 }] }\n\
+         routes:\n  - { match: { prefix: / }, upstream: u }\n  - { match: { prefix: /v }, upstream: v }\n");
+    let v = &c.upstreams[1];
+    assert!(v.backends.is_empty() && v.tls.is_some());
+    let found: Vec<(&str, u16, u32)> = v
+        .discover
+        .iter()
+        .map(|d| (d.name.as_str(), d.port, d.weight))
+        .collect();
+    assert_eq!(
+        found,
+        vec![("api.internal", 8443, 1), ("api.internal", 81, 2)]
+    );
+
+    let e = errors(
+        "listen: 127.0.0.1:8080\nresolver: { nameservers: [dns.example] }\n\
+         upstreams:\n  u:\n    backends:\n      - { dns: \"bad name\", port: 0, interval: 10ms, weight: 0 }\n      \
+         - { dns: a.internal, port: 80 }\n      - { dns: a.internal, port: 80 }\n      \
+         - { dns: b.internal }\n\
+         routes:\n  - { match: { prefix: / }, upstream: u }\n",
+    );
+    assert!(
+        has(
+            &e,
+            "resolver.nameservers[0]: \"dns.example\" is not an IP address"
+        ),
+        "{e:?}"
+    );
+    assert!(
+        has(
+            &e,
+            "upstreams.u.backends[0].dns: \"bad name\" is not a DNS name"
+        ),
+        "{e:?}"
+    );
+    assert!(
+        has(&e, "upstreams.u.backends[0].port: port 0 is not a port"),
+        "{e:?}"
+    );
+    assert!(
+        has(
+            &e,
+            "upstreams.u.backends[0].interval: must be at least 100ms"
+        ),
+        "{e:?}"
+    );
+    assert!(
+        has(
+            &e,
+            "upstreams.u.backends[0].weight: weight 0 is out of range"
+        ),
+        "{e:?}"
+    );
+    assert!(
+        has(
+            &e,
+            "upstreams.u.backends[2]: duplicate backend a.internal:80"
+        ),
+        "{e:?}"
+    );
+    assert!(
+        has(&e, "upstreams.u.backends[3]: missing field `port`"),
+        "{e:?}"
+    );
+}

@@ -3,7 +3,7 @@
 //! and cross references are checked. Everything found is returned at once.
 
 use std::collections::{BTreeMap, HashSet};
-use std::net::{SocketAddr, ToSocketAddrs};
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use http::{HeaderName, HeaderValue, Method};
@@ -15,12 +15,13 @@ use super::file::*;
 use super::model::*;
 use super::ConfigError;
 
-const TOP_KEYS: [&str; 10] = [
+const TOP_KEYS: [&str; 11] = [
     "server",
     "listen",
     "admin",
     "clients",
     "redis",
+    "resolver",
     "spool",
     "cache",
     "defaults",
@@ -195,6 +196,12 @@ pub(super) fn build(text: &str) -> Result<Config, Vec<ConfigError>> {
             .parse::<FileRedis>("redis", v)
             .and_then(|f| build_redis(&mut ck, f)),
     };
+    let resolver = match root.remove("resolver") {
+        None | Some(Value::Null) => None,
+        Some(v) => ck
+            .parse::<FileResolver>("resolver", v)
+            .and_then(|f| build_resolver(&mut ck, f)),
+    };
     let spool = match root.remove("spool") {
         None | Some(Value::Null) => None,
         Some(v) => ck
@@ -265,10 +272,46 @@ pub(super) fn build(text: &str) -> Result<Config, Vec<ConfigError>> {
             spool,
             cache_max_size,
             redis,
+            resolver,
         })
     } else {
         Err(ck.errors)
     }
+}
+
+/// `resolver:`: DNS servers as `IP` (port 53) or `IP:PORT`.
+fn build_resolver(ck: &mut Checker, f: FileResolver) -> Option<ResolverConfig> {
+    if f.nameservers.is_empty() {
+        ck.err(
+            "resolver.nameservers",
+            "at least one DNS server is required",
+        );
+    }
+    let nameservers = f
+        .nameservers
+        .iter()
+        .enumerate()
+        .filter_map(|(i, text)| {
+            let parsed = text.parse::<SocketAddr>().ok().or_else(|| {
+                text.parse::<std::net::IpAddr>()
+                    .ok()
+                    .map(|ip| SocketAddr::new(ip, 53))
+            });
+            if parsed.is_none() {
+                ck.err(
+                    &format!("resolver.nameservers[{i}]"),
+                    format!("{text:?} is not an IP address or IP:PORT"),
+                );
+            }
+            parsed
+        })
+        .collect();
+    let timeout = f.timeout.map_or(DEFAULT_RESOLVER_TIMEOUT, |d| d.0);
+    positive(ck, "resolver.timeout", timeout);
+    Some(ResolverConfig {
+        nameservers,
+        timeout,
+    })
 }
 
 /// `redis:`: every URL must be one Redis can take (`redis://` or `redis+unix://`; checked
@@ -562,13 +605,21 @@ fn parse_listen(ck: &mut Checker, path: &str, text: &str) -> Option<SocketAddr> 
     }
 }
 
-/// A backend as written: `IP:PORT`, `host:PORT` (resolved once, now), either behind
-/// `http://`, or behind `https://` (TLS, verified against the host name).
+/// A backend as written: `IP:PORT` or `host:PORT`, either behind `http://`, or behind
+/// `https://` (TLS, verified against the host name). A host name is not resolved here: it
+/// stands for every address DNS gives it, looked up at start and again every
+/// [`DEFAULT_DNS_INTERVAL`] ([`crate::upstream::discovery`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BackendAddr {
-    pub addr: SocketAddr,
-    pub host: Option<String>,
+    pub target: Target,
     pub https: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    Addr(SocketAddr),
+    /// A host name (lower case) and a port.
+    Name(String, u16),
 }
 
 pub fn parse_backend_addr(text: &str) -> Result<BackendAddr, String> {
@@ -581,27 +632,34 @@ pub fn parse_backend_addr(text: &str) -> Result<BackendAddr, String> {
     let t = t.trim_end_matches('/');
     if let Ok(addr) = t.parse::<SocketAddr>() {
         return Ok(BackendAddr {
-            addr,
-            host: None,
+            target: Target::Addr(addr),
             https,
         });
     }
     let invalid = || format!("invalid address {text:?} (expected HOST:PORT)");
     let (host, port) = t.rsplit_once(':').ok_or_else(invalid)?;
-    if host.is_empty() || host.contains('/') {
+    let port = port.parse::<u16>().map_err(|_| invalid())?;
+    let host = host.trim_end_matches('.').to_ascii_lowercase();
+    if !is_dns_name(&host) || port == 0 {
         return Err(invalid());
     }
-    let port = port.parse::<u16>().map_err(|_| invalid())?;
-    let addr = (host, port)
-        .to_socket_addrs()
-        .ok()
-        .and_then(|mut addrs| addrs.next())
-        .ok_or_else(|| format!("cannot resolve address {text:?}"))?;
     Ok(BackendAddr {
-        addr,
-        host: Some(host.to_ascii_lowercase()),
+        target: Target::Name(host, port),
         https,
     })
+}
+
+/// Whether `name` is a host name: dot-separated labels of letters, digits, `-` and `_`.
+fn is_dns_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 253
+        && name.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        })
 }
 
 /// `upstreams.*.tls`, its files read and checked; `https://` backends alone stand for the
@@ -700,11 +758,20 @@ fn build_upstream(
         );
     }
     let mut backends: Vec<BackendConfig> = Vec::new();
+    let mut discover: Vec<DnsBackend> = Vec::new();
     let mut https: Vec<bool> = Vec::new();
     for (i, value) in f.backends.into_iter().enumerate() {
         let bpath = format!("{path}.backends[{i}]");
         let (address, weight) = match value {
             Value::String(s) => (s, None),
+            Value::Mapping(m) if m.contains_key("dns") => {
+                if let Some(d) = ck.parse::<FileDnsBackend>(&bpath, Value::Mapping(m)) {
+                    if let Some(d) = build_dns_backend(ck, &bpath, d) {
+                        add_named(ck, &bpath, &mut discover, d);
+                    }
+                }
+                continue;
+            }
             other => match ck.parse::<FileBackend>(&bpath, other) {
                 Some(b) => (b.address, b.weight),
                 None => continue,
@@ -719,16 +786,33 @@ fn build_upstream(
             continue;
         }
         match parse_backend_addr(&address) {
-            Ok(b) if backends.iter().any(|seen| seen.addr == b.addr) => {
-                ck.err(&bpath, format!("duplicate backend {}", b.addr));
+            Ok(BackendAddr {
+                target: Target::Addr(addr),
+                https: tls,
+            }) => {
+                if backends.iter().any(|seen| seen.addr == addr) {
+                    ck.err(&bpath, format!("duplicate backend {addr}"));
+                } else {
+                    https.push(tls);
+                    backends.push(BackendConfig {
+                        addr,
+                        weight,
+                        host: None,
+                    });
+                }
             }
-            Ok(b) => {
-                https.push(b.https);
-                backends.push(BackendConfig {
-                    addr: b.addr,
+            Ok(BackendAddr {
+                target: Target::Name(name, port),
+                https: tls,
+            }) => {
+                https.push(tls);
+                let d = DnsBackend {
+                    name,
+                    port,
                     weight,
-                    host: b.host,
-                });
+                    interval: DEFAULT_DNS_INTERVAL,
+                };
+                add_named(ck, &bpath, &mut discover, d);
             }
             Err(e) => ck.err(&bpath, e),
         }
@@ -830,10 +914,56 @@ fn build_upstream(
         balance,
         hash_key,
         backends,
+        discover,
         health_check,
         breaker,
         timeouts,
         retries,
+    })
+}
+
+/// Adds a backend found by name, unless the same name and port came before.
+fn add_named(ck: &mut Checker, path: &str, discover: &mut Vec<DnsBackend>, d: DnsBackend) {
+    if discover
+        .iter()
+        .any(|seen| seen.name == d.name && seen.port == d.port)
+    {
+        ck.err(path, format!("duplicate backend {}:{}", d.name, d.port));
+    } else {
+        discover.push(d);
+    }
+}
+
+/// `{ dns: NAME, port: P, interval: I, weight: W }`: the name is looked up at start and
+/// then every interval (not now: `-t` does not need the DNS).
+fn build_dns_backend(ck: &mut Checker, path: &str, d: FileDnsBackend) -> Option<DnsBackend> {
+    let before = ck.errors.len();
+    let name = d.dns.trim().trim_end_matches('.').to_ascii_lowercase();
+    if !is_dns_name(&name) {
+        ck.err(
+            &format!("{path}.dns"),
+            format!("{:?} is not a DNS name", d.dns),
+        );
+    }
+    if d.port == 0 {
+        ck.err(&format!("{path}.port"), "port 0 is not a port");
+    }
+    let weight = d.weight.unwrap_or(1);
+    if !(1..=10_000).contains(&weight) {
+        ck.err(
+            &format!("{path}.weight"),
+            format!("weight {weight} is out of range 1..=10000"),
+        );
+    }
+    let interval = d.interval.map_or(DEFAULT_DNS_INTERVAL, |i| i.0);
+    if interval < MIN_DNS_INTERVAL {
+        ck.err(&format!("{path}.interval"), "must be at least 100ms");
+    }
+    (ck.errors.len() == before).then_some(DnsBackend {
+        name,
+        port: d.port,
+        weight,
+        interval,
     })
 }
 

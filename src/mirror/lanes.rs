@@ -30,7 +30,7 @@
 //! has its answer reduced by the reader as it passes and handed, or its failure, to its
 //! comparison.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
@@ -188,6 +188,44 @@ pub struct BackendLanes {
     epoch: Instant,
 }
 
+/// The lanes of every backend of the mirror's upstream: by index in the set they started
+/// with, and by address for backends DNS brought in later (rare: under a lock).
+pub struct Lanes {
+    first: Vec<Arc<BackendLanes>>,
+    found: Mutex<HashMap<SocketAddr, Arc<BackendLanes>>>,
+}
+
+impl Lanes {
+    pub fn new(backends: &[Arc<crate::upstream::BackendState>]) -> Lanes {
+        Lanes {
+            first: backends
+                .iter()
+                .map(|b| Arc::new(BackendLanes::new(b.addr)))
+                .collect(),
+            found: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The lanes of the backend at `index` of the set it was chosen from, at `addr`.
+    fn get(&self, index: usize, addr: SocketAddr) -> Arc<BackendLanes> {
+        match self.first.get(index) {
+            Some(lanes) if lanes.addr == addr => Arc::clone(lanes),
+            _ => {
+                let mut found = self.found.lock().unwrap_or_else(|p| p.into_inner());
+                // Backends DNS dropped go with their lanes' last copies.
+                if found.len() > 4 * self.first.len().max(16) {
+                    found.retain(|_, l| Arc::strong_count(l) > 1);
+                }
+                Arc::clone(
+                    found
+                        .entry(addr)
+                        .or_insert_with(|| Arc::new(BackendLanes::new(addr))),
+                )
+            }
+        }
+    }
+}
+
 impl BackendLanes {
     pub fn new(addr: SocketAddr) -> BackendLanes {
         BackendLanes {
@@ -202,11 +240,9 @@ impl BackendLanes {
 /// lane, else a new one; a handed-over copy only to an idle or new lane, at its head.
 /// Never waits.
 fn dispatch(mirror: &Arc<Mirror>, job: Job) {
-    let index = job.lease.index();
-    let Some(backend) = mirror.lanes.get(index) else {
-        job.failed(false);
-        return;
-    };
+    let backend = mirror
+        .lanes
+        .get(job.lease.index(), job.lease.backend().addr);
     let now_us = micros(backend.epoch, Instant::now());
     let chosen = {
         let mut lanes = backend.lanes.lock().unwrap_or_else(|p| p.into_inner());
@@ -220,7 +256,7 @@ fn dispatch(mirror: &Arc<Mirror>, job: Job) {
         let lane = match busy_fast.or_else(idle) {
             Some(lane) => Arc::clone(lane),
             None => {
-                let lane = open(mirror, backend);
+                let lane = open(mirror, &backend);
                 lanes.push(Arc::clone(&lane));
                 lane
             }

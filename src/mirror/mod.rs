@@ -84,7 +84,7 @@ pub struct Mirror {
     inflight_gauge: IntGauge,
     outcomes: Outcomes,
     /// Pipelined connections for copies without a body, per backend of the upstream.
-    lanes: Vec<lanes::BackendLanes>,
+    lanes: lanes::Lanes,
     /// The route's label, for kept comparisons.
     route: String,
     /// With `compare:`: its settings, results and kept pairs.
@@ -136,11 +136,7 @@ impl Mirror {
                 dropped: count("dropped"),
                 too_large: count("too_large"),
             },
-            lanes: upstream
-                .backends
-                .iter()
-                .map(|b| lanes::BackendLanes::new(b.addr))
-                .collect(),
+            lanes: lanes::Lanes::new(&upstream.backends().backends),
             upstream: Arc::clone(&upstream),
             route: route.to_string(),
             compare: config.compare.as_ref().map(|c| Comparing {

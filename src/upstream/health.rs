@@ -3,8 +3,12 @@
 //! by `timeout`. The probes themselves are pingora-load-balancing's `HttpHealthCheck`
 //! (GET `path`, healthy on any 2xx) and `TcpHealthCheck` (connect); the streak counting
 //! (`healthy_after`, `unhealthy_after`) is ours, so transitions update the balancer at
-//! once and are logged.
+//! once and are logged. Each round probes the upstream's backends as they are then: one
+//! that DNS added is probed from the next round on, and gets traffic once it has passed
+//! `healthy_after` probes.
 
+use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -17,7 +21,7 @@ use pingora_load_balancing::health_check::{HealthCheck, HttpHealthCheck, TcpHeal
 use pingora_load_balancing::Backend;
 use tokio::task::JoinSet;
 
-use super::Upstream;
+use super::{BackendState, Upstream};
 use crate::config::{BackendConfig, HealthCheckConfig, HealthCheckType, UpstreamConfig};
 
 type Probe = Arc<dyn HealthCheck + Send + Sync>;
@@ -84,66 +88,103 @@ fn probe_for(
     })
 }
 
+/// One backend's probe and its streaks, kept while the backend is in the set.
+struct Probing {
+    backend: Arc<BackendState>,
+    probe: Probe,
+    target: Backend,
+    successes: u32,
+    failures: u32,
+}
+
 async fn check_forever(up: Arc<Upstream>) {
     let Some(hc) = up.config.health_check.clone() else {
         return;
     };
-    let mut probes = Vec::new();
-    for (b, config) in up.backends.iter().zip(&up.config.backends) {
-        match (probe_for(&hc, &up.config, config), Backend::new(&b.label)) {
-            (Ok(p), Ok(target)) => probes.push((p, target)),
-            (Err(e), _) | (_, Err(e)) => {
-                warn!(
-                    "upstream {}: cannot set up health check of {}: {e}",
-                    up.name(),
-                    b.label
-                );
-                return;
-            }
-        }
-    }
-    let mut successes = vec![0u32; probes.len()];
-    let mut failures = vec![0u32; probes.len()];
+    // By address: a backend DNS keeps keeps its probe and streaks; one it drops loses them.
+    let mut probing: HashMap<SocketAddr, Probing> = HashMap::new();
     let mut ticker = tokio::time::interval(hc.interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticker.tick().await;
+        let set = up.backends();
+        probing.retain(|addr, p| {
+            set.backends
+                .iter()
+                .any(|b| b.addr == *addr && Arc::ptr_eq(b, &p.backend))
+        });
+        for b in &set.backends {
+            if probing.contains_key(&b.addr) {
+                continue;
+            }
+            match (
+                probe_for(&hc, &up.config, &b.config()),
+                Backend::new(&b.label),
+            ) {
+                (Ok(probe), Ok(target)) => {
+                    probing.insert(
+                        b.addr,
+                        Probing {
+                            backend: Arc::clone(b),
+                            probe,
+                            target,
+                            successes: 0,
+                            failures: 0,
+                        },
+                    );
+                }
+                (Err(e), _) | (_, Err(e)) => warn!(
+                    "upstream {}: cannot set up health check of {}: {e}",
+                    up.name(),
+                    b.label
+                ),
+            }
+        }
         let mut round = JoinSet::new();
-        for (i, (probe, target)) in probes.iter().enumerate() {
-            let (probe, target, timeout) = (Arc::clone(probe), target.clone(), hc.timeout);
+        for (addr, p) in &probing {
+            let (probe, target, timeout, addr) =
+                (Arc::clone(&p.probe), p.target.clone(), hc.timeout, *addr);
             round.spawn(async move {
                 let result = match tokio::time::timeout(timeout, probe.check(&target)).await {
                     Ok(Ok(())) => Ok(()),
                     Ok(Err(e)) => Err(e.to_string()),
                     Err(_) => Err(format!("no answer within {timeout:?}")),
                 };
-                (i, result)
+                (addr, result)
             });
         }
         while let Some(joined) = round.join_next().await {
-            let Ok((i, result)) = joined else { continue };
-            let backend = &up.backends[i];
+            let Ok((addr, result)) = joined else { continue };
+            let Some(p) = probing.get_mut(&addr) else {
+                continue;
+            };
+            let backend = &p.backend;
             match result {
                 Ok(()) => {
-                    failures[i] = 0;
-                    successes[i] = successes[i].saturating_add(1);
+                    p.failures = 0;
+                    p.successes = p.successes.saturating_add(1);
                     if !backend.healthy()
-                        && successes[i] >= hc.healthy_after
-                        && up.set_healthy(i, true)
+                        && p.successes >= hc.healthy_after
+                        && up.set_healthy(backend, true)
                     {
                         info!(
-                            "upstream {}: backend {} is healthy again",
+                            "upstream {}: backend {} is healthy{}",
                             up.name(),
-                            backend.label
+                            backend.label,
+                            if &*backend.source == "static" {
+                                " again"
+                            } else {
+                                ""
+                            }
                         );
                     }
                 }
                 Err(why) => {
-                    successes[i] = 0;
-                    failures[i] = failures[i].saturating_add(1);
+                    p.successes = 0;
+                    p.failures = p.failures.saturating_add(1);
                     if backend.healthy()
-                        && failures[i] >= hc.unhealthy_after
-                        && up.set_healthy(i, false)
+                        && p.failures >= hc.unhealthy_after
+                        && up.set_healthy(backend, false)
                     {
                         warn!(
                             "upstream {}: backend {} is unhealthy: {why}",

@@ -7,15 +7,23 @@
 //! A request holds a [`Lease`] on its backend: it raises the in-flight count while alive,
 //! carries the attempt's result to the outcome counters and the breaker, and is dropped on
 //! every path (answer, error, retry, client gone), which releases the slot.
+//!
+//! The backends of an upstream are one [`BackendSet`] (with the balancer built over it),
+//! swapped whole when DNS discovery ([`discovery`]) finds other addresses: a backend that
+//! stays keeps its state (in-flight count, circuit, health), one that leaves drains (its
+//! leases hold it until their requests end), one that arrives waits for its health checks.
 
 pub mod balance;
 pub mod breaker;
+pub mod discovery;
 pub mod health;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Instant;
+
+use arc_swap::ArcSwap;
 
 use pingora_core::protocols::ALPN;
 use pingora_core::upstreams::peer::HttpPeer;
@@ -40,6 +48,10 @@ pub struct BackendState {
     /// `IP:PORT`, the `backend` label of metrics and logs.
     pub label: Arc<str>,
     pub weight: u32,
+    /// The name it was written with or found under (SNI, health checks' Host).
+    pub host: Option<String>,
+    /// Where it came from: `static` (written in the file) or `dns:NAME`.
+    pub source: Arc<str>,
     healthy: AtomicBool,
     inflight: AtomicUsize,
     breaker: Option<Breaker>,
@@ -88,6 +100,8 @@ impl Candidate for Arc<BackendState> {
 /// and the circuit breaker.
 pub struct Lease {
     upstream: Arc<Upstream>,
+    backend: Arc<BackendState>,
+    /// Its index in the set it was chosen from (for [`Tried`] and the mirror's lanes).
     index: usize,
     /// This attempt is the probe of an open circuit.
     probe: bool,
@@ -96,7 +110,7 @@ pub struct Lease {
 
 impl Lease {
     pub fn backend(&self) -> &BackendState {
-        &self.upstream.backends[self.index]
+        &self.backend
     }
 
     pub fn index(&self) -> usize {
@@ -133,7 +147,7 @@ impl Lease {
 
 impl Drop for Lease {
     fn drop(&mut self) {
-        let backend = &self.upstream.backends[self.index];
+        let backend = &self.backend;
         backend.inflight.fetch_sub(1, Relaxed);
         if self.probe && !self.reported {
             if let Some(b) = &backend.breaker {
@@ -143,7 +157,9 @@ impl Drop for Lease {
     }
 }
 
-/// Backends a request already tried (its retries avoid them while others remain).
+/// Backends a request already tried (its retries avoid them while others remain), by
+/// index in the set they were chosen from: should DNS change the set between two attempts,
+/// a retry may go to a backend it tried (rare, and harmless).
 #[derive(Debug, Default, Clone)]
 pub struct Tried {
     /// Backends 0..128 as bits: no allocation for the usual upstream.
@@ -213,11 +229,71 @@ pub fn peer_for(config: &UpstreamConfig, b: &BackendConfig) -> HttpPeer {
     peer
 }
 
+/// The state of one backend of `config`.
+fn backend_state(
+    config: &UpstreamConfig,
+    b: &BackendConfig,
+    source: Arc<str>,
+    healthy: bool,
+    metrics: &Metrics,
+) -> BackendState {
+    let label: Arc<str> = b.addr.to_string().into();
+    let outcome = |o: &str| {
+        metrics
+            .upstream_requests
+            .with_label_values(&[config.name.as_str(), &*label, o])
+    };
+    BackendState {
+        addr: b.addr,
+        weight: b.weight,
+        host: b.host.clone(),
+        source,
+        healthy: AtomicBool::new(healthy),
+        inflight: AtomicUsize::new(0),
+        breaker: config.breaker.as_ref().map(Breaker::new),
+        peer: peer_for(config, b),
+        outcomes: Outcomes {
+            ok: outcome("ok"),
+            error: outcome("error"),
+            timeout: outcome("timeout"),
+        },
+        label,
+    }
+}
+
+impl BackendState {
+    /// What it was configured (or found) as: for its health check's probe.
+    pub fn config(&self) -> BackendConfig {
+        BackendConfig {
+            addr: self.addr,
+            weight: self.weight,
+            host: self.host.clone(),
+        }
+    }
+}
+
+impl BackendSet {
+    fn new(balance: Balance, backends: Vec<Arc<BackendState>>) -> BackendSet {
+        let addrs: Vec<(SocketAddr, u32)> = backends.iter().map(|b| (b.addr, b.weight)).collect();
+        BackendSet {
+            balancer: Balancer::new(balance, &addrs),
+            backends,
+        }
+    }
+}
+
+/// The backends an upstream has now, and the balancer built over them.
+pub struct BackendSet {
+    pub backends: Vec<Arc<BackendState>>,
+    balancer: Balancer,
+}
+
 pub struct Upstream {
     pub name: Arc<str>,
     pub config: UpstreamConfig,
-    pub backends: Vec<Arc<BackendState>>,
-    balancer: Balancer,
+    set: ArcSwap<BackendSet>,
+    /// For the outcome counters of backends found later.
+    metrics: Arc<Metrics>,
     /// Counts attempts that were retried.
     pub retries: IntCounter,
     /// Upgraded connections (WebSocket) open to this upstream.
@@ -231,49 +307,87 @@ pub struct Upstream {
 }
 
 impl Upstream {
-    pub fn new(config: &UpstreamConfig, metrics: &Metrics) -> Upstream {
+    pub fn new(config: &UpstreamConfig, metrics: &Arc<Metrics>) -> Upstream {
         let name = config.name.as_str();
         let backends: Vec<Arc<BackendState>> = config
             .backends
             .iter()
-            .map(|b| {
-                let label: Arc<str> = b.addr.to_string().into();
-                let peer = peer_for(config, b);
-                let outcome = |o: &str| {
-                    metrics
-                        .upstream_requests
-                        .with_label_values(&[name, &*label, o])
-                };
-                Arc::new(BackendState {
-                    addr: b.addr,
-                    weight: b.weight,
-                    healthy: AtomicBool::new(true),
-                    inflight: AtomicUsize::new(0),
-                    breaker: config.breaker.as_ref().map(Breaker::new),
-                    peer,
-                    outcomes: Outcomes {
-                        ok: outcome("ok"),
-                        error: outcome("error"),
-                        timeout: outcome("timeout"),
-                    },
-                    label,
-                })
-            })
+            .map(|b| Arc::new(backend_state(config, b, "static".into(), true, metrics)))
             .collect();
-        let addrs: Vec<(SocketAddr, u32)> = backends.iter().map(|b| (b.addr, b.weight)).collect();
         let upstream = Upstream {
             name: config.name.as_str().into(),
-            balancer: Balancer::new(config.balance, &addrs),
+            set: ArcSwap::from_pointee(BackendSet::new(config.balance, backends)),
             retries: metrics.upstream_retries.with_label_values(&[name]),
             tunnels_open: metrics.tunnels_open.with_label_values(&[name]),
             config: config.clone(),
-            backends,
+            metrics: Arc::clone(metrics),
             reopen_at: AtomicU64::new(0),
             refreshing: AtomicBool::new(false),
             epoch: Instant::now(),
         };
         upstream.refresh();
         upstream
+    }
+
+    /// The backends as they are now (a snapshot: DNS may swap in another set meanwhile).
+    pub fn backends(&self) -> Arc<BackendSet> {
+        self.set.load_full()
+    }
+
+    /// Puts the addresses DNS found (`(address, weight, name)`) beside the backends written
+    /// in the file. Backends already known keep their state; new ones start unhealthy when
+    /// the upstream has health checks (they get traffic once those pass), healthy
+    /// otherwise — except `at_start`, when every backend is assumed healthy, as the written
+    /// ones are; those no longer found leave the set and drain. Returns whether the set
+    /// changed.
+    pub fn set_discovered(&self, found: &[(SocketAddr, u32, String)], at_start: bool) -> bool {
+        let current = self.set.load_full();
+        let mut next: Vec<Arc<BackendState>> = current
+            .backends
+            .iter()
+            .filter(|b| &*b.source == "static")
+            .cloned()
+            .collect();
+        for (addr, weight, name) in found {
+            if next.iter().any(|b| b.addr == *addr) {
+                continue; // written in the file too, or found twice
+            }
+            let kept = current
+                .backends
+                .iter()
+                .find(|b| b.addr == *addr && b.weight == *weight && &*b.source != "static");
+            next.push(match kept {
+                Some(b) => Arc::clone(b),
+                None => {
+                    let config = BackendConfig {
+                        addr: *addr,
+                        weight: *weight,
+                        host: Some(name.clone()),
+                    };
+                    let source = format!("dns:{name}").into();
+                    let healthy = at_start || self.config.health_check.is_none();
+                    Arc::new(backend_state(
+                        &self.config,
+                        &config,
+                        source,
+                        healthy,
+                        &self.metrics,
+                    ))
+                }
+            });
+        }
+        let same = next.len() == current.backends.len()
+            && next
+                .iter()
+                .zip(&current.backends)
+                .all(|(a, b)| Arc::ptr_eq(a, b));
+        if same {
+            return false;
+        }
+        self.set
+            .store(Arc::new(BackendSet::new(self.config.balance, next)));
+        self.refresh();
+        true
     }
 
     pub fn name(&self) -> &str {
@@ -284,9 +398,10 @@ impl Upstream {
     /// the next open circuit may be probed.
     pub fn refresh(&self) {
         let now = Instant::now();
-        self.balancer
-            .refresh(&self.backends, |i| self.backends[i].available(now));
-        let next = self
+        let set = self.set.load();
+        set.balancer
+            .refresh(&set.backends, |i| set.backends[i].available(now));
+        let next = set
             .backends
             .iter()
             .filter_map(|b| match b.circuit(now) {
@@ -320,8 +435,8 @@ impl Upstream {
     }
 
     /// Marks a backend healthy or not; returns whether that changed anything.
-    pub fn set_healthy(&self, index: usize, healthy: bool) -> bool {
-        let changed = self.backends[index].healthy.swap(healthy, Relaxed) != healthy;
+    pub fn set_healthy(&self, backend: &BackendState, healthy: bool) -> bool {
+        let changed = backend.healthy.swap(healthy, Relaxed) != healthy;
         if changed {
             self.refresh();
         }
@@ -331,7 +446,7 @@ impl Upstream {
     /// Whether any backend may take requests now.
     pub fn has_available(&self) -> bool {
         let now = Instant::now();
-        self.backends.iter().any(|b| b.available(now))
+        self.set.load().backends.iter().any(|b| b.available(now))
     }
 
     /// [`Upstream::select`] with the request's hash key, for consistent hashing.
@@ -352,16 +467,17 @@ impl Upstream {
         if reopen != 0 && now.saturating_duration_since(self.epoch).as_nanos() as u64 >= reopen {
             self.refresh_soon();
         }
-        let bs = &self.backends;
+        let set = self.set.load();
+        let bs = &set.backends;
         let mut refused = Tried::default();
         for _ in 0..bs.len() {
             let usable = |i: usize| bs[i].available(now) && !refused.contains(i);
-            let fresh = self
+            let fresh = set
                 .balancer
                 .pick(bs, key, |i| usable(i) && !tried.contains(i));
             let index = match fresh {
                 Some(i) => i,
-                None if !tried.is_empty() => self.balancer.pick(bs, key, usable)?,
+                None if !tried.is_empty() => set.balancer.pick(bs, key, usable)?,
                 None => return None,
             };
             let backend = &bs[index];
@@ -379,6 +495,7 @@ impl Upstream {
             backend.inflight.fetch_add(1, Relaxed);
             return Some(Lease {
                 upstream: Arc::clone(self),
+                backend: Arc::clone(backend),
                 index,
                 probe,
                 reported: false,
@@ -405,6 +522,7 @@ mod tests {
                     host: None,
                 })
                 .collect(),
+            discover: Vec::new(),
             health_check: None,
             breaker: None,
             timeouts: Timeouts::default(),
@@ -412,7 +530,7 @@ mod tests {
             tls: None,
             protocol: crate::config::Protocol::H1,
         };
-        let metrics = Metrics::new().expect("metrics");
+        let metrics = Arc::new(Metrics::new().expect("metrics"));
         Arc::new(Upstream::new(&config, &metrics))
     }
 
@@ -445,5 +563,92 @@ mod tests {
         }
         // All tried: a retry may reuse one rather than fail.
         assert!(u.select(b"", &tried).is_some());
+    }
+
+    fn found(ports: &[u16]) -> Vec<(SocketAddr, u32, String)> {
+        ports
+            .iter()
+            .map(|p| {
+                (
+                    SocketAddr::from(([127, 0, 0, 2], *p)),
+                    1,
+                    "api.test".to_string(),
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn dns_changes_keep_the_state_of_backends_that_stay() {
+        let mut config = upstream(1).config.clone();
+        config.balance = Balance::ConsistentHash;
+        config.health_check = Some(crate::config::HealthCheckConfig {
+            kind: crate::config::HealthCheckType::Tcp,
+            path: "/".into(),
+            interval: std::time::Duration::from_secs(1),
+            timeout: std::time::Duration::from_secs(1),
+            healthy_after: 1,
+            unhealthy_after: 1,
+        });
+        let metrics = Arc::new(Metrics::new().expect("metrics"));
+        let u = Arc::new(Upstream::new(&config, &metrics));
+        assert!(u.set_discovered(&found(&[1, 2, 3]), true));
+        let before = u.backends();
+        assert_eq!(before.backends.len(), 4);
+        assert!(
+            before.backends.iter().all(|b| b.healthy()),
+            "at start all are healthy"
+        );
+        // A request in flight, and where keys go.
+        let lease = u.select(b"k", &Tried::default()).expect("backend");
+        let leased = lease.backend().addr;
+        let keys: Vec<String> = (0..300).map(|i| format!("client-{i}")).collect();
+        let pick = |u: &Arc<Upstream>, k: &str| {
+            u.select(k.as_bytes(), &Tried::default())
+                .map(|l| l.backend().addr)
+        };
+        let where_before: Vec<_> = keys.iter().map(|k| pick(&u, k)).collect();
+
+        // Unchanged answer: nothing happens.
+        assert!(!u.set_discovered(&found(&[1, 2, 3]), false));
+        // :3 leaves, :4 arrives.
+        assert!(u.set_discovered(&found(&[1, 2, 4]), false));
+        let after = u.backends();
+        let addrs: Vec<u16> = after.backends.iter().map(|b| b.addr.port()).collect();
+        assert_eq!(addrs, vec![10_000, 1, 2, 4]);
+        for b in &after.backends {
+            if let Some(old) = before.backends.iter().find(|o| o.addr == b.addr) {
+                assert!(Arc::ptr_eq(old, b), "{} kept its state", b.label);
+            }
+        }
+        let newcomer = &after.backends[3];
+        assert!(
+            !newcomer.healthy(),
+            "a new backend waits for its health checks"
+        );
+        assert_eq!(&*newcomer.source, "dns:api.test");
+        // The lease still counts on its backend, wherever it is now.
+        let still = after.backends.iter().find(|b| b.addr == leased);
+        if let Some(b) = still {
+            assert_eq!(b.inflight(), 1);
+        }
+        drop(lease);
+        // Keys on backends that stayed stay on them (the ring moves only :3's keys).
+        for (k, was) in keys.iter().zip(&where_before) {
+            let now = pick(&u, k);
+            if was.is_some_and(|a| a.port() != 3) {
+                assert_eq!(now, *was, "{k} moved");
+            }
+            assert_ne!(
+                now.map(|a| a.port()),
+                Some(3),
+                "{k} went to a backend that left"
+            );
+            assert_ne!(
+                now.map(|a| a.port()),
+                Some(4),
+                "{k} went to an unchecked backend"
+            );
+        }
     }
 }

@@ -45,6 +45,10 @@ pub struct BackendState {
     /// When n > 0, every n-th request is answered 503 instead of `status`.
     pub fail_every: AtomicUsize,
     pub seen: Mutex<Vec<Seen>>,
+    /// `/health` requests answered.
+    pub health_checks: AtomicUsize,
+    /// How many `/health` requests came before the first other one (`usize::MAX`: none yet).
+    pub checks_before_first_hit: AtomicUsize,
 }
 
 /// A real HTTP/1.1 backend on 127.0.0.1 with an OS-chosen port.
@@ -56,19 +60,32 @@ pub struct Backend {
 
 impl Backend {
     pub async fn start(name: &str) -> Backend {
-        Backend::start_on(name, None).await
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind backend");
+        Backend::start_on(name, listener, None)
+    }
+
+    /// A backend on `addr` (another loopback address, a given port); `None` when taken.
+    pub async fn start_at(name: &str, addr: SocketAddr) -> Option<Backend> {
+        let listener = TcpListener::bind(addr).await.ok()?;
+        Some(Backend::start_on(name, listener, None))
     }
 
     /// A backend that speaks TLS with `tls` (h2 or HTTP/1.1, as ALPN says).
     pub async fn start_tls(name: &str, tls: Arc<rustls::ServerConfig>) -> Backend {
-        Backend::start_on(name, Some(tls)).await
-    }
-
-    async fn start_on(name: &str, tls: Option<Arc<rustls::ServerConfig>>) -> Backend {
-        let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind backend");
+        Backend::start_on(name, listener, Some(tls))
+    }
+
+    fn start_on(
+        name: &str,
+        listener: TcpListener,
+        tls: Option<Arc<rustls::ServerConfig>>,
+    ) -> Backend {
+        let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
         let addr = listener.local_addr().expect("backend addr");
         let state = Arc::new(BackendState {
             name: name.to_string(),
@@ -80,6 +97,8 @@ impl Backend {
             drop_after_body: AtomicBool::new(false),
             fail_every: AtomicUsize::new(0),
             seen: Mutex::new(Vec::new()),
+            health_checks: AtomicUsize::new(0),
+            checks_before_first_hit: AtomicUsize::new(usize::MAX),
         });
         let tasks: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::default();
         let (st, ts) = (Arc::clone(&state), Arc::clone(&tasks));
@@ -160,6 +179,7 @@ async fn handle(
     req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, std::io::Error> {
     if req.uri().path() == "/health" {
+        st.health_checks.fetch_add(1, SeqCst);
         let code = if st.healthy.load(SeqCst) { 200 } else { 503 };
         return Ok(Response::builder()
             .status(code)
@@ -167,6 +187,12 @@ async fn handle(
             .unwrap());
     }
     st.inflight.fetch_add(1, SeqCst);
+    let _ = st.checks_before_first_hit.compare_exchange(
+        usize::MAX,
+        st.health_checks.load(SeqCst),
+        SeqCst,
+        SeqCst,
+    );
     let method = req.method().to_string();
     let version = req.version();
     let path = req
