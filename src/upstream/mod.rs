@@ -384,6 +384,18 @@ impl Upstream {
         if same {
             return false;
         }
+        // The gauges of backends that left would otherwise stay at their last values.
+        for gone in current
+            .backends
+            .iter()
+            .filter(|b| !next.iter().any(|n| Arc::ptr_eq(n, b)))
+        {
+            let labels = [self.name(), &*gone.label];
+            let m = &self.metrics;
+            for gauge in [&m.backend_healthy, &m.backend_inflight, &m.circuit_open] {
+                let _ = gauge.remove_label_values(&labels);
+            }
+        }
         self.set
             .store(Arc::new(BackendSet::new(self.config.balance, next)));
         self.refresh();
