@@ -229,7 +229,10 @@ async fn the_upstream_follows_dns_without_a_failed_request() {
     let metrics = metrics_text(&c, &gw).await;
     let gone = format!("fanout_backend_healthy{{backend=\"127.0.0.2:{port}\"");
     let stays = format!("fanout_backend_healthy{{backend=\"127.0.0.3:{port}\"");
-    assert!(!metrics.contains(&gone) && metrics.contains(&stays), "{metrics}");
+    assert!(
+        !metrics.contains(&gone) && metrics.contains(&stays),
+        "{metrics}"
+    );
     tokio::time::sleep(Duration::from_millis(500)).await;
     bs[0].set_delay(0);
     assert_eq!(
