@@ -59,7 +59,8 @@ def inside(script, **kw):
 
 
 def apt_install(*packages):
-    missing = [p for p in packages if shutil.which(p) is None]
+    missing = [p for p in packages
+               if shutil.which(p) is None and not os.path.exists(f"/usr/sbin/{p}")]
     if missing:
         print(f"installing {' '.join(missing)}", flush=True)
         run(["apt-get", "update", "-qq"], timeout=300)
@@ -85,7 +86,8 @@ def ensure_base():
     target = os.path.join(ROOT, "target", "systemd-base")
     shutil.rmtree(target, ignore_errors=True)
     started = time.time()
-    run(["debootstrap", "--variant=minbase", "--include=systemd,systemd-sysv,procps,nginx-light,wrk",
+    debootstrap = shutil.which("debootstrap") or "/usr/sbin/debootstrap"
+    run([debootstrap, "--variant=minbase", "--include=systemd,systemd-sysv,procps,nginx-light,wrk",
          "bookworm", target, debian_mirror()], timeout=900)
     tar = subprocess.Popen(["tar", "-C", target, "-c", "."], stdout=subprocess.PIPE)
     run([ENGINE, "import", "-q", "-", BASE], stdin=tar.stdout, timeout=300)
