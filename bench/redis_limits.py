@@ -39,16 +39,7 @@ def gcra_script():
 
 def conf(tmp, name, store):
     backends = ", ".join(f"127.0.0.1:{p}" for p in run.BACKENDS)
-    return f"""server:
-  threads: 1
-  work_stealing: true
-  upstream_keepalive_pool_size: 1024
-  pid_file: {tmp}/{name}.pid
-  upgrade_sock: {tmp}/{name}.sock
-  grace_period_seconds: 0
-  graceful_shutdown_timeout_seconds: 1
-listen: ["127.0.0.1:{PORTS[name]}"]
-redis: {{ url: "redis://127.0.0.1:{REDIS_PORT}", pool: 4, timeout: 50ms }}
+    return run.fanout_server(tmp, name, 1, PORTS[name]) + f"""redis: {{ url: "redis://127.0.0.1:{REDIS_PORT}", pool: 4, timeout: 50ms }}
 defaults: {{ access_log: off }}
 upstreams:
   be: {{ backends: [{backends}] }}

@@ -147,14 +147,9 @@ backend be
 """
 
 
-def fanout_conf(tmp, workers, log, mirror, name="fanout"):
-    backends = ", ".join(f"127.0.0.1:{p}" for p in BACKENDS)
-    shadow = (f"  shadow: {{ backends: [127.0.0.1:{MIRRORS[mirror.removesuffix('-compare')]}], breaker: {{ failures: 5, open: 10s }} }}\n"
-              if mirror else "")
-    compared = mirror and mirror.endswith("-compare") and not (COMPARE_COST and name == "base")
-    compare = ", compare: { ignore_headers: [Date, X-Request-Id] }" if compared else ""
-    mirror_route = (f"    mirror: [{{ upstream: shadow, percent: 100, max_inflight: 1024, timeout: 5s{compare} }}]\n"
-                    if mirror else "")
+def fanout_server(tmp, name, workers, port):
+    """The `server:` and `listen:` of a benchmarked fanout: `workers` threads, its files in
+    tmp, no grace period (the benchmarks stop it with SIGTERM)."""
     return f"""server:
   threads: {workers}
   work_stealing: true
@@ -163,8 +158,19 @@ def fanout_conf(tmp, workers, log, mirror, name="fanout"):
   upgrade_sock: {tmp}/{name}.sock
   grace_period_seconds: 0
   graceful_shutdown_timeout_seconds: 1
-listen: ["127.0.0.1:{PORTS[name]}"]
-defaults:
+listen: ["127.0.0.1:{port}"]
+"""
+
+
+def fanout_conf(tmp, workers, log, mirror, name="fanout"):
+    backends = ", ".join(f"127.0.0.1:{p}" for p in BACKENDS)
+    shadow = (f"  shadow: {{ backends: [127.0.0.1:{MIRRORS[mirror.removesuffix('-compare')]}], breaker: {{ failures: 5, open: 10s }} }}\n"
+              if mirror else "")
+    compared = mirror and mirror.endswith("-compare") and not (COMPARE_COST and name == "base")
+    compare = ", compare: { ignore_headers: [Date, X-Request-Id] }" if compared else ""
+    mirror_route = (f"    mirror: [{{ upstream: shadow, percent: 100, max_inflight: 1024, timeout: 5s{compare} }}]\n"
+                    if mirror else "")
+    return fanout_server(tmp, name, workers, PORTS[name]) + f"""defaults:
   max_body_bytes: 20MiB
   access_log: {"json" if log else "off"}
 upstreams:

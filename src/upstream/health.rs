@@ -171,11 +171,7 @@ async fn check_forever(up: Arc<Upstream>) {
                             "upstream {}: backend {} is healthy{}",
                             up.name(),
                             backend.label,
-                            if &*backend.source == "static" {
-                                " again"
-                            } else {
-                                ""
-                            }
+                            if backend.is_static() { " again" } else { "" }
                         );
                     }
                 }

@@ -261,7 +261,15 @@ fn backend_state(
     }
 }
 
+/// The `source` of backends written in the file.
+const STATIC: &str = "static";
+
 impl BackendState {
+    /// Whether it was written in the file (not found by DNS).
+    pub fn is_static(&self) -> bool {
+        &*self.source == STATIC
+    }
+
     /// What it was configured (or found) as: for its health check's probe.
     pub fn config(&self) -> BackendConfig {
         BackendConfig {
@@ -312,7 +320,7 @@ impl Upstream {
         let backends: Vec<Arc<BackendState>> = config
             .backends
             .iter()
-            .map(|b| Arc::new(backend_state(config, b, "static".into(), true, metrics)))
+            .map(|b| Arc::new(backend_state(config, b, STATIC.into(), true, metrics)))
             .collect();
         let upstream = Upstream {
             name: config.name.as_str().into(),
@@ -345,7 +353,7 @@ impl Upstream {
         let mut next: Vec<Arc<BackendState>> = current
             .backends
             .iter()
-            .filter(|b| &*b.source == "static")
+            .filter(|b| b.is_static())
             .cloned()
             .collect();
         for (addr, weight, name) in found {
@@ -355,7 +363,7 @@ impl Upstream {
             let kept = current
                 .backends
                 .iter()
-                .find(|b| b.addr == *addr && b.weight == *weight && &*b.source != "static");
+                .find(|b| b.addr == *addr && b.weight == *weight && !b.is_static());
             next.push(match kept {
                 Some(b) => Arc::clone(b),
                 None => {
