@@ -92,7 +92,7 @@ bench-tls-candidates: deps
 # libFuzzer through cargo-fuzz (nightly): each target for FUZZ_SECONDS, from its corpus in
 # fuzz/corpus/ (new inputs worth keeping are added there; crashes land in fuzz/artifacts/).
 FUZZ_SECONDS ?= 600
-FUZZ_TARGETS ?= framing path config lanes_reader router
+FUZZ_TARGETS ?= framing path config lanes_reader router h2_listener
 fuzz: deps
 	@command -v cargo-fuzz >/dev/null || $(CARGO) install --locked cargo-fuzz
 	@command -v c++ >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq g++; }

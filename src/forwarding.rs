@@ -80,20 +80,15 @@ fn apply_rules_req(req: &mut RequestHeader, rules: &HeaderRules) -> Result<()> {
     Ok(())
 }
 
-/// The path a route with `strip_prefix` sends upstream: the prefix removed, a leading `/`
-/// kept, the query untouched.
+/// The URI a route with `strip_prefix` sends upstream: the prefix removed, a leading `/`
+/// kept, the query and the authority (an h2 request's host) untouched.
 pub fn stripped_uri(uri: &Uri, prefix: &str) -> Option<Uri> {
     let rest = uri.path().strip_prefix(prefix)?;
-    let mut target = String::with_capacity(rest.len() + 1 + uri.query().map_or(0, |q| q.len() + 1));
-    if !rest.starts_with('/') {
-        target.push('/');
+    if rest.starts_with('/') {
+        crate::edge::path::with_path(uri, rest)
+    } else {
+        crate::edge::path::with_path(uri, &format!("/{rest}"))
     }
-    target.push_str(rest);
-    if let Some(q) = uri.query() {
-        target.push('?');
-        target.push_str(q);
-    }
-    target.parse().ok()
 }
 
 /// Drops hop-by-hop headers and adds `X-Forwarded-For` / `X-Forwarded-Proto`.

@@ -53,6 +53,9 @@ pub enum Refusal {
     TooLarge,
     /// 417: an `Expect` other than `100-continue`.
     Expectation,
+    /// 400, 414 or 431: an HTTP/2 request that breaks the edge's rules
+    /// ([`crate::edge::h2`]; HTTP/1.1 ones are answered before the proxy).
+    Edge(crate::edge::framing::Reject),
 }
 
 impl Refusal {
@@ -61,6 +64,7 @@ impl Refusal {
             Refusal::BadRequest(_) => 400,
             Refusal::TooLarge => 413,
             Refusal::Expectation => 417,
+            Refusal::Edge(r) => r.status(),
         }
     }
 
@@ -69,6 +73,7 @@ impl Refusal {
             Refusal::BadRequest(why) => why,
             Refusal::TooLarge => "request body too large",
             Refusal::Expectation => "only Expect: 100-continue is supported",
+            Refusal::Edge(r) => r.message(),
         }
     }
 }

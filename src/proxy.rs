@@ -1,8 +1,10 @@
 //! The `ProxyHttp` implementation: Pingora's request phases, each delegating to the module
 //! that owns the concern. Read top to bottom it is the life of a request:
 //!
-//! 1. `request_filter`: count it, settle its request id, refuse ambiguous framing (400),
-//!    route it (404/405), refuse a declared body over the limit (413).
+//! 1. `request_filter`: count it, settle its request id, hold an HTTP/2 request to the
+//!    edge's limits and grammar (400/414/431; HTTP/1.1 ones met them before Pingora parsed
+//!    them), normalise the path (400), route it (404/405), refuse a declared body over the
+//!    limit (413).
 //!    Sampled requests on mirrored routes start their copies here, and fallback routes
 //!    their fallback copies ([`mirror`], [`fallback`]): tasks that send the request elsewhere through
 //!    Pingora's connector and never enter these phases.
@@ -13,7 +15,8 @@
 //!    removal, route header rules, `strip_prefix` ([`forwarding`]).
 //! 5. `fail_to_connect` / `error_while_proxy`: decide retries (a connect failure, or an
 //!    idempotent request that failed before any answer reached the client, goes to another
-//!    backend while the upstream's `retries` allow).
+//!    backend while the upstream's `retries` allow; a request whose client left, or whose
+//!    own body broke its framing, is over and never sent again).
 //! 6. `fail_to_proxy`: the JSON error answer (413, 502, 503, 504).
 //! 7. `logging`: metrics, totals, the access log line; the backend lease is released.
 
@@ -33,7 +36,7 @@ use crate::broadcast;
 use crate::cache;
 use crate::config::OnStoreError;
 use crate::config::{AccessLog, RouteId, RouteKind, UpstreamId};
-use crate::edge::path;
+use crate::edge::{self, path};
 use crate::fallback::{self, Fallbacks};
 use crate::forwarding;
 use crate::gateway::{Gateway, Route};
@@ -133,6 +136,9 @@ enum Verdict {
     Answer(Answer),
     /// The route's rate limit is in Redis: ask it, then dispatch ([`FanoutProxy::admit_shared`]).
     AskLimit,
+    /// An HTTP/2 request that declares `content-length: 0` on a stream not known to be
+    /// ended: wait for its end, then admit it ([`edge::h2::await_empty_end`]).
+    AwaitEnd,
 }
 
 /// An answer the gateway gives itself instead of proxying.
@@ -201,21 +207,23 @@ impl FanoutProxy {
             .map(Some)
     }
 
-    /// Normalises the request's path in place (`edge::path`), so that routing, keys, logs
-    /// and the upstream request all see the same one; refuses a path that cannot be.
-    fn normalize(&self, session: &mut Session) -> Result<(), Refusal> {
+    /// Holds an HTTP/2 request to the edge's limits and field grammar (`edge::h2`; an
+    /// HTTP/1.1 one met them before Pingora parsed it), then normalises its path in place
+    /// (`edge::path`), so that routing, keys, logs and the upstream request all see the
+    /// same one; refuses a path that cannot be.
+    fn screen(&self, session: &mut Session) -> Result<(), Refusal> {
         let req = session.req_header();
+        if req.version == http::Version::HTTP_2 {
+            edge::h2::check(req, &self.gw.clients.limits).map_err(Refusal::Edge)?;
+        }
         let normal = path::normalize(req.uri.path(), self.gw.encoded_slashes)
             .map_err(|e| Refusal::BadRequest(e.message()))?;
         let Some(normal) = normal else {
             return Ok(());
         };
-        let target = match req.uri.query() {
-            Some(q) => format!("{normal}?{q}"),
-            None => normal,
-        };
-        let uri = http::Uri::try_from(target)
-            .map_err(|_| Refusal::BadRequest(path::PathError::Malformed.message()))?;
+        // The authority stays: it is an h2 request's host (`:authority`).
+        let uri = path::with_path(&req.uri, &normal)
+            .ok_or(Refusal::BadRequest(path::PathError::Malformed.message()))?;
         session.req_header_mut().set_uri(uri);
         Ok(())
     }
@@ -372,6 +380,20 @@ impl FanoutProxy {
         // for a backend's `100` that may never come. A refusal above went out without the
         // body being read.
         let verdict = match verdict {
+            // Nothing is routed, copied or sent upstream before the stream has shown that
+            // it carries no data.
+            Verdict::AwaitEnd => {
+                match edge::h2::await_empty_end(session, self.gw.clients.body_timeout).await {
+                    Ok(()) => self.admit(session, ctx),
+                    Err(r) => {
+                        self.gw.clients.refused.bad_request.inc();
+                        Verdict::Answer(Answer::refusal(Refusal::Edge(r)))
+                    }
+                }
+            }
+            v => v,
+        };
+        let verdict = match verdict {
             Verdict::AskLimit => self.admit_shared(session, ctx).await,
             v => v,
         };
@@ -390,6 +412,7 @@ impl FanoutProxy {
                 respond::send_continue(session).await?;
                 v
             }
+
             (v, _) => v,
         };
         match verdict {
@@ -434,8 +457,8 @@ impl FanoutProxy {
                 .await?;
                 Ok(true)
             }
-            // `admit_shared` has decided it above: never here.
-            Verdict::AskLimit => {
+            // Decided above: never here.
+            Verdict::AskLimit | Verdict::AwaitEnd => {
                 let a = Answer::status(500);
                 send_error(session, 500, a.message, &ctx.request_id, &[], true).await?;
                 Ok(true)
@@ -479,7 +502,8 @@ impl ProxyHttp for FanoutProxy {
         let req = session.req_header();
         ctx.request_id =
             request_id::from_client(req.headers.get(request_id::HEADER).map(|v| v.as_bytes()));
-        let verdict = match self.normalize(session) {
+        let verdict = match self.screen(session) {
+            Ok(()) if edge::h2::declares_empty_body(session.req_header()) => Verdict::AwaitEnd,
             Ok(()) => self.admit(session, ctx),
             Err(r) => {
                 self.gw.clients.refused.bad_request.inc();
@@ -753,6 +777,13 @@ impl ProxyHttp for FanoutProxy {
             // The gateway cut the request off itself (body limit, or failing over to a
             // fallback): not a reason to retry.
             e.set_retry(false);
+            return e;
+        }
+        if e.esource() == &ErrorSource::Downstream {
+            // The client is gone, or its own body broke its framing: the request is over,
+            // never sent again.
+            e.set_retry(false);
+            self.gw.clients.refused.downstream(&e).inc();
             return e;
         }
         attempt_failed(ctx, &e);

@@ -8,84 +8,9 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-/// A backend on raw TCP that records every byte it is sent and answers each complete
-/// request (Content-Length or chunked, as the gateway forwards them) with 200.
-struct RawBackend {
-    addr: std::net::SocketAddr,
-    received: Arc<Mutex<Vec<u8>>>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Drop for RawBackend {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-/// Where the message at the start of `buf` ends, if it is all there.
-fn message_end(buf: &[u8]) -> Option<usize> {
-    let head_end = buf.windows(4).position(|w| w == b"\r\n\r\n")? + 4;
-    let head = String::from_utf8_lossy(&buf[..head_end]).to_ascii_lowercase();
-    if head.contains("transfer-encoding: chunked") {
-        let rest = &buf[head_end..];
-        let end = rest.windows(5).position(|w| w == b"0\r\n\r\n")?;
-        return Some(head_end + end + 5);
-    }
-    let len = head
-        .lines()
-        .find_map(|l| l.strip_prefix("content-length:"))
-        .and_then(|v| v.trim().parse::<usize>().ok())
-        .unwrap_or(0);
-    (buf.len() >= head_end + len).then_some(head_end + len)
-}
-
-impl RawBackend {
-    async fn start() -> RawBackend {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let received: Arc<Mutex<Vec<u8>>> = Arc::default();
-        let log = Arc::clone(&received);
-        let task = tokio::spawn(async move {
-            while let Ok((mut conn, _)) = listener.accept().await {
-                let log = Arc::clone(&log);
-                tokio::spawn(async move {
-                    let mut buf = Vec::new();
-                    let mut chunk = [0u8; 8192];
-                    loop {
-                        let n = match conn.read(&mut chunk).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => n,
-                        };
-                        log.lock().unwrap().extend_from_slice(&chunk[..n]);
-                        buf.extend_from_slice(&chunk[..n]);
-                        while let Some(end) = message_end(&buf) {
-                            buf.drain(..end);
-                            let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
-                            if conn.write_all(answer).await.is_err() {
-                                return;
-                            }
-                        }
-                    }
-                });
-            }
-        });
-        RawBackend {
-            addr,
-            received,
-            task,
-        }
-    }
-
-    fn received(&self) -> String {
-        String::from_utf8_lossy(&self.received.lock().unwrap()).into_owned()
-    }
-}
 
 /// One row: why the request is refused, its bytes (with `{P}` for its path), its
 /// well-formed twin, and the status the bad one gets.
@@ -224,22 +149,6 @@ fn table() -> Vec<Row> {
         });
     }
     rows
-}
-
-fn fill(template: &[u8], path: &str) -> Vec<u8> {
-    let text = template.to_vec();
-    let mut out = Vec::with_capacity(text.len() + path.len());
-    let mut i = 0;
-    while i < text.len() {
-        if text[i..].starts_with(b"{P}") {
-            out.extend_from_slice(path.as_bytes());
-            i += 3;
-        } else {
-            out.push(text[i]);
-            i += 1;
-        }
-    }
-    out
 }
 
 fn status_of(answer: &str) -> u16 {

@@ -238,17 +238,17 @@ const VALUE: [bool; 256] = class!(b => value_char(b));
 const HOST: [bool; 256] = class!(b => host_char(b));
 
 /// Whether `b` may appear in a token (RFC 9110 §5.6.2).
-fn tchar(b: u8) -> bool {
+pub(crate) fn tchar(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
 }
 
 /// Whether `b` may appear in a field value: VCHAR, obs-text, SP or HTAB.
-const fn value_char(b: u8) -> bool {
+pub(crate) const fn value_char(b: u8) -> bool {
     matches!(b, b'\t' | b' ' | 0x21..=0x7e | 0x80..=0xff)
 }
 
 /// Whether `b` may appear in a Host value (RFC 3986 authority characters).
-const fn host_char(b: u8) -> bool {
+pub(crate) const fn host_char(b: u8) -> bool {
     b.is_ascii_alphanumeric()
         || matches!(
             b,

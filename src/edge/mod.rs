@@ -6,11 +6,14 @@
 //! - [`stream`]: each HTTP/1 client connection, with its head, body and idle deadlines and
 //!   the answers it gives itself (400, 408, 414, 431, 505);
 //! - [`framing`]: the RFC 9112 request grammar those answers come from;
+//! - [`h2`]: the same limits and field grammar for HTTP/2 requests, which Pingora's h2
+//!   server decodes (checked on the decoded head, before routing);
 //! - [`path`]: request paths normalised before routing (dot segments, encoded characters,
 //!   repeated slashes).
 
 pub mod accept;
 pub mod framing;
+pub mod h2;
 pub mod handshake;
 pub mod path;
 pub mod stream;
@@ -67,6 +70,9 @@ pub struct Refusals {
     pub bad_request: IntCounter,
     /// A TLS handshake failed or did not finish within `header_timeout`.
     pub tls_handshake: IntCounter,
+    /// The client left (closed, or reset its h2 stream) before its answer was complete:
+    /// the request is over and is never retried.
+    pub client_closed: IntCounter,
 }
 
 impl Refusals {
@@ -79,6 +85,21 @@ impl Refusals {
             body_timeout: r("body_timeout"),
             bad_request: r("bad_request"),
             tls_handshake: r("tls_handshake"),
+            client_closed: r("client_closed"),
+        }
+    }
+
+    /// The counter of a request ended by its client while it was proxied: `bad_request`
+    /// when the h2 codec reset the stream for breaking its own framing (data beyond its
+    /// `content-length`), `client_closed` when the client went away or reset it.
+    pub fn downstream(&self, e: &pingora_error::Error) -> &IntCounter {
+        let broke_framing = e
+            .root_cause()
+            .downcast_ref::<::h2::Error>()
+            .is_some_and(|h2| h2.reason() == Some(::h2::Reason::PROTOCOL_ERROR) && !h2.is_remote());
+        match broke_framing {
+            true => &self.bad_request,
+            false => &self.client_closed,
         }
     }
 

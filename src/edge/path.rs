@@ -7,7 +7,13 @@
 //! and other escapes written in upper case; an encoded `/` or `\` (or a raw `\`) inside a
 //! segment is refused, kept or decoded as `clients.encoded_slashes` says; dot segments are
 //! removed (RFC 3986 §5.2.4), refusing a path that climbs above the root; repeated slashes
-//! are merged. A path that is already normal costs one scan and no allocation.
+//! are merged. A segment that is `.` or `..` once its `;` parameters are cut off (`..;`,
+//! `.;x`) is refused: Tomcat, Jetty and Spring resolve `/public/..;/admin` as `/admin`,
+//! so forwarding it would undo routing as surely as a plain `..`. A path that is already
+//! normal costs one scan and no allocation.
+//!
+//! [`with_path`] puts a new path into a request's URI and keeps the rest (scheme,
+//! authority, query): an HTTP/2 request's host lives in that authority.
 
 use crate::config::EncodedSlashes;
 
@@ -18,6 +24,8 @@ pub enum PathError {
     AboveRoot,
     /// An encoded `/` or `\` inside a segment, under the `reject` policy.
     EncodedSlash,
+    /// A `.` or `..` segment with path parameters (`..;`), under any encoding.
+    DotParameters,
     /// A `%` not followed by two hex digits, or a path that does not start with `/`.
     Malformed,
 }
@@ -27,6 +35,7 @@ impl PathError {
         match self {
             PathError::AboveRoot => "path climbs above the root",
             PathError::EncodedSlash => "encoded slash or backslash in the path",
+            PathError::DotParameters => "dot segment with path parameters",
             PathError::Malformed => "malformed path",
         }
     }
@@ -36,7 +45,14 @@ fn unreserved(b: u8) -> bool {
     b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~')
 }
 
-/// Whether `path` needs no work: no escape, no backslash, no empty or dot segment.
+/// Whether `seg` is `.` or `..` once its path parameters (from the first `;`) are cut off.
+fn is_dot_segment(seg: &[u8]) -> bool {
+    let bare = seg.split(|&b| b == b';').next().unwrap_or(seg);
+    bare == b"." || bare == b".."
+}
+
+/// Whether `path` needs no work: no escape, no backslash, no empty or dot segment (with
+/// or without parameters).
 fn is_normal(path: &[u8]) -> bool {
     if path.first() != Some(&b'/') {
         return false;
@@ -44,7 +60,7 @@ fn is_normal(path: &[u8]) -> bool {
     let mut segments = path[1..].split(|&b| b == b'/').peekable();
     while let Some(seg) = segments.next() {
         let last = segments.peek().is_none();
-        if (seg.is_empty() && !last) || seg == b"." || seg == b".." {
+        if (seg.is_empty() && !last) || is_dot_segment(seg) {
             return false;
         }
         if seg.iter().any(|&b| b == b'%' || b == b'\\') {
@@ -126,6 +142,7 @@ pub fn normalize(path: &str, slashes: EncodedSlashes) -> Result<Option<String>, 
                 }
                 trailing = last;
             }
+            _ if is_dot_segment(seg) => return Err(PathError::DotParameters),
             _ => stack.push(seg),
         }
     }
@@ -141,6 +158,18 @@ pub fn normalize(path: &str, slashes: EncodedSlashes) -> Result<Option<String>, 
     // escapes of bytes >= 0x80, which are re-escaped: the result is ASCII.
     let out = String::from_utf8(out).map_err(|_| PathError::Malformed)?;
     Ok((out != path).then_some(out))
+}
+
+/// `uri` with its path replaced by `path` (already normal), its scheme, authority and
+/// query kept. `None` when the result is not a valid URI.
+pub fn with_path(uri: &http::Uri, path: &str) -> Option<http::Uri> {
+    let mut parts = uri.clone().into_parts();
+    let target = match uri.query() {
+        Some(q) => format!("{path}?{q}"),
+        None => path.to_string(),
+    };
+    parts.path_and_query = Some(target.parse().ok()?);
+    http::Uri::from_parts(parts).ok()
 }
 
 #[cfg(test)]
@@ -181,6 +210,22 @@ mod tests {
             ("/...", Ok("/...")),
             ("/a/..b/c", Ok("/a/..b/c")),
             ("/%00", Ok("/%00")),
+            // Path parameters on a dot segment: `..;` is `..` to Tomcat, Jetty and Spring.
+            ("/public/..;/admin/secret", Err(PathError::DotParameters)),
+            ("/public/%2e%2e;/admin/x", Err(PathError::DotParameters)),
+            (
+                "/public/%2E%2E;jsessionid=1/admin",
+                Err(PathError::DotParameters),
+            ),
+            ("/public/.%2e;/admin", Err(PathError::DotParameters)),
+            ("/public/.;/admin", Err(PathError::DotParameters)),
+            ("/public/..;", Err(PathError::DotParameters)),
+            ("/..;/etc/passwd", Err(PathError::DotParameters)),
+            ("/public/..;a=b;c/admin", Err(PathError::DotParameters)),
+            ("/public/x;..", Ok("/public/x;..")),
+            ("/public/..x;/y", Ok("/public/..x;/y")),
+            ("/public/a;b/c", Ok("/public/a;b/c")),
+            ("/public/..%3b/admin", Ok("/public/..%3B/admin")),
         ];
         for (input, want) in cases {
             assert_eq!(norm(input).as_deref().map_err(|e| *e), *want, "{input}");
@@ -197,6 +242,15 @@ mod tests {
         assert_eq!(decode, Ok(Some("/a/c".to_string())));
         let decode = normalize("/a%5C..%5C..%5Cb", EncodedSlashes::Decode);
         assert_eq!(decode, Err(PathError::AboveRoot));
+    }
+
+    #[test]
+    fn with_path_keeps_the_authority_and_query() {
+        let uri: http::Uri = "http://routed.example/a/./b?x=1".parse().unwrap();
+        let new = with_path(&uri, "/a/b").unwrap();
+        assert_eq!(new.to_string(), "http://routed.example/a/b?x=1");
+        let origin: http::Uri = "/p/q".parse().unwrap();
+        assert_eq!(with_path(&origin, "/q").unwrap().to_string(), "/q");
     }
 
     #[test]

@@ -3,7 +3,12 @@
 //! started on free loopback ports, waited for with a bound, and killed when dropped.
 #![allow(dead_code)]
 
+pub mod h2;
 pub mod pki;
+pub mod raw;
+
+#[allow(unused_imports)]
+pub use raw::RawBackend;
 
 use std::io::Write;
 use std::net::{SocketAddr, TcpListener as StdListener, TcpStream};
@@ -559,4 +564,21 @@ pub async fn status_json(c: &reqwest::Client, gw: &Gateway) -> serde_json::Value
         .json()
         .await
         .unwrap()
+}
+
+/// `template` with every `{P}` replaced by `path` (the marker of a table row's request).
+pub fn fill(template: &[u8], path: &str) -> Vec<u8> {
+    let text = template.to_vec();
+    let mut out = Vec::with_capacity(text.len() + path.len());
+    let mut i = 0;
+    while i < text.len() {
+        if text[i..].starts_with(b"{P}") {
+            out.extend_from_slice(path.as_bytes());
+            i += 3;
+        } else {
+            out.push(text[i]);
+            i += 1;
+        }
+    }
+    out
 }
