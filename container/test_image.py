@@ -14,7 +14,9 @@ and the admin ports published on 127.0.0.1:
      container exits with 0 within the stop timeout;
   6. the README's hand-over between two containers (host network, /run/fanout shared in a
      volume): a second container started with -u takes the sockets when the first gets
-     SIGQUIT, and keep-alive clients running throughout see no failed request.
+     SIGQUIT, and keep-alive clients running throughout see no failed request;
+  7. quick mode from the environment, as FanOut's users start it: no arguments, no file,
+     `-e FANOUT_BROADCAST=URL,URL`: `POST /fanout` gets 202 and both targets get it.
 
 Every wait is bounded; the container and the backend are removed whatever happens.
 Ends with "N passed, N failed". Usage: container/test_image.py IMAGE (ENGINE from
@@ -61,6 +63,16 @@ class Backend(http.server.BaseHTTPRequestHandler):
         self.send_header("content-length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
+
+    posts = []
+
+    def do_POST(self):
+        length = int(self.headers.get("content-length", "0"))
+        body = self.rfile.read(length)
+        Backend.posts.append((self.path, body, {k.lower(): v for k, v in self.headers.items()}))
+        self.send_response(200)
+        self.send_header("content-length", "0")
+        self.end_headers()
 
     def log_message(self, *args):
         pass
@@ -194,6 +206,37 @@ routes:
         engine("volume", "rm", "-f", volume, check_rc=False)
 
 
+def quick_mode(backend_port):
+    """The image with no arguments and FANOUT_BROADCAST: a broadcast route, no file."""
+    gw, admin = free_port(), free_port()
+    name = f"{NAME}-quick"
+    targets = f"http://10.0.2.2:{backend_port}/one,http://10.0.2.2:{backend_port}/two"
+    try:
+        engine("run", "-d", "--name", name,
+               "--network", "slirp4netns:allow_host_loopback=true",
+               "-p", f"127.0.0.1:{gw}:8080", "-p", f"127.0.0.1:{admin}:9091",
+               "-e", f"FANOUT_BROADCAST={targets}", IMAGE)
+        ready = wait_ready(admin)
+        conn = http.client.HTTPConnection("127.0.0.1", gw, timeout=10)
+        conn.request("POST", "/fanout", body=b'{"event":"quick"}',
+                     headers={"content-type": "application/json", "authorization": "Bearer x"})
+        resp = conn.getresponse()
+        answer = resp.read().decode()
+        conn.close()
+        deadline = time.time() + 10
+        while time.time() < deadline and len([p for p in Backend.posts if p[1] == b'{"event":"quick"}']) < 2:
+            time.sleep(0.05)
+        got = sorted(p[0] for p in Backend.posts if p[1] == b'{"event":"quick"}')
+        redacted = all("authorization" not in p[2] for p in Backend.posts)
+        check("quick mode from the environment (-e FANOUT_BROADCAST, no arguments): 202, "
+              "both targets delivered, Authorization not forwarded",
+              ready and resp.status == 202 and '"targets":2' in answer.replace(" ", "")
+              and got == ["/one", "/two"] and redacted,
+              f"{resp.status} {answer!r}, targets got {got}")
+    finally:
+        engine("rm", "-f", name, check_rc=False)
+
+
 def main():
     gw, admin = free_port(), free_port()
     backend = start_backend()
@@ -267,6 +310,7 @@ routes:
         engine("rm", "-f", NAME, check_rc=False)
     try:
         handover(backend.server_address[1])
+        quick_mode(backend.server_address[1])
     finally:
         backend.shutdown()
     passed = sum(results)

@@ -126,7 +126,13 @@ impl AdminApp {
                         }
                     }
                     RouteKind::Broadcast { targets, .. } => {
-                        v["broadcast"] = json!(targets.iter().map(name).collect::<Vec<_>>());
+                        v["broadcast"] = json!(targets
+                            .iter()
+                            .map(|t| match &t.path {
+                                Some(p) => json!({ "upstream": name(&t.upstream), "path": p }),
+                                None => json!(name(&t.upstream)),
+                            })
+                            .collect::<Vec<_>>());
                         if let Some(t) = &r.targets {
                             v["targets"] = json!(t.list.iter().map(|t| t.status()).collect::<Vec<_>>());
                         }

@@ -114,8 +114,10 @@ impl Gateway {
                     .with_label_values(&[&r.label]),
                 targets: match &r.kind {
                     RouteKind::Broadcast { targets, retry } => {
-                        let ups: Vec<Arc<Upstream>> =
-                            targets.iter().map(|&t| Arc::clone(&upstreams[t])).collect();
+                        let ups: Vec<(Arc<Upstream>, Option<String>)> = targets
+                            .iter()
+                            .map(|t| (Arc::clone(&upstreams[t.upstream]), t.path.clone()))
+                            .collect();
                         Some(Arc::new(broadcast::targets(
                             &r.label, &ups, *retry, &metrics,
                         )))

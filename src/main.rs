@@ -1,8 +1,6 @@
 //! `fanout`: parse the command line, load and validate the configuration, then hand the
 //! wired server to Pingora. All logic lives in the library's modules.
 
-use clap::Parser;
-
 /// mimalloc instead of glibc's malloc: a Pingora proxy spends a tenth of its time in the
 /// allocator, and mimalloc's thread-local free lists make those calls several times cheaper
 /// (bench/RESULTS.md).
@@ -13,7 +11,7 @@ use fanout::{demo, server};
 
 fn main() {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
-    std::process::exit(run(Cli::parse()));
+    std::process::exit(run(Cli::from_env_and_args()));
 }
 
 fn run(cli: Cli) -> i32 {
@@ -70,7 +68,7 @@ fn run(cli: Cli) -> i32 {
     if demo_mode {
         println!(
             "{}",
-            demo::banner(cli.listen.as_deref(), cli.admin.as_deref())
+            demo::banner(cli.quick.listen.as_deref(), cli.admin.as_deref())
         );
     }
     server.run_forever()

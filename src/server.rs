@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use pingora_core::apps::http_app::HttpServer;
-use pingora_core::listeners::ListenerConfig;
+use pingora_core::listeners::{ListenerConfig, TcpSocketOptions};
 use pingora_core::protocols::l4::stream::L4BufferSettings;
 use pingora_core::server::configuration::Opt;
 use pingora_core::server::Server;
@@ -109,9 +109,16 @@ pub fn build(
         // No L4 read buffer: Pingora's 64 KiB default per connection is most of what an
         // idle or slow client costs, and the edge reads a head into a buffer of its own
         // size anyway (bench/RESULTS.md, memory per connection). TLS is the edge's too.
-        proxy.add_listener(
-            ListenerConfig::tcp(l.addr.to_string()).l4_buffer(L4BufferSettings::default().read(0)),
-        );
+        let mut listener =
+            ListenerConfig::tcp(l.addr.to_string()).l4_buffer(L4BufferSettings::default().read(0));
+        if l.v6_only {
+            // The IPv6 half of `:PORT`: IPv4 clients come in on the other socket, with
+            // their own addresses rather than IPv4-mapped ones.
+            let mut options = TcpSocketOptions::default();
+            options.ipv6_only = Some(true);
+            listener = listener.tcp_socket_options(options);
+        }
+        proxy.add_listener(listener);
     }
     server.add_service(proxy);
 

@@ -536,12 +536,22 @@ async fn send(target: &Target, a: &Accepted, connector: &Connector) -> Outcome {
     };
     let t = &target.upstream.config.timeouts;
     let body = Body::Full(a.body.clone());
+    let header = match &target.path {
+        None => std::borrow::Cow::Borrowed(&a.header),
+        Some(path) => {
+            let mut header = a.header.clone();
+            if let Err(e) = header.set_raw_path(path.as_bytes()) {
+                return Outcome::Failed(format!("target path {path}: {e}"), None);
+            }
+            std::borrow::Cow::Owned(header)
+        }
+    };
     let answer = outbound::exchange(
         connector,
         &mut lease,
         t,
         t.total(),
-        &a.header,
+        &header,
         body,
         Keep::Discard,
     );

@@ -41,6 +41,8 @@ pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
 /// for it (for `/status` and the spool gauges).
 pub struct Target {
     pub upstream: Arc<Upstream>,
+    /// Deliveries go to this path (and query) instead of the request's own.
+    pub path: Option<String>,
     route: String,
     breaker: Breaker,
     ok: IntCounter,
@@ -152,7 +154,7 @@ pub async fn accept(
 /// Builds the targets of one route.
 pub fn targets(
     route: &str,
-    upstreams: &[Arc<Upstream>],
+    upstreams: &[(Arc<Upstream>, Option<String>)],
     retry: RetryPolicy,
     metrics: &Metrics,
 ) -> Targets {
@@ -163,7 +165,7 @@ pub fn targets(
     };
     let list = upstreams
         .iter()
-        .map(|u| {
+        .map(|(u, path)| {
             let count = |o: &str| {
                 metrics
                     .broadcast_deliveries
@@ -171,6 +173,7 @@ pub fn targets(
             };
             Arc::new(Target {
                 upstream: Arc::clone(u),
+                path: path.clone(),
                 route: route.to_string(),
                 breaker: Breaker::new(&breaker),
                 ok: count("ok"),

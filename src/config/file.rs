@@ -91,6 +91,22 @@ pub struct FileCertificate {
 }
 
 /// `admin:` takes an address, or an address with a token file.
+/// `routes[].broadcast[]`: an upstream's name, or `{ upstream, path }` to deliver to that
+/// path (and query) instead of the request's own.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum FileBroadcastTarget {
+    Name(String),
+    Full(FileBroadcastTargetFull),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileBroadcastTargetFull {
+    pub upstream: String,
+    pub path: Option<String>,
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(untagged)]
 pub enum FileAdmin {
@@ -273,7 +289,7 @@ pub struct FileRoute {
     #[serde(rename = "match")]
     pub matcher: FileMatch,
     pub upstream: Option<String>,
-    pub broadcast: Option<Vec<String>>,
+    pub broadcast: Option<Vec<FileBroadcastTarget>>,
     pub fallback: Option<Vec<String>>,
     pub fallback_max_body: Option<Size>,
     pub fallback_max_inflight: Option<usize>,

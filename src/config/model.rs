@@ -115,6 +115,9 @@ impl Default for RetryPolicy {
 #[derive(Debug, Clone)]
 pub struct Listener {
     pub addr: SocketAddr,
+    /// An IPv6 socket that takes IPv6 only (`IPV6_V6ONLY`): the IPv6 half of a `:PORT`
+    /// listener, whose IPv4 half is its own socket.
+    pub v6_only: bool,
     pub tls: Option<ListenerTls>,
     /// TLS: offer h2 by ALPN; plain: accept h2c with prior knowledge beside HTTP/1.1.
     pub http2: bool,
@@ -340,9 +343,18 @@ pub enum RouteKind {
     },
     /// Answer 202 at once and deliver to every target in the background.
     Broadcast {
-        targets: Vec<UpstreamId>,
+        targets: Vec<BroadcastTarget>,
         retry: RetryPolicy,
     },
+}
+
+/// One target of a broadcast route.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BroadcastTarget {
+    pub upstream: UpstreamId,
+    /// Deliveries go to this origin-form path (and query) instead of the request's own:
+    /// a target given as a URL with a path (FanOut's `TARGETS`).
+    pub path: Option<String>,
 }
 
 #[derive(Debug, Clone)]

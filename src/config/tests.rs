@@ -442,3 +442,49 @@ fn dns_backends_and_the_resolver_are_checked() {
         "{e:?}"
     );
 }
+
+#[test]
+fn colon_port_listens_on_every_address() {
+    let c = ok("listen: [\":8080\", { address: \":8443\", http2: true }]\nupstreams:\n  u: { backends: [127.0.0.1:9000] }\nroutes:\n  - { match: { prefix: / }, upstream: u }\n");
+    let v4: Vec<_> = c.listen.iter().filter(|l| l.addr.is_ipv4()).collect();
+    assert_eq!(v4.len(), 2);
+    assert!(v4
+        .iter()
+        .all(|l| l.addr.ip().is_unspecified() && !l.v6_only));
+    // The IPv6 half, where the host has IPv6, takes IPv6 only and keeps the settings.
+    for l in c.listen.iter().filter(|l| l.addr.is_ipv6()) {
+        assert!(l.v6_only && l.addr.ip().is_unspecified());
+        assert_eq!(l.http2, l.addr.port() == 8443);
+    }
+    let errs = errors("listen: [\":80x\"]\nupstreams:\n  u: { backends: [127.0.0.1:9000] }\nroutes:\n  - { match: { prefix: / }, upstream: u }\n");
+    assert!(has(&errs, "expected IP:PORT or :PORT"), "{errs:?}");
+}
+
+#[test]
+fn broadcast_targets_may_name_a_path() {
+    let c = ok(&format!(
+        "{BASE}  v: {{ backends: [127.0.0.1:9001] }}\nroutes:\n  - {{ match: {{ prefix: /e }}, broadcast: [u, {{ upstream: v, path: \"/hooks/x?k=1\" }}] }}\n"
+    ));
+    let RouteKind::Broadcast { targets, .. } = &c.routes[0].kind else {
+        panic!("not a broadcast route");
+    };
+    assert_eq!(targets[0].path, None);
+    assert_eq!(targets[1].path.as_deref(), Some("/hooks/x?k=1"));
+    let errs = errors(&format!(
+        "{BASE}routes:\n  - {{ match: {{ prefix: /e }}, broadcast: [{{ upstream: u, path: hooks }}, {{ upstream: w }}] }}\n"
+    ));
+    assert!(
+        has(
+            &errs,
+            "routes[0].broadcast[0].path: \"hooks\" is not an origin-form path"
+        ),
+        "{errs:?}"
+    );
+    assert!(
+        has(
+            &errs,
+            "routes[0].broadcast[1].upstream: unknown upstream \"w\""
+        ),
+        "{errs:?}"
+    );
+}

@@ -155,9 +155,9 @@ pub(super) fn build(text: &str) -> Result<Config, Vec<ConfigError>> {
         Some(Value::Sequence(items)) => items
             .into_iter()
             .enumerate()
-            .filter_map(|(i, v)| build_listener(&mut ck, &format!("listen[{i}]"), v))
+            .flat_map(|(i, v)| build_listener(&mut ck, &format!("listen[{i}]"), v))
             .collect(),
-        Some(v) => build_listener(&mut ck, "listen", v).into_iter().collect(),
+        Some(v) => build_listener(&mut ck, "listen", v),
     };
     let mut seen = HashSet::new();
     for l in &listen {
@@ -438,7 +438,7 @@ fn build_admin(ck: &mut Checker, admin: FileAdmin) -> Option<AdminConfig> {
     } else {
         "admin"
     };
-    let address = parse_listen(ck, path, &address)?;
+    let address = parse_listen(ck, path, &address, "IP:PORT")?;
     let token = match token_file {
         None => None,
         Some(file) => match std::fs::read_to_string(&file) {
@@ -537,17 +537,64 @@ fn build_clients(ck: &mut Checker, f: FileClients) -> ClientsConfig {
     }
 }
 
-/// One `listen:` entry: `"IP:PORT"`, or `{address, tls, http2}`.
-fn build_listener(ck: &mut Checker, path: &str, value: Value) -> Option<Listener> {
+/// One `listen:` entry: `"IP:PORT"`, `":PORT"` (every address: one IPv4 socket, and one
+/// IPv6 socket where the host has IPv6), or `{address, tls, http2}`.
+fn build_listener(ck: &mut Checker, path: &str, value: Value) -> Vec<Listener> {
     let f = match value {
         Value::String(address) => FileListener {
             address,
             tls: None,
             http2: None,
         },
-        other => ck.parse::<FileListener>(path, other)?,
+        other => match ck.parse::<FileListener>(path, other) {
+            Some(f) => f,
+            None => return Vec::new(),
+        },
     };
-    let addr = parse_listen(ck, &format!("{path}.address"), &f.address);
+    let addrs: Vec<(SocketAddr, bool)> = match every_address_port(&f.address) {
+        Some(port) => {
+            let mut both = vec![(SocketAddr::from(([0, 0, 0, 0], port)), false)];
+            if host_has_ipv6() {
+                both.push((SocketAddr::from(([0u16; 8], port)), true));
+            }
+            both
+        }
+        None => parse_listen(
+            ck,
+            &format!("{path}.address"),
+            &f.address,
+            "IP:PORT or :PORT",
+        )
+        .map(|a| (a, false))
+        .into_iter()
+        .collect(),
+    };
+    let Some(one) = build_one_listener(ck, path, f) else {
+        return Vec::new();
+    };
+    addrs
+        .into_iter()
+        .map(|(addr, v6_only)| Listener {
+            addr,
+            v6_only,
+            ..one.clone()
+        })
+        .collect()
+}
+
+/// `:PORT`, as Go, the Go reverse proxy and nginx's `listen PORT` write "every address".
+fn every_address_port(text: &str) -> Option<u16> {
+    text.strip_prefix(':')?.parse().ok()
+}
+
+/// Whether an IPv6 socket can be bound here (a host or container without IPv6 cannot).
+fn host_has_ipv6() -> bool {
+    static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *HAS.get_or_init(|| std::net::TcpListener::bind("[::]:0").is_ok())
+}
+
+/// A listener's settings (TLS, h2), its address left unspecified for the caller to set.
+fn build_one_listener(ck: &mut Checker, path: &str, f: FileListener) -> Option<Listener> {
     let http2 = f.http2.unwrap_or(f.tls.is_some());
     let tls = f.tls.and_then(|t| {
         let tpath = format!("{path}.tls");
@@ -586,19 +633,21 @@ fn build_listener(ck: &mut Checker, path: &str, value: Value) -> Option<Listener
         })
     });
     Some(Listener {
-        addr: addr?,
+        addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+        v6_only: false,
         tls,
         http2,
     })
 }
 
-fn parse_listen(ck: &mut Checker, path: &str, text: &str) -> Option<SocketAddr> {
+/// An `IP:PORT`; `expected` says what else the key takes, for the error.
+fn parse_listen(ck: &mut Checker, path: &str, text: &str, expected: &str) -> Option<SocketAddr> {
     match text.parse::<SocketAddr>() {
         Ok(a) => Some(a),
         Err(_) => {
             ck.err(
                 path,
-                format!("invalid listen address {text:?} (expected IP:PORT)"),
+                format!("invalid listen address {text:?} (expected {expected})"),
             );
             None
         }
@@ -1078,10 +1127,12 @@ fn build_routes(
                         "fallback applies only to proxy routes (`upstream:`)",
                     );
                 }
-                let targets: Vec<UpstreamId> = targets
-                    .iter()
+                let targets: Vec<BroadcastTarget> = targets
+                    .into_iter()
                     .enumerate()
-                    .filter_map(|(j, n)| lookup(ck, &format!("{path}.broadcast[{j}]"), n))
+                    .filter_map(|(j, t)| {
+                        broadcast_target(ck, &format!("{path}.broadcast[{j}]"), t, &lookup)
+                    })
                     .collect();
                 if targets.len() > u16::MAX as usize {
                     ck.err(&format!("{path}.broadcast"), "at most 65535 upstreams");
@@ -1326,6 +1377,34 @@ fn build_routes(
         });
     }
     out
+}
+
+/// One `broadcast:` entry: an upstream's name, or `{ upstream, path }` with an origin-form
+/// path (and query) the deliveries go to.
+fn broadcast_target(
+    ck: &mut Checker,
+    path: &str,
+    target: FileBroadcastTarget,
+    lookup: &impl Fn(&mut Checker, &str, &str) -> Option<UpstreamId>,
+) -> Option<BroadcastTarget> {
+    let (name, to, upstream_path) = match target {
+        FileBroadcastTarget::Name(name) => (name, None, path.to_string()),
+        FileBroadcastTarget::Full(f) => (f.upstream, f.path, format!("{path}.upstream")),
+    };
+    let upstream = lookup(ck, &upstream_path, &name);
+    if let Some(p) = &to {
+        let origin = p.starts_with('/') && p.parse::<http::uri::PathAndQuery>().is_ok();
+        if !origin {
+            ck.err(
+                &format!("{path}.path"),
+                format!("{p:?} is not an origin-form path (`/...`, with an optional query)"),
+            );
+        }
+    }
+    Some(BroadcastTarget {
+        upstream: upstream?,
+        path: to,
+    })
 }
 
 fn header_names(ck: &mut Checker, path: &str, names: Option<Vec<String>>) -> Vec<HeaderName> {

@@ -357,13 +357,31 @@ impl Gateway {
 
     /// Starts fanout with `args` built from two free ports (listen, admin).
     pub fn spawn_with(args: impl Fn(u16, u16) -> Vec<String>) -> Gateway {
-        Gateway::launch(|port, admin_port, _| args(port, admin_port))
+        Gateway::spawn_env(|_, _| Vec::new(), args)
+    }
+
+    /// Like [`Gateway::spawn_with`], with environment variables built from the same ports.
+    pub fn spawn_env(
+        env: impl Fn(u16, u16) -> Vec<(String, String)>,
+        args: impl Fn(u16, u16) -> Vec<String>,
+    ) -> Gateway {
+        Gateway::launch_env(
+            env,
+            |port, admin_port, _| args(port, admin_port),
+        )
     }
 
     /// Starts fanout with the arguments `make_args` builds from two free ports and a
     /// scratch directory, and waits until both ports listen. A port taken by someone else
     /// in the meantime makes fanout exit at start: it is then tried again on fresh ports.
     fn launch(make_args: impl Fn(u16, u16, &std::path::Path) -> Vec<String>) -> Gateway {
+        Gateway::launch_env(|_, _| Vec::new(), make_args)
+    }
+
+    fn launch_env(
+        make_env: impl Fn(u16, u16) -> Vec<(String, String)>,
+        make_args: impl Fn(u16, u16, &std::path::Path) -> Vec<String>,
+    ) -> Gateway {
         let mut last = String::new();
         for _ in 0..3 {
             let (port, admin_port, dir) = (free_port(), free_port(), scratch_dir());
@@ -372,6 +390,7 @@ impl Gateway {
                 |name: &str| Stdio::from(std::fs::File::create(dir.join(name)).expect("log file"));
             let child = Command::new(fanout_bin())
                 .args(&args)
+                .envs(make_env(port, admin_port))
                 .stdout(file("stdout"))
                 .stderr(file("stderr"))
                 .spawn()
