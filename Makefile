@@ -91,13 +91,16 @@ bench-tls-candidates: deps
 
 # libFuzzer through cargo-fuzz (nightly): each target for FUZZ_SECONDS, from its corpus in
 # fuzz/corpus/ (new inputs worth keeping are added there; crashes land in fuzz/artifacts/).
+# h2_listener runs a whole gateway in the fuzzing process: connections it still serves when
+# an input ends are live, not leaked, so LeakSanitizer's per-input check is off for it.
 FUZZ_SECONDS ?= 600
 FUZZ_TARGETS ?= framing path config lanes_reader router h2_listener
 fuzz: deps
 	@command -v cargo-fuzz >/dev/null || $(CARGO) install --locked cargo-fuzz
 	@command -v c++ >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq g++; }
 	for t in $(FUZZ_TARGETS); do \
-		$(CARGO) +nightly fuzz run $$t fuzz/corpus/$$t -- -max_total_time=$(FUZZ_SECONDS) || exit 1; \
+		leaks=$$([ $$t = h2_listener ] && echo -detect_leaks=0); \
+		$(CARGO) +nightly fuzz run $$t fuzz/corpus/$$t -- -max_total_time=$(FUZZ_SECONDS) $$leaks || exit 1; \
 	done
 
 upgrade-demo: build

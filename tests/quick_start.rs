@@ -15,6 +15,18 @@ fn args(list: &[&str]) -> Vec<String> {
     list.iter().map(|s| s.to_string()).collect()
 }
 
+/// Quick mode on loopback `port` with the admin listener on `admin`, plus `extra`.
+fn quick(port: u16, admin: u16, extra: &[&str]) -> Vec<String> {
+    let mut all = args(&[
+        "--listen",
+        &format!("127.0.0.1:{port}"),
+        "--admin",
+        &format!("127.0.0.1:{admin}"),
+    ]);
+    all.extend(args(extra));
+    all
+}
+
 fn url(b: &Backend) -> String {
     format!("http://{}", b.addr)
 }
@@ -41,18 +53,18 @@ async fn the_go_reverse_proxy_quick_start() {
     let backends = format!("{},{}", url(&a), url(&b));
     // Its flags, as its README writes them (fanout spells them with two dashes).
     let gw = Gateway::spawn_with(|port, admin| {
-        args(&[
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--admin",
-            &format!("127.0.0.1:{admin}"),
-            "--backends",
-            &backends,
-            "--read-timeout",
-            "5s",
-            "--write-timeout",
-            "10s",
-        ])
+        quick(
+            port,
+            admin,
+            &[
+                "--backends",
+                &backends,
+                "--read-timeout",
+                "5s",
+                "--write-timeout",
+                "10s",
+            ],
+        )
     });
     let (by_backend, limited) = spread(&gw, 20).await;
     assert_eq!(limited, 0);
@@ -65,16 +77,7 @@ async fn the_go_reverse_proxy_quick_start() {
 
     // -rate-limit 20: 40 requests at once, the ones past the burst get 429.
     let gw = Gateway::spawn_with(|port, admin| {
-        args(&[
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--admin",
-            &format!("127.0.0.1:{admin}"),
-            "--backends",
-            &url(&a),
-            "--rate-limit",
-            "20",
-        ])
+        quick(port, admin, &["--backends", &url(&a), "--rate-limit", "20"])
     });
     let (by_backend, limited) = spread(&gw, 40).await;
     let ok = by_backend.values().sum::<usize>();
@@ -148,18 +151,18 @@ async fn go_conductors_primary_and_others() {
         Backend::start("other").await,
     );
     let gw = Gateway::spawn_with(|port, admin| {
-        args(&[
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--admin",
-            &format!("127.0.0.1:{admin}"),
-            "--backends",
-            &url(&primary),
-            "--fallback",
-            &url(&other),
-            "--connect-timeout",
-            "500ms",
-        ])
+        quick(
+            port,
+            admin,
+            &[
+                "--backends",
+                &url(&primary),
+                "--fallback",
+                &url(&other),
+                "--connect-timeout",
+                "500ms",
+            ],
+        )
     });
     let c = client();
     let answer = |path: &'static str| {

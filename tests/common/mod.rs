@@ -365,10 +365,7 @@ impl Gateway {
         env: impl Fn(u16, u16) -> Vec<(String, String)>,
         args: impl Fn(u16, u16) -> Vec<String>,
     ) -> Gateway {
-        Gateway::launch_env(
-            env,
-            |port, admin_port, _| args(port, admin_port),
-        )
+        Gateway::launch_env(env, |port, admin_port, _| args(port, admin_port))
     }
 
     /// Starts fanout with the arguments `make_args` builds from two free ports and a
