@@ -175,7 +175,9 @@ async fn attempt(
             let Some(piece) = pieces.recv().await else {
                 return Err((Failure::BodyAborted, false));
             };
-            if let Some(data) = piece.data {
+            // An empty piece is never written: in chunked encoding it would be the
+            // terminator, and `finish_request_body` writes that once.
+            if let Some(data) = piece.data.filter(|d| !d.is_empty()) {
                 session
                     .write_request_body(data, piece.end)
                     .await

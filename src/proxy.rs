@@ -527,6 +527,12 @@ impl ProxyHttp for FanoutProxy {
         end_of_stream: bool,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
+        if end_of_stream && body.as_ref().is_some_and(Bytes::is_empty) {
+            // An empty last piece (an h2 client's empty DATA frame with END_STREAM) would
+            // go upstream as an empty chunk, which is chunked encoding's terminator, and
+            // then the terminator itself: a stray `0\r\n\r\n` left on a pooled connection.
+            *body = None;
+        }
         let limit = ctx
             .route
             .map_or(u64::MAX, |id| self.gw.routes[id].config.max_body_bytes);

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use common::h2::{get, request, Fields, H2Conn, Outcome};
 use common::*;
+use fanout::edge::framing::{Framer, Limits, Phase};
 
 const HOST: &str = "routed.example";
 
@@ -658,4 +659,46 @@ async fn a_client_reset_ends_the_request_without_a_retry() {
     }
     assert_eq!(refused(&gw, "client_closed").await, u64::from(STREAMS));
     assert_eq!(backend.connections(), STREAMS as usize);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_empty_last_data_frame_ends_the_body_once() {
+    // Found by fuzz/fuzz_targets/h2_listener.rs: HEADERS without END_STREAM, then an empty
+    // DATA frame with it (a body-less request some clients send this way) went upstream as
+    // chunked with its terminator twice; the stray `0\r\n\r\n` stayed on the pooled
+    // connection, in front of the next request.
+    let (backend, shadow) = (RawBackend::start().await, RawBackend::start().await);
+    let gw = Gateway::start_listening(
+        h2_listener,
+        &format!(
+            "upstreams:\n  u: {{ backends: [{}] }}\n  shadow: {{ backends: [{}] }}\n\
+             routes:\n  - match: {{ prefix: / }}\n    upstream: u\n    \
+             mirror: [{{ upstream: shadow, percent: 100 }}]\n",
+            backend.addr, shadow.addr
+        ),
+    );
+    for n in 0..3 {
+        let mut conn = H2Conn::open(gw.port).await;
+        conn.headers(1, &request("POST", HOST, &format!("/e/{n}")), false)
+            .await;
+        conn.data(1, b"", true).await;
+        assert_eq!(conn.outcome(1).await, Outcome::Status(200), "request {n}");
+    }
+    eventually(Duration::from_secs(5), "the mirror's copies", || async {
+        shadow.count("POST /e/") == 3
+    })
+    .await;
+    // Each connection's bytes are exactly three well-framed requests, by the edge's own
+    // strict framer.
+    for (name, b) in [("backend", &backend), ("mirror", &shadow)] {
+        let all = b.received();
+        let mut framer = Framer::new(Limits::default());
+        assert_eq!(framer.feed(all.as_bytes()), Ok(0), "{name}:\n{all}");
+        assert_eq!(
+            (framer.heads(), framer.phase()),
+            (3, Phase::Idle),
+            "{name}:\n{all}"
+        );
+    }
+    assert!(!backend.received().contains("0\r\n\r\n0\r\n\r\n"));
 }

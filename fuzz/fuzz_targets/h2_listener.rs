@@ -13,6 +13,7 @@
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
@@ -175,6 +176,9 @@ fn client_bytes(data: &[u8]) -> Vec<u8> {
     out
 }
 
+/// Bytes the backend has read, in all: an input is over once this stops moving.
+static BACKEND_READ: AtomicU64 = AtomicU64::new(0);
+
 /// Checks what the gateway sends one backend connection, answering each request.
 fn backend_connection(mut conn: TcpStream) {
     let limits = Limits {
@@ -184,6 +188,8 @@ fn backend_connection(mut conn: TcpStream) {
     };
     let mut framer = Framer::new(limits);
     let mut head = Vec::new();
+    // Everything this connection received, for the report.
+    let mut all = Vec::new();
     let mut answered = 0;
     let mut buf = [0u8; 16384];
     loop {
@@ -191,10 +197,15 @@ fn backend_connection(mut conn: TcpStream) {
             Ok(0) | Err(_) => return,
             Ok(n) => n,
         };
+        all.extend_from_slice(&buf[..n]);
+        BACKEND_READ.fetch_add(n as u64, SeqCst);
         for &b in &buf[..n] {
             let before = framer.phase();
             if let Err(e) = framer.feed(&[b]) {
-                eprintln!("malformed request upstream ({e:?}): {:?}", String::from_utf8_lossy(&head));
+                eprintln!(
+                    "malformed request upstream ({e:?}); the connection received:\n{:?}",
+                    String::from_utf8_lossy(&all)
+                );
                 std::process::abort();
             }
             let after = framer.phase();
@@ -293,5 +304,18 @@ fuzz_target!(|data: &[u8]| {
             Ok(0) | Err(_) => break,
             Ok(_) => {}
         }
+    }
+    drop(conn);
+    // What this input made the gateway send upstream is checked before the next input:
+    // wait until the backend has read nothing new for 20 ms (at most 300 ms).
+    let deadline = Instant::now() + Duration::from_millis(300);
+    let mut seen = BACKEND_READ.load(SeqCst);
+    while Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+        let now = BACKEND_READ.load(SeqCst);
+        if now == seen {
+            break;
+        }
+        seen = now;
     }
 });
