@@ -1,5 +1,5 @@
-//! The command line of SPEC.md. Every way to run the gateway — a file (`-c`), quick mode
-//! (`--listen` + `--backends`) or the demo — ends in the same validated [`Config`]: quick
+//! The command line. Every way to run the gateway — a file (`-c`), quick mode (`--backends`
+//! or `--broadcast`, from flags or `FANOUT_*` variables) or the demo — ends in the same validated [`Config`]: quick
 //! mode and the demo write configuration text and pass it through the same validation as
 //! a file, so they can never accept what a file would refuse.
 

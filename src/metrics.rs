@@ -1,4 +1,4 @@
-//! Prometheus metrics. One registry per process holds every family named in SPEC.md; the
+//! Prometheus metrics. One registry per process holds every `fanout_*` family; the
 //! request path only touches handles resolved in advance (per route, per backend), so it
 //! formats no labels and takes no lock. Gauges that mirror live state (health, in-flight)
 //! are filled in when `/metrics` is scraped, not on every request.

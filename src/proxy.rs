@@ -10,15 +10,23 @@
 //!    Pingora's connector and never enter these phases.
 //! 2. `request_body_filter`: count the streaming body against the limit (413, upstream
 //!    request aborted) and feed it to the copies.
-//! 3. `upstream_peer`: lease a backend from the route's upstream (503 when none is left).
-//! 4. `upstream_request_filter` / `response_filter`: forwarding headers, hop-by-hop
-//!    removal, route header rules, `strip_prefix` ([`forwarding`]).
-//! 5. `fail_to_connect` / `error_while_proxy`: decide retries (a connect failure, or an
+//! 3. On a route with `cache:` ([`cache`]): `request_cache_filter` turns the cache on,
+//!    `cache_key_callback` and `cache_vary_filter` name the entry, `cache_hit_filter`
+//!    revalidates a fresh hit the client wants fresh, `response_cache_filter` decides
+//!    whether an answer may be stored, `should_serve_stale` serves stale on errors. A hit
+//!    skips the upstream phases below.
+//! 4. `upstream_peer`: lease a backend from the route's upstream (503 when none is left).
+//! 5. `upstream_request_filter` / `upstream_response_filter` / `response_filter`:
+//!    forwarding headers, hop-by-hop removal, route header rules, `strip_prefix`
+//!    ([`forwarding`]); a primary's 5xx on a fallback route hands over to the fallbacks;
+//!    `X-Cache`, rate-limit headers. `response_body_filter` feeds the primary's body to
+//!    mirror comparisons.
+//! 6. `fail_to_connect` / `error_while_proxy`: decide retries (a connect failure, or an
 //!    idempotent request that failed before any answer reached the client, goes to another
 //!    backend while the upstream's `retries` allow; a request whose client left, or whose
 //!    own body broke its framing, is over and never sent again).
-//! 6. `fail_to_proxy`: the JSON error answer (413, 502, 503, 504).
-//! 7. `logging`: metrics, totals, the access log line; the backend lease is released.
+//! 7. `fail_to_proxy`: the JSON error answer (413, 502, 503, 504), or a fallback's answer.
+//! 8. `logging`: metrics, totals, the access log line; the backend lease is released.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};

@@ -1,4 +1,4 @@
-//! Answers the gateway writes itself: the short JSON error bodies of SPEC.md
+//! Answers the gateway writes itself: short JSON error bodies
 //! (`{"error": "...", "request_id": "..."}`) and the mapping from proxy failures to status
 //! codes (timeouts 504, other upstream failures 502, no backend 503).
 

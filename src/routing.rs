@@ -1,6 +1,6 @@
 //! Routing: from a request's host, path and method to one configured route.
 //!
-//! Precedence, as in SPEC.md: routes that name the request's `host` are tried before routes
+//! Precedence: routes that name the request's `host` are tried before routes
 //! without one (like nginx's server blocks); within each group an exact `path` beats any
 //! `prefix`, and the longest prefix wins. `methods` restrict a route: a path that matches
 //! only routes of other methods answers 405 rather than 404. Prefixes are plain byte

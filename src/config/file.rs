@@ -1,5 +1,5 @@
-//! The configuration file's own shape: serde types that mirror the YAML keys of SPEC.md one
-//! to one, and nothing more. Every struct refuses unknown keys, and values with units parse
+//! The configuration file's own shape: serde types that mirror the configuration file's YAML keys
+//! one to one (`conf/fanout.yaml` shows each), and nothing more. Every struct refuses unknown keys, and values with units parse
 //! into [`Size`] and [`Dur`] right here, so a mistake is reported with its key path. Turning
 //! these into the validated runtime model (names resolved, addresses parsed, defaults
 //! applied) is `config::model`'s job, not this file's.

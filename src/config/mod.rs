@@ -1,4 +1,4 @@
-//! Configuration: the YAML file of SPEC.md, parsed ([`file`]) and validated into the runtime
+//! Configuration: the YAML file (`conf/fanout.yaml` shows every key), parsed ([`file`]) and validated into the runtime
 //! model ([`model`]) that the gateway runs on. Loading never stops at the first mistake: it
 //! collects every problem it can find, each with the key path it concerns (and the line,
 //! where the YAML parser knows it), so `fanout -t` prints one line per problem.
