@@ -53,14 +53,11 @@ impl Redis {
                 "redis-server is missing: `make test` installs it (apt-get install redis-server)",
             );
         self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !self.command("PING").starts_with("+PONG") {
-            assert!(
-                Instant::now() < deadline,
-                "redis-server did not answer PING"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        eventually_blocking(
+            Duration::from_secs(10),
+            "redis-server answering PING",
+            || self.command("PING").starts_with("+PONG"),
+        );
     }
 
     /// One inline command, the start of its reply ("" when nothing answers).
@@ -302,14 +299,11 @@ async fn a_redis_cluster_given_as_a_list_holds_the_limit() {
         .status()
         .expect("redis-cli (package redis-tools) is missing");
     assert!(created.success(), "redis-cli --cluster create failed");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !nodes[0]
-        .command("CLUSTER INFO")
-        .contains("cluster_state:ok")
-    {
-        assert!(Instant::now() < deadline, "the cluster did not form");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    eventually_blocking(Duration::from_secs(20), "the cluster to form", || {
+        nodes[0]
+            .command("CLUSTER INFO")
+            .contains("cluster_state:ok")
+    });
     let b = Backend::start("b").await;
     let urls: Vec<String> = nodes.iter().map(|n| n.url()).collect();
     let gw = gateway(

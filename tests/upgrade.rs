@@ -67,7 +67,7 @@ impl Daemon {
         let d = Daemon { dir, conf, port };
         let (ok, out) = d.run(&["-d", "-c", d.conf.to_str().unwrap()]);
         assert!(ok, "fanout -d failed: {out}");
-        wait_until(Duration::from_secs(10), "daemon pid file and port", || {
+        eventually_blocking(Duration::from_secs(10), "daemon pid file and port", || {
             d.pid().is_some() && std::net::TcpStream::connect(("127.0.0.1", d.port)).is_ok()
         });
         d
@@ -104,14 +104,6 @@ fn alive(pid: u32) -> bool {
         .stderr(Stdio::null())
         .status()
         .is_ok_and(|s| s.success())
-}
-
-fn wait_until(limit: Duration, what: &str, mut check: impl FnMut() -> bool) {
-    let deadline = Instant::now() + limit;
-    while !check() {
-        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 /// Keep-alive clients hammering the gateway until stopped.
@@ -197,7 +189,7 @@ async fn upgrade_under_load_fails_no_request() {
     let handover = started.elapsed();
     // The daemon writes its pid file after the launcher returns (truncating it first):
     // wait for it to name the new process.
-    wait_until(
+    eventually_blocking(
         Duration::from_secs(5),
         "the pid file names the new process",
         || d.pid().is_some_and(|p| p != old),
@@ -207,7 +199,7 @@ async fn upgrade_under_load_fails_no_request() {
     // The old process finishes its work and exits (about 5 s + grace + shutdown timeout).
     let d_ref = &d;
     tokio::task::spawn_blocking(move || {
-        wait_until(Duration::from_secs(15), "old process exit", || !alive(old))
+        eventually_blocking(Duration::from_secs(15), "old process exit", || !alive(old))
     })
     .await
     .unwrap();
@@ -361,7 +353,7 @@ async fn upgrade_with_new_certificates_fails_no_request() {
     let (ok, out) = d.run(&["-u", "-d", "-c", &conf]);
     assert!(ok, "fanout -u -d failed: {out}");
     tokio::task::spawn_blocking(move || {
-        wait_until(Duration::from_secs(15), "old process exit", || !alive(old))
+        eventually_blocking(Duration::from_secs(15), "old process exit", || !alive(old))
     })
     .await
     .unwrap();

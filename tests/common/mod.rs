@@ -492,6 +492,16 @@ where
     }
 }
 
+/// [`eventually`] for tests that are not async: polls `check` every 20 ms, failing the
+/// test after `limit`.
+pub fn eventually_blocking(limit: Duration, what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// GET `url` and return (status, x-backend header, body).
 pub async fn get(c: &reqwest::Client, url: &str) -> (u16, String, String) {
     let resp = c.get(url).send().await.expect("request");
