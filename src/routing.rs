@@ -14,7 +14,7 @@ use std::collections::HashMap;
 
 use http::Method;
 
-use crate::config::{PathMatch, RouteConfig, RouteId};
+use crate::config::{strip_port, PathMatch, RouteConfig, RouteId};
 
 /// What a lookup found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -97,23 +97,6 @@ impl Router {
             self.hosts.get(name)
         }
     }
-}
-
-/// Lower-cases a host and drops its port, as routes store them: `API.example.com:8080` →
-/// `api.example.com`, `[::1]:80` → `[::1]`.
-pub fn normalize_host(host: &str) -> String {
-    strip_port(host.trim()).to_ascii_lowercase()
-}
-
-fn strip_port(host: &str) -> &str {
-    if let Some(i) = host.rfind(':') {
-        let (name, port) = (&host[..i], &host[i + 1..]);
-        let numeric = !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit());
-        if numeric && (name.ends_with(']') || !name.contains(':')) {
-            return name;
-        }
-    }
-    host
 }
 
 impl Table {

@@ -419,5 +419,36 @@ pub struct MirrorConfig {
     pub max_body_bytes: u64,
     pub max_inflight: usize,
     pub timeout: Duration,
-    pub compare: Option<crate::mirror::compare::CompareConfig>,
+    pub compare: Option<CompareConfig>,
 }
+
+/// Lower-cases a host and drops its port, as routes store them: `API.example.com:8080` →
+/// `api.example.com`, `[::1]:80` → `[::1]`.
+pub fn normalize_host(host: &str) -> String {
+    strip_port(host.trim()).to_ascii_lowercase()
+}
+
+/// `host` without its `:port`, if it has one (an IPv6 literal keeps its brackets).
+pub fn strip_port(host: &str) -> &str {
+    if let Some(i) = host.rfind(':') {
+        let (name, port) = (&host[..i], &host[i + 1..]);
+        let numeric = !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit());
+        if numeric && (name.ends_with(']') || !name.contains(':')) {
+            return name;
+        }
+    }
+    host
+}
+
+/// `compare:` of one mirror.
+#[derive(Debug, Clone)]
+pub struct CompareConfig {
+    pub ignore_headers: Vec<HeaderName>,
+    /// Dotted paths (`a.b`, `items.*.id`), split at the dots.
+    pub ignore_json_fields: Vec<Vec<String>>,
+    pub max_body: u64,
+    pub keep: usize,
+}
+
+/// The slowest rate a route may set: one request a day. `-t` refuses slower ones.
+pub const MIN_REQUESTS_PER_SECOND: f64 = 1.0 / 86_400.0;

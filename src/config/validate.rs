@@ -1064,7 +1064,7 @@ fn build_routes(
                 ck.err(&mpath, format!("path {p:?} must start with /"));
             }
         }
-        let host = f.matcher.host.map(|h| crate::routing::normalize_host(&h));
+        let host = f.matcher.host.map(|h| normalize_host(&h));
         if host.as_deref() == Some("") {
             ck.err(&format!("{mpath}.host"), "host must not be empty");
         }
@@ -1177,7 +1177,7 @@ fn build_routes(
         let rate_limit = f.rate_limit.map(|r| {
             let rpath = format!("{path}.rate_limit");
             if !(r.requests_per_second.is_finite()
-                && r.requests_per_second >= crate::ratelimit::MIN_REQUESTS_PER_SECOND)
+                && r.requests_per_second >= MIN_REQUESTS_PER_SECOND)
             {
                 ck.err(
                     &format!("{rpath}.requests_per_second"),
@@ -1281,7 +1281,7 @@ fn build_routes(
                 if max_body == 0 {
                     ck.err(&format!("{cp}.max_body"), "must be at least 1");
                 }
-                crate::mirror::compare::CompareConfig {
+                CompareConfig {
                     ignore_headers,
                     ignore_json_fields,
                     max_body,

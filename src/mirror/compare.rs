@@ -17,15 +17,7 @@ use serde_json::{json, Value};
 /// Bytes of each body kept with a differing pair.
 pub const EXCERPT: usize = 256;
 
-/// `compare:` of one mirror.
-#[derive(Debug, Clone)]
-pub struct CompareConfig {
-    pub ignore_headers: Vec<HeaderName>,
-    /// Dotted paths (`a.b`, `items.*.id`), split at the dots.
-    pub ignore_json_fields: Vec<Vec<String>>,
-    pub max_body: u64,
-    pub keep: usize,
-}
+pub use crate::config::CompareConfig;
 
 impl CompareConfig {
     /// How each answer of a comparison is reduced.

@@ -31,8 +31,6 @@ pub use shared::{SharedLimit, SharedStore};
 const SHARDS: usize = 64;
 /// Keys remembered per shard (64 × 16,384 ≈ one million at most per route).
 const SHARD_CAP: usize = 16_384;
-/// The slowest rate a route may set: one request a day. `-t` refuses slower ones.
-pub const MIN_REQUESTS_PER_SECOND: f64 = 1.0 / 86_400.0;
 /// One emission interval at the slowest rate, in nanoseconds.
 const MAX_INTERVAL_NS: f64 = 86_400.0 * 1e9;
 
@@ -83,7 +81,7 @@ impl RateLimiter {
         label: &str,
         store: Option<&Arc<SharedStore>>,
     ) -> RateLimiter {
-        // Validation keeps the rate at or above MIN_REQUESTS_PER_SECOND; the clamp and the
+        // Validation keeps the rate at or above `config::MIN_REQUESTS_PER_SECOND`; the clamp and the
         // saturating arithmetic below keep any other value from overflowing all the same.
         let interval_ns = (1e9 / config.requests_per_second).clamp(1.0, MAX_INTERVAL_NS) as u64;
         let tolerance_ns = interval_ns.saturating_mul(config.burst as u64);
@@ -205,6 +203,7 @@ fn make_room(map: &mut HashMap<u64, u64>, now_ns: u64) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::MIN_REQUESTS_PER_SECOND;
     use std::time::Duration;
 
     fn limiter(rps: f64, burst: u32, key: KeySource) -> RateLimiter {
