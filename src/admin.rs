@@ -133,7 +133,7 @@ impl AdminApp {
                                 None => json!(name(&t.upstream)),
                             })
                             .collect::<Vec<_>>());
-                        if let Some(t) = &r.targets {
+                        if let crate::gateway::RouteRuntime::Broadcast(t) = &r.kind {
                             v["targets"] = json!(t.list.iter().map(|t| t.status()).collect::<Vec<_>>());
                         }
                     }
@@ -169,7 +169,7 @@ impl AdminApp {
             .gw
             .routes
             .iter()
-            .flat_map(|r| r.mirrors.iter())
+            .flat_map(|r| r.mirrors().iter())
             .filter_map(|m| {
                 let c = m.compare.as_ref()?;
                 Some(c.kept.render(&c.config, &m.config.redact_headers))

@@ -20,7 +20,6 @@ use tokio::sync::{mpsc, watch};
 
 use crate::config::{RouteConfig, RouteKind, UpstreamId};
 use crate::forwarding;
-use crate::gateway::Route;
 use crate::limits::{self, BodyCounter, Refusal};
 use crate::mirror::{copy_header, Copies};
 use crate::outbound::{self, Keep};
@@ -33,30 +32,35 @@ pub struct Captured {
     pub body: Bytes,
 }
 
+/// The fallback upstreams of a proxy route, in order, and the bound on their copies.
+pub struct FallbackUpstreams {
+    pub upstreams: Vec<(UpstreamId, Arc<Upstream>)>,
+    pub budget: Arc<Budget>,
+}
+
 /// Starts the fallback copies of a request on a route with fallbacks, unless the route's
 /// `fallback_max_inflight` is used up: then the request runs without them (counted).
 pub fn start(
     copies: &mut Copies,
     session: &Session,
-    route: &Route,
+    route: &RouteConfig,
+    fallbacks: &FallbackUpstreams,
     request_id: &str,
     connector: &Arc<Connector>,
 ) -> Option<Fallbacks> {
-    let slots = route
-        .fallback_budget
-        .as_ref()?
-        .take(route.fallbacks.len())?;
+    let count = fallbacks.upstreams.len();
+    let slots = fallbacks.budget.take(count)?;
     let (leash, wanted) = Leash::new(slots);
     let answers = spawn_copies(
         copies,
         session,
-        &route.config,
-        &route.fallbacks,
+        route,
+        &fallbacks.upstreams,
         request_id,
         connector,
         leash,
     );
-    Some(Fallbacks::new(answers, route.fallbacks.len(), wanted))
+    Some(Fallbacks::new(answers, count, wanted))
 }
 
 /// Starts a fallback copy to each of `targets`, shaped as `route` shapes requests,

@@ -13,7 +13,7 @@ use crate::cache;
 use crate::config::{AccessLog, Config, EncodedSlashes, RouteConfig, RouteKind, UpstreamId};
 use crate::edge::accept::Connections;
 use crate::edge::ClientPolicy;
-use crate::fallback;
+use crate::fallback::{self, FallbackUpstreams};
 use crate::lifecycle::Draining;
 use crate::metrics::{Metrics, RouteMetrics};
 use crate::mirror::Mirror;
@@ -27,35 +27,106 @@ use prometheus::IntCounter;
 pub struct Route {
     pub config: RouteConfig,
     pub metrics: RouteMetrics,
-    pub mirrors: Vec<Arc<Mirror>>,
     pub rate_limiter: Option<RateLimiter>,
     pub rate_limited: IntCounter,
     /// Decisions the shared store (Redis) did not give in time.
     pub rate_limit_store_errors: IntCounter,
-    /// The delivery targets of a broadcast route.
-    pub targets: Option<Arc<Targets>>,
-    /// The fallback upstreams of a proxy route, in order.
-    pub fallbacks: Vec<(UpstreamId, Arc<Upstream>)>,
-    /// Bounds the fallback copies in flight, on a route with fallbacks.
-    pub fallback_budget: Option<Arc<fallback::Budget>>,
+    /// What the route does with an admitted request, and what that needs.
+    pub kind: RouteRuntime,
+}
+
+/// A route's kind at run time: each variant holds exactly what that kind uses.
+pub enum RouteRuntime {
+    /// One upstream answers.
+    Proxy(ProxyRoute),
+    /// 202 at once, then delivered to these targets.
+    Broadcast(Arc<Targets>),
+}
+
+pub struct ProxyRoute {
+    pub upstream: UpstreamId,
+    pub mirrors: Vec<Arc<Mirror>>,
+    /// On a route with `fallback:`.
+    pub fallbacks: Option<FallbackUpstreams>,
     /// On a cached route: `fanout_cache_requests_total` by [`cache::Outcome`].
-    pub cache_results: Vec<IntCounter>,
+    pub cache_results: Option<Vec<IntCounter>>,
 }
 
 impl Route {
-    /// The upstream that answers a proxy route.
-    pub fn upstream(&self) -> Option<UpstreamId> {
-        match &self.config.kind {
-            RouteKind::Proxy { upstream, .. } => Some(*upstream),
-            RouteKind::Broadcast { .. } => None,
+    /// The proxy route's runtime, if this is one.
+    pub fn proxy(&self) -> Option<&ProxyRoute> {
+        match &self.kind {
+            RouteRuntime::Proxy(p) => Some(p),
+            RouteRuntime::Broadcast(_) => None,
         }
     }
 
+    /// The upstream that answers a proxy route.
+    pub fn upstream(&self) -> Option<UpstreamId> {
+        self.proxy().map(|p| p.upstream)
+    }
+
+    /// The mirrors of a proxy route (none on other kinds).
+    pub fn mirrors(&self) -> &[Arc<Mirror>] {
+        self.proxy().map_or(&[], |p| &p.mirrors)
+    }
+
     pub fn kind_name(&self) -> &'static str {
-        match &self.config.kind {
-            RouteKind::Proxy { fallback, .. } if !fallback.is_empty() => "fallback",
-            RouteKind::Proxy { .. } => "proxy",
-            RouteKind::Broadcast { .. } => "broadcast",
+        match &self.kind {
+            RouteRuntime::Proxy(p) if p.fallbacks.is_some() => "fallback",
+            RouteRuntime::Proxy(_) => "proxy",
+            RouteRuntime::Broadcast(_) => "broadcast",
+        }
+    }
+
+    /// The runtime of `r`'s kind.
+    fn runtime(r: &RouteConfig, upstreams: &[Arc<Upstream>], metrics: &Metrics) -> RouteRuntime {
+        match &r.kind {
+            RouteKind::Broadcast { targets, retry } => {
+                let ups: Vec<(Arc<Upstream>, Option<String>)> = targets
+                    .iter()
+                    .map(|t| (Arc::clone(&upstreams[t.upstream]), t.path.clone()))
+                    .collect();
+                RouteRuntime::Broadcast(Arc::new(broadcast::targets(
+                    &r.label, &ups, *retry, metrics,
+                )))
+            }
+            RouteKind::Proxy {
+                upstream,
+                fallback,
+                fallback_max_inflight,
+                ..
+            } => RouteRuntime::Proxy(ProxyRoute {
+                upstream: *upstream,
+                mirrors: r
+                    .mirrors
+                    .iter()
+                    .map(|m| {
+                        let upstream = Arc::clone(&upstreams[m.upstream]);
+                        Arc::new(Mirror::new(m, &r.label, upstream, metrics))
+                    })
+                    .collect(),
+                fallbacks: (!fallback.is_empty()).then(|| FallbackUpstreams {
+                    upstreams: fallback
+                        .iter()
+                        .map(|&u| (u, Arc::clone(&upstreams[u])))
+                        .collect(),
+                    budget: fallback::Budget::new(
+                        *fallback_max_inflight,
+                        metrics.fallback_skipped.with_label_values(&[&r.label]),
+                    ),
+                }),
+                cache_results: r.cache.as_ref().map(|_| {
+                    cache::Outcome::ALL
+                        .iter()
+                        .map(|o| {
+                            metrics
+                                .cache_requests
+                                .with_label_values(&[&r.label, o.label()])
+                        })
+                        .collect()
+                }),
+            }),
         }
     }
 }
@@ -112,55 +183,7 @@ impl Gateway {
                 rate_limit_store_errors: metrics
                     .rate_limit_store_errors
                     .with_label_values(&[&r.label]),
-                targets: match &r.kind {
-                    RouteKind::Broadcast { targets, retry } => {
-                        let ups: Vec<(Arc<Upstream>, Option<String>)> = targets
-                            .iter()
-                            .map(|t| (Arc::clone(&upstreams[t.upstream]), t.path.clone()))
-                            .collect();
-                        Some(Arc::new(broadcast::targets(
-                            &r.label, &ups, *retry, &metrics,
-                        )))
-                    }
-                    RouteKind::Proxy { .. } => None,
-                },
-                fallbacks: match &r.kind {
-                    RouteKind::Proxy { fallback, .. } => fallback
-                        .iter()
-                        .map(|&u| (u, Arc::clone(&upstreams[u])))
-                        .collect(),
-                    RouteKind::Broadcast { .. } => Vec::new(),
-                },
-                fallback_budget: match &r.kind {
-                    RouteKind::Proxy {
-                        fallback,
-                        fallback_max_inflight,
-                        ..
-                    } if !fallback.is_empty() => Some(fallback::Budget::new(
-                        *fallback_max_inflight,
-                        metrics.fallback_skipped.with_label_values(&[&r.label]),
-                    )),
-                    _ => None,
-                },
-                mirrors: r
-                    .mirrors
-                    .iter()
-                    .map(|m| {
-                        let upstream = Arc::clone(&upstreams[m.upstream]);
-                        Arc::new(Mirror::new(m, &r.label, upstream, &metrics))
-                    })
-                    .collect(),
-                cache_results: match &r.cache {
-                    Some(_) => cache::Outcome::ALL
-                        .iter()
-                        .map(|o| {
-                            metrics
-                                .cache_requests
-                                .with_label_values(&[&r.label, o.label()])
-                        })
-                        .collect(),
-                    None => Vec::new(),
-                },
+                kind: Route::runtime(r, &upstreams, &metrics),
                 config: r.clone(),
             })
             .collect();

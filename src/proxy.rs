@@ -43,11 +43,11 @@ use crate::access_log::Record;
 use crate::broadcast;
 use crate::cache;
 use crate::config::OnStoreError;
-use crate::config::{AccessLog, RouteId, RouteKind, UpstreamId};
+use crate::config::{AccessLog, RouteId, UpstreamId};
 use crate::edge::{self, path};
 use crate::fallback::{self, Fallbacks};
 use crate::forwarding;
-use crate::gateway::{Gateway, Route};
+use crate::gateway::{Gateway, Route, RouteRuntime};
 use crate::keys::{self, client_ip, request_host};
 use crate::limits::{self, BodyCounter, Expect, Refusal};
 use crate::mirror::Copies;
@@ -345,32 +345,31 @@ impl FanoutProxy {
             return Verdict::Answer(Answer::status(404));
         };
         let route = &self.gw.routes[id];
-        match &route.config.kind {
+        match &route.kind {
             // An upgrade (WebSocket) becomes a tunnel to one backend: never mirrored, and
             // no fallback can take over a tunnel.
-            RouteKind::Proxy { upstream, .. } if tunnel::wanted(session) => {
-                Verdict::Tunnel(*upstream)
-            }
-            RouteKind::Proxy { .. } if forwarding::is_upgrade(session.req_header()) => {
+            RouteRuntime::Proxy(p) if tunnel::wanted(session) => Verdict::Tunnel(p.upstream),
+            RouteRuntime::Proxy(_) if forwarding::is_upgrade(session.req_header()) => {
                 Verdict::Proxy
             }
-            RouteKind::Proxy { .. } => {
+            RouteRuntime::Proxy(p) => {
                 let connector = &self.gw.connector;
-                if !route.mirrors.is_empty() {
-                    ctx.copies = Copies::start(session, &route.mirrors, &ctx.request_id, connector);
+                if !p.mirrors.is_empty() {
+                    ctx.copies = Copies::start(session, &p.mirrors, &ctx.request_id, connector);
                 }
-                if route.fallback_budget.is_some() {
+                if let Some(fallbacks) = &p.fallbacks {
                     ctx.fallbacks = fallback::start(
                         &mut ctx.copies,
                         session,
-                        route,
+                        &route.config,
+                        fallbacks,
                         &ctx.request_id,
                         connector,
                     );
                 }
                 Verdict::Proxy
             }
-            RouteKind::Broadcast { .. } => Verdict::Broadcast,
+            RouteRuntime::Broadcast(_) => Verdict::Broadcast,
         }
     }
 
@@ -439,7 +438,8 @@ impl FanoutProxy {
             }
             Verdict::Broadcast => {
                 let route = ctx.route.map(|id| &self.gw.routes[id]);
-                if let Some((route, targets)) = route.and_then(|r| Some((r, r.targets.as_ref()?))) {
+                if let Some((route, RouteRuntime::Broadcast(targets))) = route.map(|r| (r, &r.kind))
+                {
                     let closing = self.gw.draining.is_set();
                     broadcast::accept(
                         session,
@@ -714,13 +714,16 @@ impl ProxyHttp for FanoutProxy {
                 upstream_response.insert_header(fallback::HEADER, self.gw.upstreams[u].name())?;
             }
         }
-        if let Some(route) = self.route(ctx).filter(|r| !r.cache_results.is_empty()) {
+        if let Some(results) = self
+            .route(ctx)
+            .and_then(|r| r.proxy()?.cache_results.as_ref())
+        {
             let outcome = match cache::Outcome::of(session.cache.phase()) {
                 cache::Outcome::Bypass if ctx.cache_looked_up => cache::Outcome::Miss,
                 outcome => outcome,
             };
             ctx.cache = Some(outcome);
-            route.cache_results[outcome.index()].inc();
+            results[outcome.index()].inc();
             upstream_response.insert_header("x-cache", outcome.header())?;
         }
         if self.gw.draining.is_set() || session.is_process_shutting_down() {

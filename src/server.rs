@@ -22,7 +22,7 @@ use crate::config::Config;
 use crate::config::MEMORY_SPOOL_MAX_SIZE;
 use crate::edge::accept::{Edge, EdgeListener};
 use crate::edge::handshake::Terminator;
-use crate::gateway::Gateway;
+use crate::gateway::{Gateway, RouteRuntime};
 use crate::lifecycle::SignalWatch;
 use crate::proxy::FanoutProxy;
 use crate::upstream::discovery::Discovery;
@@ -147,7 +147,10 @@ pub fn build(
     let broadcast: HashMap<String, Arc<Targets>> = gateway
         .routes
         .iter()
-        .filter_map(|r| Some((r.config.label.clone(), Arc::clone(r.targets.as_ref()?))))
+        .filter_map(|r| match &r.kind {
+            RouteRuntime::Broadcast(t) => Some((r.config.label.clone(), Arc::clone(t))),
+            RouteRuntime::Proxy(_) => None,
+        })
         .collect();
     if !broadcast.is_empty() {
         let deliverer = Deliverer::new(
