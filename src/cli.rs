@@ -254,6 +254,13 @@ impl Cli {
             }
             t
         };
+        let with_backends = |backends: Vec<String>| {
+            let mut u = json!({ "backends": backends });
+            if !timeouts.is_empty() {
+                u["timeouts"] = json!(timeouts);
+            }
+            u
+        };
         let upstream = |urls: &[String], flag: &str| -> Result<serde_json::Value, String> {
             let backends = urls
                 .iter()
@@ -264,11 +271,7 @@ impl Cli {
                     )),
                 })
                 .collect::<Result<Vec<_>, String>>()?;
-            let mut u = json!({ "backends": backends });
-            if !timeouts.is_empty() {
-                u["timeouts"] = json!(timeouts);
-            }
-            Ok(u)
+            Ok(with_backends(backends))
         };
         let mut upstreams = serde_json::Map::new();
         let mut route = json!({ "match": { "prefix": q.path.as_deref().unwrap_or("/") } });
@@ -296,11 +299,7 @@ impl Cli {
             for (i, url) in q.broadcast.iter().enumerate() {
                 let name = format!("target{}", i + 1);
                 let (backend, path) = backend_url(url)?;
-                let mut u = json!({ "backends": [backend] });
-                if !timeouts.is_empty() {
-                    u["timeouts"] = json!(timeouts);
-                }
-                upstreams.insert(name.clone(), u);
+                upstreams.insert(name.clone(), with_backends(vec![backend]));
                 targets.push(match path {
                     Some(path) => json!({ "upstream": name, "path": path }),
                     None => json!(name),

@@ -137,10 +137,16 @@ async fn fanouts_quick_start_from_the_environment() {
             seen.headers
         );
     }
-    // 12 MB against MAX_BODY_SIZE 10MB: 413, nothing delivered.
-    let big = vec![b'x'; 12_000_000];
-    let resp = c.post(gw.url("/fanout")).body(big).send().await.unwrap();
-    assert_eq!(resp.status().as_u16(), 413);
+    // 12 MB against MAX_BODY_SIZE 10MB: 413 on the declared length, before any of the body
+    // is read (the head alone is sent: a client still writing its body when the answer
+    // closes the connection may see the close before the answer), nothing delivered.
+    let port = gw.port;
+    let head = b"POST /fanout HTTP/1.1\r\nHost: a\r\nContent-Length: 12000000\r\n\r\n";
+    let (answer, closed) = tokio::task::spawn_blocking(move || raw(port, head))
+        .await
+        .unwrap();
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    assert!(closed);
     assert_eq!((t1.hits(), t2.hits()), (1, 1));
 }
 
@@ -181,11 +187,8 @@ async fn go_conductors_primary_and_others() {
         answer("/a").await,
         (200, "backends".into(), "primary".into())
     );
-    // Both were asked at once.
-    eventually(Duration::from_secs(5), "the other's copy", || async {
-        other.hits() == 1
-    })
-    .await;
+    // (The other was asked at once too, but its copy is dropped as soon as the primary has
+    // answered: whether it got there first is a race, so it is not counted here.)
     primary.kill();
     assert_eq!(
         answer("/b").await,
