@@ -11,7 +11,7 @@ use crate::broadcast::spool::Spool;
 use crate::broadcast::{self, Targets};
 use crate::cache;
 use crate::config::{AccessLog, Config, EncodedSlashes, RouteConfig, RouteKind, UpstreamId};
-use crate::edge::accept::Connections;
+use crate::edge::admission::Connections;
 use crate::edge::ClientPolicy;
 use crate::fallback::{self, FallbackUpstreams};
 use crate::lifecycle::Draining;

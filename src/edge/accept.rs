@@ -6,10 +6,8 @@
 //! inside that loop, between Pingora and the proxy, only to tell the stream when each
 //! request's exchange is over.
 
-use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
-use std::sync::{Arc, Mutex};
+use std::net::SocketAddr;
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use pingora_core::apps::{HttpServerApp, HttpServerOptions, ReusedHttpStream, ServerApp};
@@ -19,111 +17,10 @@ use pingora_core::protocols::{Stream, ALPN};
 use pingora_core::server::ShutdownWatch;
 use prometheus::IntGauge;
 
+use super::admission::Connections;
 use super::handshake::Terminator;
 use super::stream::{self, ClientStream};
 use super::ClientPolicy;
-
-/// Shards of the per-address connection table.
-const SHARDS: usize = 32;
-
-/// Which connection limit refused a connection.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Over {
-    /// `clients.max_connections`
-    Total,
-    /// `clients.max_connections_per_ip`
-    PerIp,
-}
-
-/// Open connections, in all and per client address.
-pub struct Connections {
-    total: AtomicUsize,
-    max: usize,
-    /// 0: no per-address limit (and no table).
-    max_per_ip: usize,
-    per_ip: Vec<Mutex<HashMap<IpAddr, usize>>>,
-}
-
-impl Connections {
-    pub fn new(max: usize, max_per_ip: usize) -> Arc<Connections> {
-        let shards = if max_per_ip > 0 { SHARDS } else { 0 };
-        Arc::new(Connections {
-            total: AtomicUsize::new(0),
-            max,
-            max_per_ip,
-            per_ip: (0..shards).map(|_| Mutex::new(HashMap::new())).collect(),
-        })
-    }
-
-    fn shard(&self, ip: &IpAddr) -> Option<&Mutex<HashMap<IpAddr, usize>>> {
-        if self.per_ip.is_empty() {
-            return None;
-        }
-        let h = crate::keys::stable_hash(&match ip {
-            IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
-            IpAddr::V6(v6) => v6.octets(),
-        });
-        self.per_ip.get(h as usize % self.per_ip.len())
-    }
-
-    /// Takes a slot for a connection from `ip`, or says which limit refuses it.
-    pub fn admit(
-        self: &Arc<Self>,
-        ip: Option<IpAddr>,
-        gauge: Option<IntGauge>,
-    ) -> Result<Slot, Over> {
-        if self.total.fetch_add(1, Relaxed) >= self.max {
-            self.total.fetch_sub(1, Relaxed);
-            return Err(Over::Total);
-        }
-        let ip = ip.filter(|_| self.max_per_ip > 0);
-        if let Some((ip, shard)) = ip.and_then(|ip| Some((ip, self.shard(&ip)?))) {
-            let mut map = shard.lock().unwrap_or_else(|p| p.into_inner());
-            let n = map.entry(ip).or_insert(0);
-            if *n >= self.max_per_ip {
-                drop(map);
-                self.total.fetch_sub(1, Relaxed);
-                return Err(Over::PerIp);
-            }
-            *n += 1;
-        }
-        if let Some(g) = &gauge {
-            g.inc();
-        }
-        Ok(Slot {
-            table: Arc::clone(self),
-            ip,
-            gauge,
-        })
-    }
-}
-
-/// One admitted connection; dropping it gives the slot back.
-pub struct Slot {
-    table: Arc<Connections>,
-    ip: Option<IpAddr>,
-    gauge: Option<IntGauge>,
-}
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        if let Some(g) = &self.gauge {
-            g.dec();
-        }
-        self.table.total.fetch_sub(1, Relaxed);
-        if let Some(ip) = self.ip {
-            if let Some(shard) = self.table.shard(&ip) {
-                let mut map = shard.lock().unwrap_or_else(|p| p.into_inner());
-                if let Some(n) = map.get_mut(&ip) {
-                    *n -= 1;
-                    if *n == 0 {
-                        map.remove(&ip);
-                    }
-                }
-            }
-        }
-    }
-}
 
 /// One listening address as the edge serves it.
 pub struct EdgeListener {

@@ -1,7 +1,9 @@
 //! The gateway's edge: what stands between the open internet and the proxy phases.
 //!
-//! - [`accept`]: connection admission (`clients.max_connections`, per address), the
-//!   connection gauges, and the hook into Pingora's HTTP server loop;
+//! - [`accept`]: where connections enter: admission, the connection gauges, and the hook
+//!   into Pingora's HTTP server loop;
+//! - [`admission`]: the counts behind `clients.max_connections` and
+//!   `max_connections_per_ip`, and the slot each open connection holds;
 //! - [`handshake`]: TLS termination (SNI, ALPN) within the head's deadline;
 //! - [`stream`]: each HTTP/1 client connection, with its head, body and idle deadlines and
 //!   the answers it gives itself (400, 408, 414, 431, 505);
@@ -12,6 +14,7 @@
 //!   repeated slashes).
 
 pub mod accept;
+pub mod admission;
 pub mod framing;
 pub mod h2;
 pub mod handshake;
@@ -104,10 +107,10 @@ impl Refusals {
     }
 
     /// The counter of a connection-limit refusal.
-    pub fn over(&self, limit: accept::Over) -> &IntCounter {
+    pub fn over(&self, limit: admission::Over) -> &IntCounter {
         match limit {
-            accept::Over::Total => &self.max_connections,
-            accept::Over::PerIp => &self.max_connections_per_ip,
+            admission::Over::Total => &self.max_connections,
+            admission::Over::PerIp => &self.max_connections_per_ip,
         }
     }
 }

@@ -39,7 +39,7 @@ use pingora_core::protocols::{
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Sleep;
 
-use super::accept::Slot;
+use super::admission::Slot;
 use super::framing::{Framer, Phase, Reject};
 use super::ClientPolicy;
 use crate::{request_id, respond};
