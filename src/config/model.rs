@@ -452,3 +452,32 @@ pub struct CompareConfig {
 
 /// The slowest rate a route may set: one request a day. `-t` refuses slower ones.
 pub const MIN_REQUESTS_PER_SECOND: f64 = 1.0 / 86_400.0;
+
+// Defaults of keys a file may leave out (README, "Configuration reference").
+
+/// `backends[].weight`.
+pub const DEFAULT_WEIGHT: u32 = 1;
+/// `upstreams.*.retries`.
+pub const DEFAULT_RETRIES: u32 = 1;
+/// `health_check.interval`, `timeout`, `healthy_after`, `unhealthy_after`.
+pub const DEFAULT_HEALTH_INTERVAL: Duration = Duration::from_secs(5);
+pub const DEFAULT_HEALTH_TIMEOUT: Duration = Duration::from_secs(1);
+pub const DEFAULT_HEALTHY_AFTER: u32 = 2;
+pub const DEFAULT_UNHEALTHY_AFTER: u32 = 2;
+/// `breaker.failures`, `open`, `max_open`.
+pub const DEFAULT_BREAKER_FAILURES: u32 = 5;
+pub const DEFAULT_BREAKER_OPEN: Duration = Duration::from_secs(10);
+pub const DEFAULT_BREAKER_MAX_OPEN: Duration = Duration::from_secs(300);
+/// `routes[].fallback_max_body`, `fallback_max_inflight`.
+pub const DEFAULT_FALLBACK_MAX_BODY: u64 = 1024 * 1024;
+pub const DEFAULT_FALLBACK_MAX_INFLIGHT: usize = 1024;
+/// `mirror[].percent`, `max_inflight`, `timeout`, `max_body_bytes`.
+pub const DEFAULT_MIRROR_PERCENT: f64 = 100.0;
+pub const DEFAULT_MIRROR_MAX_INFLIGHT: usize = 1024;
+pub const DEFAULT_MIRROR_TIMEOUT: Duration = Duration::from_secs(5);
+pub const DEFAULT_MIRROR_MAX_BODY_BYTES: u64 = 1024 * 1024;
+/// `mirror[].compare.max_body`, `keep`.
+pub const DEFAULT_COMPARE_MAX_BODY: u64 = 1024 * 1024;
+pub const DEFAULT_COMPARE_KEEP: usize = 100;
+/// `routes[].cache.max_object_size`.
+pub const DEFAULT_CACHE_MAX_OBJECT_SIZE: u64 = 1024 * 1024;

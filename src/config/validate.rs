@@ -826,7 +826,7 @@ fn build_upstream(
                 None => continue,
             },
         };
-        let weight = weight.unwrap_or(1);
+        let weight = weight.unwrap_or(DEFAULT_WEIGHT);
         if !(1..=10_000).contains(&weight) {
             ck.err(
                 &format!("{bpath}.weight"),
@@ -879,19 +879,19 @@ fn build_upstream(
         if kind == HealthCheckType::Tcp && check_path != "/health" {
             ck.err(&format!("{hpath}.path"), "path applies only to type: http");
         }
-        let interval = h.interval.map_or(Duration::from_secs(5), |d| d.0);
-        let timeout = h.timeout.map_or(Duration::from_secs(1), |d| d.0);
+        let interval = h.interval.map_or(DEFAULT_HEALTH_INTERVAL, |d| d.0);
+        let timeout = h.timeout.map_or(DEFAULT_HEALTH_TIMEOUT, |d| d.0);
         positive(ck, &format!("{hpath}.interval"), interval);
         positive(ck, &format!("{hpath}.timeout"), timeout);
         let healthy_after = at_least_one(
             ck,
             &format!("{hpath}.healthy_after"),
-            h.healthy_after.unwrap_or(2),
+            h.healthy_after.unwrap_or(DEFAULT_HEALTHY_AFTER),
         );
         let unhealthy_after = at_least_one(
             ck,
             &format!("{hpath}.unhealthy_after"),
-            h.unhealthy_after.unwrap_or(2),
+            h.unhealthy_after.unwrap_or(DEFAULT_UNHEALTHY_AFTER),
         );
         HealthCheckConfig {
             kind,
@@ -904,9 +904,13 @@ fn build_upstream(
     });
     let breaker = f.breaker.map(|b| {
         let bpath = format!("{path}.breaker");
-        let failures = at_least_one(ck, &format!("{bpath}.failures"), b.failures.unwrap_or(5));
-        let open = b.open.map_or(Duration::from_secs(10), |d| d.0);
-        let max_open = b.max_open.map_or(Duration::from_secs(300), |d| d.0);
+        let failures = at_least_one(
+            ck,
+            &format!("{bpath}.failures"),
+            b.failures.unwrap_or(DEFAULT_BREAKER_FAILURES),
+        );
+        let open = b.open.map_or(DEFAULT_BREAKER_OPEN, |d| d.0);
+        let max_open = b.max_open.map_or(DEFAULT_BREAKER_MAX_OPEN, |d| d.0);
         positive(ck, &format!("{bpath}.open"), open);
         if max_open < open {
             ck.err(
@@ -940,7 +944,7 @@ fn build_upstream(
             timeouts.tunnel = timeouts.read;
         }
     }
-    let retries = f.retries.unwrap_or(1);
+    let retries = f.retries.unwrap_or(DEFAULT_RETRIES);
     if retries > 16 {
         ck.err(
             &format!("{path}.retries"),
@@ -997,7 +1001,7 @@ fn build_dns_backend(ck: &mut Checker, path: &str, d: FileDnsBackend) -> Option<
     if d.port == 0 {
         ck.err(&format!("{path}.port"), "port 0 is not a port");
     }
-    let weight = d.weight.unwrap_or(1);
+    let weight = d.weight.unwrap_or(DEFAULT_WEIGHT);
     if !(1..=10_000).contains(&weight) {
         ck.err(
             &format!("{path}.weight"),
@@ -1104,7 +1108,9 @@ fn build_routes(
                 upstream.map(|upstream| RouteKind::Proxy {
                     upstream,
                     fallback,
-                    fallback_max_body: f.fallback_max_body.map_or(1024 * 1024, |s| s.0),
+                    fallback_max_body: f
+                        .fallback_max_body
+                        .map_or(DEFAULT_FALLBACK_MAX_BODY, |s| s.0),
                     fallback_max_inflight: match f.fallback_max_inflight {
                         Some(0) => {
                             ck.err(
@@ -1113,7 +1119,7 @@ fn build_routes(
                             );
                             0
                         }
-                        n => n.unwrap_or(1024),
+                        n => n.unwrap_or(DEFAULT_FALLBACK_MAX_INFLIGHT),
                     },
                 })
             }
@@ -1232,7 +1238,7 @@ fn build_routes(
         for (j, m) in f.mirror.unwrap_or_default().into_iter().enumerate() {
             let mp = format!("{path}.mirror[{j}]");
             let upstream = lookup(ck, &format!("{mp}.upstream"), &m.upstream);
-            let percent = m.percent.unwrap_or(100.0);
+            let percent = m.percent.unwrap_or(DEFAULT_MIRROR_PERCENT);
             if !(0.0..=100.0).contains(&percent) {
                 ck.err(
                     &format!("{mp}.percent"),
@@ -1254,11 +1260,11 @@ fn build_routes(
             let redact_headers =
                 header_names(ck, &format!("{mp}.redact_headers"), m.redact_headers);
             let headers = header_rules(ck, &format!("{mp}.headers"), m.headers);
-            let max_inflight = m.max_inflight.unwrap_or(1024);
+            let max_inflight = m.max_inflight.unwrap_or(DEFAULT_MIRROR_MAX_INFLIGHT);
             if max_inflight == 0 {
                 ck.err(&format!("{mp}.max_inflight"), "must be at least 1");
             }
-            let timeout = m.timeout.map_or(Duration::from_secs(5), |d| d.0);
+            let timeout = m.timeout.map_or(DEFAULT_MIRROR_TIMEOUT, |d| d.0);
             positive(ck, &format!("{mp}.timeout"), timeout);
             let compare = m.compare.map(|c| {
                 let cp = format!("{mp}.compare");
@@ -1277,7 +1283,7 @@ fn build_routes(
                     }
                     ignore_json_fields.push(parts);
                 }
-                let max_body = c.max_body.map_or(1024 * 1024, |s| s.0);
+                let max_body = c.max_body.map_or(DEFAULT_COMPARE_MAX_BODY, |s| s.0);
                 if max_body == 0 {
                     ck.err(&format!("{cp}.max_body"), "must be at least 1");
                 }
@@ -1285,7 +1291,7 @@ fn build_routes(
                     ignore_headers,
                     ignore_json_fields,
                     max_body,
-                    keep: c.keep.unwrap_or(100),
+                    keep: c.keep.unwrap_or(DEFAULT_COMPARE_KEEP),
                 }
             });
             if let Some(upstream) = upstream {
@@ -1295,7 +1301,9 @@ fn build_routes(
                     sample_by,
                     redact_headers,
                     headers,
-                    max_body_bytes: m.max_body_bytes.map_or(1024 * 1024, |s| s.0),
+                    max_body_bytes: m
+                        .max_body_bytes
+                        .map_or(DEFAULT_MIRROR_MAX_BODY_BYTES, |s| s.0),
                     max_inflight,
                     timeout,
                     compare,
@@ -1323,7 +1331,9 @@ fn build_routes(
                     positive(ck, &format!("{cpath}.{key}"), d.0);
                 }
             }
-            let max_object_size = c.max_object_size.map_or(1024 * 1024, |s| s.0);
+            let max_object_size = c
+                .max_object_size
+                .map_or(DEFAULT_CACHE_MAX_OBJECT_SIZE, |s| s.0);
             if max_object_size == 0 {
                 ck.err(&format!("{cpath}.max_object_size"), "must be at least 1");
             }
