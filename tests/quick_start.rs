@@ -79,9 +79,15 @@ async fn the_go_reverse_proxy_quick_start() {
     let gw = Gateway::spawn_with(|port, admin| {
         quick(port, admin, &["--backends", &url(&a), "--rate-limit", "20"])
     });
+    let started = std::time::Instant::now();
     let (by_backend, limited) = spread(&gw, 40).await;
+    // The burst (20), plus what the rate gave back while the requests ran.
+    let refilled = (started.elapsed().as_secs_f64() * 20.0).ceil() as usize;
     let ok = by_backend.values().sum::<usize>();
-    assert!((20..=25).contains(&ok), "{ok} answered, {limited} limited");
+    assert!(
+        ok >= 20 && ok <= 20 + refilled + 1 && limited > 0,
+        "{ok} answered, {limited} limited, {refilled} tokens refilled meanwhile"
+    );
     assert_eq!(ok + limited, 40);
 }
 
