@@ -273,7 +273,7 @@ pub(crate) const fn host_char(b: u8) -> bool {
         )
 }
 
-fn ows(b: u8) -> bool {
+pub(crate) fn ows(b: u8) -> bool {
     b == b' ' || b == b'\t'
 }
 

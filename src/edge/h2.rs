@@ -27,7 +27,7 @@ use std::time::Duration;
 use pingora_http::RequestHeader;
 use pingora_proxy::Session;
 
-use super::framing::{host_char, tchar, value_char, Limits, Reject};
+use super::framing::{host_char, ows, tchar, value_char, Limits, Reject};
 
 /// `: ` and CRLF around each field once written as an HTTP/1.1 line.
 const LINE_OVERHEAD: usize = 4;
@@ -51,9 +51,7 @@ pub fn check(req: &RequestHeader, limits: &Limits) -> Result<(), Reject> {
             return Err(Reject::Bad("invalid character in a header name"));
         }
         let v = value.as_bytes();
-        if v.first().is_some_and(|&b| b == b' ' || b == b'\t')
-            || v.last().is_some_and(|&b| b == b' ' || b == b'\t')
-        {
+        if v.first().is_some_and(|&b| ows(b)) || v.last().is_some_and(|&b| ows(b)) {
             return Err(Reject::Bad("whitespace around a header value"));
         }
         if !v.iter().all(|&b| value_char(b)) {
