@@ -62,8 +62,13 @@ impl Record {
 }
 
 fn rfc3339<S: serde::Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
-    let dt: chrono::DateTime<chrono::Utc> = (*t).into();
-    s.serialize_str(&dt.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
+    s.serialize_str(&timestamp(*t))
+}
+
+/// `t` as an RFC 3339 time in UTC, to the millisecond.
+pub fn timestamp(t: SystemTime) -> String {
+    let dt: chrono::DateTime<chrono::Utc> = t.into();
+    dt.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
 }
 
 pub struct AccessLogger {

@@ -1,6 +1,8 @@
 //! The admin listener (`admin:` in the configuration), separate from the proxy listeners:
 //! `/health` (the process is up), `/ready` (every upstream has a backend to send to),
-//! `/metrics` (Prometheus text) and `/status` (upstreams, backends, routes, totals as JSON).
+//! `/metrics` (Prometheus text), `/status` (upstreams, backends, routes, the configuration's
+//! generation and last reload, totals as JSON), `GET /config` (the configuration in force,
+//! secrets redacted) and `POST /reload` (apply the file again, as SIGHUP does).
 //! With `admin.token_file`, every endpoint but `/health` and `/ready` (which load balancers
 //! and systemd probe) needs `Authorization: Bearer <token>`, compared in constant time;
 //! other requests get 401 and are counted in `fanout_admin_unauthorized_total`.
@@ -19,7 +21,6 @@ use crate::gateway::Gateway;
 
 pub struct AdminApp {
     gw: Arc<Gateway>,
-    token: Option<String>,
 }
 
 /// Compares two byte strings in time that depends only on `expected`'s length.
@@ -32,13 +33,15 @@ fn same_secret(given: &[u8], expected: &[u8]) -> bool {
 }
 
 impl AdminApp {
-    pub fn new(gw: Arc<Gateway>, token: Option<String>) -> Self {
-        AdminApp { gw, token }
+    pub fn new(gw: Arc<Gateway>) -> Self {
+        AdminApp { gw }
     }
 
-    /// Whether the request carries the admin token (always, when none is configured).
+    /// Whether the request carries the admin token (always, when none is configured). The
+    /// token is the configuration's in force: a reload may change it.
     fn authorized(&self, req: &pingora_http::RequestHeader) -> bool {
-        let Some(token) = &self.token else {
+        let gen = self.gw.peek();
+        let Some(token) = gen.config.admin.as_ref().and_then(|a| a.token.as_ref()) else {
             return true;
         };
         req.headers
@@ -56,8 +59,8 @@ impl AdminApp {
     }
 
     fn ready(&self) -> (StatusCode, Value) {
-        let missing: Vec<&str> = self
-            .gw
+        let gen = self.gw.peek();
+        let missing: Vec<&str> = gen
             .upstreams
             .iter()
             .filter(|u| !u.has_available())
@@ -75,8 +78,9 @@ impl AdminApp {
 
     fn status(&self) -> (StatusCode, Value) {
         let gw = &self.gw;
+        let gen = gw.current();
         let now = std::time::Instant::now();
-        let upstreams: Vec<Value> = gw
+        let upstreams: Vec<Value> = gen
             .upstreams
             .iter()
             .map(|u| {
@@ -102,8 +106,8 @@ impl AdminApp {
                 })
             })
             .collect();
-        let name = |id: &usize| gw.upstreams[*id].name().to_string();
-        let routes: Vec<Value> = gw
+        let name = |id: &usize| gen.upstreams[*id].name().to_string();
+        let routes: Vec<Value> = gen
             .routes
             .iter()
             .map(|r| {
@@ -148,7 +152,8 @@ impl AdminApp {
                 "uptime_seconds": gw.started.elapsed().as_secs(),
                 "upstreams": upstreams,
                 "routes": routes,
-                "cache": self.gw.cache.as_ref().map(|c| json!({
+                "config": self.config_status(&gen),
+                "cache": self.gw.cache().map(|c| json!({
                     "entries": c.store.entries(),
                     "bytes": c.size(),
                     "max_size": c.max_size,
@@ -162,11 +167,40 @@ impl AdminApp {
         )
     }
 
+    /// The configuration in force and the last reload, for `/status`.
+    fn config_status(&self, gen: &crate::gateway::Generation) -> Value {
+        let last = self.gw.reloads.last().map(|l| {
+            let mut v = l.outcome.to_json();
+            v["at"] = json!(crate::access_log::timestamp(l.at));
+            v
+        });
+        json!({
+            "generation": gen.number,
+            "hash": gen.hash,
+            "since": crate::access_log::timestamp(gen.since),
+            "file": self.gw.reloads.file().map(|f| f.display().to_string()),
+            "last_reload": last,
+        })
+    }
+
+    /// `POST /reload`: the file read again and applied, as on SIGHUP. 200 when it is in
+    /// force, 422 when it has errors, 409 when it needs a graceful upgrade (`fanout
+    /// reload` performs it); in the last two the running configuration stays.
+    async fn reload(&self) -> (StatusCode, Value) {
+        let outcome = crate::reload::reload_async(&self.gw, None).await;
+        let status = match outcome {
+            crate::reload::Outcome::Applied { .. } => StatusCode::OK,
+            crate::reload::Outcome::Refused(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            crate::reload::Outcome::NeedsUpgrade(_) => StatusCode::CONFLICT,
+        };
+        (status, outcome.to_json())
+    }
+
     /// `GET /mirror/diffs`: the kept differing pairs of every mirror with `compare`, newest
     /// first; values of the mirror's `redact_headers` never shown.
     fn diffs(&self) -> Value {
-        let mut all: Vec<(std::time::SystemTime, Value)> = self
-            .gw
+        let gen = self.gw.peek();
+        let mut all: Vec<(std::time::SystemTime, Value)> = gen
             .routes
             .iter()
             .flat_map(|r| r.mirrors().iter())
@@ -183,7 +217,7 @@ impl AdminApp {
     /// `DELETE /cache`, or `DELETE /cache?host=H&path=P`: purges every entry, or those of
     /// one host and path (all their variants and queries).
     fn purge(&self, query: Option<&str>) -> (StatusCode, Value) {
-        let Some(cache) = &self.gw.cache else {
+        let Some(cache) = self.gw.cache() else {
             return (
                 StatusCode::NOT_FOUND,
                 json!({ "error": "no route uses the cache" }),
@@ -211,14 +245,14 @@ impl AdminApp {
     /// Copies live backend state into the gauges, then renders every family.
     fn metrics(&self) -> Vec<u8> {
         let m = &self.gw.metrics;
-        if let Some(cache) = &self.gw.cache {
+        if let Some(cache) = self.gw.cache() {
             m.cache_size.set(cache.size() as i64);
             let seen = m.cache_evictions.get();
             m.cache_evictions
                 .inc_by(cache.evictions().saturating_sub(seen));
         }
         let now = std::time::Instant::now();
-        for u in &self.gw.upstreams {
+        for u in &self.gw.peek().upstreams {
             for b in &u.backends().backends {
                 let labels = [u.name(), &*b.label];
                 m.backend_healthy
@@ -294,7 +328,8 @@ impl ServeHttp for AdminApp {
     async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
         let req = session.req_header();
         let purge = req.method == Method::DELETE && req.uri.path() == "/cache";
-        if req.method != Method::GET && req.method != Method::HEAD && !purge {
+        let reload = req.method == Method::POST && req.uri.path() == "/reload";
+        if req.method != Method::GET && req.method != Method::HEAD && !purge && !reload {
             return json_answer((
                 StatusCode::METHOD_NOT_ALLOWED,
                 json!({ "error": "method not allowed" }),
@@ -316,15 +351,19 @@ impl ServeHttp for AdminApp {
         if purge {
             return json_answer(self.purge(req.uri.query()));
         }
+        if reload {
+            return json_answer(self.reload().await);
+        }
         match path {
             "/health" => json_answer(self.health()),
             "/ready" => json_answer(self.ready()),
             "/status" => json_answer(self.status()),
             "/mirror/diffs" => json_answer((StatusCode::OK, self.diffs())),
+            "/config" => json_answer((StatusCode::OK, crate::reload::redacted(&self.gw.peek()))),
             "/metrics" => answer(StatusCode::OK, "text/plain; version=0.0.4", self.metrics()),
             _ => json_answer((
                 StatusCode::NOT_FOUND,
-                json!({ "error": "not found", "endpoints": ["/health", "/ready", "/metrics", "/status", "/mirror/diffs"] }),
+                json!({ "error": "not found", "endpoints": ["/health", "/ready", "/metrics", "/status", "/mirror/diffs", "/config", "POST /reload"] }),
             )),
         }
     }

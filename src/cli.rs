@@ -19,8 +19,16 @@ use crate::config::{self, Config, ConfigErrors};
 )]
 pub struct Cli {
     /// Configuration file (YAML).
-    #[arg(short = 'c', long = "conf", value_name = "FILE", env = "FANOUT_CONF")]
+    #[arg(
+        short = 'c',
+        long = "conf",
+        value_name = "FILE",
+        env = "FANOUT_CONF",
+        global = true
+    )]
     pub conf: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Option<Command>,
     /// Check the configuration and exit.
     #[arg(short = 't', long = "test")]
     pub test: bool,
@@ -173,6 +181,14 @@ impl Sources {
                 .any(|id| source(id) == Some(ValueSource::CommandLine)),
         }
     }
+}
+
+/// Commands to a running gateway.
+#[derive(clap::Subcommand, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Command {
+    /// Apply the configuration file (-c) to the running gateway: in place when it can be,
+    /// else by graceful upgrade; exit 0 once it serves the file, non-zero with the reason.
+    Reload,
 }
 
 /// What the command line asks to run.
@@ -372,20 +388,23 @@ fn backend_url(url: &str) -> Result<(String, Option<String>), String> {
     Ok((backend, path))
 }
 
-/// Loads the configuration of a file or quick mode.
-pub fn load(cli: &Cli, mode: &Mode) -> Result<Config, ConfigErrors> {
-    match mode {
-        Mode::File(path) => config::load(path),
+/// Loads the configuration of a file or quick mode, with the text it was read from.
+pub fn load(cli: &Cli, mode: &Mode) -> Result<(Config, String), ConfigErrors> {
+    let (text, source) = match mode {
+        Mode::File(path) => (config::read(path)?, path.display().to_string()),
         Mode::Quick => match cli.quick_config_yaml() {
-            Ok(yaml) => config::from_yaml(&yaml, "command line"),
-            Err(e) => Err(ConfigErrors {
-                source: "command line".into(),
-                errors: vec![config::ConfigError::new("", e)],
-            }),
+            Ok(yaml) => (yaml, "command line".to_string()),
+            Err(e) => {
+                return Err(ConfigErrors {
+                    source: "command line".into(),
+                    errors: vec![config::ConfigError::new("", e)],
+                })
+            }
         },
-        Mode::Demo => config::from_yaml(
-            &crate::demo::config_yaml(cli.quick.listen.as_deref(), cli.admin.as_deref()),
-            "demo",
+        Mode::Demo => (
+            crate::demo::config_yaml(cli.quick.listen.as_deref(), cli.admin.as_deref()),
+            "demo".to_string(),
         ),
-    }
+    };
+    config::from_yaml(&text, &source).map(|c| (c, text))
 }

@@ -1,17 +1,27 @@
-//! The gateway's shared runtime, built once from a validated [`Config`]: the router, the
-//! routes with their metric handles, the upstreams with their live backend state, and the
-//! metrics registry. The proxy phases, the admin listener and the health checker all read
-//! this one value through an `Arc`.
+//! The gateway's shared runtime, in two parts. [`Gateway`] lives as long as the process:
+//! the metrics registry, the connector of copies, the access logger, the spool, the cache,
+//! the connection counts. [`Generation`] is what one version of the configuration file
+//! made: the router, the routes with their metric handles and rate limiters, the upstreams
+//! with their backends. The gateway holds the generation in force behind an `ArcSwap`; a
+//! request takes it once, at its start, and runs to its end on it, while a reload
+//! ([`crate::reload`]) builds the next generation beside it — handing over, by identity,
+//! everything learned that still means the same thing — and swaps it in.
 
-use std::sync::Arc;
-use std::time::Instant;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Instant, SystemTime};
+
+use arc_swap::{ArcSwap, Guard};
+use tokio::sync::watch;
 
 use crate::access_log::AccessLogger;
 use crate::broadcast::spool::Spool;
 use crate::broadcast::{self, Targets};
 use crate::cache;
-use crate::config::{AccessLog, Config, EncodedSlashes, RouteConfig, RouteKind, UpstreamId};
+use crate::config::UpstreamId;
+use crate::config::{AccessLog, Config, EncodedSlashes, RouteConfig, RouteKind};
 use crate::edge::admission::Connections;
+use crate::edge::handshake::Terminator;
 use crate::edge::ClientPolicy;
 use crate::fallback::{self, FallbackUpstreams};
 use crate::lifecycle::Draining;
@@ -27,7 +37,8 @@ use prometheus::IntCounter;
 pub struct Route {
     pub config: RouteConfig,
     pub metrics: RouteMetrics,
-    pub rate_limiter: Option<RateLimiter>,
+    /// Kept across reloads while the route's label and limit (and `redis:`) stay the same.
+    pub rate_limiter: Option<Arc<RateLimiter>>,
     pub rate_limited: IntCounter,
     /// Decisions the shared store (Redis) did not give in time.
     pub rate_limit_store_errors: IntCounter,
@@ -79,16 +90,26 @@ impl Route {
         }
     }
 
-    /// The runtime of `r`'s kind.
-    fn runtime(r: &RouteConfig, upstreams: &[Arc<Upstream>], metrics: &Metrics) -> RouteRuntime {
+    /// The runtime of `r`'s kind; `previous` is the route of the same label in the
+    /// generation being replaced (its broadcast targets and mirror pairs carry over).
+    fn runtime(
+        r: &RouteConfig,
+        upstreams: &[Arc<Upstream>],
+        metrics: &Metrics,
+        previous: Option<&Route>,
+    ) -> RouteRuntime {
         match &r.kind {
             RouteKind::Broadcast { targets, retry } => {
                 let ups: Vec<(Arc<Upstream>, Option<String>)> = targets
                     .iter()
                     .map(|t| (Arc::clone(&upstreams[t.upstream]), t.path.clone()))
                     .collect();
+                let before = previous.and_then(|p| match &p.kind {
+                    RouteRuntime::Broadcast(t) => Some(&**t),
+                    RouteRuntime::Proxy(_) => None,
+                });
                 RouteRuntime::Broadcast(Arc::new(broadcast::targets(
-                    &r.label, &ups, *retry, metrics,
+                    &r.label, &ups, *retry, metrics, before,
                 )))
             }
             RouteKind::Proxy {
@@ -103,7 +124,18 @@ impl Route {
                     .iter()
                     .map(|m| {
                         let upstream = Arc::clone(&upstreams[m.upstream]);
-                        Arc::new(Mirror::new(m, &r.label, upstream, metrics))
+                        let before = previous.and_then(|p| {
+                            p.mirrors()
+                                .iter()
+                                .find(|old| old.upstream_name() == upstream.name())
+                        });
+                        Arc::new(Mirror::new(
+                            m,
+                            &r.label,
+                            upstream,
+                            metrics,
+                            before.map(|b| &**b),
+                        ))
                     })
                     .collect(),
                 fallbacks: (!fallback.is_empty()).then(|| FallbackUpstreams {
@@ -131,88 +163,257 @@ impl Route {
     }
 }
 
-pub struct Gateway {
+/// What one version of the configuration made: everything a request is routed and
+/// answered by. Immutable; a reload builds the next one.
+pub struct Generation {
+    /// 1 for the configuration the process started with, then one more per reload.
+    pub number: u64,
+    /// A hash of the file's text, as `/status` and `GET /config` show it.
+    pub hash: String,
+    /// When it came into force.
+    pub since: SystemTime,
+    /// The configuration it was built from, and the text it was read from.
+    pub config: Arc<Config>,
+    pub text: Arc<str>,
     pub router: Router,
     pub routes: Vec<Route>,
     pub upstreams: Vec<Arc<Upstream>>,
+    /// Whether requests that matched no route are logged.
+    pub default_access_log: AccessLog,
+    pub encoded_slashes: EncodedSlashes,
+    /// `redis:`'s client, kept across reloads while `redis:` stays the same.
+    shared_store: Option<Arc<SharedStore>>,
+}
+
+/// Whether two configuration values are the same, by their full description (the model's
+/// types describe every setting; values read from files, such as certificates, by their
+/// content).
+pub fn same<T: std::fmt::Debug>(a: &T, b: &T) -> bool {
+    format!("{a:?}") == format!("{b:?}")
+}
+
+/// A hash of a configuration's text: 16 hex digits.
+pub fn text_hash(text: &str) -> String {
+    format!("{:016x}", crate::keys::stable_hash(text.as_bytes()))
+}
+
+impl Generation {
+    /// Builds generation `number` from `config` (read from `text`). `previous`: the
+    /// generation it replaces, whose learned state it takes over by identity — a backend
+    /// by (upstream, address), a rate limiter by (route label, limit), mirror pairs and
+    /// broadcast queues by (route label, upstream). Fails on what validation cannot see:
+    /// a Redis URL the client library refuses.
+    pub fn new(
+        config: Arc<Config>,
+        text: Arc<str>,
+        number: u64,
+        metrics: &Arc<Metrics>,
+        previous: Option<&Generation>,
+    ) -> Result<Generation, String> {
+        let shared_store = match (&config.redis, previous) {
+            (None, _) => None,
+            (Some(redis), Some(p))
+                if p.shared_store.is_some() && same(&p.config.redis, &config.redis) =>
+            {
+                let _ = redis;
+                p.shared_store.clone()
+            }
+            (Some(redis), _) => Some(Arc::new(SharedStore::new(redis)?)),
+        };
+        let same_store = match previous {
+            Some(p) => match (&p.shared_store, &shared_store) {
+                (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                (None, None) => true,
+                _ => false,
+            },
+            None => false,
+        };
+        let upstreams: Vec<Arc<Upstream>> = config
+            .upstreams
+            .iter()
+            .map(|u| {
+                let before = previous.and_then(|p| p.upstreams.iter().find(|o| *o.name == *u.name));
+                Arc::new(match before {
+                    Some(old) => Upstream::succeeding(u, metrics, old),
+                    None => Upstream::new(u, metrics),
+                })
+            })
+            .collect();
+        let routes: Vec<Route> = config
+            .routes
+            .iter()
+            .map(|r| {
+                let before =
+                    previous.and_then(|p| p.routes.iter().find(|o| o.config.label == r.label));
+                let limiter = r.rate_limit.as_ref().map(|l| {
+                    let kept = before.filter(|_| same_store).and_then(|b| {
+                        b.rate_limiter
+                            .as_ref()
+                            .filter(|_| same(&b.config.rate_limit, &r.rate_limit))
+                    });
+                    match kept {
+                        Some(k) => Arc::clone(k),
+                        None => Arc::new(RateLimiter::new(l, &r.label, shared_store.as_ref())),
+                    }
+                });
+                Route {
+                    metrics: RouteMetrics::new(&r.label),
+                    rate_limiter: limiter,
+                    rate_limited: metrics.rate_limited.with_label_values(&[&r.label]),
+                    rate_limit_store_errors: metrics
+                        .rate_limit_store_errors
+                        .with_label_values(&[&r.label]),
+                    kind: Route::runtime(r, &upstreams, metrics, before),
+                    config: r.clone(),
+                }
+            })
+            .collect();
+        Ok(Generation {
+            number,
+            hash: text_hash(&text),
+            since: SystemTime::now(),
+            router: Router::new(&config.routes),
+            routes,
+            upstreams,
+            default_access_log: config.default_access_log,
+            encoded_slashes: config.clients.encoded_slashes,
+            shared_store,
+            text,
+            config,
+        })
+    }
+
+    /// Every broadcast route's targets, by route label (what the delivery service serves).
+    pub fn broadcast_targets(&self) -> HashMap<String, Arc<Targets>> {
+        self.routes
+            .iter()
+            .filter_map(|r| match &r.kind {
+                RouteRuntime::Broadcast(t) => Some((r.config.label.clone(), Arc::clone(t))),
+                RouteRuntime::Proxy(_) => None,
+            })
+            .collect()
+    }
+
+    /// Whether a route of this generation uses the cache.
+    pub fn caches(&self) -> bool {
+        self.config.routes.iter().any(|r| r.cache.is_some())
+    }
+}
+
+pub struct Gateway {
+    current: ArcSwap<Generation>,
     pub metrics: Arc<Metrics>,
     /// Metric handles for requests that matched no route.
     pub unrouted: RouteMetrics,
     /// Sends mirror and fallback copies, with its own keep-alive pool.
     pub connector: Arc<Connector>,
-    /// Whether requests that matched no route are logged.
-    pub default_access_log: AccessLog,
     pub access_log: AccessLogger,
     /// Set on SIGQUIT/SIGTERM: answers close their connections from then on.
     pub draining: Arc<Draining>,
     /// Where broadcast routes keep what they accept until it is delivered.
     pub spool: Arc<dyn Spool>,
-    /// The response cache, when a route uses it.
-    pub cache: Option<cache::Cache>,
+    /// The response cache, made when a generation first has a route that uses it; it
+    /// outlives every reload.
+    cache: OnceLock<cache::Cache>,
     pub started: Instant,
-    /// What client connections are held to (`clients:`).
-    pub clients: Arc<ClientPolicy>,
+    /// What client connections are held to (`clients:`), swapped by a reload: each
+    /// connection keeps the policy it was accepted under.
+    pub clients: Arc<ArcSwap<ClientPolicy>>,
     pub connections: Arc<Connections>,
-    pub encoded_slashes: EncodedSlashes,
+    /// The upstreams in force, for the health checks and DNS lookups that follow them.
+    upstreams_watch: watch::Sender<Arc<[Arc<Upstream>]>>,
+    /// The broadcast routes in force, for the delivery service.
+    broadcast_watch: watch::Sender<Arc<HashMap<String, Arc<Targets>>>>,
+    /// The TLS side of each TLS listener, by address: a reload gives it new certificates.
+    pub terminators: Mutex<Vec<(std::net::SocketAddr, Arc<Terminator>)>>,
+    /// How reloads went (`/status`, the metrics), and the lock that runs one at a time.
+    pub reloads: crate::reload::History,
 }
 
 impl Gateway {
-    /// The runtime for `config`. Fails on what validation cannot see: the metrics registry,
-    /// or a Redis URL the client library refuses.
-    pub fn new(config: &Config, spool: Arc<dyn Spool>) -> Result<Gateway, String> {
+    /// The runtime for `config` (read from `text`). Fails on what validation cannot see:
+    /// the metrics registry, or a Redis URL the client library refuses.
+    pub fn new(config: Config, text: &str, spool: Arc<dyn Spool>) -> Result<Gateway, String> {
         let metrics = Arc::new(Metrics::new().map_err(|e| format!("metrics: {e}"))?);
-        let shared_store = match &config.redis {
-            Some(redis) => Some(Arc::new(SharedStore::new(redis)?)),
-            None => None,
-        };
-        let upstreams: Vec<Arc<Upstream>> = config
-            .upstreams
-            .iter()
-            .map(|u| Arc::new(Upstream::new(u, &metrics)))
-            .collect();
-        let routes: Vec<Route> = config
-            .routes
-            .iter()
-            .map(|r| Route {
-                metrics: RouteMetrics::new(&r.label),
-                rate_limiter: r
-                    .rate_limit
-                    .as_ref()
-                    .map(|l| RateLimiter::new(l, &r.label, shared_store.as_ref())),
-                rate_limited: metrics.rate_limited.with_label_values(&[&r.label]),
-                rate_limit_store_errors: metrics
-                    .rate_limit_store_errors
-                    .with_label_values(&[&r.label]),
-                kind: Route::runtime(r, &upstreams, &metrics),
-                config: r.clone(),
-            })
-            .collect();
-        let cache = config
-            .routes
-            .iter()
-            .any(|r| r.cache.is_some())
-            .then(|| cache::Cache::new(config.cache_max_size));
+        let config = Arc::new(config);
+        let generation = Generation::new(Arc::clone(&config), text.into(), 1, &metrics, None)?;
+        let cache = OnceLock::new();
+        if generation.caches() {
+            let _ = cache.set(cache::Cache::new(config.cache_max_size));
+        }
+        let (upstreams_watch, _) = watch::channel(generation.upstreams.clone().into());
+        let (broadcast_watch, _) = watch::channel(Arc::new(generation.broadcast_targets()));
+        metrics.config_generation.set(1);
         Ok(Gateway {
-            router: Router::new(&config.routes),
             connector: Arc::new(Connector::new(Some(ConnectorOptions::from_server_conf(
                 &config.server,
             )))),
-            routes,
-            upstreams,
             unrouted: RouteMetrics::new("none"),
-            default_access_log: config.default_access_log,
             access_log: AccessLogger::new(metrics.access_log_dropped.clone()),
             spool,
             cache,
             draining: Arc::default(),
-            clients: Arc::new(ClientPolicy::new(&config.clients, &metrics)),
+            clients: Arc::new(ArcSwap::from_pointee(ClientPolicy::new(
+                &config.clients,
+                &metrics,
+            ))),
             connections: Connections::new(
                 config.clients.max_connections,
                 config.clients.max_connections_per_ip,
             ),
-            encoded_slashes: config.clients.encoded_slashes,
+            upstreams_watch,
+            broadcast_watch,
+            terminators: Mutex::default(),
+            reloads: crate::reload::History::default(),
+            current: ArcSwap::from_pointee(generation),
             metrics,
             started: Instant::now(),
         })
+    }
+
+    /// The generation in force, held for as long as the caller needs it (a request: to
+    /// its end).
+    pub fn current(&self) -> Arc<Generation> {
+        self.current.load_full()
+    }
+
+    /// The generation in force, for a quick look (no reference count taken).
+    pub fn peek(&self) -> Guard<Arc<Generation>> {
+        self.current.load()
+    }
+
+    pub fn cache(&self) -> Option<&cache::Cache> {
+        self.cache.get()
+    }
+
+    /// The upstreams in force, followed by the health checks and DNS lookups.
+    pub fn upstreams_watch(&self) -> crate::upstream::follow::UpstreamsWatch {
+        self.upstreams_watch.subscribe()
+    }
+
+    /// The broadcast routes in force, followed by the delivery service.
+    pub fn broadcast_watch(&self) -> broadcast::RoutesWatch {
+        self.broadcast_watch.subscribe()
+    }
+
+    /// Puts `next` in force: new requests get it, requests under way finish on theirs; the
+    /// background services follow its upstreams and broadcast routes. The cache is made
+    /// if `next` is the first generation to use it.
+    pub fn install(&self, next: Generation, clients: ClientPolicy) {
+        if next.caches() {
+            let _ = self
+                .cache
+                .get_or_init(|| cache::Cache::new(next.config.cache_max_size));
+        }
+        let c = &next.config.clients;
+        self.connections
+            .set_limits(c.max_connections, c.max_connections_per_ip);
+        self.clients.store(Arc::new(clients));
+        self.upstreams_watch
+            .send_replace(next.upstreams.clone().into());
+        self.broadcast_watch
+            .send_replace(Arc::new(next.broadcast_targets()));
+        self.metrics.config_generation.set(next.number as i64);
+        self.current.store(Arc::new(next));
     }
 }

@@ -21,6 +21,7 @@ pub mod outbound;
 pub mod probe;
 pub mod proxy;
 pub mod ratelimit;
+pub mod reload;
 pub mod request_id;
 pub mod respond;
 pub mod routing;

@@ -10,6 +10,9 @@ use fanout::cli::{self, Cli, Mode};
 use fanout::{demo, server};
 
 fn main() {
+    // SIGHUP reloads the configuration; one that comes before the server runs is kept for
+    // then, rather than ending the process as its default action would.
+    fanout::reload::catch_hangup_until_handled();
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     std::process::exit(run(Cli::from_env_and_args()));
 }
@@ -27,6 +30,9 @@ fn run(cli: Cli) -> i32 {
             }
         };
     }
+    if cli.command == Some(cli::Command::Reload) {
+        return fanout::reload::command::run(cli.conf.as_deref());
+    }
     let mode = match cli.mode() {
         Ok(m) => m,
         Err(e) => {
@@ -34,7 +40,7 @@ fn run(cli: Cli) -> i32 {
             return 2;
         }
     };
-    let config = match cli::load(&cli, &mode) {
+    let (config, text) = match cli::load(&cli, &mode) {
         Ok(c) => c,
         Err(errors) => {
             eprintln!("{errors}");
@@ -58,7 +64,12 @@ fn run(cli: Cli) -> i32 {
         daemon: cli.daemon,
         upgrade: cli.upgrade,
     };
-    let (server, _gateway) = match server::build(config, process, extra) {
+    let file = match &mode {
+        Mode::File(path) => Some(path.clone()),
+        Mode::Quick | Mode::Demo => None,
+    };
+    let source = server::Source { text, file };
+    let (server, _gateway) = match server::build(config, source, process, extra) {
         Ok(built) => built,
         Err(e) => {
             eprintln!("fanout: {e}");

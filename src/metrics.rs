@@ -37,6 +37,9 @@ pub struct Metrics {
     pub cache_size: IntGauge,
     pub cache_evictions: IntCounter,
     pub access_log_dropped: IntCounter,
+    /// `fanout_config_reloads_total` by result (ok, error, upgrade).
+    pub config_reloads: IntCounterVec,
+    pub config_generation: IntGauge,
     /// Totals for `/status`.
     pub totals: Totals,
 }
@@ -234,6 +237,20 @@ impl Metrics {
                 )?;
                 reg.register(Box::new(c.clone()))?;
                 c
+            },
+            config_reloads: counter(
+                &reg,
+                "fanout_config_reloads_total",
+                "Configuration reloads, by result: ok (in force), error (refused, the old one serves), upgrade (needs a graceful upgrade)",
+                &["result"],
+            )?,
+            config_generation: {
+                let g = IntGauge::new(
+                    "fanout_config_generation",
+                    "The generation of the configuration in force: 1 at start, one more per reload",
+                )?;
+                reg.register(Box::new(g.clone()))?;
+                g
             },
             registry: reg,
             totals: Totals::default(),

@@ -47,7 +47,7 @@ use crate::config::{AccessLog, RouteId, UpstreamId};
 use crate::edge::{self, path};
 use crate::fallback::{self, Fallbacks};
 use crate::forwarding;
-use crate::gateway::{Gateway, Route, RouteRuntime};
+use crate::gateway::{Gateway, Generation, Route, RouteRuntime};
 use crate::keys::{self, client_ip, request_host};
 use crate::limits::{self, BodyCounter, Expect, Refusal};
 use crate::mirror::Copies;
@@ -67,8 +67,8 @@ impl FanoutProxy {
         FanoutProxy { gw }
     }
 
-    fn route(&self, ctx: &RequestCtx) -> Option<&Route> {
-        ctx.route.map(|id| &self.gw.routes[id])
+    fn route<'a>(&self, ctx: &'a RequestCtx) -> Option<&'a Route> {
+        ctx.route.map(|id| &ctx.gen.routes[id])
     }
 
     /// The upstream this request goes to: the route's.
@@ -82,20 +82,23 @@ impl FanoutProxy {
         let retry = safe && ctx.attempts <= self.retries(ctx);
         e.set_retry(retry);
         if let (true, Some(u)) = (retry, self.target(ctx)) {
-            self.gw.upstreams[u].retries.inc();
+            ctx.gen.upstreams[u].retries.inc();
         }
     }
 
     /// Retries allowed to this request.
     fn retries(&self, ctx: &RequestCtx) -> u32 {
         self.target(ctx)
-            .map_or(0, |u| self.gw.upstreams[u].config.retries)
+            .map_or(0, |u| ctx.gen.upstreams[u].config.retries)
     }
 }
 
 /// Per-request state carried through the phases.
 pub struct RequestCtx {
     start: Instant,
+    /// The configuration this request runs on from start to end, whatever reloads happen
+    /// meanwhile.
+    gen: Arc<Generation>,
     request_id: String,
     route: Option<RouteId>,
     /// The backend currently serving this request; dropping it releases its in-flight slot.
@@ -190,7 +193,7 @@ impl FanoutProxy {
     ) -> Result<Option<u16>> {
         let limit = ctx
             .route
-            .map_or(u64::MAX, |id| self.gw.routes[id].config.max_body_bytes);
+            .map_or(u64::MAX, |id| ctx.gen.routes[id].config.max_body_bytes);
         let Some(fallbacks) = ctx.fallbacks.as_mut() else {
             return Ok(None);
         };
@@ -209,7 +212,7 @@ impl FanoutProxy {
         let upstream = answer.upstream;
         ctx.answered_by = Some(upstream);
         let route = self.route(ctx).map(|r| &r.config);
-        let name = self.gw.upstreams[upstream].name();
+        let name = ctx.gen.upstreams[upstream].name();
         fallback::send(session, answer, route, &ctx.request_id, name)
             .await
             .map(Some)
@@ -219,12 +222,12 @@ impl FanoutProxy {
     /// HTTP/1.1 one met them before Pingora parsed it), then normalises its path in place
     /// (`edge::path`), so that routing, keys, logs and the upstream request all see the
     /// same one; refuses a path that cannot be.
-    fn screen(&self, session: &mut Session) -> Result<(), Refusal> {
+    fn screen(&self, session: &mut Session, gen: &Generation) -> Result<(), Refusal> {
         let req = session.req_header();
         if req.version == http::Version::HTTP_2 {
-            edge::h2::check(req, &self.gw.clients.limits).map_err(Refusal::Edge)?;
+            edge::h2::check(req, &self.gw.clients.load().limits).map_err(Refusal::Edge)?;
         }
-        let normal = path::normalize(req.uri.path(), self.gw.encoded_slashes)
+        let normal = path::normalize(req.uri.path(), gen.encoded_slashes)
             .map_err(|e| Refusal::BadRequest(e.message()))?;
         let Some(normal) = normal else {
             return Ok(());
@@ -240,8 +243,8 @@ impl FanoutProxy {
     /// route (404/405), declared body size (413), rate limit (429).
     fn admit(&self, session: &Session, ctx: &mut RequestCtx) -> Verdict {
         let req = session.req_header();
-        let id = match self
-            .gw
+        let id = match ctx
+            .gen
             .router
             .lookup(request_host(req), req.uri.path(), &req.method)
         {
@@ -250,7 +253,8 @@ impl FanoutProxy {
             RouteMatch::NotFound => return Verdict::Answer(Answer::status(404)),
         };
         ctx.route = Some(id);
-        let route = &self.gw.routes[id];
+        let gen = Arc::clone(&ctx.gen);
+        let route = &gen.routes[id];
         if let Err(r) = limits::check_length(req, route.config.max_body_bytes) {
             return Verdict::Answer(Answer::refusal(r));
         }
@@ -305,7 +309,8 @@ impl FanoutProxy {
     /// rest of [`Self::admit`]. Redis not answering within `redis.timeout` is a store error:
     /// counted, then `on_store_error` lets the request through or answers 503.
     async fn admit_shared(&self, session: &Session, ctx: &mut RequestCtx) -> Verdict {
-        let Some(route) = self.route(ctx) else {
+        let gen = Arc::clone(&ctx.gen);
+        let Some(route) = ctx.route.map(|id| &gen.routes[id]) else {
             return Verdict::Answer(Answer::status(404));
         };
         let Some(limiter) = route.rate_limiter.as_ref() else {
@@ -344,7 +349,7 @@ impl FanoutProxy {
         let Some(id) = ctx.route else {
             return Verdict::Answer(Answer::status(404));
         };
-        let route = &self.gw.routes[id];
+        let route = &ctx.gen.routes[id];
         match &route.kind {
             // An upgrade (WebSocket) becomes a tunnel to one backend: never mirrored, and
             // no fallback can take over a tunnel.
@@ -390,10 +395,11 @@ impl FanoutProxy {
             // Nothing is routed, copied or sent upstream before the stream has shown that
             // it carries no data.
             Verdict::AwaitEnd => {
-                match edge::h2::await_empty_end(session, self.gw.clients.body_timeout).await {
+                match edge::h2::await_empty_end(session, self.gw.clients.load().body_timeout).await
+                {
                     Ok(()) => self.admit(session, ctx),
                     Err(r) => {
-                        self.gw.clients.refused.bad_request.inc();
+                        self.gw.clients.load().refused.bad_request.inc();
                         Verdict::Answer(Answer::refusal(Refusal::Edge(r)))
                     }
                 }
@@ -427,7 +433,7 @@ impl FanoutProxy {
             Verdict::Tunnel(upstream) => {
                 if let Some(route) = self.route(ctx) {
                     let target = tunnel::Target {
-                        upstream: &self.gw.upstreams[upstream],
+                        upstream: &ctx.gen.upstreams[upstream],
                         route: &route.config,
                         connector: &self.gw.connector,
                         request_id: &ctx.request_id,
@@ -437,7 +443,7 @@ impl FanoutProxy {
                 Ok(true)
             }
             Verdict::Broadcast => {
-                let route = ctx.route.map(|id| &self.gw.routes[id]);
+                let route = ctx.route.map(|id| &ctx.gen.routes[id]);
                 if let Some((route, RouteRuntime::Broadcast(targets))) = route.map(|r| (r, &r.kind))
                 {
                     let closing = self.gw.draining.is_set();
@@ -487,6 +493,7 @@ impl ProxyHttp for FanoutProxy {
     fn new_ctx(&self) -> RequestCtx {
         RequestCtx {
             start: Instant::now(),
+            gen: self.gw.current(),
             request_id: String::new(),
             route: None,
             lease: None,
@@ -510,11 +517,11 @@ impl ProxyHttp for FanoutProxy {
         let req = session.req_header();
         ctx.request_id =
             request_id::from_client(req.headers.get(request_id::HEADER).map(|v| v.as_bytes()));
-        let verdict = match self.screen(session) {
+        let verdict = match self.screen(session, &Arc::clone(&ctx.gen)) {
             Ok(()) if edge::h2::declares_empty_body(session.req_header()) => Verdict::AwaitEnd,
             Ok(()) => self.admit(session, ctx),
             Err(r) => {
-                self.gw.clients.refused.bad_request.inc();
+                self.gw.clients.load().refused.bad_request.inc();
                 Verdict::Answer(Answer::refusal(r))
             }
         };
@@ -543,7 +550,7 @@ impl ProxyHttp for FanoutProxy {
         }
         let limit = ctx
             .route
-            .map_or(u64::MAX, |id| self.gw.routes[id].config.max_body_bytes);
+            .map_or(u64::MAX, |id| ctx.gen.routes[id].config.max_body_bytes);
         let replayed = match body.as_ref().map(|chunk| ctx.body.add(chunk.len(), limit)) {
             None => 0,
             Some(Ok(replayed)) => replayed,
@@ -571,7 +578,7 @@ impl ProxyHttp for FanoutProxy {
 
     fn request_cache_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<()> {
         let route_cache = self.route(ctx).and_then(|r| r.config.cache.as_ref());
-        if let (Some(cache), Some(rc)) = (&self.gw.cache, route_cache) {
+        if let (Some(cache), Some(rc)) = (self.gw.cache(), route_cache) {
             cache.enable(session, rc);
         }
         Ok(())
@@ -643,7 +650,7 @@ impl ProxyHttp for FanoutProxy {
     ) -> Result<Box<HttpPeer>> {
         let upstream = self
             .target(ctx)
-            .map(|u| &self.gw.upstreams[u])
+            .map(|u| &ctx.gen.upstreams[u])
             .ok_or_else(|| {
                 Error::explain(ErrorType::InternalError, "request has no proxy route")
             })?;
@@ -711,11 +718,13 @@ impl ProxyHttp for FanoutProxy {
             fallbacks.release();
             if let Some(u) = self.target(ctx) {
                 ctx.answered_by = Some(u);
-                upstream_response.insert_header(fallback::HEADER, self.gw.upstreams[u].name())?;
+                upstream_response.insert_header(fallback::HEADER, ctx.gen.upstreams[u].name())?;
             }
         }
-        if let Some(results) = self
-            .route(ctx)
+        let gen = Arc::clone(&ctx.gen);
+        if let Some(results) = ctx
+            .route
+            .map(|id| &gen.routes[id])
             .and_then(|r| r.proxy()?.cache_results.as_ref())
         {
             let outcome = match cache::Outcome::of(session.cache.phase()) {
@@ -767,7 +776,7 @@ impl ProxyHttp for FanoutProxy {
     ) -> Box<Error> {
         if e.etype == ErrorType::TLSHandshakeFailure {
             // The usual cause is configuration (CA, name, protocol): say which backend.
-            let upstream = self.target(ctx).map(|u| self.gw.upstreams[u].name());
+            let upstream = self.target(ctx).map(|u| ctx.gen.upstreams[u].name());
             log::error!(
                 "TLS to backend {} of upstream {} failed: {}",
                 ctx.backend.as_deref().unwrap_or("?"),
@@ -800,7 +809,7 @@ impl ProxyHttp for FanoutProxy {
             // The client is gone, or its own body broke its framing: the request is over,
             // never sent again.
             e.set_retry(false);
-            self.gw.clients.refused.downstream(&e).inc();
+            self.gw.clients.load().refused.downstream(&e).inc();
             return e;
         }
         attempt_failed(ctx, &e);
@@ -870,12 +879,13 @@ impl ProxyHttp for FanoutProxy {
             .as_downstream()
             .response_written()
             .map_or(0, |r| r.status.as_u16());
-        let route = self.route(ctx);
+        let gen = Arc::clone(&ctx.gen);
+        let route = ctx.route.map(|id| &gen.routes[id]);
         let route_metrics = route.map_or(&self.gw.unrouted, |r| &r.metrics);
         route_metrics.observe(&self.gw.metrics, status, elapsed.as_secs_f64());
         self.gw.metrics.totals.count_answer(status, e.is_some());
 
-        let log = route.map_or(self.gw.default_access_log, |r| r.config.access_log);
+        let log = route.map_or(ctx.gen.default_access_log, |r| r.config.access_log);
         if log == AccessLog::Json {
             let req = session.req_header();
             let downstream = session.as_downstream();
@@ -894,7 +904,7 @@ impl ProxyHttp for FanoutProxy {
                 upstream: ctx
                     .answered_by
                     .or_else(|| route.and_then(Route::upstream))
-                    .map(|u| Arc::clone(&self.gw.upstreams[u].name)),
+                    .map(|u| Arc::clone(&ctx.gen.upstreams[u].name)),
                 backend: ctx.backend.take(),
                 cache: ctx.cache.map(cache::Outcome::label),
                 duration_ms: millis(elapsed),

@@ -17,17 +17,18 @@ use pingora_core::services::ServiceWithDependents;
 use crate::admin::AdminApp;
 use crate::broadcast::disk::DiskSpool;
 use crate::broadcast::spool::{MemorySpool, Spool};
-use crate::broadcast::{Deliverer, Targets};
+use crate::broadcast::Deliverer;
 use crate::config::Config;
 use crate::config::MEMORY_SPOOL_MAX_SIZE;
 use crate::edge::accept::{Edge, EdgeListener};
 use crate::edge::handshake::Terminator;
-use crate::gateway::{Gateway, RouteRuntime};
+use crate::gateway::Gateway;
 use crate::lifecycle::SignalWatch;
 use crate::proxy::FanoutProxy;
+use crate::reload::control::Control;
+use crate::reload::Hangup;
 use crate::upstream::discovery::Discovery;
 use crate::upstream::health::HealthChecker;
-use std::collections::HashMap;
 
 /// The longest the first DNS lookups may hold the start up.
 const DNS_AT_START: Duration = Duration::from_secs(5);
@@ -39,9 +40,18 @@ pub struct ProcessOptions {
     pub upgrade: bool,
 }
 
+/// Where the configuration came from: its text, and the file a reload reads again (none
+/// in quick mode and the demo).
+#[derive(Debug, Default, Clone)]
+pub struct Source {
+    pub text: String,
+    pub file: Option<std::path::PathBuf>,
+}
+
 /// Builds the server and its services. Extra services (the demo's backends) ride along.
 pub fn build(
     config: Config,
+    source: Source,
     process: ProcessOptions,
     extra: Vec<Box<dyn ServiceWithDependents>>,
 ) -> Result<(Server, Arc<Gateway>), String> {
@@ -58,12 +68,19 @@ pub fn build(
         }
         None => Arc::new(MemorySpool::new(MEMORY_SPOOL_MAX_SIZE)),
     };
-    let gateway = Arc::new(Gateway::new(&config, spool)?);
+    let listen = config.listen.clone();
+    let admin = config.admin.clone();
+    let server_conf = config.server_copy()?;
+    let resolver = config.resolver.clone();
+    let control = crate::reload::control::socket_path(&config.server.upgrade_sock);
+    let gateway = Arc::new(Gateway::new(config, &source.text, spool)?);
+    gateway.reloads.started(source.file);
     // Backends found by DNS are looked up before anything serves: no request may find
     // their upstream empty, not even the first after a graceful upgrade.
-    let discovery = Discovery::new(config.resolver.as_ref(), &gateway.upstreams)?;
+    let discovery = Discovery::new(resolver.as_ref(), &gateway.peek().upstreams)?
+        .following(gateway.upstreams_watch());
     discovery.resolve_at_start(DNS_AT_START)?;
-    let mut server = Server::new_with_opt_and_conf(opt, config.server);
+    let mut server = Server::new_with_opt_and_conf(opt, server_conf);
     server.bootstrap();
 
     let mut http = pingora_proxy::http_proxy(
@@ -71,13 +88,21 @@ pub fn build(
         FanoutProxy::new(Arc::clone(&gateway)),
     );
     let mut listeners = Vec::new();
-    for l in &config.listen {
+    for l in &listen {
         let tls = match &l.tls {
-            Some(t) => Some(Terminator::new(crate::tls::server_config(
-                &t.certificates,
-                t.min_tls13,
-                l.http2,
-            )?)),
+            Some(t) => {
+                let terminator = Arc::new(Terminator::new(crate::tls::server_config(
+                    &t.certificates,
+                    t.min_tls13,
+                    l.http2,
+                )?));
+                gateway
+                    .terminators
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push((l.addr, Arc::clone(&terminator)));
+                Some(terminator)
+            }
             None => None,
         };
         let gauge = gateway
@@ -96,7 +121,7 @@ pub fn build(
     options.h2c = listeners.iter().any(|l| l.h2c);
     // An h2 connection without a stream is idle: it gets `keepalive_timeout`, as an
     // HTTP/1 connection between requests does.
-    options.h2_idle_timeout = Some(gateway.clients.keepalive_timeout);
+    options.h2_idle_timeout = Some(gateway.clients.load().keepalive_timeout);
     http.server_options = Some(options);
     let edge = Edge::new(
         http,
@@ -105,7 +130,7 @@ pub fn build(
         listeners,
     );
     let mut proxy = Service::new("fanout proxy".into(), edge);
-    for l in &config.listen {
+    for l in &listen {
         // No L4 read buffer: Pingora's 64 KiB default per connection is most of what an
         // idle or slow client costs, and the edge reads a head into a buffer of its own
         // size anyway (bench/RESULTS.md, memory per connection). TLS is the edge's too.
@@ -122,13 +147,10 @@ pub fn build(
     }
     server.add_service(proxy);
 
-    if let Some(admin_config) = &config.admin {
+    if let Some(admin_config) = &admin {
         let mut admin = Service::new(
             "fanout admin".into(),
-            HttpServer::new_app(AdminApp::new(
-                Arc::clone(&gateway),
-                admin_config.token.clone(),
-            )),
+            HttpServer::new_app(AdminApp::new(Arc::clone(&gateway))),
         );
         admin.add_tcp(&admin_config.address.to_string());
         server.add_service(admin);
@@ -138,30 +160,27 @@ pub fn build(
         SignalWatch::new(Arc::clone(&gateway.draining)),
     ));
     server.add_service(background_service(
-        "health checks",
-        HealthChecker::new(gateway.upstreams.clone()),
+        "reload on SIGHUP",
+        Hangup::new(Arc::clone(&gateway)),
     ));
-    if discovery.is_needed() {
-        server.add_service(background_service("dns discovery", discovery));
-    }
-    let broadcast: HashMap<String, Arc<Targets>> = gateway
-        .routes
-        .iter()
-        .filter_map(|r| match &r.kind {
-            RouteRuntime::Broadcast(t) => Some((r.config.label.clone(), Arc::clone(t))),
-            RouteRuntime::Proxy(_) => None,
-        })
-        .collect();
-    if !broadcast.is_empty() {
-        let deliverer = Deliverer::new(
-            Arc::clone(&gateway.spool),
-            broadcast,
-            &server.configuration,
-            gateway.metrics.spool_bytes.clone(),
-            gateway.metrics.spool_oldest.clone(),
-        );
-        server.add_service(background_service("broadcast delivery", deliverer));
-    }
+    server.add_service(background_service(
+        "control socket",
+        Control::new(Arc::clone(&gateway), control),
+    ));
+    server.add_service(background_service(
+        "health checks",
+        HealthChecker::new(gateway.upstreams_watch()),
+    ));
+    server.add_service(background_service("dns discovery", discovery));
+    // Always there: a reload may bring the first broadcast route.
+    let deliverer = Deliverer::new(
+        Arc::clone(&gateway.spool),
+        gateway.broadcast_watch(),
+        &server.configuration,
+        gateway.metrics.spool_bytes.clone(),
+        gateway.metrics.spool_oldest.clone(),
+    );
+    server.add_service(background_service("broadcast delivery", deliverer));
     server.add_services(extra);
     Ok((server, gateway))
 }

@@ -186,14 +186,7 @@ async fn each_comparison_lands_in_its_result_and_differing_pairs_are_kept() {
     }
     assert_eq!(metric(&c, &gw, &series("incomplete")).await, 0);
 
-    let diffs: serde_json::Value = c
-        .get(gw.admin_url("/mirror/diffs"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let diffs = admin_json(&c, &gw, "/mirror/diffs").await;
     let diffs = diffs.as_array().expect("a list");
     assert_eq!(diffs.len(), 6 * bodies.len(), "{diffs:?}");
     // Newest first: the last differing request is /secret.

@@ -276,8 +276,12 @@ fn gateway() -> SocketAddr {
             daemon: false,
             upgrade: false,
         };
+        let source = fanout::server::Source {
+            text: yaml.clone(),
+            file: None,
+        };
         let (server, _gateway) =
-            fanout::server::build(config, process, Vec::new()).expect("fanout server");
+            fanout::server::build(config, source, process, Vec::new()).expect("fanout server");
         std::thread::spawn(move || server.run_forever());
         let addr: SocketAddr = ([127, 0, 0, 1], port).into();
         let deadline = Instant::now() + Duration::from_secs(10);

@@ -22,6 +22,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use pingora_core::connectors::http::Connector;
 use pingora_core::connectors::ConnectorOptions;
@@ -35,7 +36,6 @@ use tokio::task::JoinSet;
 
 use super::spool::{lock, Accepted, Found, Key, Spool};
 use super::{age, Target, Targets};
-use crate::config::RetryPolicy;
 use crate::limits::ByteBudget;
 use crate::outbound::{self, Body, Failure, Keep};
 use crate::upstream::Tried;
@@ -121,10 +121,15 @@ impl Queue {
 /// One target's deliveries.
 struct Lane {
     target: Arc<Target>,
-    retry: RetryPolicy,
     queue: Mutex<Queue>,
     more: Notify,
 }
+
+/// The lanes, by (route label, upstream name): what the spool knows a target by.
+type Lanes = HashMap<(String, String), Arc<Lane>>;
+
+/// Every broadcast route's targets, by route label, as reloads change them.
+pub type RoutesWatch = watch::Receiver<Arc<HashMap<String, Arc<Targets>>>>;
 
 /// What the lanes share.
 struct Shared {
@@ -139,8 +144,7 @@ struct Shared {
 /// The background service that delivers broadcast requests.
 pub struct Deliverer {
     spool: Arc<dyn Spool>,
-    /// Every broadcast route's targets, by route label.
-    routes: HashMap<String, Arc<Targets>>,
+    routes: RoutesWatch,
     options: ConnectorOptions,
     grace: Duration,
     spool_bytes: IntGaugeVec,
@@ -150,7 +154,7 @@ pub struct Deliverer {
 impl Deliverer {
     pub fn new(
         spool: Arc<dyn Spool>,
-        routes: HashMap<String, Arc<Targets>>,
+        routes: RoutesWatch,
         conf: &ServerConf,
         spool_bytes: IntGaugeVec,
         spool_oldest: IntGaugeVec,
@@ -183,23 +187,11 @@ impl BackgroundService for Deliverer {
             stop,
         });
         // One lane per (route, target), found by route label and upstream name.
-        let mut lanes: HashMap<(String, String), Arc<Lane>> = HashMap::new();
-        for (label, targets) in &self.routes {
-            for t in &targets.list {
-                let lane = Arc::new(Lane {
-                    target: Arc::clone(t),
-                    retry: targets.retry,
-                    queue: Mutex::default(),
-                    more: Notify::new(),
-                });
-                lanes.insert((label.clone(), t.upstream.name().to_string()), lane);
-            }
-        }
-        let lanes = Arc::new(lanes);
+        let mut routes = self.routes.clone();
         let mut tasks = JoinSet::new();
-        for lane in lanes.values() {
-            tasks.spawn(run_lane(Arc::clone(lane), Arc::clone(&shared)));
-        }
+        let lanes = ArcSwap::from_pointee(Lanes::new());
+        follow_routes(&lanes, &routes.borrow_and_update(), &shared, &mut tasks);
+        let lanes = Arc::new(lanes);
         let mut intake = tokio::spawn(intake(Arc::clone(&lanes), Arc::clone(&shared)));
         let gauges = tokio::spawn(report(
             Arc::clone(&lanes),
@@ -208,20 +200,23 @@ impl BackgroundService for Deliverer {
         ));
         let durable = self.spool.durable();
         let mut shutdown = shutdown;
-        if !*shutdown.borrow() {
-            // A disk spool is handed over as soon as the stop or upgrade is asked for (on
-            // SIGQUIT Pingora itself waits 5 s before telling its services): the next
-            // process, which waits for the spool, then delivers at once.
-            let signals = (signal(SignalKind::quit()), signal(SignalKind::terminate()));
-            match signals {
-                (Ok(mut quit), Ok(mut term)) if durable => tokio::select! {
-                    _ = shutdown.changed() => {}
-                    _ = quit.recv() => {}
-                    _ = term.recv() => {}
+        // A disk spool is handed over as soon as the stop or upgrade is asked for (on
+        // SIGQUIT Pingora itself waits 5 s before telling its services): the next process,
+        // which waits for the spool, then delivers at once.
+        let (mut quit, mut term) =
+            match (signal(SignalKind::quit()), signal(SignalKind::terminate())) {
+                (Ok(q), Ok(t)) if durable => (Some(q), Some(t)),
+                _ => (None, None),
+            };
+        while !*shutdown.borrow() {
+            tokio::select! {
+                _ = shutdown.changed() => break,
+                _ = signalled(&mut quit) => break,
+                _ = signalled(&mut term) => break,
+                changed = routes.changed() => match changed {
+                    Ok(()) => follow_routes(&lanes, &routes.borrow_and_update(), &shared, &mut tasks),
+                    Err(_) => { let _ = shutdown.changed().await; break; }
                 },
-                _ => {
-                    let _ = shutdown.changed().await;
-                }
             }
         }
         let _ = stop_tx.send(true);
@@ -239,6 +234,7 @@ impl BackgroundService for Deliverer {
         intake.abort();
         let _ = (&mut intake).await;
         gauges.abort();
+        let lanes = lanes.load_full();
         let left: u64 = lanes
             .values()
             .map(|l| {
@@ -262,11 +258,55 @@ impl BackgroundService for Deliverer {
     }
 }
 
+/// Waits for `s`, or for ever when there is none to wait for.
+async fn signalled(s: &mut Option<tokio::signal::unix::Signal>) {
+    match s {
+        Some(s) => {
+            s.recv().await;
+        }
+        None => std::future::pending::<()>().await,
+    }
+}
+
+/// Brings the lanes in step with the routes in force: a (route, target) pair that stays
+/// keeps its lane and queue, a new one gets a lane, and the lane of a pair a reload
+/// removed goes on delivering what it holds (those requests were accepted for that
+/// target) but takes nothing new.
+fn follow_routes(
+    lanes: &ArcSwap<Lanes>,
+    routes: &HashMap<String, Arc<Targets>>,
+    shared: &Arc<Shared>,
+    tasks: &mut JoinSet<()>,
+) {
+    let before = lanes.load_full();
+    let mut now = Lanes::new();
+    for (label, targets) in routes {
+        for t in &targets.list {
+            let key = (label.clone(), t.name.to_string());
+            let lane = match before.get(&key) {
+                Some(lane) if Arc::ptr_eq(&lane.target, t) => Arc::clone(lane),
+                _ => {
+                    let lane = Arc::new(Lane {
+                        target: Arc::clone(t),
+                        queue: Mutex::default(),
+                        more: Notify::new(),
+                    });
+                    tasks.spawn(run_lane(Arc::clone(&lane), Arc::clone(shared)));
+                    lane
+                }
+            };
+            now.insert(key, lane);
+        }
+    }
+    lanes.store(Arc::new(now));
+}
+
 /// Takes what the spool hands out and queues each request on the lanes of its targets.
-async fn intake(lanes: Arc<HashMap<(String, String), Arc<Lane>>>, shared: Arc<Shared>) {
+async fn intake(lanes: Arc<ArcSwap<Lanes>>, shared: Arc<Shared>) {
     let keep_all = !shared.spool.durable();
     loop {
         let found = shared.spool.found(Duration::from_millis(250)).await;
+        let lanes = lanes.load();
         for Found {
             key,
             pending,
@@ -325,12 +365,9 @@ async fn intake(lanes: Arc<HashMap<(String, String), Arc<Lane>>>, shared: Arc<Sh
 }
 
 /// Refreshes the age of each target's oldest delivery and the spool gauges once a second.
-async fn report(
-    lanes: Arc<HashMap<(String, String), Arc<Lane>>>,
-    bytes: IntGaugeVec,
-    oldest: IntGaugeVec,
-) {
+async fn report(lanes: Arc<ArcSwap<Lanes>>, bytes: IntGaugeVec, oldest: IntGaugeVec) {
     loop {
+        let lanes = lanes.load_full();
         let mut by_upstream: HashMap<&str, (u64, u64)> = HashMap::new();
         for lane in lanes.values() {
             let first = {
@@ -344,7 +381,7 @@ async fn report(
             };
             let t = &lane.target;
             t.oldest_ms.store(first, Relaxed);
-            let e = by_upstream.entry(t.upstream.name()).or_insert((0, 0));
+            let e = by_upstream.entry(&*t.name).or_insert((0, 0));
             e.0 += t.pending_bytes.load(Relaxed);
             if first > 0 && (e.1 == 0 || first < e.1) {
                 e.1 = first;
@@ -451,7 +488,7 @@ async fn attempt(lane: &Lane, shared: &Shared, mut item: Item, probe: bool) {
             log::error!(
                 "broadcast: request {} for {} cannot be read from the spool ({e}): lost",
                 item.request_id,
-                target.upstream.name()
+                target.name
             );
             if probe {
                 target.breaker.abandon_probe();
@@ -473,7 +510,7 @@ async fn attempt(lane: &Lane, shared: &Shared, mut item: Item, probe: bool) {
             target.rejected.inc();
             log::warn!(
                 "broadcast: {} rejected request {} of route {} with {status}; not retried",
-                target.upstream.name(),
+                target.name,
                 item.request_id,
                 target.route
             );
@@ -484,13 +521,14 @@ async fn attempt(lane: &Lane, shared: &Shared, mut item: Item, probe: bool) {
             item.attempts += 1;
             let age = age(item.accepted_ms);
             let delay = backoff(item.attempts).max(asked.unwrap_or_default());
-            let retry = &lane.retry;
+            let destination = target.destination();
+            let retry = &destination.retry;
             if item.attempts >= retry.max_attempts || age + delay > retry.max_age {
                 target.expired.inc();
                 log::warn!(
                     "broadcast: gave up request {} for {} of route {} after {} attempts over {}s: {why}",
                     item.request_id,
-                    target.upstream.name(),
+                    target.name,
                     target.route,
                     item.attempts,
                     age.as_secs()
@@ -531,12 +569,13 @@ fn finish(lane: &Lane, shared: &Shared, item: &Item) {
 
 /// Sends the request to one backend of the target upstream.
 async fn send(target: &Target, a: &Accepted, connector: &Connector) -> Outcome {
-    let Some(mut lease) = target.upstream.select(b"", &Tried::default()) else {
+    let destination = target.destination();
+    let Some(mut lease) = destination.upstream.select(b"", &Tried::default()) else {
         return Outcome::Failed("no healthy backend".into(), None);
     };
-    let t = &target.upstream.config.timeouts;
+    let t = &destination.upstream.config.timeouts;
     let body = Body::Full(a.body.clone());
-    let header = match &target.path {
+    let header = match &destination.path {
         None => std::borrow::Cow::Borrowed(&a.header),
         Some(path) => {
             let mut header = a.header.clone();

@@ -17,6 +17,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use arc_swap::ArcSwap;
 use bytes::Bytes;
 use pingora_error::Result;
 use pingora_http::ResponseHeader;
@@ -31,18 +32,28 @@ use crate::request_id;
 use crate::respond::send_error;
 use crate::upstream::breaker::Breaker;
 use crate::upstream::Upstream;
-pub use deliver::Deliverer;
+pub use deliver::{Deliverer, RoutesWatch};
 use spool::{Accepted, PutError, Spool};
 
 /// The header that lets a target drop a delivery it already has.
 pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
 
-/// One upstream of one broadcast route: its breaker, its outcome counters, and what waits
-/// for it (for `/status` and the spool gauges).
-pub struct Target {
+/// Where a target's deliveries go under the configuration in force.
+pub struct Destination {
     pub upstream: Arc<Upstream>,
     /// Deliveries go to this path (and query) instead of the request's own.
     pub path: Option<String>,
+    pub retry: RetryPolicy,
+}
+
+/// One upstream of one broadcast route: its breaker, its outcome counters, and what waits
+/// for it (for `/status` and the spool gauges). It is the same value for as long as the
+/// route (by label) lists the upstream (by name): a reload hands it its new
+/// [`Destination`] and keeps its queue, circuit and counts.
+pub struct Target {
+    /// The upstream's name: with the route's label, what the spool knows the target by.
+    pub name: Arc<str>,
+    destination: ArcSwap<Destination>,
     route: String,
     breaker: Breaker,
     ok: IntCounter,
@@ -59,10 +70,9 @@ pub struct Target {
     pub last_error: Mutex<Option<String>>,
 }
 
-/// The targets of one broadcast route and how long their deliveries are tried.
+/// The targets of one broadcast route.
 pub struct Targets {
     pub list: Vec<Arc<Target>>,
-    pub retry: RetryPolicy,
 }
 
 /// Milliseconds since the Unix epoch.
@@ -112,11 +122,7 @@ pub async fn accept(
     }
     let accepted = Arc::new(Accepted {
         route: route.label.clone(),
-        targets: targets
-            .list
-            .iter()
-            .map(|t| t.upstream.name().to_string())
-            .collect(),
+        targets: targets.list.iter().map(|t| t.name.to_string()).collect(),
         request_id: request_id.to_string(),
         accepted_ms: now_ms(),
         header,
@@ -151,12 +157,15 @@ pub async fn accept(
         .await
 }
 
-/// Builds the targets of one route.
+/// Builds the targets of one route. A target `previous` (the route's targets under the
+/// configuration being replaced) has for the same upstream is kept, with its new
+/// destination.
 pub fn targets(
     route: &str,
     upstreams: &[(Arc<Upstream>, Option<String>)],
     retry: RetryPolicy,
     metrics: &Metrics,
+    previous: Option<&Targets>,
 ) -> Targets {
     let breaker = BreakerConfig {
         failures: 5,
@@ -166,14 +175,24 @@ pub fn targets(
     let list = upstreams
         .iter()
         .map(|(u, path)| {
+            let destination = Destination {
+                upstream: Arc::clone(u),
+                path: path.clone(),
+                retry,
+            };
+            let kept = previous.and_then(|p| p.list.iter().find(|t| *t.name == *u.name()));
+            if let Some(t) = kept {
+                t.destination.store(Arc::new(destination));
+                return Arc::clone(t);
+            }
             let count = |o: &str| {
                 metrics
                     .broadcast_deliveries
                     .with_label_values(&[route, u.name(), o])
             };
             Arc::new(Target {
-                upstream: Arc::clone(u),
-                path: path.clone(),
+                name: Arc::clone(&u.name),
+                destination: ArcSwap::from_pointee(destination),
                 route: route.to_string(),
                 breaker: Breaker::new(&breaker),
                 ok: count("ok"),
@@ -189,15 +208,20 @@ pub fn targets(
             })
         })
         .collect();
-    Targets { list, retry }
+    Targets { list }
 }
 
 impl Target {
+    /// Where its deliveries go now.
+    pub fn destination(&self) -> Arc<Destination> {
+        self.destination.load_full()
+    }
+
     /// What `/status` shows of it.
     pub fn status(&self) -> serde_json::Value {
         let oldest = self.oldest_ms.load(Relaxed);
         serde_json::json!({
-            "upstream": self.upstream.name(),
+            "upstream": &*self.name,
             "pending": self.pending.load(Relaxed),
             "pending_bytes": self.pending_bytes.load(Relaxed),
             "oldest_seconds": (oldest > 0).then(|| age(oldest).as_secs()),

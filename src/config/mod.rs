@@ -63,12 +63,15 @@ impl std::error::Error for ConfigErrors {}
 
 /// Reads and validates a configuration file.
 pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
-    let source = path.display().to_string();
-    let text = std::fs::read_to_string(path).map_err(|e| ConfigErrors {
-        source: source.clone(),
+    from_yaml(&read(path)?, &path.display().to_string())
+}
+
+/// The text of the file at `path`.
+pub fn read(path: &Path) -> Result<String, ConfigErrors> {
+    std::fs::read_to_string(path).map_err(|e| ConfigErrors {
+        source: path.display().to_string(),
         errors: vec![ConfigError::new("", format!("cannot read file: {e}"))],
-    })?;
-    from_yaml(&text, &source)
+    })
 }
 
 /// Validates configuration text; `source` names it in messages.

@@ -49,6 +49,17 @@ pub struct Config {
     pub resolver: Option<ResolverConfig>,
 }
 
+impl Config {
+    /// A copy of `server:` for Pingora's `Server` (which takes it by value), while the
+    /// model keeps its own for comparing with a reloaded file. (`ServerConf` is not
+    /// `Clone`; it is plain data, copied through its serde form.)
+    pub fn server_copy(&self) -> Result<ServerConf, String> {
+        serde_yaml::to_value(&self.server)
+            .and_then(serde_yaml::from_value)
+            .map_err(|e| format!("server: {e}"))
+    }
+}
+
 /// `redis:`.
 #[derive(Debug, Clone)]
 pub struct RedisConfig {

@@ -9,6 +9,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use pingora_core::apps::{HttpServerApp, HttpServerOptions, ReusedHttpStream, ServerApp};
 use pingora_core::protocols::http::v2::server::H2Options;
@@ -27,7 +28,7 @@ pub struct EdgeListener {
     pub addr: SocketAddr,
     /// `fanout_client_connections` of this listener.
     pub gauge: IntGauge,
-    pub tls: Option<Terminator>,
+    pub tls: Option<Arc<Terminator>>,
     /// Plain listener with `http2: true`: h2c with prior knowledge beside HTTP/1.1.
     pub h2c: bool,
 }
@@ -35,7 +36,8 @@ pub struct EdgeListener {
 /// The proxy service's application: admission and defences, then Pingora's HTTP server.
 pub struct Edge<A> {
     exchanges: Arc<Exchanges<A>>,
-    policy: Arc<ClientPolicy>,
+    /// The policy in force; each connection keeps the one it was admitted under.
+    policy: Arc<ArcSwap<ClientPolicy>>,
     connections: Arc<Connections>,
     listeners: Vec<EdgeListener>,
 }
@@ -43,7 +45,7 @@ pub struct Edge<A> {
 impl<A> Edge<A> {
     pub fn new(
         app: A,
-        policy: Arc<ClientPolicy>,
+        policy: Arc<ArcSwap<ClientPolicy>>,
         connections: Arc<Connections>,
         listeners: Vec<EdgeListener>,
     ) -> Edge<A> {
@@ -84,24 +86,24 @@ where
     ) -> Option<Stream> {
         let listener = self.listener(stream::local_addr(&stream));
         let gauge = listener.map(|l| l.gauge.clone());
+        let policy = self.policy.load_full();
         let slot = match self.connections.admit(stream::peer_ip(&stream), gauge) {
             Ok(slot) => slot,
             Err(over) => {
-                self.policy.refused.over(over).inc();
+                policy.refused.over(over).inc();
                 return None; // dropped: closed at once
             }
         };
         let stream: Stream = match listener.and_then(|l| l.tls.as_ref()) {
-            Some(tls) => match tls.accept(stream, self.policy.header_timeout).await {
+            Some(tls) => match tls.accept(stream, policy.header_timeout).await {
                 Some(client) => Box::new(client),
                 None => {
-                    self.policy.refused.tls_handshake.inc();
+                    policy.refused.tls_handshake.inc();
                     return None;
                 }
             },
             None => stream,
         };
-        let policy = Arc::clone(&self.policy);
         let mut client = if matches!(stream.selected_alpn_proto(), Some(ALPN::H2)) {
             // HTTP/2 has its own framing, which Pingora's h2 library checks strictly; the
             // stream only holds the connection to its preface's deadline.

@@ -25,21 +25,27 @@ pub enum Over {
 /// Open connections, in all and per client address.
 pub struct Connections {
     total: AtomicUsize,
-    max: usize,
-    /// 0: no per-address limit (and no table).
-    max_per_ip: usize,
+    /// The limits in force (a reload may change them; connections already open stay).
+    max: AtomicUsize,
+    /// 0: no per-address limit (connections are then not counted per address).
+    max_per_ip: AtomicUsize,
     per_ip: Vec<Mutex<HashMap<IpAddr, usize>>>,
 }
 
 impl Connections {
     pub fn new(max: usize, max_per_ip: usize) -> Arc<Connections> {
-        let shards = if max_per_ip > 0 { SHARDS } else { 0 };
         Arc::new(Connections {
             total: AtomicUsize::new(0),
-            max,
-            max_per_ip,
-            per_ip: (0..shards).map(|_| Mutex::new(HashMap::new())).collect(),
+            max: AtomicUsize::new(max),
+            max_per_ip: AtomicUsize::new(max_per_ip),
+            per_ip: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
         })
+    }
+
+    /// Applies reloaded limits to connections admitted from now on.
+    pub fn set_limits(&self, max: usize, max_per_ip: usize) {
+        self.max.store(max, Relaxed);
+        self.max_per_ip.store(max_per_ip, Relaxed);
     }
 
     fn shard(&self, ip: &IpAddr) -> Option<&Mutex<HashMap<IpAddr, usize>>> {
@@ -59,15 +65,16 @@ impl Connections {
         ip: Option<IpAddr>,
         gauge: Option<IntGauge>,
     ) -> Result<Slot, Over> {
-        if self.total.fetch_add(1, Relaxed) >= self.max {
+        if self.total.fetch_add(1, Relaxed) >= self.max.load(Relaxed) {
             self.total.fetch_sub(1, Relaxed);
             return Err(Over::Total);
         }
-        let ip = ip.filter(|_| self.max_per_ip > 0);
+        let max_per_ip = self.max_per_ip.load(Relaxed);
+        let ip = ip.filter(|_| max_per_ip > 0);
         if let Some((ip, shard)) = ip.and_then(|ip| Some((ip, self.shard(&ip)?))) {
             let mut map = shard.lock().unwrap_or_else(|p| p.into_inner());
             let n = map.entry(ip).or_insert(0);
-            if *n >= self.max_per_ip {
+            if *n >= max_per_ip {
                 drop(map);
                 self.total.fetch_sub(1, Relaxed);
                 return Err(Over::PerIp);

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use pingora_core::protocols::raw_connect::ProxyDigest;
 use pingora_core::protocols::tls::{SslDigest, TlsRef};
@@ -22,21 +23,29 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 
-/// A listener's TLS side.
+/// A listener's TLS side. Its certificates and settings can be replaced while it serves
+/// (a reload): handshakes started from then on use the new ones, open connections keep
+/// theirs.
 pub struct Terminator {
-    acceptor: TlsAcceptor,
+    config: ArcSwap<ServerConfig>,
 }
 
 impl Terminator {
     pub fn new(config: Arc<ServerConfig>) -> Terminator {
         Terminator {
-            acceptor: TlsAcceptor::from(config),
+            config: ArcSwap::new(config),
         }
+    }
+
+    /// Serves `config` to new handshakes.
+    pub fn replace(&self, config: Arc<ServerConfig>) {
+        self.config.store(config);
     }
 
     /// Runs the handshake; `None` when it failed or did not finish within `limit`.
     pub async fn accept(&self, stream: Stream, limit: Duration) -> Option<TlsClient> {
-        let tls = match tokio::time::timeout(limit, self.acceptor.accept(stream)).await {
+        let acceptor = TlsAcceptor::from(self.config.load_full());
+        let tls = match tokio::time::timeout(limit, acceptor.accept(stream)).await {
             Ok(Ok(tls)) => tls,
             Ok(Err(e)) => {
                 log::debug!("TLS handshake failed: {e}");

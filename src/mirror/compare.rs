@@ -7,6 +7,7 @@
 
 use std::collections::VecDeque;
 use std::hash::Hasher;
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::Mutex;
 use std::time::SystemTime;
 
@@ -253,27 +254,35 @@ pub struct Diff {
 
 /// The differing pairs of one mirror, newest first, at most `keep`.
 pub struct Kept {
-    keep: usize,
+    keep: AtomicUsize,
     list: Mutex<VecDeque<Diff>>,
 }
 
 impl Kept {
     pub fn new(keep: usize) -> Kept {
         Kept {
-            keep,
+            keep: AtomicUsize::new(keep),
             list: Mutex::new(VecDeque::new()),
         }
     }
 
     /// Keeps `d` in request order (comparisons end in any order), dropping the oldest.
     pub fn push(&self, d: Diff) {
-        if self.keep == 0 {
+        let keep = self.keep.load(Relaxed);
+        if keep == 0 {
             return;
         }
         let mut list = self.list.lock().unwrap_or_else(|p| p.into_inner());
         let at = list.iter().position(|k| k.at <= d.at).unwrap_or(list.len());
         list.insert(at, d);
-        list.truncate(self.keep);
+        list.truncate(keep);
+    }
+
+    /// Keeps at most `keep` pairs from now on (a reload changed `compare.keep`).
+    pub fn resize(&self, keep: usize) {
+        self.keep.store(keep, Relaxed);
+        let mut list = self.list.lock().unwrap_or_else(|p| p.into_inner());
+        list.truncate(keep);
     }
 
     /// The kept pairs as JSON, headers that differ shown with both values; values of
@@ -312,8 +321,7 @@ impl Kept {
                         "body": String::from_utf8_lossy(&s.excerpt),
                     })
                 };
-                let time = chrono::DateTime::<chrono::Utc>::from(d.at)
-                    .to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+                let time = crate::access_log::timestamp(d.at);
                 (
                     d.at,
                     json!({

@@ -95,7 +95,8 @@ pub struct Mirror {
 pub struct Comparing {
     pub config: CompareConfig,
     results: Vec<IntCounter>,
-    pub kept: Kept,
+    /// Kept across reloads while the route (by label) mirrors to the same upstream.
+    pub kept: Arc<Kept>,
 }
 
 impl Comparing {
@@ -118,12 +119,18 @@ pub struct Pairing {
 }
 
 impl Mirror {
+    /// The mirror `config` describes. `previous`: the same route's mirror to the same
+    /// upstream under the configuration being replaced, whose kept pairs carry over.
     pub fn new(
         config: &MirrorConfig,
         route: &str,
         upstream: Arc<Upstream>,
         metrics: &Metrics,
+        previous: Option<&Mirror>,
     ) -> Mirror {
+        let kept_before = previous
+            .and_then(|p| p.compare.as_ref())
+            .map(|c| Arc::clone(&c.kept));
         let name = upstream.name();
         let count = |o: &str| metrics.mirror_requests.with_label_values(&[route, name, o]);
         Mirror {
@@ -149,7 +156,13 @@ impl Mirror {
                             .with_label_values(&[route, name, v.label()])
                     })
                     .collect(),
-                kept: Kept::new(c.keep),
+                kept: match &kept_before {
+                    Some(k) => {
+                        k.resize(c.keep);
+                        Arc::clone(k)
+                    }
+                    None => Arc::new(Kept::new(c.keep)),
+                },
             }),
         }
     }
@@ -164,6 +177,11 @@ impl Mirror {
             }
         };
         keys::within_percent(draw, self.config.percent)
+    }
+
+    /// The upstream it copies to.
+    pub fn upstream_name(&self) -> &str {
+        self.upstream.name()
     }
 
     fn try_acquire(self: &Arc<Self>) -> Option<Permit> {

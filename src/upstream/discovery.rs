@@ -26,6 +26,7 @@ use pingora_core::server::ShutdownWatch;
 use pingora_core::services::background::BackgroundService;
 use tokio::task::JoinSet;
 
+use super::follow::{each_upstream, UpstreamsWatch};
 use super::Upstream;
 use crate::config::{DnsBackend, ResolverConfig};
 
@@ -149,11 +150,14 @@ impl Watched {
     }
 }
 
-/// The discovery service: every upstream with `dns:` backends. Its resolver is made in
-/// the runtime that uses it (a resolver's sockets belong to the runtime they were made in).
+/// The discovery service: every upstream with `dns:` backends, as reloads change them.
+/// Its resolver is made in the runtime that uses it (a resolver's sockets belong to the
+/// runtime they were made in).
 pub struct Discovery {
     resolver: Option<ResolverConfig>,
     upstreams: Vec<Arc<Upstream>>,
+    /// The upstreams in force, followed once the service runs.
+    live: Option<UpstreamsWatch>,
 }
 
 impl Discovery {
@@ -174,7 +178,15 @@ impl Discovery {
         Ok(Discovery {
             resolver: resolver.cloned(),
             upstreams,
+            live: None,
         })
+    }
+
+    /// Follows `live` once running: a reload that adds, changes or removes `dns:`
+    /// backends starts and stops their lookups.
+    pub fn following(mut self, live: UpstreamsWatch) -> Discovery {
+        self.live = Some(live);
+        self
     }
 
     pub fn is_needed(&self) -> bool {
@@ -253,19 +265,27 @@ fn watch(up: &Arc<Upstream>) -> Watched {
 #[async_trait]
 impl BackgroundService for Discovery {
     async fn start(&self, mut shutdown: ShutdownWatch) {
-        let resolver = match resolver(self.resolver.as_ref()) {
-            Ok(r) => Arc::new(r),
-            Err(e) => {
-                warn!("DNS discovery stops: {e}");
-                return;
-            }
+        let Some(live) = self.live.clone() else {
+            let _ = shutdown.changed().await;
+            return;
         };
-        let mut loops = JoinSet::new();
-        for up in &self.upstreams {
-            loops.spawn(follow(Arc::clone(&resolver), watch(up)));
-        }
-        let _ = shutdown.changed().await;
-        loops.abort_all();
+        // Made when a name is first to be looked up: most configurations have none.
+        let made: std::sync::OnceLock<Option<Arc<TokioResolver>>> = std::sync::OnceLock::new();
+        let config = self.resolver.clone();
+        each_upstream(live, shutdown, |up| {
+            if up.config.discover.is_empty() {
+                return None;
+            }
+            let resolver = made.get_or_init(|| match resolver(config.as_ref()) {
+                Ok(r) => Some(Arc::new(r)),
+                Err(e) => {
+                    warn!("DNS discovery stops: {e}");
+                    None
+                }
+            });
+            resolver.as_ref().map(|r| follow(Arc::clone(r), watch(up)))
+        })
+        .await;
     }
 }
 

@@ -5,7 +5,8 @@
 //! (`healthy_after`, `unhealthy_after`) is ours, so transitions update the balancer at
 //! once and are logged. Each round probes the upstream's backends as they are then: one
 //! that DNS added is probed from the next round on, and gets traffic once it has passed
-//! `healthy_after` probes.
+//! `healthy_after` probes. The streaks live in each backend's learned state, so a reload
+//! that replaces the upstream goes on counting where the last round left off.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -21,32 +22,33 @@ use pingora_load_balancing::health_check::{HealthCheck, HttpHealthCheck, TcpHeal
 use pingora_load_balancing::Backend;
 use tokio::task::JoinSet;
 
+use super::follow::{each_upstream, UpstreamsWatch};
 use super::{BackendState, Upstream};
 use crate::config::{BackendConfig, HealthCheckConfig, HealthCheckType, UpstreamConfig};
+use std::sync::atomic::Ordering::Relaxed;
 
 type Probe = Arc<dyn HealthCheck + Send + Sync>;
 
 pub struct HealthChecker {
-    upstreams: Vec<Arc<Upstream>>,
+    upstreams: UpstreamsWatch,
 }
 
 impl HealthChecker {
-    pub fn new(upstreams: Vec<Arc<Upstream>>) -> Self {
+    pub fn new(upstreams: UpstreamsWatch) -> Self {
         HealthChecker { upstreams }
     }
 }
 
 #[async_trait]
 impl BackgroundService for HealthChecker {
-    async fn start(&self, mut shutdown: ShutdownWatch) {
-        let mut loops = JoinSet::new();
-        for up in &self.upstreams {
-            if up.config.health_check.is_some() {
-                loops.spawn(check_forever(Arc::clone(up)));
-            }
-        }
-        let _ = shutdown.changed().await;
-        loops.abort_all();
+    async fn start(&self, shutdown: ShutdownWatch) {
+        each_upstream(self.upstreams.clone(), shutdown, |up| {
+            up.config
+                .health_check
+                .is_some()
+                .then(|| check_forever(Arc::clone(up)))
+        })
+        .await;
     }
 }
 
@@ -93,8 +95,6 @@ struct Probing {
     backend: Arc<BackendState>,
     probe: Probe,
     target: Backend,
-    successes: u32,
-    failures: u32,
 }
 
 async fn check_forever(up: Arc<Upstream>) {
@@ -128,8 +128,6 @@ async fn check_forever(up: Arc<Upstream>) {
                             backend: Arc::clone(b),
                             probe,
                             target,
-                            successes: 0,
-                            failures: 0,
                         },
                     );
                 }
@@ -161,10 +159,11 @@ async fn check_forever(up: Arc<Upstream>) {
             let backend = &p.backend;
             match result {
                 Ok(()) => {
-                    p.failures = 0;
-                    p.successes = p.successes.saturating_add(1);
+                    let learned = backend.learned();
+                    learned.failures.store(0, Relaxed);
+                    let successes = learned.successes.fetch_add(1, Relaxed).saturating_add(1);
                     if !backend.healthy()
-                        && p.successes >= hc.healthy_after
+                        && successes >= hc.healthy_after
                         && up.set_healthy(backend, true)
                     {
                         info!(
@@ -176,10 +175,11 @@ async fn check_forever(up: Arc<Upstream>) {
                     }
                 }
                 Err(why) => {
-                    p.successes = 0;
-                    p.failures = p.failures.saturating_add(1);
+                    let learned = backend.learned();
+                    learned.successes.store(0, Relaxed);
+                    let failures = learned.failures.fetch_add(1, Relaxed).saturating_add(1);
                     if backend.healthy()
-                        && p.failures >= hc.unhealthy_after
+                        && failures >= hc.unhealthy_after
                         && up.set_healthy(backend, false)
                     {
                         warn!(

@@ -16,10 +16,11 @@
 pub mod balance;
 pub mod breaker;
 pub mod discovery;
+pub mod follow;
 pub mod health;
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -43,6 +44,18 @@ pub struct Outcomes {
     pub timeout: IntCounter,
 }
 
+/// What a backend has learned from traffic and health checks. A reload that keeps the
+/// backend (same upstream, same address) hands this to the backend's new state, so its
+/// health, streaks and in-flight count carry over while requests on the old state finish.
+#[derive(Default)]
+pub struct Learned {
+    healthy: AtomicBool,
+    inflight: AtomicUsize,
+    /// Consecutive passed and failed health checks.
+    pub successes: AtomicU32,
+    pub failures: AtomicU32,
+}
+
 pub struct BackendState {
     pub addr: SocketAddr,
     /// `IP:PORT`, the `backend` label of metrics and logs.
@@ -52,9 +65,9 @@ pub struct BackendState {
     pub host: Option<String>,
     /// Where it came from: `static` (written in the file) or `dns:NAME`.
     pub source: Arc<str>,
-    healthy: AtomicBool,
-    inflight: AtomicUsize,
-    breaker: Option<Breaker>,
+    learned: Arc<Learned>,
+    /// Kept across a reload unless the upstream's `breaker:` changed.
+    breaker: Option<Arc<Breaker>>,
     /// Connection settings (timeouts, keep-alive) cloned for each request.
     peer: HttpPeer,
     pub outcomes: Outcomes,
@@ -62,11 +75,15 @@ pub struct BackendState {
 
 impl BackendState {
     pub fn healthy(&self) -> bool {
-        self.healthy.load(Relaxed)
+        self.learned.healthy.load(Relaxed)
     }
 
     pub fn inflight(&self) -> usize {
-        self.inflight.load(Relaxed)
+        self.learned.inflight.load(Relaxed)
+    }
+
+    pub fn learned(&self) -> &Learned {
+        &self.learned
     }
 
     pub fn circuit(&self, now: Instant) -> Circuit {
@@ -148,7 +165,7 @@ impl Lease {
 impl Drop for Lease {
     fn drop(&mut self) {
         let backend = &self.backend;
-        backend.inflight.fetch_sub(1, Relaxed);
+        backend.learned.inflight.fetch_sub(1, Relaxed);
         if self.probe && !self.reported {
             if let Some(b) = &backend.breaker {
                 b.abandon_probe();
@@ -229,14 +246,33 @@ pub fn peer_for(config: &UpstreamConfig, b: &BackendConfig) -> HttpPeer {
     peer
 }
 
+/// What a new backend state starts from: nothing (`Fresh`, healthy or not), or what the
+/// backend of the same address learned under the previous configuration.
+enum Start<'a> {
+    Fresh { healthy: bool },
+    Kept(&'a BackendState, bool),
+}
+
 /// The state of one backend of `config`.
 fn backend_state(
     config: &UpstreamConfig,
     b: &BackendConfig,
     source: Arc<str>,
-    healthy: bool,
+    start: Start<'_>,
     metrics: &Metrics,
 ) -> BackendState {
+    let (learned, breaker) = match start {
+        Start::Fresh { healthy } => {
+            let learned = Learned::default();
+            learned.healthy.store(healthy, Relaxed);
+            (Arc::new(learned), None)
+        }
+        Start::Kept(old, same_breaker) => (
+            Arc::clone(&old.learned),
+            old.breaker.clone().filter(|_| same_breaker),
+        ),
+    };
+    let breaker = breaker.or_else(|| config.breaker.as_ref().map(|c| Arc::new(Breaker::new(c))));
     let label: Arc<str> = b.addr.to_string().into();
     let outcome = |o: &str| {
         metrics
@@ -248,9 +284,8 @@ fn backend_state(
         weight: b.weight,
         host: b.host.clone(),
         source,
-        healthy: AtomicBool::new(healthy),
-        inflight: AtomicUsize::new(0),
-        breaker: config.breaker.as_ref().map(Breaker::new),
+        learned,
+        breaker,
         peer: peer_for(config, b),
         outcomes: Outcomes {
             ok: outcome("ok"),
@@ -316,12 +351,76 @@ pub struct Upstream {
 
 impl Upstream {
     pub fn new(config: &UpstreamConfig, metrics: &Arc<Metrics>) -> Upstream {
-        let name = config.name.as_str();
         let backends: Vec<Arc<BackendState>> = config
             .backends
             .iter()
-            .map(|b| Arc::new(backend_state(config, b, STATIC.into(), true, metrics)))
+            .map(|b| {
+                let start = Start::Fresh { healthy: true };
+                Arc::new(backend_state(config, b, STATIC.into(), start, metrics))
+            })
             .collect();
+        Upstream::with_backends(config, metrics, backends)
+    }
+
+    /// The upstream `config` describes, succeeding `previous` (the same name under the
+    /// configuration being replaced): a backend at an address `previous` has keeps what
+    /// it learned (health, streaks, in-flight count, and its circuit unless `breaker:`
+    /// changed), backends `previous` found by DNS stay while their name is still listed
+    /// (discovery goes on from them), and a new backend waits for its health checks, as
+    /// one found by DNS does.
+    pub fn succeeding(
+        config: &UpstreamConfig,
+        metrics: &Arc<Metrics>,
+        previous: &Upstream,
+    ) -> Upstream {
+        let old = previous.backends();
+        let same_breaker =
+            format!("{:?}", config.breaker) == format!("{:?}", previous.config.breaker);
+        let start = |addr: SocketAddr| match old.backends.iter().find(|b| b.addr == addr) {
+            Some(b) => Start::Kept(b, same_breaker),
+            None => Start::Fresh {
+                healthy: config.health_check.is_none(),
+            },
+        };
+        let mut backends: Vec<Arc<BackendState>> = config
+            .backends
+            .iter()
+            .map(|b| {
+                Arc::new(backend_state(
+                    config,
+                    b,
+                    STATIC.into(),
+                    start(b.addr),
+                    metrics,
+                ))
+            })
+            .collect();
+        for b in old.backends.iter().filter(|b| !b.is_static()) {
+            let listed = config
+                .discover
+                .iter()
+                .any(|d| *b.source == *format!("dns:{}", d.name) && d.port == b.addr.port());
+            if listed && !backends.iter().any(|n| n.addr == b.addr) {
+                let source = Arc::clone(&b.source);
+                let start = Start::Kept(b, same_breaker);
+                backends.push(Arc::new(backend_state(
+                    config,
+                    &b.config(),
+                    source,
+                    start,
+                    metrics,
+                )));
+            }
+        }
+        Upstream::with_backends(config, metrics, backends)
+    }
+
+    fn with_backends(
+        config: &UpstreamConfig,
+        metrics: &Arc<Metrics>,
+        backends: Vec<Arc<BackendState>>,
+    ) -> Upstream {
+        let name = config.name.as_str();
         let upstream = Upstream {
             name: config.name.as_str().into(),
             set: ArcSwap::from_pointee(BackendSet::new(config.balance, backends)),
@@ -378,7 +477,7 @@ impl Upstream {
                         &self.config,
                         &config,
                         source,
-                        healthy,
+                        Start::Fresh { healthy },
                         &self.metrics,
                     ))
                 }
@@ -456,7 +555,7 @@ impl Upstream {
 
     /// Marks a backend healthy or not; returns whether that changed anything.
     pub fn set_healthy(&self, backend: &BackendState, healthy: bool) -> bool {
-        let changed = backend.healthy.swap(healthy, Relaxed) != healthy;
+        let changed = backend.learned.healthy.swap(healthy, Relaxed) != healthy;
         if changed {
             self.refresh();
         }
@@ -512,7 +611,7 @@ impl Upstream {
                     }
                 },
             };
-            backend.inflight.fetch_add(1, Relaxed);
+            backend.learned.inflight.fetch_add(1, Relaxed);
             return Some(Lease {
                 upstream: Arc::clone(self),
                 backend: Arc::clone(backend),

@@ -324,6 +324,22 @@ pub fn fanout_bin() -> &'static str {
     env!("CARGO_BIN_EXE_fanout")
 }
 
+/// Writes the configuration [`Gateway::start`] runs on into `dir`; returns its path.
+fn write_conf(dir: &std::path::Path, admin_port: u16, listen: &str, body: &str) -> PathBuf {
+    let yaml = format!(
+        "server:\n  threads: 2\n  grace_period_seconds: 2\n  graceful_shutdown_timeout_seconds: 1\n  \
+         pid_file: {d}/fanout.pid\n  upgrade_sock: {d}/upgrade.sock\n\
+         listen: {listen}\nadmin: 127.0.0.1:{admin_port}\n{body}",
+        d = dir.display(),
+    );
+    let conf = dir.join("fanout.yaml");
+    // Written beside and renamed into place: a reload never reads half a file.
+    let part = dir.join("fanout.yaml.part");
+    std::fs::write(&part, yaml).expect("write conf");
+    std::fs::rename(&part, &conf).expect("rename conf");
+    conf
+}
+
 /// A running `fanout` process; killed and cleaned up when dropped.
 pub struct Gateway {
     child: Child,
@@ -342,17 +358,20 @@ impl Gateway {
     /// Like [`Gateway::start`], with the `listen:` value that `listen` writes for the port.
     pub fn start_listening(listen: impl Fn(u16) -> String, body: &str) -> Gateway {
         Gateway::launch(|port, admin_port, dir| {
-            let yaml = format!(
-                "server:\n  threads: 2\n  grace_period_seconds: 2\n  graceful_shutdown_timeout_seconds: 1\n  \
-                 pid_file: {d}/fanout.pid\n  upgrade_sock: {d}/upgrade.sock\n\
-                 listen: {listen}\nadmin: 127.0.0.1:{admin_port}\n{body}",
-                d = dir.display(),
-                listen = listen(port),
-            );
-            let conf = dir.join("fanout.yaml");
-            std::fs::write(&conf, yaml).expect("write conf");
+            let conf = write_conf(dir, admin_port, &listen(port), body);
             vec!["-c".to_string(), conf.display().to_string()]
         })
+    }
+
+    /// The file [`Gateway::start`] wrote.
+    pub fn conf_path(&self) -> PathBuf {
+        self.dir.join("fanout.yaml")
+    }
+
+    /// Writes the file again with another `listen:` value and body (the `server` and
+    /// `admin` settings stay), for a reload.
+    pub fn rewrite(&self, listen: &str, body: &str) {
+        write_conf(&self.dir, self.admin_port, listen, body);
     }
 
     /// Starts fanout with `args` built from two free ports (listen, admin).
@@ -583,7 +602,12 @@ pub async fn metric(c: &reqwest::Client, gw: &Gateway, series: &str) -> u64 {
 
 /// The admin listener's `/status` JSON.
 pub async fn status_json(c: &reqwest::Client, gw: &Gateway) -> serde_json::Value {
-    c.get(gw.admin_url("/status"))
+    admin_json(c, gw, "/status").await
+}
+
+/// The JSON the admin listener answers `GET path` with.
+pub async fn admin_json(c: &reqwest::Client, gw: &Gateway, path: &str) -> serde_json::Value {
+    c.get(gw.admin_url(path))
         .send()
         .await
         .unwrap()

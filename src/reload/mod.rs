@@ -1,0 +1,421 @@
+//! Reloading the configuration in place. SIGHUP, `POST /reload` and `fanout reload` (through
+//! the [`control`] socket) all come to [`reload`]: the file is read and checked exactly as
+//! `-t` checks it, the changes that cannot be made in a running process are named (the
+//! listeners, `server:`, the admin address, the spool, the resolver, the cache's size, a
+//! new binary on disk), and otherwise the next [`Generation`] is built beside the one in
+//! force — taking over, by identity, what the gateway has learned — and swapped in, with
+//! the client policy, the connection limits and the listeners' certificates. A file with
+//! an error changes nothing. [`command`] is the `fanout reload` command, which also
+//! performs the graceful upgrade when the running process says one is needed.
+
+pub mod command;
+pub mod control;
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::SystemTime;
+
+use async_trait::async_trait;
+use pingora_core::server::ShutdownWatch;
+use pingora_core::services::background::BackgroundService;
+use serde_json::{json, Value};
+use tokio::signal::unix::{signal, SignalKind};
+
+use crate::config::{self, Config};
+use crate::edge::ClientPolicy;
+use crate::gateway::{same, Gateway, Generation};
+
+/// What a reload came to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// The file is in force as this generation.
+    Applied { generation: u64 },
+    /// The file has errors (one line each): nothing changed.
+    Refused(Vec<String>),
+    /// The file is valid but these changes need a new process (one line each): nothing
+    /// changed; `fanout reload` performs the graceful upgrade.
+    NeedsUpgrade(Vec<String>),
+}
+
+impl Outcome {
+    /// The `result` label of `fanout_config_reloads_total`.
+    pub fn result(&self) -> &'static str {
+        match self {
+            Outcome::Applied { .. } => "ok",
+            Outcome::Refused(_) => "error",
+            Outcome::NeedsUpgrade(_) => "upgrade",
+        }
+    }
+
+    pub fn lines(&self) -> &[String] {
+        match self {
+            Outcome::Applied { .. } => &[],
+            Outcome::Refused(l) | Outcome::NeedsUpgrade(l) => l,
+        }
+    }
+
+    pub fn to_json(&self) -> Value {
+        let mut v = json!({ "result": self.result() });
+        match self {
+            Outcome::Applied { generation } => v["generation"] = json!(generation),
+            Outcome::Refused(l) => v["errors"] = json!(l),
+            Outcome::NeedsUpgrade(l) => v["needs_upgrade"] = json!(l),
+        }
+        v
+    }
+}
+
+/// The binary a process was started from: its path and what it was on disk then.
+struct Binary {
+    path: PathBuf,
+    identity: Option<(u64, u64, SystemTime)>,
+}
+
+fn identity(path: &Path) -> Option<(u64, u64, SystemTime)> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path).ok()?;
+    Some((m.dev(), m.ino(), m.modified().ok()?))
+}
+
+/// The last reload: when, and how it ended.
+#[derive(Debug, Clone)]
+pub struct Last {
+    pub at: SystemTime,
+    pub outcome: Outcome,
+}
+
+/// Where the configuration comes from, and how reloads went.
+#[derive(Default)]
+pub struct History {
+    /// One reload at a time.
+    running: Mutex<()>,
+    /// The file the configuration is read from (none in quick mode and the demo).
+    file: Mutex<Option<PathBuf>>,
+    binary: OnceLock<Binary>,
+    last: Mutex<Option<Last>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl History {
+    /// Notes the file the process started from and the binary it runs.
+    pub fn started(&self, file: Option<PathBuf>) {
+        *lock(&self.file) = file.map(|f| std::path::absolute(&f).unwrap_or(f));
+        let path = std::env::current_exe().unwrap_or_default();
+        let _ = self.binary.set(Binary {
+            identity: identity(&path),
+            path,
+        });
+    }
+
+    pub fn file(&self) -> Option<PathBuf> {
+        lock(&self.file).clone()
+    }
+
+    /// The binary the process was started from (where its successor is found).
+    pub fn binary_path(&self) -> Option<String> {
+        self.binary.get().map(|b| b.path.display().to_string())
+    }
+
+    pub fn last(&self) -> Option<Last> {
+        lock(&self.last).clone()
+    }
+
+    /// Whether the binary on disk is no longer the one running.
+    fn binary_replaced(&self) -> Option<String> {
+        let b = self.binary.get()?;
+        let now = identity(&b.path);
+        (b.identity.is_some() && now != b.identity).then(|| {
+            format!(
+                "the binary on disk ({}) is not the one running",
+                b.path.display()
+            )
+        })
+    }
+}
+
+/// The changes from `old` to `new` that a running process cannot make, one line each.
+pub fn needs_upgrade(old: &Config, new: &Config, cache_made: bool) -> Vec<String> {
+    let mut lines = Vec::new();
+    let shape = |c: &Config| -> Vec<String> {
+        c.listen
+            .iter()
+            .map(|l| {
+                let kind = match (&l.tls, l.http2) {
+                    (Some(_), _) => "tls",
+                    (None, true) => "h2c",
+                    (None, false) => "http",
+                };
+                format!(
+                    "{} {kind}{}",
+                    l.addr,
+                    if l.v6_only { " v6only" } else { "" }
+                )
+            })
+            .collect()
+    };
+    let (was, now) = (shape(old), shape(new));
+    if was != now {
+        lines.push(format!(
+            "listen: the listeners change ({} -> {})",
+            was.join(", "),
+            now.join(", ")
+        ));
+    }
+    if old.server != new.server {
+        lines.push("server: Pingora's process settings change".into());
+    }
+    if old.admin.as_ref().map(|a| a.address) != new.admin.as_ref().map(|a| a.address) {
+        lines.push("admin: the admin listener's address changes".into());
+    }
+    if !same(&old.spool, &new.spool) {
+        lines.push("spool: the spool's settings change".into());
+    }
+    if !same(&old.resolver, &new.resolver) {
+        lines.push("resolver: the DNS resolver's settings change".into());
+    }
+    if cache_made && old.cache_max_size != new.cache_max_size {
+        lines.push("cache.max_size: the cache's size changes".into());
+    }
+    lines
+}
+
+/// Reads `file` (else the file the gateway runs from) and puts it in force if it is
+/// valid and can be applied in place. Blocking: files are read and certificates parsed.
+pub fn reload(gw: &Gateway, file: Option<&Path>) -> Outcome {
+    let history = &gw.reloads;
+    let _one = lock(&history.running);
+    let outcome = apply(gw, file);
+    gw.metrics
+        .config_reloads
+        .with_label_values(&[outcome.result()])
+        .inc();
+    match &outcome {
+        Outcome::Applied { generation } => log::info!(
+            "configuration reloaded: generation {generation} ({}) in force",
+            gw.peek().hash
+        ),
+        Outcome::Refused(lines) => log::error!(
+            "configuration reload refused, the running configuration stays: {}",
+            lines.join("; ")
+        ),
+        Outcome::NeedsUpgrade(lines) => log::warn!(
+            "configuration not reloaded in place, it needs a graceful upgrade (`fanout reload` performs it): {}",
+            lines.join("; ")
+        ),
+    }
+    *lock(&history.last) = Some(Last {
+        at: SystemTime::now(),
+        outcome: outcome.clone(),
+    });
+    outcome
+}
+
+fn apply(gw: &Gateway, file: Option<&Path>) -> Outcome {
+    let history = &gw.reloads;
+    let Some(path) = file.map(Path::to_path_buf).or_else(|| history.file()) else {
+        return Outcome::Refused(vec![
+            "no configuration file to reload: this gateway runs from its command line".into(),
+        ]);
+    };
+    let source = path.display().to_string();
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) => return Outcome::Refused(vec![format!("{source}: cannot read file: {e}")]),
+    };
+    let config = match config::from_yaml(&text, &source) {
+        Ok(c) => c,
+        Err(errors) => {
+            return Outcome::Refused(errors.to_string().lines().map(String::from).collect())
+        }
+    };
+    let current = gw.current();
+    let mut upgrade = needs_upgrade(&current.config, &config, gw.cache().is_some());
+    upgrade.extend(history.binary_replaced());
+    if !upgrade.is_empty() {
+        return Outcome::NeedsUpgrade(upgrade);
+    }
+    // Every certificate is read again, and every listener's TLS settings built, before
+    // anything changes: a bad one refuses the whole file.
+    let mut tls = Vec::new();
+    for l in &config.listen {
+        if let Some(t) = &l.tls {
+            match crate::tls::server_config(&t.certificates, t.min_tls13, l.http2) {
+                Ok(c) => tls.push((l.addr, c)),
+                Err(e) => {
+                    return Outcome::Refused(vec![format!("{source}: listen {}: {e}", l.addr)])
+                }
+            }
+        }
+    }
+    let number = current.number + 1;
+    let config = Arc::new(config);
+    let next = match Generation::new(
+        Arc::clone(&config),
+        text.into(),
+        number,
+        &gw.metrics,
+        Some(&current),
+    ) {
+        Ok(g) => g,
+        Err(e) => return Outcome::Refused(vec![format!("{source}: {e}")]),
+    };
+    drop(current);
+    for (addr, terminator) in lock(&gw.terminators).iter() {
+        if let Some((_, c)) = tls.iter().find(|(a, _)| a == addr) {
+            terminator.replace(Arc::clone(c));
+        }
+    }
+    gw.install(next, ClientPolicy::new(&config.clients, &gw.metrics));
+    *lock(&history.file) = Some(std::path::absolute(&path).unwrap_or(path));
+    Outcome::Applied { generation: number }
+}
+
+/// Runs [`reload`] off the async workers (it reads files).
+pub async fn reload_async(gw: &Arc<Gateway>, file: Option<PathBuf>) -> Outcome {
+    let gw = Arc::clone(gw);
+    tokio::task::spawn_blocking(move || reload(&gw, file.as_deref()))
+        .await
+        .unwrap_or_else(|e| Outcome::Refused(vec![format!("the reload failed: {e}")]))
+}
+
+/// The configuration in force as JSON, secrets replaced by `[redacted]`: values of keys
+/// that name a password, secret or token, and passwords inside URLs.
+pub fn redacted(g: &Generation) -> Value {
+    let parsed: Value = serde_yaml::from_str(&g.text).unwrap_or(Value::Null);
+    json!({
+        "generation": g.number,
+        "hash": g.hash,
+        "since": crate::access_log::timestamp(g.since),
+        "config": redact(parsed),
+    })
+}
+
+fn redact(v: Value) -> Value {
+    match v {
+        Value::Object(map) => Value::Object(
+            map.into_iter()
+                .map(|(k, v)| {
+                    let lower = k.to_ascii_lowercase();
+                    let secret = ["password", "secret", "token"]
+                        .iter()
+                        .any(|s| lower == *s || lower.ends_with(&format!("_{s}")));
+                    let v = if secret && !v.is_object() && !v.is_array() {
+                        json!("[redacted]")
+                    } else {
+                        redact(v)
+                    };
+                    (k, v)
+                })
+                .collect(),
+        ),
+        Value::Array(list) => Value::Array(list.into_iter().map(redact).collect()),
+        Value::String(s) => Value::String(redact_url(&s)),
+        other => other,
+    }
+}
+
+/// `scheme://user:password@host...` → `scheme://user:[redacted]@host...`.
+fn redact_url(s: &str) -> String {
+    let Some(scheme_end) = s.find("://") else {
+        return s.to_string();
+    };
+    let rest = &s[scheme_end + 3..];
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let authority = &rest[..authority_end];
+    let Some(at) = authority.rfind('@') else {
+        return s.to_string();
+    };
+    let userinfo = &authority[..at];
+    let user = userinfo.split(':').next().unwrap_or("");
+    if !userinfo.contains(':') {
+        return s.to_string();
+    }
+    format!(
+        "{}{user}:[redacted]{}",
+        &s[..scheme_end + 3],
+        &s[scheme_end + 3 + at..]
+    )
+}
+
+/// A SIGHUP came before [`Hangup`] ran (see [`catch_hangup_until_handled`]).
+static EARLY_HANGUP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn note_hangup(_: libc::c_int) {
+    EARLY_HANGUP.store(true, Relaxed);
+}
+
+/// The service that turns SIGHUP into a reload. A SIGHUP that came between the start of
+/// `main` and this service is noted, not fatal, and applied as soon as the service runs.
+pub struct Hangup {
+    gw: Arc<Gateway>,
+}
+
+impl Hangup {
+    pub fn new(gw: Arc<Gateway>) -> Hangup {
+        Hangup { gw }
+    }
+}
+
+#[async_trait]
+impl BackgroundService for Hangup {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let Ok(mut hup) = signal(SignalKind::hangup()) else {
+            log::warn!("cannot watch SIGHUP: reload through `fanout reload` or POST /reload");
+            return;
+        };
+        if EARLY_HANGUP.swap(false, Relaxed) {
+            log::info!("SIGHUP (received while starting): reloading the configuration");
+            reload_async(&self.gw, None).await;
+        }
+        loop {
+            tokio::select! {
+                _ = hup.recv() => {
+                    log::info!("SIGHUP: reloading the configuration");
+                    reload_async(&self.gw, None).await;
+                }
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+}
+
+/// Notes SIGHUP until [`Hangup`] handles it (its default action would end the process).
+pub fn catch_hangup_until_handled() {
+    let handler: extern "C" fn(libc::c_int) = note_hangup;
+    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+    unsafe {
+        libc::signal(libc::SIGHUP, handler as libc::sighandler_t);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_in_urls_and_secret_keys_are_redacted() {
+        assert_eq!(
+            redact_url("redis://:hunter2@10.0.0.1:6379/0"),
+            "redis://:[redacted]@10.0.0.1:6379/0"
+        );
+        assert_eq!(
+            redact_url("redis://app:pw@h:1"),
+            "redis://app:[redacted]@h:1"
+        );
+        assert_eq!(redact_url("redis://h:1"), "redis://h:1");
+        assert_eq!(redact_url("http://user@h/x@y"), "http://user@h/x@y");
+        let v = redact(
+            json!({"redis": {"url": ["redis://:p@a:1"], "password": "x"},
+            "admin": {"token_file": "/etc/t"}, "jwt": {"secret": "s", "client_secret": "c"}}),
+        );
+        assert_eq!(v["redis"]["url"][0], "redis://:[redacted]@a:1");
+        assert_eq!(v["redis"]["password"], "[redacted]");
+        assert_eq!(v["jwt"]["secret"], "[redacted]");
+        assert_eq!(v["jwt"]["client_secret"], "[redacted]");
+        assert_eq!(v["admin"]["token_file"], "/etc/t");
+    }
+}
