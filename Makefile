@@ -6,7 +6,7 @@
 CARGO ?= cargo
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test deps build lint fmt bench bench-decompose bench-overload bench-clients bench-tls bench-tls-candidates bench-spool bench-cache bench-redis fuzz check-conf upgrade-demo verify-unit image image-test systemd-test
+.PHONY: run test deps build lint fmt bench bench-reload bench-decompose bench-overload bench-clients bench-tls bench-tls-candidates bench-spool bench-cache bench-redis fuzz check-conf upgrade-demo verify-unit image image-test systemd-test
 
 deps:
 	@command -v cargo >/dev/null || { echo "cargo is missing: install Rust with rustup first" >&2; exit 1; }
@@ -63,6 +63,11 @@ bench-clients: build
 bench-tls: build
 	bench/deps.sh nginx:nginx-light haproxy:haproxy wrk:wrk h2load:nghttp2-client openssl:openssl python3:python3
 	python3 bench/tls.py
+
+# A configuration reload: in place (p50/p99, CPU, RSS after 1,000) against a process swap.
+bench-reload: build
+	bench/deps.sh python3:python3
+	python3 bench/reload.py
 
 # The broadcast spool: accepted/s, the 202's p99 and CPU per request with the memory spool
 # and the disk spool under each fsync policy; disk bytes per event.
