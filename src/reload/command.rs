@@ -139,19 +139,20 @@ fn upgrade(
     let args = successor_args(argv.get(1..).unwrap_or(&[]), conf);
     let daemon = args.iter().any(|a| a == "-d" || a == "--daemon");
     let mut cmd = Command::new(exe);
-    cmd.args(&args).stdin(Stdio::null());
-    if daemon {
-        cmd.stdout(Stdio::null()).stderr(Stdio::null());
-    } else {
-        // A process in the foreground: its successor writes where it wrote.
-        let output = |fd: u8| -> Stdio {
-            std::fs::OpenOptions::new()
-                .append(true)
-                .open(format!("/proc/{old}/fd/{fd}"))
-                .map_or(Stdio::null(), Stdio::from)
-        };
-        cmd.stdout(output(1)).stderr(output(2));
-    }
+    // The successor writes its logs and access log where the running process writes them
+    // (Pingora's daemons keep their stdout and stderr): a file, pipe or terminal is opened
+    // again through /proc; a socket (journald's stream under systemd) cannot be, and is
+    // then this command's own, which systemd connects to the same journal.
+    let output = |fd: u8| -> Stdio {
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(format!("/proc/{old}/fd/{fd}"))
+            .map_or(Stdio::inherit(), Stdio::from)
+    };
+    cmd.args(&args)
+        .stdin(Stdio::null())
+        .stdout(output(1))
+        .stderr(output(2));
     {
         use std::os::unix::process::CommandExt;
         // Its own process group: signals meant for this command do not reach it.
