@@ -19,7 +19,7 @@ use crate::broadcast::spool::Spool;
 use crate::broadcast::{self, Targets};
 use crate::cache;
 use crate::config::UpstreamId;
-use crate::config::{AccessLog, Config, EncodedSlashes, RouteConfig, RouteKind};
+use crate::config::{Config, RouteConfig, RouteKind};
 use crate::edge::admission::Connections;
 use crate::edge::handshake::Terminator;
 use crate::edge::ClientPolicy;
@@ -178,9 +178,9 @@ pub struct Generation {
     pub router: Router,
     pub routes: Vec<Route>,
     pub upstreams: Vec<Arc<Upstream>>,
-    /// Whether requests that matched no route are logged.
-    pub default_access_log: AccessLog,
-    pub encoded_slashes: EncodedSlashes,
+    /// What client connections are held to (`clients:`): requests read it here, the edge
+    /// from the gateway, which [`Gateway::install`] hands the same policy.
+    pub clients: Arc<ClientPolicy>,
     /// `redis:`'s client, kept across reloads while `redis:` stays the same.
     shared_store: Option<Arc<SharedStore>>,
 }
@@ -210,15 +210,13 @@ impl Generation {
         metrics: &Arc<Metrics>,
         previous: Option<&Generation>,
     ) -> Result<Generation, String> {
-        let shared_store = match (&config.redis, previous) {
+        let kept_store = previous
+            .filter(|p| same(&p.config.redis, &config.redis))
+            .and_then(|p| p.shared_store.clone());
+        let shared_store = match (&config.redis, kept_store) {
             (None, _) => None,
-            (Some(redis), Some(p))
-                if p.shared_store.is_some() && same(&p.config.redis, &config.redis) =>
-            {
-                let _ = redis;
-                p.shared_store.clone()
-            }
-            (Some(redis), _) => Some(Arc::new(SharedStore::new(redis)?)),
+            (Some(_), Some(kept)) => Some(kept),
+            (Some(redis), None) => Some(Arc::new(SharedStore::new(redis)?)),
         };
         let same_store = match previous {
             Some(p) => match (&p.shared_store, &shared_store) {
@@ -275,8 +273,7 @@ impl Generation {
             router: Router::new(&config.routes),
             routes,
             upstreams,
-            default_access_log: config.default_access_log,
-            encoded_slashes: config.clients.encoded_slashes,
+            clients: Arc::new(ClientPolicy::new(&config.clients, metrics)),
             shared_store,
             text,
             config,
@@ -316,8 +313,8 @@ pub struct Gateway {
     /// outlives every reload.
     cache: OnceLock<cache::Cache>,
     pub started: Instant,
-    /// What client connections are held to (`clients:`), swapped by a reload: each
-    /// connection keeps the policy it was accepted under.
+    /// The client policy in force, for the edge: each connection keeps the policy it was
+    /// accepted under (a request uses its generation's).
     pub clients: Arc<ArcSwap<ClientPolicy>>,
     pub connections: Arc<Connections>,
     /// The upstreams in force, for the health checks and DNS lookups that follow them.
@@ -399,7 +396,7 @@ impl Gateway {
     /// Puts `next` in force: new requests get it, requests under way finish on theirs; the
     /// background services follow its upstreams and broadcast routes. The cache is made
     /// if `next` is the first generation to use it.
-    pub fn install(&self, next: Generation, clients: ClientPolicy) {
+    pub fn install(&self, next: Generation) {
         if next.caches() {
             let _ = self
                 .cache
@@ -408,7 +405,7 @@ impl Gateway {
         let c = &next.config.clients;
         self.connections
             .set_limits(c.max_connections, c.max_connections_per_ip);
-        self.clients.store(Arc::new(clients));
+        self.clients.store(Arc::clone(&next.clients));
         self.upstreams_watch
             .send_replace(next.upstreams.clone().into());
         self.broadcast_watch

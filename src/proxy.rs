@@ -135,6 +135,37 @@ fn attempt_failed(ctx: &mut RequestCtx, e: &Error) {
     }
 }
 
+/// What the rate limit's decision means for the request: `None` to go on (the tokens left
+/// noted in `remaining` for `X-RateLimit-Remaining`), else the 429.
+fn limited(
+    remaining_after: &mut Option<u64>,
+    route: &Route,
+    decision: Decision,
+    req: &RequestHeader,
+) -> Option<Answer> {
+    let limit = route.rate_limiter.as_ref().map_or(0.0, |l| l.limit);
+    match decision {
+        Decision::Allow { remaining } => {
+            *remaining_after = Some(remaining);
+            None
+        }
+        Decision::Deny { retry_after_secs } => {
+            route.rate_limited.inc();
+            let (has_body, _) = limits::declared_body(req);
+            Some(Answer {
+                status: 429,
+                message: respond::reason(429),
+                headers: vec![
+                    ("retry-after", retry_after_secs.to_string()),
+                    ("x-ratelimit-limit", limit.to_string()),
+                    ("x-ratelimit-remaining", "0".to_string()),
+                ],
+                close: has_body,
+            })
+        }
+    }
+}
+
 /// What becomes of a client request once admitted or refused.
 enum Verdict {
     /// Proxy it (its mirror copies, if any, are started).
@@ -225,9 +256,9 @@ impl FanoutProxy {
     fn screen(&self, session: &mut Session, gen: &Generation) -> Result<(), Refusal> {
         let req = session.req_header();
         if req.version == http::Version::HTTP_2 {
-            edge::h2::check(req, &self.gw.clients.load().limits).map_err(Refusal::Edge)?;
+            edge::h2::check(req, &gen.clients.limits).map_err(Refusal::Edge)?;
         }
-        let normal = path::normalize(req.uri.path(), gen.encoded_slashes)
+        let normal = path::normalize(req.uri.path(), gen.config.clients.encoded_slashes)
             .map_err(|e| Refusal::BadRequest(e.message()))?;
         let Some(normal) = normal else {
             return Ok(());
@@ -253,8 +284,7 @@ impl FanoutProxy {
             RouteMatch::NotFound => return Verdict::Answer(Answer::status(404)),
         };
         ctx.route = Some(id);
-        let gen = Arc::clone(&ctx.gen);
-        let route = &gen.routes[id];
+        let route = &ctx.gen.routes[id];
         if let Err(r) = limits::check_length(req, route.config.max_body_bytes) {
             return Verdict::Answer(Answer::refusal(r));
         }
@@ -263,7 +293,7 @@ impl FanoutProxy {
             let key = keys::key_bytes(session, &limiter.key, &mut buf);
             match limiter.decide(key, Instant::now()) {
                 Check::Now(decision) => {
-                    if let Some(answer) = self.limited(ctx, route, decision, req) {
+                    if let Some(answer) = limited(&mut ctx.rate_remaining, route, decision, req) {
                         return Verdict::Answer(answer);
                     }
                 }
@@ -273,44 +303,11 @@ impl FanoutProxy {
         self.dispatch(session, ctx)
     }
 
-    /// What the rate limit's decision means for the request: `None` to go on (the tokens
-    /// left noted for `X-RateLimit-Remaining`), else the 429.
-    fn limited(
-        &self,
-        ctx: &mut RequestCtx,
-        route: &Route,
-        decision: Decision,
-        req: &RequestHeader,
-    ) -> Option<Answer> {
-        let limit = route.rate_limiter.as_ref().map_or(0.0, |l| l.limit);
-        match decision {
-            Decision::Allow { remaining } => {
-                ctx.rate_remaining = Some(remaining);
-                None
-            }
-            Decision::Deny { retry_after_secs } => {
-                route.rate_limited.inc();
-                let (has_body, _) = limits::declared_body(req);
-                Some(Answer {
-                    status: 429,
-                    message: respond::reason(429),
-                    headers: vec![
-                        ("retry-after", retry_after_secs.to_string()),
-                        ("x-ratelimit-limit", limit.to_string()),
-                        ("x-ratelimit-remaining", "0".to_string()),
-                    ],
-                    close: has_body,
-                })
-            }
-        }
-    }
-
     /// The decision of a route whose rate limit lives in Redis (`store: redis`), then the
     /// rest of [`Self::admit`]. Redis not answering within `redis.timeout` is a store error:
     /// counted, then `on_store_error` lets the request through or answers 503.
     async fn admit_shared(&self, session: &Session, ctx: &mut RequestCtx) -> Verdict {
-        let gen = Arc::clone(&ctx.gen);
-        let Some(route) = ctx.route.map(|id| &gen.routes[id]) else {
+        let Some(route) = ctx.route.map(|id| &ctx.gen.routes[id]) else {
             return Verdict::Answer(Answer::status(404));
         };
         let Some(limiter) = route.rate_limiter.as_ref() else {
@@ -323,7 +320,8 @@ impl FanoutProxy {
         };
         match shared.check(&key).await {
             Ok(decision) => {
-                if let Some(answer) = self.limited(ctx, route, decision, session.req_header()) {
+                let req = session.req_header();
+                if let Some(answer) = limited(&mut ctx.rate_remaining, route, decision, req) {
                     return Verdict::Answer(answer);
                 }
             }
@@ -395,11 +393,10 @@ impl FanoutProxy {
             // Nothing is routed, copied or sent upstream before the stream has shown that
             // it carries no data.
             Verdict::AwaitEnd => {
-                match edge::h2::await_empty_end(session, self.gw.clients.load().body_timeout).await
-                {
+                match edge::h2::await_empty_end(session, ctx.gen.clients.body_timeout).await {
                     Ok(()) => self.admit(session, ctx),
                     Err(r) => {
-                        self.gw.clients.load().refused.bad_request.inc();
+                        ctx.gen.clients.refused.bad_request.inc();
                         Verdict::Answer(Answer::refusal(Refusal::Edge(r)))
                     }
                 }
@@ -517,11 +514,11 @@ impl ProxyHttp for FanoutProxy {
         let req = session.req_header();
         ctx.request_id =
             request_id::from_client(req.headers.get(request_id::HEADER).map(|v| v.as_bytes()));
-        let verdict = match self.screen(session, &Arc::clone(&ctx.gen)) {
+        let verdict = match self.screen(session, &ctx.gen) {
             Ok(()) if edge::h2::declares_empty_body(session.req_header()) => Verdict::AwaitEnd,
             Ok(()) => self.admit(session, ctx),
             Err(r) => {
-                self.gw.clients.load().refused.bad_request.inc();
+                ctx.gen.clients.refused.bad_request.inc();
                 Verdict::Answer(Answer::refusal(r))
             }
         };
@@ -721,10 +718,9 @@ impl ProxyHttp for FanoutProxy {
                 upstream_response.insert_header(fallback::HEADER, ctx.gen.upstreams[u].name())?;
             }
         }
-        let gen = Arc::clone(&ctx.gen);
         if let Some(results) = ctx
             .route
-            .map(|id| &gen.routes[id])
+            .map(|id| &ctx.gen.routes[id])
             .and_then(|r| r.proxy()?.cache_results.as_ref())
         {
             let outcome = match cache::Outcome::of(session.cache.phase()) {
@@ -809,7 +805,7 @@ impl ProxyHttp for FanoutProxy {
             // The client is gone, or its own body broke its framing: the request is over,
             // never sent again.
             e.set_retry(false);
-            self.gw.clients.load().refused.downstream(&e).inc();
+            ctx.gen.clients.refused.downstream(&e).inc();
             return e;
         }
         attempt_failed(ctx, &e);
@@ -879,13 +875,12 @@ impl ProxyHttp for FanoutProxy {
             .as_downstream()
             .response_written()
             .map_or(0, |r| r.status.as_u16());
-        let gen = Arc::clone(&ctx.gen);
-        let route = ctx.route.map(|id| &gen.routes[id]);
+        let route = ctx.route.map(|id| &ctx.gen.routes[id]);
         let route_metrics = route.map_or(&self.gw.unrouted, |r| &r.metrics);
         route_metrics.observe(&self.gw.metrics, status, elapsed.as_secs_f64());
         self.gw.metrics.totals.count_answer(status, e.is_some());
 
-        let log = route.map_or(ctx.gen.default_access_log, |r| r.config.access_log);
+        let log = route.map_or(ctx.gen.config.default_access_log, |r| r.config.access_log);
         if log == AccessLog::Json {
             let req = session.req_header();
             let downstream = session.as_downstream();

@@ -23,7 +23,6 @@ use serde_json::{json, Value};
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::config::{self, Config};
-use crate::edge::ClientPolicy;
 use crate::gateway::{same, Gateway, Generation};
 
 /// What a reload came to.
@@ -269,7 +268,7 @@ fn apply(gw: &Gateway, file: Option<&Path>) -> Outcome {
             terminator.replace(Arc::clone(c));
         }
     }
-    gw.install(next, ClientPolicy::new(&config.clients, &gw.metrics));
+    gw.install(next);
     *lock(&history.file) = Some(std::path::absolute(&path).unwrap_or(path));
     Outcome::Applied { generation: number }
 }

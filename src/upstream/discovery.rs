@@ -189,10 +189,6 @@ impl Discovery {
         self
     }
 
-    pub fn is_needed(&self) -> bool {
-        !self.upstreams.is_empty()
-    }
-
     /// Looks every name up once, in a runtime of its own, and applies the answers, within
     /// `limit` in all: what the server starts with. Names that do not answer in time are
     /// logged, and looked up again by the service.
