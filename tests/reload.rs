@@ -1,7 +1,8 @@
 //! Reloading the configuration in place (SIGHUP, `POST /reload`, `fanout reload`): a new
 //! route set serves from the next request on with no request failed, what the gateway
 //! learned stays (cache, spent rate-limit bursts, backend health, in-flight requests of a
-//! removed backend), a broken file changes nothing, new certificates reach new handshakes,
+//! removed backend, pooled upstream connections, kept mirror pairs, a broadcast target's
+//! waiting deliveries), a broken file changes nothing, new certificates reach new handshakes,
 //! and a listener change goes through `fanout reload`'s graceful upgrade.
 
 mod common;
@@ -13,6 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::pki::Ca;
+use common::raw::RawBackend;
 use common::*;
 use rustls::pki_types::ServerName;
 use serde_json::Value;
@@ -436,4 +438,93 @@ async fn a_listener_change_goes_through_the_upgrade_with_no_failed_request() {
     eprintln!("upgrade: {ok} requests answered, {failed} failed");
     assert_eq!(failed, 0, "{ok} answered");
     assert!(ok > 100, "the load ran: {ok}");
+}
+
+/// The `pending` count of the first target of the broadcast route named `events`.
+async fn pending(c: &reqwest::Client, gw: &Gateway) -> u64 {
+    let s = status_json(c, gw).await;
+    let route = s["routes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["route"] == "events")
+        .cloned()
+        .unwrap_or_default();
+    route["targets"][0]["pending"].as_u64().unwrap_or(u64::MAX)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pools_mirror_pairs_and_broadcast_queues_survive_a_reload() {
+    let pooled = RawBackend::start().await;
+    let (a, b) = (Backend::start("A").await, Backend::start("B").await);
+    let target = Backend::start("T").await;
+    target.set_status(503);
+    let body = |extra: &str| {
+        format!(
+            "upstreams:\n  p: {{ backends: [\"{}\"] }}\n  a: {{ backends: [\"{}\"] }}\n  \
+             b: {{ backends: [\"{}\"] }}\n  t: {{ backends: [\"{}\"] }}\n\
+             routes:\n  \
+             - {{ match: {{ prefix: /p }}, upstream: p }}\n  \
+             - {{ match: {{ prefix: /m }}, upstream: a, mirror: [{{ upstream: b, compare: {{ ignore_headers: [X-Backend] }} }}] }}\n  \
+             - {{ name: events, match: {{ prefix: /events }}, broadcast: [t] }}\n{extra}",
+            pooled.addr, a.addr, b.addr, target.addr
+        )
+    };
+    let gw = Gateway::start(&body(""));
+    let c = client();
+
+    // Learn: a pooled upstream connection, a differing mirror pair, a delivery waiting.
+    for _ in 0..5 {
+        assert_eq!(get(&c, &gw.url("/p")).await.0, 200);
+    }
+    assert_eq!(pooled.connections(), 1, "one pooled connection");
+    assert_eq!(get(&c, &gw.url("/m")).await.1, "A");
+    eventually(Duration::from_secs(10), "a kept pair", || async {
+        admin_json(&c, &gw, "/mirror/diffs")
+            .await
+            .as_array()
+            .map(Vec::len)
+            == Some(1)
+    })
+    .await;
+    let kept = admin_json(&c, &gw, "/mirror/diffs").await[0]["request_id"].clone();
+    let accepted = c.post(gw.url("/events")).body("e1").send().await.unwrap();
+    assert_eq!(accepted.status(), 202);
+    eventually(
+        Duration::from_secs(10),
+        "a failed delivery waiting",
+        || async { target.hits() >= 1 && pending(&c, &gw).await == 1 },
+    )
+    .await;
+
+    gw.rewrite(
+        &listen(gw.port),
+        &body(
+            "  - { match: { prefix: /new }, upstream: a }
+",
+        ),
+    );
+    let (code, answer) = post_reload(&c, &gw).await;
+    assert_eq!(code, 200, "{answer}");
+
+    for _ in 0..5 {
+        assert_eq!(get(&c, &gw.url("/p")).await.0, 200);
+    }
+    assert_eq!(pooled.connections(), 1, "the pooled connection is reused");
+    let diffs = admin_json(&c, &gw, "/mirror/diffs").await;
+    assert_eq!(diffs.as_array().map(Vec::len), Some(1), "{diffs}");
+    assert_eq!(diffs[0]["request_id"], kept, "the same pair is kept");
+    assert_eq!(pending(&c, &gw).await, 1, "the delivery still waits");
+    target.set_status(200);
+    eventually(
+        Duration::from_secs(15),
+        "the waiting delivery made",
+        || async { pending(&c, &gw).await == 0 },
+    )
+    .await;
+    let delivered = target.seen().iter().filter(|s| s.body == "e1").count();
+    assert!(
+        delivered >= 2,
+        "tried before the reload and delivered after: {delivered}"
+    );
 }
