@@ -1,11 +1,9 @@
 //! Load-balancing algorithms, observed from real backends behind a real gateway.
 
-mod common;
-
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use common::*;
+use crate::common::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn round_robin_splits_exactly_in_half() {

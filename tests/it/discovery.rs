@@ -5,15 +5,13 @@
 //! request fails while the answer changes. Backends listen on 127.0.0.2, 127.0.0.3, ...
 //! with one port, as the records of one name do.
 
-mod common;
-
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 
 /// A DNS server answering A queries from a table the test changes; any other name or
 /// type gets NXDOMAIN (no records).

@@ -3,15 +3,13 @@
 //! one limit together; Redis stopped, hung or back again; a Redis Cluster given as a list
 //! of nodes. `make test` installs redis-server where it is missing.
 
-mod common;
-
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 
 /// A `redis-server` on a loopback port, in a scratch directory, killed when dropped.
 struct Redis {

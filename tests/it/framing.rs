@@ -4,13 +4,11 @@
 //! through. Then the slow-client defences: a head that dribbles gets 408, a silent
 //! connection and an idle keep-alive one are closed, and connection limits refuse.
 
-mod common;
-
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 
 /// One row: why the request is refused, its bytes (with `{P}` for its path), its
 /// well-formed twin, and the status the bad one gets.

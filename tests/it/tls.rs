@@ -2,14 +2,12 @@
 //! prior knowledge, TLS to backends (verified, refused, unverified), copies to TLS
 //! backends, and `-t` on certificate files. A private CA is made for each test.
 
-mod common;
-
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::pki::{self, Ca};
-use common::*;
+use crate::common::pki::{self, Ca};
+use crate::common::*;
 use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
 

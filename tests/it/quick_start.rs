@@ -5,11 +5,9 @@
 //! over `--max-body-size` → 413; configured from the environment as its users do),
 //! go-conductor (the primary's answer, else the other's, else 502), and `--listen :PORT`.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 
 fn args(list: &[&str]) -> Vec<String> {
     list.iter().map(|s| s.to_string()).collect()

@@ -1,9 +1,7 @@
 //! The gateway's edge: forwarding headers, request ids, header rules, body limits,
 //! malformed requests, the access log, quick mode and the demo.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 
 fn conf(b: &Backend, extra_route: &str) -> String {
     format!(

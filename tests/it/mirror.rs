@@ -1,13 +1,11 @@
 //! Mirroring: copies carry the body byte for byte and lose the redacted headers; sampling
 //! by percent and by key; slow, dead and saturated mirrors never touch the primary.
 
-mod common;
-
 use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn conf(primary: &Backend, mirror: &str, options: &str) -> String {

@@ -1,12 +1,10 @@
 //! Resilience: retries around dead backends, passive circuit breakers, rate limits, and
 //! never retrying a request whose body was sent.
 
-mod common;
-
 use std::sync::atomic::Ordering::SeqCst;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_dead_backend_of_two_costs_no_request() {

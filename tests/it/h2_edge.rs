@@ -5,12 +5,10 @@
 //! past the edge: a host route lost when the path was normalised, a malformed body and a
 //! client's reset each turning into a retry, and limits that held for HTTP/1.1 only.
 
-mod common;
-
 use std::time::Duration;
 
-use common::h2::{get, request, Fields, H2Conn, Outcome};
-use common::*;
+use crate::common::h2::{get, request, Fields, H2Conn, Outcome};
+use crate::common::*;
 use fanout::edge::framing::{Framer, Limits, Phase};
 
 const HOST: &str = "routed.example";

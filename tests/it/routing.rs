@@ -1,8 +1,6 @@
 //! Route precedence and the gateway's own answers (404, 405, 502, 504), end to end.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exact_beats_prefix_and_host_beats_hostless() {

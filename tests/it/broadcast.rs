@@ -1,11 +1,9 @@
 //! Broadcast routes: 202 at once, every target gets every request with the same body, a
 //! dead target hurts no other, and 500 targets work.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 
 async fn broadcast_count(c: &reqwest::Client, gw: &Gateway, upstream: &str, outcome: &str) -> u64 {
     let series = format!("fanout_broadcast_deliveries_total{{outcome=\"{outcome}\",route=\"events\",upstream=\"{upstream}\"}}");

@@ -1,13 +1,11 @@
 //! `Expect: 100-continue`: the gateway answers `100` itself once the request is admitted,
 //! refuses with 413 or 417 without reading the body, and the backend never waits for it.
 
-mod common;
-
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 
 /// Sends a head, then reads what comes within `wait`.
 fn head_then_read(port: u16, head: &str, wait: Duration) -> (TcpStream, String) {

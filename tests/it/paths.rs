@@ -2,9 +2,7 @@
 //! seem to match, the backend gets the path that was routed, and paths that cannot be
 //! normalised safely get 400 without reaching any backend; over HTTP/1.1 and HTTP/2 alike.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn traversal_variants_are_normalised_or_refused() {

@@ -3,16 +3,14 @@
 //! revalidation, one upstream request per stampede, stale-if-error, the `max_size` bound,
 //! purges, and the cache beside rate limits, mirrors and the access log.
 
-mod common;
-
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::common::*;
 use bytes::Bytes;
-use common::*;
 use http_body_util::Full;
 use hyper::service::service_fn;
 use hyper::{Request, Response};

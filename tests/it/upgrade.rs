@@ -4,16 +4,14 @@
 //! configuration leaves the old process serving; SIGTERM lets in-flight requests finish; a
 //! TLS listener's new certificate takes over through the same upgrade, under HTTPS load.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::pki;
-use common::*;
+use crate::common::pki;
+use crate::common::*;
 
 /// A daemonized fanout, identified by its pid file; whatever runs is killed on drop.
 struct Daemon {

@@ -5,17 +5,14 @@
 //! waiting deliveries), a broken file changes nothing, new certificates reach new handshakes,
 //! and a listener change goes through `fanout reload`'s graceful upgrade.
 
-mod common;
-
 use std::net::SocketAddr;
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::pki::Ca;
-use common::raw::RawBackend;
-use common::*;
+use crate::common::pki::Ca;
+use crate::common::*;
 use rustls::pki_types::ServerName;
 use serde_json::Value;
 

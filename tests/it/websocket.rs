@@ -5,14 +5,12 @@
 //! handshakes against a backend that answers at once all get their tunnel; a quiet tunnel
 //! ends after `timeouts.tunnel`; a declined upgrade is relayed; no backend gives 502.
 
-mod common;
-
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::pki::Ca;
-use common::*;
+use crate::common::pki::Ca;
+use crate::common::*;
 use futures_util::{SinkExt, StreamExt};
 use rustls::pki_types::ServerName;
 use tokio::net::{TcpListener, TcpStream};
@@ -344,7 +342,7 @@ async fn websockets_reach_a_tls_backend_over_http11_even_where_h2_is_offered() {
     let ca = Ca::new(&dir, "wss");
     let cert = ca.issue(&dir, "backend", &["backend.test"]);
     // The backend offers h2 and http/1.1 by ALPN; an upgrade needs HTTP/1.1.
-    let (ws_addr, seen) = echo_server_on(Some(common::pki::server_config(&cert))).await;
+    let (ws_addr, seen) = echo_server_on(Some(crate::common::pki::server_config(&cert))).await;
     let gw = Gateway::start(&format!(
         "upstreams:\n  ws: {{ backends: [{ws_addr}], protocol: auto, \
          tls: {{ ca_file: {}, sni: backend.test }} }}\n\

@@ -1,11 +1,9 @@
 //! `fanout -t`: the example configurations pass; a broken file gets one line per problem,
 //! naming the key path and line, and starting with it fails the same way without a panic.
 
-mod common;
-
 use std::process::Command;
 
-use common::fanout_bin;
+use crate::common::fanout_bin;
 
 fn check(path: &str) -> (i32, String, String) {
     let out = Command::new(fanout_bin())
@@ -106,7 +104,7 @@ fn missing_file_and_bad_yaml_are_reported() {
 
 #[test]
 fn an_open_admin_listener_without_a_token_is_warned_about() {
-    let dir = common::scratch_dir();
+    let dir = crate::common::scratch_dir();
     let path = dir.join("open-admin.yaml");
     std::fs::write(
         &path,

@@ -2,13 +2,11 @@
 //! backend (`protocol: h2`) that answers with a body and trailers (`grpc-status`), which the
 //! client receives; `TE: trailers` reaches the backend.
 
-mod common;
-
 use std::convert::Infallible;
 use std::time::Duration;
 
+use crate::common::*;
 use bytes::Bytes;
-use common::*;
 use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::{Frame, Incoming};
 use hyper_util::rt::{TokioExecutor, TokioIo};

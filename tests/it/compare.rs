@@ -3,13 +3,11 @@
 //! (both statuses, body excerpts, never a redacted value), and the client always gets the
 //! primary's answer, unchanged and undelayed by a slow candidate.
 
-mod common;
-
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use crate::common::*;
 use bytes::Bytes;
-use common::*;
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::service::service_fn;

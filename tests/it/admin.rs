@@ -1,10 +1,8 @@
 //! The admin listener: /health, /ready, /metrics, /status.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_endpoints_report_the_gateway() {

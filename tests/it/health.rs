@@ -1,11 +1,9 @@
 //! Active health checks: a failing backend leaves the rotation without any client seeing
 //! an error, and comes back; with every backend down the route answers 503.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 
 fn conf(a: &Backend, b: &Backend) -> String {
     format!(

@@ -3,8 +3,6 @@
 //! upgrade under load all arrive from the spool, a full spool answers 503, and what is
 //! given up (too many attempts, too old, rejected with a 4xx) is counted and logged.
 
-mod common;
-
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -12,7 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 
 fn count_series(route: &str, upstream: &str, outcome: &str) -> String {
     format!("fanout_broadcast_deliveries_total{{outcome=\"{outcome}\",route=\"{route}\",upstream=\"{upstream}\"}}")

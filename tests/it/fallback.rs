@@ -1,11 +1,9 @@
 //! Fallback routes: the primary answers when it can, without waiting for fallbacks; a
 //! failing primary is replaced by the first successful fallback; all failing gives 502.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 
 fn conf(primary: &str, fallbacks: &[&Backend], extra: &str) -> String {
     let mut ups = format!("upstreams:\n  primary: {{ backends: [{primary}], retries: 0 }}\n");

@@ -1,0 +1,31 @@
+//! The integration tests, one module per area, in one binary: each test starts real
+//! `fanout` processes on loopback ports with real backends and clients ([`common`]). One
+//! binary links Pingora once instead of once per area (see bench/RESULTS.md, `make test`).
+
+mod common;
+
+mod admin;
+mod balancing;
+mod broadcast;
+mod cache;
+mod compare;
+mod config_check;
+mod discovery;
+mod edge;
+mod expect;
+mod fallback;
+mod framing;
+mod grpc;
+mod h2_edge;
+mod health;
+mod mirror;
+mod paths;
+mod quick_start;
+mod reload;
+mod resilience;
+mod routing;
+mod shared_limits;
+mod spool;
+mod tls;
+mod upgrade;
+mod websocket;
