@@ -82,6 +82,10 @@ pub const DEFAULT_REDIS_POOL: usize = 16;
 pub const DEFAULT_REDIS_TIMEOUT: Duration = Duration::from_millis(50);
 
 pub const DEFAULT_CACHE_MAX_SIZE: u64 = 256 * 1024 * 1024;
+/// The smallest `cache.max_size` allowed.
+pub const MIN_CACHE_MAX_SIZE: u64 = 1024 * 1024;
+/// The smallest `spool.max_size` allowed.
+pub const MIN_SPOOL_MAX_SIZE: u64 = 1024 * 1024;
 
 /// `routes[].cache`.
 #[derive(Debug, Clone)]

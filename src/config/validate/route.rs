@@ -1,0 +1,447 @@
+//! `routes:`: matches, kinds (proxy, fallback, broadcast), header rules, limits, mirrors
+//! and their comparisons, caching; every reference to an upstream checked.
+
+use super::*;
+
+pub(super) fn build_routes(
+    ck: &mut Checker,
+    items: Vec<Value>,
+    upstreams: &[(String, Option<UpstreamConfig>)],
+    defaults: &FileDefaults,
+) -> Vec<RouteConfig> {
+    let lookup = |ck: &mut Checker, path: &str, name: &str| -> Option<UpstreamId> {
+        let found = upstreams.iter().position(|(n, _)| n == name);
+        if found.is_none() {
+            ck.err(path, format!("unknown upstream {name:?}"));
+        }
+        found
+    };
+    let mut out: Vec<RouteConfig> = Vec::new();
+    let mut seen: BTreeMap<(Option<String>, String), usize> = BTreeMap::new();
+    for (i, value) in items.into_iter().enumerate() {
+        let path = format!("routes[{i}]");
+        let Some(f) = ck.parse::<FileRoute>(&path, value) else {
+            continue;
+        };
+        let before = ck.errors.len();
+        let mpath = format!("{path}.match");
+        let matcher = match (f.matcher.path, f.matcher.prefix) {
+            (Some(p), None) => Some(PathMatch::Exact(p)),
+            (None, Some(p)) => Some(PathMatch::Prefix(p)),
+            _ => {
+                ck.err(&mpath, "needs exactly one of `path` (exact) and `prefix`");
+                None
+            }
+        };
+        if let Some(PathMatch::Exact(p) | PathMatch::Prefix(p)) = &matcher {
+            if !p.starts_with('/') {
+                ck.err(&mpath, format!("path {p:?} must start with /"));
+            }
+        }
+        let host = f.matcher.host.map(|h| normalize_host(&h));
+        if host.as_deref() == Some("") {
+            ck.err(&format!("{mpath}.host"), "host must not be empty");
+        }
+        let methods = f.matcher.methods.map(|ms| {
+            ms.iter()
+                .enumerate()
+                .filter_map(
+                    |(j, m)| match Method::from_bytes(m.to_ascii_uppercase().as_bytes()) {
+                        Ok(m) => Some(m),
+                        Err(_) => {
+                            ck.err(
+                                &format!("{mpath}.methods[{j}]"),
+                                format!("invalid method {m:?}"),
+                            );
+                            None
+                        }
+                    },
+                )
+                .collect::<Vec<_>>()
+        });
+        let kind = match (f.upstream, f.broadcast) {
+            (Some(name), None) => {
+                if f.broadcast_retry.is_some() {
+                    ck.err(
+                        &format!("{path}.broadcast_retry"),
+                        "applies only to broadcast routes (`broadcast:`)",
+                    );
+                }
+                let upstream = lookup(ck, &format!("{path}.upstream"), &name);
+                let fallback: Vec<UpstreamId> = f
+                    .fallback
+                    .unwrap_or_default()
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(j, n)| lookup(ck, &format!("{path}.fallback[{j}]"), n))
+                    .collect();
+                upstream.map(|upstream| RouteKind::Proxy {
+                    upstream,
+                    fallback,
+                    fallback_max_body: f
+                        .fallback_max_body
+                        .map_or(DEFAULT_FALLBACK_MAX_BODY, |s| s.0),
+                    fallback_max_inflight: match f.fallback_max_inflight {
+                        Some(0) => {
+                            ck.err(
+                                &format!("{path}.fallback_max_inflight"),
+                                "must be at least 1",
+                            );
+                            0
+                        }
+                        n => n.unwrap_or(DEFAULT_FALLBACK_MAX_INFLIGHT),
+                    },
+                })
+            }
+            (None, Some(targets)) => {
+                if targets.is_empty() {
+                    ck.err(&format!("{path}.broadcast"), "needs at least one upstream");
+                }
+                if f.fallback.is_some() {
+                    ck.err(
+                        &format!("{path}.fallback"),
+                        "fallback applies only to proxy routes (`upstream:`)",
+                    );
+                }
+                let targets: Vec<BroadcastTarget> = targets
+                    .into_iter()
+                    .enumerate()
+                    .filter_map(|(j, t)| {
+                        broadcast_target(ck, &format!("{path}.broadcast[{j}]"), t, &lookup)
+                    })
+                    .collect();
+                if targets.len() > u16::MAX as usize {
+                    ck.err(&format!("{path}.broadcast"), "at most 65535 upstreams");
+                }
+                let mut retry = RetryPolicy::default();
+                if let Some(r) = &f.broadcast_retry {
+                    if let Some(n) = r.max_attempts {
+                        if n == 0 {
+                            ck.err(
+                                &format!("{path}.broadcast_retry.max_attempts"),
+                                "must be at least 1",
+                            );
+                        }
+                        retry.max_attempts = n;
+                    }
+                    if let Some(d) = r.max_age {
+                        positive(ck, &format!("{path}.broadcast_retry.max_age"), d.0);
+                        retry.max_age = d.0;
+                    }
+                }
+                Some(RouteKind::Broadcast { targets, retry })
+            }
+            _ => {
+                ck.err(
+                    &path,
+                    "needs exactly one of `upstream` (proxy) and `broadcast`",
+                );
+                None
+            }
+        };
+        let strip_prefix = f.strip_prefix.unwrap_or(false);
+        if strip_prefix && !matches!(matcher, Some(PathMatch::Prefix(_))) {
+            ck.err(
+                &format!("{path}.strip_prefix"),
+                "strip_prefix needs a `prefix` match",
+            );
+        }
+        let request_headers =
+            header_rules(ck, &format!("{path}.request_headers"), f.request_headers);
+        let response_headers =
+            header_rules(ck, &format!("{path}.response_headers"), f.response_headers);
+        let rate_limit = f.rate_limit.map(|r| {
+            let rpath = format!("{path}.rate_limit");
+            if !(r.requests_per_second.is_finite()
+                && r.requests_per_second >= MIN_REQUESTS_PER_SECOND)
+            {
+                ck.err(
+                    &format!("{rpath}.requests_per_second"),
+                    "must be a finite number of at least 0.0000116 (one request a day)",
+                );
+            }
+            let burst = r
+                .burst
+                .unwrap_or_else(|| r.requests_per_second.ceil().max(1.0) as u32);
+            let burst = at_least_one(ck, &format!("{rpath}.burst"), burst);
+            let key = match r
+                .key
+                .as_deref()
+                .map(|k| KeySource::parse(k, &["client_ip", "global", "header:NAME"]))
+            {
+                None => KeySource::ClientIp,
+                Some(Ok(k)) => k,
+                Some(Err(e)) => {
+                    ck.err(&format!("{rpath}.key"), e);
+                    KeySource::ClientIp
+                }
+            };
+            if r.on_store_error.is_some() && !matches!(r.store, Some(FileLimitStore::Redis)) {
+                ck.warn(
+                    &format!("{rpath}.on_store_error"),
+                    "applies only with `store: redis`",
+                );
+            }
+            RateLimitConfig {
+                requests_per_second: r.requests_per_second,
+                burst,
+                key,
+                store: match r.store {
+                    None | Some(FileLimitStore::Local) => LimitStore::Local,
+                    Some(FileLimitStore::Redis) => LimitStore::Redis,
+                },
+                on_store_error: match r.on_store_error {
+                    None | Some(FileOnStoreError::Allow) => OnStoreError::Allow,
+                    Some(FileOnStoreError::Deny) => OnStoreError::Deny,
+                },
+            }
+        });
+        let max_body_bytes = f
+            .max_body_bytes
+            .or(defaults.max_body_bytes)
+            .map_or(DEFAULT_MAX_BODY_BYTES, |s| s.0);
+        let access_log = f
+            .access_log
+            .or(defaults.access_log)
+            .unwrap_or(AccessLog::Json);
+        let mut mirrors = Vec::new();
+        for (j, m) in f.mirror.unwrap_or_default().into_iter().enumerate() {
+            let mp = format!("{path}.mirror[{j}]");
+            let upstream = lookup(ck, &format!("{mp}.upstream"), &m.upstream);
+            let percent = m.percent.unwrap_or(DEFAULT_MIRROR_PERCENT);
+            if !(0.0..=100.0).contains(&percent) {
+                ck.err(
+                    &format!("{mp}.percent"),
+                    format!("percent {percent} is out of range 0..=100"),
+                );
+            }
+            let sample_by = match m
+                .sample_by
+                .as_deref()
+                .map(|k| KeySource::parse(k, &["client_ip", "header:NAME"]))
+            {
+                None => None,
+                Some(Ok(k)) => Some(k),
+                Some(Err(e)) => {
+                    ck.err(&format!("{mp}.sample_by"), e);
+                    None
+                }
+            };
+            let redact_headers =
+                header_names(ck, &format!("{mp}.redact_headers"), m.redact_headers);
+            let headers = header_rules(ck, &format!("{mp}.headers"), m.headers);
+            let max_inflight = m.max_inflight.unwrap_or(DEFAULT_MIRROR_MAX_INFLIGHT);
+            if max_inflight == 0 {
+                ck.err(&format!("{mp}.max_inflight"), "must be at least 1");
+            }
+            let timeout = m.timeout.map_or(DEFAULT_MIRROR_TIMEOUT, |d| d.0);
+            positive(ck, &format!("{mp}.timeout"), timeout);
+            let compare = m.compare.map(|c| {
+                let cp = format!("{mp}.compare");
+                let ignore_headers = match c.ignore_headers {
+                    None => Vec::new(),
+                    names => header_names(ck, &format!("{cp}.ignore_headers"), names),
+                };
+                let mut ignore_json_fields = Vec::new();
+                for (k, field) in c.ignore_json_fields.unwrap_or_default().iter().enumerate() {
+                    let parts: Vec<String> = field.split('.').map(String::from).collect();
+                    if parts.iter().any(|p| p.is_empty()) {
+                        ck.err(
+                            &format!("{cp}.ignore_json_fields[{k}]"),
+                            format!("{field:?} is not a dotted path such as meta.generated_at"),
+                        );
+                    }
+                    ignore_json_fields.push(parts);
+                }
+                let max_body = c.max_body.map_or(DEFAULT_COMPARE_MAX_BODY, |s| s.0);
+                if max_body == 0 {
+                    ck.err(&format!("{cp}.max_body"), "must be at least 1");
+                }
+                CompareConfig {
+                    ignore_headers,
+                    ignore_json_fields,
+                    max_body,
+                    keep: c.keep.unwrap_or(DEFAULT_COMPARE_KEEP),
+                }
+            });
+            if let Some(upstream) = upstream {
+                mirrors.push(MirrorConfig {
+                    upstream,
+                    percent,
+                    sample_by,
+                    redact_headers,
+                    headers,
+                    max_body_bytes: m
+                        .max_body_bytes
+                        .map_or(DEFAULT_MIRROR_MAX_BODY_BYTES, |s| s.0),
+                    max_inflight,
+                    timeout,
+                    compare,
+                });
+            }
+        }
+        if !mirrors.is_empty() && matches!(kind, Some(RouteKind::Broadcast { .. })) {
+            ck.err(
+                &format!("{path}.mirror"),
+                "mirror applies only to proxy routes (`upstream:`)",
+            );
+        }
+        let redact_headers = header_names(ck, &format!("{path}.redact_headers"), f.redact_headers);
+        let cache = f.cache.map(|c| {
+            let cpath = format!("{path}.cache");
+            if matches!(kind, Some(RouteKind::Broadcast { .. })) {
+                ck.err(&cpath, "cache applies only to proxy routes (`upstream:`)");
+            }
+            for (key, d) in [
+                ("ttl", c.ttl),
+                ("stale_if_error", c.stale_if_error),
+                ("stale_while_revalidate", c.stale_while_revalidate),
+            ] {
+                if let Some(d) = d {
+                    positive(ck, &format!("{cpath}.{key}"), d.0);
+                }
+            }
+            let max_object_size = c
+                .max_object_size
+                .map_or(DEFAULT_CACHE_MAX_OBJECT_SIZE, |s| s.0);
+            if max_object_size == 0 {
+                ck.err(&format!("{cpath}.max_object_size"), "must be at least 1");
+            }
+            RouteCacheConfig {
+                ttl: c.ttl.map(|d| d.0),
+                max_object_size,
+                stale_if_error: c.stale_if_error.map_or(Duration::ZERO, |d| d.0),
+                stale_while_revalidate: c.stale_while_revalidate.map_or(Duration::ZERO, |d| d.0),
+            }
+        });
+
+        let (Some(matcher), Some(kind)) = (matcher, kind) else {
+            continue;
+        };
+        if ck.errors.len() != before {
+            continue;
+        }
+        // Two routes with the same host and path conflict unless their methods are disjoint.
+        let key = (host.clone(), format!("{matcher:?}"));
+        if let Some(&other) = seen.get(&key) {
+            let prev: &RouteConfig = &out[other];
+            let overlap = match (&prev.methods, &methods) {
+                (Some(a), Some(b)) => a.iter().any(|m| b.contains(m)),
+                _ => true,
+            };
+            if overlap {
+                ck.err(&mpath, format!("same match as route {:?}", prev.label));
+                continue;
+            }
+        }
+        let label = f.name.unwrap_or_else(|| match &matcher {
+            PathMatch::Exact(p) => format!("path:{p}"),
+            PathMatch::Prefix(p) => format!("prefix:{p}"),
+        });
+        seen.insert(key, out.len());
+        out.push(RouteConfig {
+            label,
+            host,
+            path: matcher,
+            methods,
+            kind,
+            strip_prefix,
+            request_headers,
+            response_headers,
+            rate_limit,
+            max_body_bytes,
+            access_log,
+            mirrors,
+            redact_headers,
+            cache,
+        });
+    }
+    out
+}
+
+/// One `broadcast:` entry: an upstream's name, or `{ upstream, path }` with an origin-form
+/// path (and query) the deliveries go to.
+pub(super) fn broadcast_target(
+    ck: &mut Checker,
+    path: &str,
+    target: FileBroadcastTarget,
+    lookup: &impl Fn(&mut Checker, &str, &str) -> Option<UpstreamId>,
+) -> Option<BroadcastTarget> {
+    let (name, to, upstream_path) = match target {
+        FileBroadcastTarget::Name(name) => (name, None, path.to_string()),
+        FileBroadcastTarget::Full(f) => (f.upstream, f.path, format!("{path}.upstream")),
+    };
+    let upstream = lookup(ck, &upstream_path, &name);
+    if let Some(p) = &to {
+        let origin = p.starts_with('/') && p.parse::<http::uri::PathAndQuery>().is_ok();
+        if !origin {
+            ck.err(
+                &format!("{path}.path"),
+                format!("{p:?} is not an origin-form path (`/...`, with an optional query)"),
+            );
+        }
+    }
+    Some(BroadcastTarget {
+        upstream: upstream?,
+        path: to,
+    })
+}
+
+pub(super) fn header_names(
+    ck: &mut Checker,
+    path: &str,
+    names: Option<Vec<String>>,
+) -> Vec<HeaderName> {
+    match names {
+        None => DEFAULT_REDACT_HEADERS
+            .iter()
+            .map(|n| HeaderName::from_static(n))
+            .collect(),
+        Some(list) => list
+            .iter()
+            .enumerate()
+            .filter_map(|(i, n)| match HeaderName::from_bytes(n.as_bytes()) {
+                Ok(h) => Some(h),
+                Err(_) => {
+                    ck.err(
+                        &format!("{path}[{i}]"),
+                        format!("invalid header name {n:?}"),
+                    );
+                    None
+                }
+            })
+            .collect(),
+    }
+}
+
+pub(super) fn header_rules(
+    ck: &mut Checker,
+    path: &str,
+    rules: Option<FileHeaderRules>,
+) -> HeaderRules {
+    let Some(rules) = rules else {
+        return HeaderRules::default();
+    };
+    let mut out = HeaderRules::default();
+    for (name, value) in rules.set {
+        let key = format!("{path}.set.{name}");
+        match (
+            HeaderName::from_bytes(name.as_bytes()),
+            HeaderValue::from_str(&value),
+        ) {
+            (Ok(n), Ok(v)) => out.set.push((n, v)),
+            (Err(_), _) => ck.err(&key, format!("invalid header name {name:?}")),
+            (_, Err(_)) => ck.err(&key, format!("invalid header value {value:?}")),
+        }
+    }
+    for (i, name) in rules.remove.iter().enumerate() {
+        match HeaderName::from_bytes(name.as_bytes()) {
+            Ok(n) => out.remove.push(n),
+            Err(_) => ck.err(
+                &format!("{path}.remove[{i}]"),
+                format!("invalid header name {name:?}"),
+            ),
+        }
+    }
+    out
+}
