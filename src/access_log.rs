@@ -16,7 +16,7 @@ use std::time::SystemTime;
 use prometheus::IntCounter;
 use serde::Serialize;
 
-use crate::limits::ByteBudget;
+use crate::limits::Budget;
 
 /// Lines that may wait for the writer; beyond this they are dropped.
 const QUEUE: usize = 64 * 1024;
@@ -73,7 +73,7 @@ pub fn timestamp(t: SystemTime) -> String {
 
 pub struct AccessLogger {
     sender: OnceLock<SyncSender<Record>>,
-    bytes: Arc<ByteBudget>,
+    bytes: Arc<Budget>,
     dropped: IntCounter,
 }
 
@@ -81,7 +81,7 @@ impl AccessLogger {
     pub fn new(dropped: IntCounter) -> Self {
         AccessLogger {
             sender: OnceLock::new(),
-            bytes: Arc::new(ByteBudget::new(QUEUE_BYTES)),
+            bytes: Arc::new(Budget::new(QUEUE_BYTES)),
             dropped,
         }
     }
@@ -114,7 +114,7 @@ impl AccessLogger {
     }
 }
 
-fn write_forever(rx: Receiver<Record>, out: impl Write, bytes: &ByteBudget) {
+fn write_forever(rx: Receiver<Record>, out: impl Write, bytes: &Budget) {
     let mut out = std::io::BufWriter::with_capacity(64 * 1024, out);
     loop {
         // Drain what is queued, write it in one go, then sleep: the writer is never parked
@@ -171,7 +171,7 @@ mod tests {
     #[test]
     fn records_are_one_json_line_each() {
         let (tx, rx) = mpsc::sync_channel(4);
-        let bytes = ByteBudget::new(QUEUE_BYTES);
+        let bytes = Budget::new(QUEUE_BYTES);
         for status in [200, 404] {
             let r = record(status, "/x".into());
             assert!(bytes.try_take(r.size()));

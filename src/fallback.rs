@@ -6,7 +6,6 @@
 //! completing their bodies and picking and sending the answer the client gets: the first
 //! successful fallback, in order of arrival.
 
-use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -158,10 +157,10 @@ pub async fn first_answer(
 /// The response header naming the upstream that answered.
 pub const HEADER: &str = "x-fanout-upstream";
 
-/// A route's fallback copies in flight, bounded by `fallback_max_inflight`.
+/// A route's fallback copies in flight, bounded by `fallback_max_inflight`; kept across a
+/// reload while the route is (copies under way stay counted against the new bound).
 pub struct Budget {
-    inflight: AtomicUsize,
-    max: usize,
+    copies: Arc<limits::Budget>,
     /// `fanout_fallback_skipped_total`: requests that ran without fallbacks.
     pub skipped: IntCounter,
 }
@@ -169,20 +168,24 @@ pub struct Budget {
 impl Budget {
     pub fn new(max: usize, skipped: IntCounter) -> Arc<Budget> {
         Arc::new(Budget {
-            inflight: AtomicUsize::new(0),
-            max,
+            copies: Arc::new(limits::Budget::new(max)),
             skipped,
         })
     }
 
+    /// The same budget under a reloaded `fallback_max_inflight`.
+    pub fn resized(self: &Arc<Self>, max: usize) -> Arc<Budget> {
+        self.copies.set_max(max);
+        Arc::clone(self)
+    }
+
     /// Takes `n` slots, all or none (then the skip is counted).
-    pub fn take(self: &Arc<Self>, n: usize) -> Option<Vec<Slot>> {
-        if self.inflight.fetch_add(n, Relaxed) + n > self.max {
-            self.inflight.fetch_sub(n, Relaxed);
+    pub fn take(&self, n: usize) -> Option<Vec<Slot>> {
+        let slots = self.copies.hold_each(n);
+        if slots.is_none() {
             self.skipped.inc();
-            return None;
         }
-        Some((0..n).map(|_| Slot(Arc::clone(self))).collect())
+        slots
     }
 }
 
@@ -201,13 +204,7 @@ impl Leash {
 }
 
 /// One fallback copy's place in its route's budget, given back when the copy ends.
-pub struct Slot(Arc<Budget>);
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        self.0.inflight.fetch_sub(1, Relaxed);
-    }
-}
+pub type Slot = limits::Held;
 
 /// The fallback answers of one request, one per fallback copy (`None`: that one failed).
 pub struct Fallbacks {

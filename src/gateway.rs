@@ -143,10 +143,13 @@ impl Route {
                         .iter()
                         .map(|&u| (u, Arc::clone(&upstreams[u])))
                         .collect(),
-                    budget: fallback::Budget::new(
-                        *fallback_max_inflight,
-                        metrics.fallback_skipped.with_label_values(&[&r.label]),
-                    ),
+                    budget: match previous.and_then(|p| p.proxy()?.fallbacks.as_ref()) {
+                        Some(before) => before.budget.resized(*fallback_max_inflight),
+                        None => fallback::Budget::new(
+                            *fallback_max_inflight,
+                            metrics.fallback_skipped.with_label_values(&[&r.label]),
+                        ),
+                    },
                 }),
                 cache_results: r.cache.as_ref().map(|_| {
                     cache::Outcome::ALL

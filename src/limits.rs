@@ -4,30 +4,35 @@
 //! streams, without ever buffering it. (Framing itself is held to RFC 9112 before a request
 //! reaches the proxy at all: [`crate::edge::framing`].)
 
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::sync::Arc;
+
 use pingora_http::RequestHeader;
 
-/// The bytes a queue holds, bounded: every queue whose items can be large (broadcast
-/// deliveries, access log lines) takes an item's size here before queueing it, and gives
-/// it back when the item is gone. Taking never waits: over the bound it fails.
+/// A bound on something counted (bytes a queue holds, copies in flight, open
+/// connections): a unit is taken before use and given back after. Taking never waits: over
+/// the bound it fails. Every counting limit of the gateway is one: the access log's and the
+/// broadcast deliveries' bytes, a mirror's and a fallback route's copies in flight, the
+/// client connections. The bound may change while units are held (a reload): what is held
+/// stays held, and new takes see the new bound.
 #[derive(Debug)]
-pub struct ByteBudget {
-    used: std::sync::atomic::AtomicUsize,
-    max: usize,
+pub struct Budget {
+    used: AtomicUsize,
+    max: AtomicUsize,
 }
 
-impl ByteBudget {
-    pub const fn new(max: usize) -> ByteBudget {
-        ByteBudget {
-            used: std::sync::atomic::AtomicUsize::new(0),
-            max,
+impl Budget {
+    pub const fn new(max: usize) -> Budget {
+        Budget {
+            used: AtomicUsize::new(0),
+            max: AtomicUsize::new(max),
         }
     }
 
-    /// Takes `n` bytes, or nothing if that would go over the bound.
+    /// Takes `n` units, or nothing if that would go over the bound.
     pub fn try_take(&self, n: usize) -> bool {
-        use std::sync::atomic::Ordering::Relaxed;
         let before = self.used.fetch_add(n, Relaxed);
-        if before.saturating_add(n) > self.max {
+        if before.saturating_add(n) > self.max.load(Relaxed) {
             self.used.fetch_sub(n, Relaxed);
             return false;
         }
@@ -35,12 +40,50 @@ impl ByteBudget {
     }
 
     pub fn give_back(&self, n: usize) {
-        self.used.fetch_sub(n, std::sync::atomic::Ordering::Relaxed);
+        self.used.fetch_sub(n, Relaxed);
     }
 
-    /// Bytes held now.
+    /// Units held now.
     pub fn used(&self) -> usize {
-        self.used.load(std::sync::atomic::Ordering::Relaxed)
+        self.used.load(Relaxed)
+    }
+
+    /// Applies a new bound to takes from now on.
+    pub fn set_max(&self, max: usize) {
+        self.max.store(max, Relaxed);
+    }
+
+    /// `n` units held until the [`Held`] is dropped.
+    pub fn hold(self: &Arc<Self>, n: usize) -> Option<Held> {
+        self.try_take(n).then(|| Held {
+            budget: Arc::clone(self),
+            n,
+        })
+    }
+
+    /// `n` units, each held on its own (one per copy, say): all of them or none.
+    pub fn hold_each(self: &Arc<Self>, n: usize) -> Option<Vec<Held>> {
+        self.try_take(n).then(|| {
+            (0..n)
+                .map(|_| Held {
+                    budget: Arc::clone(self),
+                    n: 1,
+                })
+                .collect()
+        })
+    }
+}
+
+/// Units of a [`Budget`], given back when dropped.
+#[derive(Debug)]
+pub struct Held {
+    budget: Arc<Budget>,
+    n: usize,
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.budget.give_back(self.n);
     }
 }
 
@@ -163,6 +206,21 @@ mod tests {
     }
 
     #[test]
+    fn held_units_come_back_and_a_new_bound_applies_to_new_takes() {
+        let b = Arc::new(Budget::new(3));
+        let two = b.hold_each(2).expect("two");
+        assert!(b.hold_each(2).is_none(), "all or none");
+        let one = b.hold(1).expect("the third");
+        assert!(b.hold(1).is_none());
+        b.set_max(1);
+        assert_eq!(b.used(), 3, "what is held stays held");
+        drop(two);
+        assert!(b.hold(1).is_none(), "1 held, bound 1");
+        drop(one);
+        assert!(b.hold(1).is_some());
+    }
+
+    #[test]
     fn streamed_bodies_are_counted() {
         let mut c = BodyCounter::default();
         assert_eq!(c.add(6, 10), Ok(0));
@@ -172,7 +230,7 @@ mod tests {
 
     #[test]
     fn a_byte_budget_never_goes_over_its_bound() {
-        let b = ByteBudget::new(100);
+        let b = Budget::new(100);
         assert!(b.try_take(60));
         assert!(!b.try_take(41));
         assert!(b.try_take(40));

@@ -36,7 +36,7 @@ use tokio::task::JoinSet;
 
 use super::spool::{lock, Accepted, Found, Key, Spool};
 use super::{age, Target, Targets};
-use crate::limits::ByteBudget;
+use crate::limits::{self, Budget};
 use crate::outbound::{self, Body, Failure, Keep};
 use crate::upstream::Tried;
 
@@ -66,19 +66,11 @@ struct Item {
     held: Option<Held>,
 }
 
-/// A request kept in memory, counted against [`KEEP_BYTES`] until dropped.
+/// A request kept in memory, counted against [`KEEP_BYTES`] until dropped (a memory
+/// spool's are not counted: they are all there is).
 struct Held {
     accepted: Arc<Accepted>,
-    budget: Option<Arc<ByteBudget>>,
-    size: usize,
-}
-
-impl Drop for Held {
-    fn drop(&mut self) {
-        if let Some(b) = &self.budget {
-            b.give_back(self.size);
-        }
-    }
+    _bytes: Option<limits::Held>,
 }
 
 struct Later {
@@ -136,7 +128,7 @@ struct Shared {
     spool: Arc<dyn Spool>,
     connector: Connector,
     total: Arc<Semaphore>,
-    keep: Arc<ByteBudget>,
+    keep: Arc<Budget>,
     /// Turns true when the service is told to stop.
     stop: watch::Receiver<bool>,
 }
@@ -183,7 +175,7 @@ impl BackgroundService for Deliverer {
             spool: Arc::clone(&self.spool),
             connector: Connector::new(Some(self.options.clone())),
             total: Arc::new(Semaphore::new(TOTAL_CONCURRENCY)),
-            keep: Arc::new(ByteBudget::new(KEEP_BYTES)),
+            keep: Arc::new(Budget::new(KEEP_BYTES)),
             stop,
         });
         // One lane per (route, target), found by route label and upstream name.
@@ -328,21 +320,15 @@ async fn intake(lanes: Arc<ArcSwap<Lanes>>, shared: Arc<Shared>) {
                     shared.spool.done(key, index);
                     continue;
                 };
-                let held = if keep_all {
-                    Some(Held {
-                        accepted: Arc::clone(&accepted),
-                        budget: None,
-                        size: 0,
-                    })
-                } else if shared.keep.try_take(size as usize) {
-                    Some(Held {
-                        accepted: Arc::clone(&accepted),
-                        budget: Some(Arc::clone(&shared.keep)),
-                        size: size as usize,
-                    })
+                let bytes = if keep_all {
+                    Some(None)
                 } else {
-                    None
+                    shared.keep.hold(size as usize).map(Some)
                 };
+                let held = bytes.map(|bytes| Held {
+                    accepted: Arc::clone(&accepted),
+                    _bytes: bytes,
+                });
                 let item = Item {
                     key,
                     index,

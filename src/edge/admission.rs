@@ -10,6 +10,8 @@ use std::sync::{Arc, Mutex};
 
 use prometheus::IntGauge;
 
+use crate::limits::Budget;
+
 /// Shards of the per-address connection table.
 const SHARDS: usize = 32;
 
@@ -24,9 +26,9 @@ pub enum Over {
 
 /// Open connections, in all and per client address.
 pub struct Connections {
-    total: AtomicUsize,
-    /// The limits in force (a reload may change them; connections already open stay).
-    max: AtomicUsize,
+    /// All open connections, against `max_connections` (a reload may change the limits;
+    /// connections already open stay).
+    total: Budget,
     /// 0: no per-address limit (connections are then not counted per address).
     max_per_ip: AtomicUsize,
     per_ip: Vec<Mutex<HashMap<IpAddr, usize>>>,
@@ -35,8 +37,7 @@ pub struct Connections {
 impl Connections {
     pub fn new(max: usize, max_per_ip: usize) -> Arc<Connections> {
         Arc::new(Connections {
-            total: AtomicUsize::new(0),
-            max: AtomicUsize::new(max),
+            total: Budget::new(max),
             max_per_ip: AtomicUsize::new(max_per_ip),
             per_ip: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
         })
@@ -44,7 +45,7 @@ impl Connections {
 
     /// Applies reloaded limits to connections admitted from now on.
     pub fn set_limits(&self, max: usize, max_per_ip: usize) {
-        self.max.store(max, Relaxed);
+        self.total.set_max(max);
         self.max_per_ip.store(max_per_ip, Relaxed);
     }
 
@@ -65,8 +66,7 @@ impl Connections {
         ip: Option<IpAddr>,
         gauge: Option<IntGauge>,
     ) -> Result<Slot, Over> {
-        if self.total.fetch_add(1, Relaxed) >= self.max.load(Relaxed) {
-            self.total.fetch_sub(1, Relaxed);
+        if !self.total.try_take(1) {
             return Err(Over::Total);
         }
         let max_per_ip = self.max_per_ip.load(Relaxed);
@@ -76,7 +76,7 @@ impl Connections {
             let n = map.entry(ip).or_insert(0);
             if *n >= max_per_ip {
                 drop(map);
-                self.total.fetch_sub(1, Relaxed);
+                self.total.give_back(1);
                 return Err(Over::PerIp);
             }
             *n += 1;
@@ -104,7 +104,7 @@ impl Drop for Slot {
         if let Some(g) = &self.gauge {
             g.dec();
         }
-        self.table.total.fetch_sub(1, Relaxed);
+        self.table.total.give_back(1);
         if let Some(ip) = self.ip {
             if let Some(shard) = self.table.shard(&ip) {
                 let mut map = shard.lock().unwrap_or_else(|p| p.into_inner());

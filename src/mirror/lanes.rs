@@ -112,7 +112,7 @@ pub fn send(
 
 impl Job {
     fn mirror(&self) -> &Arc<Mirror> {
-        &self.permit.0
+        &self.permit.mirror
     }
 
     /// How the answer awaited for this copy is to be read.
@@ -146,7 +146,7 @@ impl Job {
     /// Hands a compared copy's answer (or its failure) to its comparison.
     fn end(self, seen: Option<Seen>) {
         if let Some((pairing, _)) = self.pairing {
-            let mirror = Arc::clone(&self.permit.0);
+            let mirror = Arc::clone(&self.permit.mirror);
             pairing.conclude(&mirror, seen, self.permit);
         }
     }

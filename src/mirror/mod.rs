@@ -49,7 +49,6 @@ use copies::{Copy, Primary, Sink, FEED_SLOTS};
 #[doc(hidden)]
 pub use reader::read_all as lanes_read_all;
 
-use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -63,7 +62,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::config::MirrorConfig;
 use crate::forwarding;
 use crate::keys;
-use crate::limits;
+use crate::limits::{self, Budget};
 use crate::metrics::Metrics;
 use crate::outbound::{self, Body, Failure, Keep};
 use crate::upstream::{Lease, Tried, Upstream};
@@ -80,7 +79,9 @@ struct Outcomes {
 pub struct Mirror {
     pub config: MirrorConfig,
     upstream: Arc<Upstream>,
-    inflight: AtomicUsize,
+    /// Copies in flight, bounded by `max_inflight`; kept across a reload while the route
+    /// mirrors to the same upstream.
+    inflight: Arc<Budget>,
     inflight_gauge: IntGauge,
     outcomes: Outcomes,
     /// Pipelined connections for copies without a body, per backend of the upstream.
@@ -135,7 +136,13 @@ impl Mirror {
         let count = |o: &str| metrics.mirror_requests.with_label_values(&[route, name, o]);
         Mirror {
             config: config.clone(),
-            inflight: AtomicUsize::new(0),
+            inflight: match previous {
+                Some(p) => {
+                    p.inflight.set_max(config.max_inflight);
+                    Arc::clone(&p.inflight)
+                }
+                None => Arc::new(Budget::new(config.max_inflight)),
+            },
             inflight_gauge: metrics.mirror_inflight.with_label_values(&[route, name]),
             outcomes: Outcomes {
                 ok: count("ok"),
@@ -185,12 +192,12 @@ impl Mirror {
     }
 
     fn try_acquire(self: &Arc<Self>) -> Option<Permit> {
-        let max = self.config.max_inflight;
-        self.inflight
-            .fetch_update(Relaxed, Relaxed, |n| (n < max).then_some(n + 1))
-            .ok()?;
+        let slot = self.inflight.hold(1)?;
         self.inflight_gauge.inc();
-        Some(Permit(Arc::clone(self)))
+        Some(Permit {
+            mirror: Arc::clone(self),
+            _slot: slot,
+        })
     }
 
     /// Counts a copy's answer: a status below 500 is `ok`.
@@ -204,12 +211,14 @@ impl Mirror {
 }
 
 /// One slot of a mirror's `max_inflight`; released when the copy ends, however it ends.
-pub struct Permit(Arc<Mirror>);
+pub struct Permit {
+    mirror: Arc<Mirror>,
+    _slot: limits::Held,
+}
 
 impl Drop for Permit {
     fn drop(&mut self) {
-        self.0.inflight.fetch_sub(1, Relaxed);
-        self.0.inflight_gauge.dec();
+        self.mirror.inflight_gauge.dec();
     }
 }
 

@@ -525,3 +525,48 @@ async fn pools_mirror_pairs_and_broadcast_queues_survive_a_reload() {
         "tried before the reload and delivered after: {delivered}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copies_in_flight_stay_counted_against_max_inflight_across_a_reload() {
+    let a = Backend::start("A").await;
+    let slow = RawBackend::silent().await;
+    let body = |extra: &str| {
+        format!(
+            "upstreams:\n  a: {{ backends: [\"{}\"] }}\n  slow: {{ backends: [\"{}\"] }}\n\
+             routes:\n  - {{ match: {{ prefix: /s }}, upstream: a, mirror: [{{ upstream: slow, max_inflight: 1, timeout: 30s }}] }}\n{extra}",
+            a.addr, slow.addr
+        )
+    };
+    let gw = Gateway::start(&body(""));
+    let c = client();
+    let dropped =
+        "fanout_mirror_requests_total{outcome=\"dropped\",route=\"prefix:/s\",upstream=\"slow\"}";
+    assert_eq!(get(&c, &gw.url("/s")).await.0, 200);
+    eventually(
+        Duration::from_secs(10),
+        "the copy held by the mirror",
+        || async { slow.count("GET /s") == 1 },
+    )
+    .await;
+
+    gw.rewrite(
+        &listen(gw.port),
+        &body("  - { match: { prefix: /new }, upstream: a }\n"),
+    );
+    let (code, answer) = post_reload(&c, &gw).await;
+    assert_eq!(code, 200, "{answer}");
+
+    // The copy under way still holds the mirror's one slot: the next copy is dropped.
+    assert_eq!(get(&c, &gw.url("/s")).await.0, 200);
+    eventually(
+        Duration::from_secs(10),
+        "the second copy dropped",
+        || async {
+            metrics_text(&c, &gw)
+                .await
+                .contains(&format!("{dropped} 1"))
+        },
+    )
+    .await;
+    assert_eq!(slow.count("GET /s"), 1, "no second copy sent");
+}
