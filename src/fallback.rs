@@ -4,7 +4,8 @@
 //! answers kept in memory up to `fallback_max_body`, at most `fallback_max_inflight` of the
 //! route's at once), letting them go when the primary answers, and, when the primary fails,
 //! completing their bodies and picking and sending the answer the client gets: the first
-//! successful fallback, in order of arrival.
+//! successful fallback, in order of arrival. A request carries all of it in one
+//! [`Failover`], which each proxy phase asks one thing.
 
 use std::sync::Arc;
 
@@ -37,9 +38,96 @@ pub struct FallbackUpstreams {
     pub budget: Arc<Budget>,
 }
 
+/// One request's fallback state: its copies' answers, whether the primary failed (its
+/// answer is then not the client's), and whose answer the client got. Empty on routes
+/// without fallbacks. Each proxy phase asks it one thing.
+#[derive(Default)]
+pub struct Failover {
+    /// The copies' answers; `None` without fallbacks, when the route's budget was used up,
+    /// or once they were given up.
+    fallbacks: Option<Fallbacks>,
+    primary_failed: bool,
+    answered_by: Option<UpstreamId>,
+}
+
+impl Failover {
+    /// Starts the fallback copies of a request (see [`start`]).
+    pub fn start(
+        copies: &mut Copies,
+        session: &Session,
+        route: &RouteConfig,
+        fallbacks: &FallbackUpstreams,
+        request_id: &str,
+        connector: &Arc<Connector>,
+    ) -> Failover {
+        Failover {
+            fallbacks: start(copies, session, route, fallbacks, request_id, connector),
+            ..Failover::default()
+        }
+    }
+
+    /// Whether fallback answers may still be given.
+    pub fn armed(&self) -> bool {
+        self.fallbacks.is_some()
+    }
+
+    /// The primary answered `status`: a 5xx, with fallbacks armed, hands the request over
+    /// to them (`true`: the primary's answer is not the client's).
+    pub fn primary_fails_with(&mut self, status: u16) -> bool {
+        let fails = status >= 500 && self.armed();
+        if fails {
+            self.primary_failed = true;
+        }
+        fails
+    }
+
+    /// The primary's answer, from `upstream`, is the client's: the copies are let go.
+    /// `true` when the answer is to name its upstream (a route with fallbacks).
+    pub fn primary_answers(&mut self, upstream: Option<UpstreamId>) -> bool {
+        let Some(fallbacks) = self.fallbacks.as_mut() else {
+            return false;
+        };
+        fallbacks.release();
+        self.answered_by = upstream;
+        upstream.is_some()
+    }
+
+    /// The primary failed and the gateway is failing over: not an error to log, nor a
+    /// reason to retry.
+    pub fn primary_failed(&self) -> bool {
+        self.primary_failed
+    }
+
+    /// The upstream whose answer the client got, on a route with fallbacks.
+    pub fn answered_by(&self) -> Option<UpstreamId> {
+        self.answered_by
+    }
+
+    /// The first successful fallback answer ([`first_answer`]), noted as the client's;
+    /// `Err`: the body went over `limit` meanwhile, and the fallbacks are given up.
+    pub async fn first_answer(
+        &mut self,
+        session: &mut Session,
+        copies: &mut Copies,
+        body: &mut BodyCounter,
+        limit: u64,
+    ) -> std::result::Result<Option<Captured>, Refusal> {
+        let Some(fallbacks) = self.fallbacks.as_mut() else {
+            return Ok(None);
+        };
+        let answer = first_answer(session, copies, body, limit, fallbacks).await;
+        match &answer {
+            Ok(Some(a)) => self.answered_by = Some(a.upstream),
+            Ok(None) => {}
+            Err(_) => self.fallbacks = None,
+        }
+        answer
+    }
+}
+
 /// Starts the fallback copies of a request on a route with fallbacks, unless the route's
 /// `fallback_max_inflight` is used up: then the request runs without them (counted).
-pub fn start(
+fn start(
     copies: &mut Copies,
     session: &Session,
     route: &RouteConfig,
@@ -129,7 +217,7 @@ fn spawn_copies(
 /// The primary failed: gives the copies the rest of the body (the primary may have failed
 /// before reading all of it), counted against `limit`, then waits for the first successful
 /// fallback answer. `Err`: the body went over the limit meanwhile.
-pub async fn first_answer(
+async fn first_answer(
     session: &mut Session,
     copies: &mut Copies,
     body: &mut BodyCounter,

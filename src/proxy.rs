@@ -45,7 +45,7 @@ use crate::cache;
 use crate::config::OnStoreError;
 use crate::config::{AccessLog, RouteId, UpstreamId};
 use crate::edge::{self, path};
-use crate::fallback::{self, Fallbacks};
+use crate::fallback::{self, Failover};
 use crate::forwarding;
 use crate::gateway::{Gateway, Generation, Route, RouteRuntime};
 use crate::keys::{self, client_ip, request_host};
@@ -112,12 +112,8 @@ pub struct RequestCtx {
     refused: Option<Refusal>,
     /// The mirror and fallback copies of this (primary) request.
     copies: Copies,
-    /// The fallback copies' answers, on a route with fallbacks.
-    fallbacks: Option<Fallbacks>,
-    /// The primary upstream answered 5xx on a route with fallbacks.
-    primary_failed: bool,
-    /// The upstream whose answer the client got, on a route with fallbacks.
-    answered_by: Option<UpstreamId>,
+    /// Its fallbacks, on a route with fallbacks.
+    failover: Failover,
     /// Tokens left in the client's rate-limit bucket after this request, on a limited route.
     rate_remaining: Option<u64>,
     /// What the cache did, on a cached route.
@@ -225,25 +221,21 @@ impl FanoutProxy {
         let limit = ctx
             .route
             .map_or(u64::MAX, |id| ctx.gen.routes[id].config.max_body_bytes);
-        let Some(fallbacks) = ctx.fallbacks.as_mut() else {
-            return Ok(None);
-        };
-        let answer =
-            fallback::first_answer(session, &mut ctx.copies, &mut ctx.body, limit, fallbacks).await;
+        let answer = ctx
+            .failover
+            .first_answer(session, &mut ctx.copies, &mut ctx.body, limit)
+            .await;
         let answer = match answer {
             Ok(Some(answer)) => answer,
             Ok(None) => return Ok(None),
             Err(refusal) => {
                 ctx.refused = Some(refusal);
-                ctx.fallbacks = None;
                 ctx.copies = Copies::default();
                 return Ok(None);
             }
         };
-        let upstream = answer.upstream;
-        ctx.answered_by = Some(upstream);
         let route = self.route(ctx).map(|r| &r.config);
-        let name = ctx.gen.upstreams[upstream].name();
+        let name = ctx.gen.upstreams[answer.upstream].name();
         fallback::send(session, answer, route, &ctx.request_id, name)
             .await
             .map(Some)
@@ -361,7 +353,7 @@ impl FanoutProxy {
                     ctx.copies = Copies::start(session, &p.mirrors, &ctx.request_id, connector);
                 }
                 if let Some(fallbacks) = &p.fallbacks {
-                    ctx.fallbacks = fallback::start(
+                    ctx.failover = Failover::start(
                         &mut ctx.copies,
                         session,
                         &route.config,
@@ -500,9 +492,7 @@ impl ProxyHttp for FanoutProxy {
             body: BodyCounter::default(),
             refused: None,
             copies: Copies::default(),
-            fallbacks: None,
-            primary_failed: false,
-            answered_by: None,
+            failover: Failover::default(),
             rate_remaining: None,
             cache: None,
             cache_looked_up: false,
@@ -688,9 +678,8 @@ impl ProxyHttp for FanoutProxy {
         if let (Some(lease), false) = (ctx.lease.as_mut(), status.is_informational()) {
             lease.answered(status.as_u16());
         }
-        if status.is_server_error() && ctx.fallbacks.is_some() {
+        if ctx.failover.primary_fails_with(status.as_u16()) {
             // The primary failed: its answer is not used; fail_to_proxy picks a fallback's.
-            ctx.primary_failed = true;
             return Error::e_explain(
                 ErrorType::HTTPStatus(status.as_u16()),
                 "primary upstream answered 5xx",
@@ -710,13 +699,10 @@ impl ProxyHttp for FanoutProxy {
             upstream_response.status.as_u16(),
             &upstream_response.headers,
         );
-        if let Some(fallbacks) = ctx.fallbacks.as_mut() {
-            // The primary's answer is the client's: the fallbacks' are not needed.
-            fallbacks.release();
-            if let Some(u) = self.target(ctx) {
-                ctx.answered_by = Some(u);
-                upstream_response.insert_header(fallback::HEADER, ctx.gen.upstreams[u].name())?;
-            }
+        // The primary's answer is the client's: the fallbacks' are not needed.
+        let target = self.target(ctx);
+        if let (true, Some(u)) = (ctx.failover.primary_answers(target), target) {
+            upstream_response.insert_header(fallback::HEADER, ctx.gen.upstreams[u].name())?;
         }
         if let Some(results) = ctx
             .route
@@ -795,7 +781,7 @@ impl ProxyHttp for FanoutProxy {
         _client_reused: bool,
     ) -> Box<Error> {
         let mut e = e.more_context(format!("Peer: {peer}"));
-        if ctx.refused.is_some() || ctx.primary_failed {
+        if ctx.refused.is_some() || ctx.failover.primary_failed() {
             // The gateway cut the request off itself (body limit, or failing over to a
             // fallback): not a reason to retry.
             e.set_retry(false);
@@ -829,7 +815,7 @@ impl ProxyHttp for FanoutProxy {
         };
         // Only answer if no answer has started.
         let can_answer = code > 0 && session.as_downstream().response_written().is_none();
-        if can_answer && ctx.refused.is_none() && ctx.fallbacks.is_some() {
+        if can_answer && ctx.refused.is_none() && ctx.failover.armed() {
             match self.fallback_answer(session, ctx).await {
                 Ok(Some(status)) => code = status,
                 Ok(None) => {
@@ -865,7 +851,7 @@ impl ProxyHttp for FanoutProxy {
     fn suppress_error_log(&self, _session: &Session, ctx: &RequestCtx, _error: &Error) -> bool {
         // A primary 5xx on a fallback route is an expected failover, visible in metrics and
         // the access log.
-        ctx.primary_failed
+        ctx.failover.primary_failed()
     }
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
@@ -897,7 +883,8 @@ impl ProxyHttp for FanoutProxy {
                 status,
                 route: route.map(|r| Arc::clone(r.metrics.label())),
                 upstream: ctx
-                    .answered_by
+                    .failover
+                    .answered_by()
                     .or_else(|| route.and_then(Route::upstream))
                     .map(|u| Arc::clone(&ctx.gen.upstreams[u].name)),
                 backend: ctx.backend.take(),
