@@ -36,7 +36,10 @@ async fn answers_202_at_once_and_delivers_everywhere() {
             .unwrap();
         let took = started.elapsed();
         assert_eq!(resp.status(), 202);
-        assert!(took < slow_answer, "202 took {took:?}: it waited for a target");
+        assert!(
+            took < slow_answer,
+            "202 took {took:?}: it waited for a target"
+        );
         let v: serde_json::Value = resp.json().await.unwrap();
         assert_eq!(v["request_id"], format!("ev-{i}"));
         assert_eq!(v["targets"], 3);
