@@ -47,13 +47,6 @@ impl Outcome {
         }
     }
 
-    pub fn lines(&self) -> &[String] {
-        match self {
-            Outcome::Applied { .. } => &[],
-            Outcome::Refused(l) | Outcome::NeedsUpgrade(l) => l,
-        }
-    }
-
     pub fn to_json(&self) -> Value {
         let mut v = json!({ "result": self.result() });
         match self {
