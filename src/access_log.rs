@@ -33,6 +33,10 @@ pub struct Record {
     pub ts: SystemTime,
     pub request_id: String,
     pub client: Option<IpAddr>,
+    /// Who `auth` found the client to be (user, key name, token subject); never the
+    /// credential itself.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub identity: Option<Arc<str>>,
     pub method: String,
     /// `HTTP/1.1`, `HTTP/2` or `HTTP/1.0`; `+tls` after it over TLS.
     pub protocol: &'static str,
@@ -58,6 +62,7 @@ impl Record {
             + self.method.len()
             + self.host.as_ref().map_or(0, String::len)
             + self.path.len()
+            + self.identity.as_ref().map_or(0, |i| i.len())
     }
 }
 
@@ -153,6 +158,7 @@ mod tests {
             ts: SystemTime::UNIX_EPOCH,
             request_id: "r".into(),
             client: Some("127.0.0.1".parse().unwrap()),
+            identity: None,
             method: "GET".into(),
             protocol: "HTTP/1.1",
             host: None,
@@ -209,6 +215,7 @@ mod bound_tests {
                 ts: SystemTime::UNIX_EPOCH,
                 request_id: "r".into(),
                 client: None,
+                identity: None,
                 method: "GET".into(),
                 protocol: "HTTP/1.1",
                 host: None,

@@ -141,6 +141,18 @@ impl AdminApp {
                             v["targets"] = json!(t.list.iter().map(|t| t.status()).collect::<Vec<_>>());
                         }
                     }
+                    RouteKind::Redirect(r) => {
+                        v["redirect"] = json!({ "to": r.to, "status": r.status });
+                    }
+                }
+                let auth = c.auth.as_ref().map(|a| match a {
+                    crate::config::AuthConfig::Basic(_) => "basic",
+                    crate::config::AuthConfig::ApiKey(_) => "api_key",
+                    crate::config::AuthConfig::Jwt(_) => "jwt",
+                    crate::config::AuthConfig::Forward(_) => "forward",
+                });
+                if let Some(auth) = auth {
+                    v["auth"] = json!(auth);
                 }
                 v
             })

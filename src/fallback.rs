@@ -19,6 +19,7 @@ use prometheus::IntCounter;
 use tokio::sync::{mpsc, watch};
 
 use crate::config::{RouteConfig, RouteKind, UpstreamId};
+use crate::filters::Passage;
 use crate::forwarding;
 use crate::limits::{self, BodyCounter, Refusal};
 use crate::mirror::{copy_header, Copies};
@@ -50,18 +51,26 @@ pub struct Failover {
     answered_by: Option<UpstreamId>,
 }
 
+/// The client request fallback copies are made of.
+#[derive(Clone, Copy)]
+pub struct Of<'a> {
+    pub session: &'a Session,
+    /// Its client, and the path a `rewrite` made for upstreams.
+    pub pass: &'a Passage,
+    pub request_id: &'a str,
+}
+
 impl Failover {
     /// Starts the fallback copies of a request (see [`start`]).
     pub fn start(
         copies: &mut Copies,
-        session: &Session,
+        of: Of<'_>,
         route: &RouteConfig,
         fallbacks: &FallbackUpstreams,
-        request_id: &str,
         connector: &Arc<Connector>,
     ) -> Failover {
         Failover {
-            fallbacks: start(copies, session, route, fallbacks, request_id, connector),
+            fallbacks: start(copies, of, route, fallbacks, connector),
             ..Failover::default()
         }
     }
@@ -129,24 +138,15 @@ impl Failover {
 /// `fallback_max_inflight` is used up: then the request runs without them (counted).
 fn start(
     copies: &mut Copies,
-    session: &Session,
+    of: Of<'_>,
     route: &RouteConfig,
     fallbacks: &FallbackUpstreams,
-    request_id: &str,
     connector: &Arc<Connector>,
 ) -> Option<Fallbacks> {
     let count = fallbacks.upstreams.len();
     let slots = fallbacks.budget.take(count)?;
     let (leash, wanted) = Leash::new(slots);
-    let answers = spawn_copies(
-        copies,
-        session,
-        route,
-        &fallbacks.upstreams,
-        request_id,
-        connector,
-        leash,
-    );
+    let answers = spawn_copies(copies, of, route, &fallbacks.upstreams, connector, leash);
     Some(Fallbacks::new(answers, count, wanted))
 }
 
@@ -155,13 +155,17 @@ fn start(
 /// (one per copy, `None` for a failure).
 fn spawn_copies(
     copies: &mut Copies,
-    session: &Session,
+    of: Of<'_>,
     route: &RouteConfig,
     targets: &[(UpstreamId, Arc<Upstream>)],
-    request_id: &str,
     connector: &Arc<Connector>,
     leash: Leash,
 ) -> mpsc::UnboundedReceiver<Option<Captured>> {
+    let Of {
+        session,
+        pass,
+        request_id,
+    } = of;
     let (to, from) = mpsc::unbounded_channel();
     let Leash { slots, wanted } = leash;
     let mut slots = slots.into_iter();
@@ -170,15 +174,21 @@ fn spawn_copies(
         RouteKind::Proxy {
             fallback_max_body, ..
         } => fallback_max_body,
-        RouteKind::Broadcast { .. } => 0,
+        RouteKind::Broadcast { .. } | RouteKind::Redirect(_) => 0,
     };
     let keep = Keep::UpTo(max_body);
     for (id, upstream) in targets {
         let shape = |h: &mut RequestHeader| {
-            forwarding::upstream_request(h, route, forwarding::client(session), request_id)
+            forwarding::upstream_request(
+                h,
+                route,
+                &pass.client,
+                pass.upstream_path.as_deref(),
+                request_id,
+            )
         };
         let (Some(mut lease), Some(header)) = (
-            upstream.select_for(session, &Tried::default()),
+            upstream.select_for(session.req_header(), &pass.client, &Tried::default()),
             copy_header(session, shape),
         ) else {
             let _ = to.send(None);

@@ -4,13 +4,12 @@
 //! `Trailer`, `Upgrade`, `Proxy-*`), a route's `strip_prefix`, and its
 //! `request_headers` / `response_headers` rules.
 
-use std::net::IpAddr;
-
 use http::header::{self, HeaderName};
 use http::Uri;
 use pingora_error::{Error, ErrorType, Result};
 use pingora_http::{RequestHeader, ResponseHeader};
 
+use crate::client::{self, Client};
 use crate::config::{HeaderRules, MirrorConfig, PathMatch, RouteConfig};
 use crate::request_id;
 
@@ -23,22 +22,6 @@ const HOP_BY_HOP: [HeaderName; 5] = [
     header::TRAILER,
     header::UPGRADE,
 ];
-
-/// Who sent a request, as the forwarding headers tell it.
-#[derive(Debug, Clone, Copy)]
-pub struct Client {
-    pub ip: Option<IpAddr>,
-    /// It came over TLS: `X-Forwarded-Proto: https`.
-    pub https: bool,
-}
-
-/// The client of a session.
-pub fn client(session: &pingora_proxy::Session) -> Client {
-    Client {
-        ip: crate::keys::client_ip(session),
-        https: session.digest().is_some_and(|d| d.ssl_digest.is_some()),
-    }
-}
 
 /// A request to switch protocols (`Connection: upgrade` and `Upgrade`, e.g. WebSocket).
 pub fn is_upgrade(req: &RequestHeader) -> bool {
@@ -92,23 +75,15 @@ pub fn stripped_uri(uri: &Uri, prefix: &str) -> Option<Uri> {
 }
 
 /// Drops hop-by-hop headers and adds `X-Forwarded-For` / `X-Forwarded-Proto`.
-fn forwarded(req: &mut RequestHeader, client: Client) -> Result<()> {
+fn forwarded(req: &mut RequestHeader, client: &Client) -> Result<()> {
     for name in hop_by_hop(&req.headers) {
         req.remove_header(&name);
     }
-    if let Some(ip) = client.ip {
-        let earlier: Vec<&str> = req
-            .headers
-            .get_all("x-forwarded-for")
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .collect();
-        let value = if earlier.is_empty() {
-            ip.to_string()
-        } else {
-            format!("{}, {ip}", earlier.join(", "))
-        };
-        req.insert_header("x-forwarded-for", value)?;
+    match client::forwarded_for(client, &req.headers) {
+        Some(value) => req.insert_header("x-forwarded-for", value)?,
+        None => {
+            req.remove_header("x-forwarded-for");
+        }
     }
     // A static value: nothing to copy per request.
     let proto = if client.https { "https" } else { "http" };
@@ -116,11 +91,13 @@ fn forwarded(req: &mut RequestHeader, client: Client) -> Result<()> {
     Ok(())
 }
 
-/// Shapes the request that goes to a backend.
+/// Shapes the request that goes to a backend. `path`: the path a route's `rewrite` made
+/// of this request's (already normalised), sent instead of its own.
 pub fn upstream_request(
     req: &mut RequestHeader,
     route: &RouteConfig,
-    client: Client,
+    client: &Client,
+    path: Option<&str>,
     request_id: &str,
 ) -> Result<()> {
     // An upgrade goes on as one: its hop-by-hop `Upgrade` is what the backend must see.
@@ -144,7 +121,14 @@ pub fn upstream_request(
     if trailers {
         req.insert_header(header::TE, "trailers")?;
     }
-    if let (true, PathMatch::Prefix(prefix)) = (route.strip_prefix, &route.path) {
+    if let Some(path) = path {
+        match crate::edge::path::with_path(&req.uri, path) {
+            Some(uri) => req.set_uri(uri),
+            None => {
+                return Error::e_explain(ErrorType::InternalError, "rewrite made an invalid path")
+            }
+        }
+    } else if let (true, PathMatch::Prefix(prefix)) = (route.strip_prefix, &route.path) {
         if let Some(uri) = stripped_uri(&req.uri, prefix) {
             req.set_uri(uri);
         } else {
@@ -165,7 +149,7 @@ pub fn upstream_request(
 pub fn mirror_request(
     req: &mut RequestHeader,
     mirror: &MirrorConfig,
-    client: Client,
+    client: &Client,
     request_id: &str,
 ) -> Result<()> {
     redacted_copy(req, &mirror.redact_headers, client)?;
@@ -176,7 +160,7 @@ pub fn mirror_request(
 
 /// What every copy of a client's request starts from: forwarding headers, and none of the
 /// `redact` headers.
-fn redacted_copy(req: &mut RequestHeader, redact: &[HeaderName], client: Client) -> Result<()> {
+fn redacted_copy(req: &mut RequestHeader, redact: &[HeaderName], client: &Client) -> Result<()> {
     forwarded(req, client)?;
     for name in redact {
         req.remove_header(name);
@@ -202,7 +186,7 @@ pub fn as_http11(req: &mut RequestHeader) -> Result<()> {
 pub fn broadcast_request(
     req: &mut RequestHeader,
     route: &RouteConfig,
-    client: Client,
+    client: &Client,
     request_id: &str,
     body_len: usize,
 ) -> Result<()> {

@@ -24,10 +24,12 @@ use crate::edge::admission::Connections;
 use crate::edge::handshake::Terminator;
 use crate::edge::ClientPolicy;
 use crate::fallback::{self, FallbackUpstreams};
+use crate::filters::{self, Chain};
 use crate::lifecycle::Draining;
 use crate::metrics::{Metrics, RouteMetrics};
 use crate::mirror::Mirror;
 use crate::ratelimit::{RateLimiter, SharedStore};
+use crate::redirect::Redirect;
 use crate::routing::Router;
 use crate::upstream::Upstream;
 use pingora_core::connectors::http::Connector;
@@ -44,6 +46,8 @@ pub struct Route {
     pub rate_limit_store_errors: IntCounter,
     /// What the route does with an admitted request, and what that needs.
     pub kind: RouteRuntime,
+    /// Its access, auth, CORS and rewrite steps, built once.
+    pub filters: Chain,
 }
 
 /// A route's kind at run time: each variant holds exactly what that kind uses.
@@ -52,6 +56,8 @@ pub enum RouteRuntime {
     Proxy(ProxyRoute),
     /// 202 at once, then delivered to these targets.
     Broadcast(Arc<Targets>),
+    /// The gateway answers with a redirect.
+    Redirect(Redirect),
 }
 
 pub struct ProxyRoute {
@@ -68,7 +74,7 @@ impl Route {
     pub fn proxy(&self) -> Option<&ProxyRoute> {
         match &self.kind {
             RouteRuntime::Proxy(p) => Some(p),
-            RouteRuntime::Broadcast(_) => None,
+            RouteRuntime::Broadcast(_) | RouteRuntime::Redirect(_) => None,
         }
     }
 
@@ -87,6 +93,7 @@ impl Route {
             RouteRuntime::Proxy(p) if p.fallbacks.is_some() => "fallback",
             RouteRuntime::Proxy(_) => "proxy",
             RouteRuntime::Broadcast(_) => "broadcast",
+            RouteRuntime::Redirect(_) => "redirect",
         }
     }
 
@@ -99,6 +106,7 @@ impl Route {
         previous: Option<&Route>,
     ) -> RouteRuntime {
         match &r.kind {
+            RouteKind::Redirect(c) => RouteRuntime::Redirect(Redirect::new(c)),
             RouteKind::Broadcast { targets, retry } => {
                 let ups: Vec<(Arc<Upstream>, Option<String>)> = targets
                     .iter()
@@ -106,7 +114,7 @@ impl Route {
                     .collect();
                 let before = previous.and_then(|p| match &p.kind {
                     RouteRuntime::Broadcast(t) => Some(&**t),
-                    RouteRuntime::Proxy(_) => None,
+                    RouteRuntime::Proxy(_) | RouteRuntime::Redirect(_) => None,
                 });
                 RouteRuntime::Broadcast(Arc::new(broadcast::targets(
                     &r.label, &ups, *retry, metrics, before,
@@ -211,8 +219,10 @@ impl Generation {
         text: Arc<str>,
         number: u64,
         metrics: &Arc<Metrics>,
+        connector: &Arc<Connector>,
         previous: Option<&Generation>,
     ) -> Result<Generation, String> {
+        let build = filters::Build { metrics, connector };
         let kept_store = previous
             .filter(|p| same(&p.config.redis, &config.redis))
             .and_then(|p| p.shared_store.clone());
@@ -265,6 +275,7 @@ impl Generation {
                         .rate_limit_store_errors
                         .with_label_values(&[&r.label]),
                     kind: Route::runtime(r, &upstreams, metrics, before),
+                    filters: Chain::build(r, &build),
                     config: r.clone(),
                 }
             })
@@ -289,7 +300,7 @@ impl Generation {
             .iter()
             .filter_map(|r| match &r.kind {
                 RouteRuntime::Broadcast(t) => Some((r.config.label.clone(), Arc::clone(t))),
-                RouteRuntime::Proxy(_) => None,
+                RouteRuntime::Proxy(_) | RouteRuntime::Redirect(_) => None,
             })
             .collect()
     }
@@ -336,7 +347,17 @@ impl Gateway {
     pub fn new(config: Config, text: &str, spool: Arc<dyn Spool>) -> Result<Gateway, String> {
         let metrics = Arc::new(Metrics::new().map_err(|e| format!("metrics: {e}"))?);
         let config = Arc::new(config);
-        let generation = Generation::new(Arc::clone(&config), text.into(), 1, &metrics, None)?;
+        let connector = Arc::new(Connector::new(Some(ConnectorOptions::from_server_conf(
+            &config.server,
+        ))));
+        let generation = Generation::new(
+            Arc::clone(&config),
+            text.into(),
+            1,
+            &metrics,
+            &connector,
+            None,
+        )?;
         let cache = OnceLock::new();
         if generation.caches() {
             let _ = cache.set(cache::Cache::new(config.cache_max_size));
@@ -345,9 +366,7 @@ impl Gateway {
         let (broadcast_watch, _) = watch::channel(Arc::new(generation.broadcast_targets()));
         metrics.config_generation.set(1);
         Ok(Gateway {
-            connector: Arc::new(Connector::new(Some(ConnectorOptions::from_server_conf(
-                &config.server,
-            )))),
+            connector,
             unrouted: RouteMetrics::new("none"),
             access_log: AccessLogger::new(metrics.access_log_dropped.clone()),
             spool,

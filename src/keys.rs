@@ -1,6 +1,6 @@
 //! Per-request keys and the hashing and sampling built on them. A [`KeySource`] from the
 //! configuration (`client_ip`, `path`, `header:NAME`, `global`) names where a key comes
-//! from; [`key_bytes`] reads it from a request without allocating. Consistent hashing,
+//! from; [`key_bytes`] reads it from a request and its [`Client`] without allocating. Consistent hashing,
 //! mirror sampling (`sample_by`) and rate limits all key requests this way.
 
 use std::cell::Cell;
@@ -8,24 +8,22 @@ use std::collections::hash_map::RandomState;
 use std::hash::{BuildHasher, Hasher};
 use std::net::IpAddr;
 
-use pingora_proxy::Session;
+use pingora_http::RequestHeader;
 
+use crate::client::Client;
 use crate::config::KeySource;
 
-/// The client's IP address, if the connection has one.
-pub fn client_ip(session: &Session) -> Option<IpAddr> {
-    session
-        .client_addr()
-        .and_then(|a| a.as_inet())
-        .map(|a| a.ip())
-}
-
 /// The bytes of a request's key; `buf` holds a client IP's bytes. A missing header gives
-/// the empty key, so such requests are all treated alike.
-pub fn key_bytes<'a>(session: &'a Session, key: &KeySource, buf: &'a mut [u8; 16]) -> &'a [u8] {
-    let req = session.req_header();
-    match key {
-        KeySource::ClientIp => match client_ip(session) {
+/// the empty key, so such requests are all treated alike. `identity` falls back to the
+/// client's address when no `auth` named one.
+pub fn key_bytes<'a>(
+    req: &'a RequestHeader,
+    client: &'a Client,
+    key: &KeySource,
+    buf: &'a mut [u8; 16],
+) -> &'a [u8] {
+    let ip = |buf: &'a mut [u8; 16]| -> &'a [u8] {
+        match client.ip {
             Some(IpAddr::V4(ip)) => {
                 buf[..4].copy_from_slice(&ip.octets());
                 &buf[..4]
@@ -35,6 +33,13 @@ pub fn key_bytes<'a>(session: &'a Session, key: &KeySource, buf: &'a mut [u8; 16
                 &buf[..]
             }
             None => b"",
+        }
+    };
+    match key {
+        KeySource::ClientIp => ip(buf),
+        KeySource::Identity => match &client.identity {
+            Some(id) => id.as_bytes(),
+            None => ip(buf),
         },
         KeySource::Path => req.uri.path().as_bytes(),
         KeySource::Header(name) => req.headers.get(name).map_or(b"", |v| v.as_bytes()),

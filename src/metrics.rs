@@ -31,6 +31,7 @@ pub struct Metrics {
     pub rate_limit_store_errors: IntCounterVec,
     pub client_connections: IntGaugeVec,
     pub client_refused: IntCounterVec,
+    pub access_denied: IntCounterVec,
     pub fallback_skipped: IntCounterVec,
     pub admin_unauthorized: IntCounter,
     pub cache_requests: IntCounterVec,
@@ -195,6 +196,12 @@ impl Metrics {
                 "fanout_client_refused_total",
                 "Client connections or requests refused at the edge, by reason",
                 &["reason"],
+            )?,
+            access_denied: counter(
+                &reg,
+                "fanout_access_denied_total",
+                "Requests refused by a route's access or auth, by reason",
+                &["route", "reason"],
             )?,
             fallback_skipped: counter(
                 &reg,

@@ -42,13 +42,15 @@ use pingora_proxy::{FailToProxy, ProxyHttp, Session};
 use crate::access_log::Record;
 use crate::broadcast;
 use crate::cache;
+use crate::client::Client;
 use crate::config::OnStoreError;
 use crate::config::{AccessLog, RouteId, UpstreamId};
 use crate::edge::{self, path};
 use crate::fallback::{self, Failover};
+use crate::filters::{Passage, Stop};
 use crate::forwarding;
 use crate::gateway::{Gateway, Generation, Route, RouteRuntime};
-use crate::keys::{self, client_ip, request_host};
+use crate::keys::{self, request_host};
 use crate::limits::{self, BodyCounter, Expect, Refusal};
 use crate::mirror::Copies;
 use crate::ratelimit::{Check, Decision};
@@ -118,6 +120,8 @@ pub struct RequestCtx {
     rate_remaining: Option<u64>,
     /// What the cache did, on a cached route.
     cache: Option<cache::Outcome>,
+    /// Its client (address, identity) and what the route's filters decided.
+    pass: Passage,
     /// The cache was looked up for this request (a later "bypass" phase means the answer
     /// could not be stored: a miss).
     cache_looked_up: bool,
@@ -172,6 +176,11 @@ enum Verdict {
     Broadcast,
     /// Refused or answered by the gateway itself.
     Answer(Answer),
+    /// The route has filters (access, auth, CORS, rewrite): run them, then go on with
+    /// [`FanoutProxy::limit`].
+    Filter,
+    /// Answered by a filter or a redirect route.
+    Stop(Stop),
     /// The route's rate limit is in Redis: ask it, then dispatch ([`FanoutProxy::admit_shared`]).
     AskLimit,
     /// An HTTP/2 request that declares `content-length: 0` on a stream not known to be
@@ -280,9 +289,34 @@ impl FanoutProxy {
         if let Err(r) = limits::check_length(req, route.config.max_body_bytes) {
             return Verdict::Answer(Answer::refusal(r));
         }
+        if !route.filters.is_empty() {
+            return Verdict::Filter;
+        }
+        self.limit(session, ctx)
+    }
+
+    /// Runs the route's filters: a request they stop is answered, one they pass goes on
+    /// to the rate limit.
+    async fn filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Verdict {
+        let Some(id) = ctx.route else {
+            return Verdict::Answer(Answer::status(404));
+        };
+        let gen = Arc::clone(&ctx.gen);
+        match gen.routes[id].filters.run(session, &mut ctx.pass).await {
+            Ok(()) => self.limit(session, ctx),
+            Err(stop) => Verdict::Stop(stop),
+        }
+    }
+
+    /// The route's rate limit (429), then [`Self::dispatch`].
+    fn limit(&self, session: &Session, ctx: &mut RequestCtx) -> Verdict {
+        let Some(route) = ctx.route.map(|id| &ctx.gen.routes[id]) else {
+            return Verdict::Answer(Answer::status(404));
+        };
+        let req = session.req_header();
         if let Some(limiter) = &route.rate_limiter {
             let mut buf = [0u8; 16];
-            let key = keys::key_bytes(session, &limiter.key, &mut buf);
+            let key = keys::key_bytes(req, &ctx.pass.client, &limiter.key, &mut buf);
             match limiter.decide(key, Instant::now()) {
                 Check::Now(decision) => {
                     if let Some(answer) = limited(&mut ctx.rate_remaining, route, decision, req) {
@@ -306,7 +340,13 @@ impl FanoutProxy {
             return self.dispatch(session, ctx);
         };
         let mut buf = [0u8; 16];
-        let key = keys::key_bytes(session, &limiter.key, &mut buf).to_vec();
+        let key = keys::key_bytes(
+            session.req_header(),
+            &ctx.pass.client,
+            &limiter.key,
+            &mut buf,
+        )
+        .to_vec();
         let Check::Ask(shared) = limiter.decide(&key, Instant::now()) else {
             return self.dispatch(session, ctx);
         };
@@ -350,21 +390,29 @@ impl FanoutProxy {
             RouteRuntime::Proxy(p) => {
                 let connector = &self.gw.connector;
                 if !p.mirrors.is_empty() {
-                    ctx.copies = Copies::start(session, &p.mirrors, &ctx.request_id, connector);
-                }
-                if let Some(fallbacks) = &p.fallbacks {
-                    ctx.failover = Failover::start(
-                        &mut ctx.copies,
+                    ctx.copies = Copies::start(
                         session,
-                        &route.config,
-                        fallbacks,
+                        &ctx.pass.client,
+                        &p.mirrors,
                         &ctx.request_id,
                         connector,
                     );
                 }
+                if let Some(fallbacks) = &p.fallbacks {
+                    let of = fallback::Of {
+                        session,
+                        pass: &ctx.pass,
+                        request_id: &ctx.request_id,
+                    };
+                    ctx.failover =
+                        Failover::start(&mut ctx.copies, of, &route.config, fallbacks, connector);
+                }
                 Verdict::Proxy
             }
             RouteRuntime::Broadcast(_) => Verdict::Broadcast,
+            RouteRuntime::Redirect(r) => {
+                Verdict::Stop(r.answer(session.req_header(), ctx.pass.client.https))
+            }
         }
     }
 
@@ -396,6 +444,10 @@ impl FanoutProxy {
             v => v,
         };
         let verdict = match verdict {
+            Verdict::Filter => self.filter(session, ctx).await,
+            v => v,
+        };
+        let verdict = match verdict {
             Verdict::AskLimit => self.admit_shared(session, ctx).await,
             v => v,
         };
@@ -424,6 +476,7 @@ impl FanoutProxy {
                     let target = tunnel::Target {
                         upstream: &ctx.gen.upstreams[upstream],
                         route: &route.config,
+                        pass: &ctx.pass,
                         connector: &self.gw.connector,
                         request_id: &ctx.request_id,
                     };
@@ -441,6 +494,7 @@ impl FanoutProxy {
                         &route.config,
                         targets,
                         &*self.gw.spool,
+                        &ctx.pass.client,
                         &ctx.request_id,
                         closing,
                     )
@@ -460,8 +514,20 @@ impl FanoutProxy {
                 .await?;
                 Ok(true)
             }
+            Verdict::Stop(stop) => {
+                let close =
+                    limits::declared_body(session.req_header()).0 || self.gw.draining.is_set();
+                let route = ctx.route.map(|id| &ctx.gen.routes[id].filters);
+                respond::send_stop(session, stop, &ctx.request_id, close, |head| {
+                    if let Some(chain) = route {
+                        chain.response(&ctx.pass, head)
+                    }
+                })
+                .await?;
+                Ok(true)
+            }
             // Decided above: never here.
-            Verdict::AskLimit | Verdict::AwaitEnd => {
+            Verdict::AskLimit | Verdict::AwaitEnd | Verdict::Filter => {
                 let a = Answer::status(500);
                 send_error(session, 500, a.message, &ctx.request_id, &[], true).await?;
                 Ok(true)
@@ -495,12 +561,14 @@ impl ProxyHttp for FanoutProxy {
             failover: Failover::default(),
             rate_remaining: None,
             cache: None,
+            pass: Passage::default(),
             cache_looked_up: false,
         }
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
         self.gw.metrics.totals.count_request();
+        ctx.pass.client = Client::of(session, &ctx.gen.config.clients.trusted_proxies);
         let req = session.req_header();
         ctx.request_id =
             request_id::from_client(req.headers.get(request_id::HEADER).map(|v| v.as_bytes()));
@@ -645,7 +713,7 @@ impl ProxyHttp for FanoutProxy {
         ctx.lease = None;
         ctx.body.restart();
         let lease = upstream
-            .select_for(session, &ctx.tried)
+            .select_for(session.req_header(), &ctx.pass.client, &ctx.tried)
             .ok_or_else(|| Error::explain(ErrorType::HTTPStatus(503), "no healthy backend"))?;
         ctx.tried.add(lease.index());
         ctx.attempts += 1;
@@ -657,15 +725,20 @@ impl ProxyHttp for FanoutProxy {
 
     async fn upstream_request_filter(
         &self,
-        session: &mut Session,
+        _session: &mut Session,
         upstream_request: &mut RequestHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
-        let client = forwarding::client(session);
         let route = self
             .route(ctx)
             .ok_or_else(|| Error::explain(ErrorType::InternalError, "request has no route"))?;
-        forwarding::upstream_request(upstream_request, &route.config, client, &ctx.request_id)
+        forwarding::upstream_request(
+            upstream_request,
+            &route.config,
+            &ctx.pass.client,
+            ctx.pass.upstream_path.as_deref(),
+            &ctx.request_id,
+        )
     }
 
     async fn upstream_response_filter(
@@ -729,6 +802,9 @@ impl ProxyHttp for FanoutProxy {
         ) {
             upstream_response.insert_header("x-ratelimit-limit", limiter.limit.to_string())?;
             upstream_response.insert_header("x-ratelimit-remaining", remaining.to_string())?;
+        }
+        if let Some(route) = self.route(ctx).filter(|r| !r.filters.is_empty()) {
+            route.filters.response(&ctx.pass, upstream_response);
         }
         forwarding::response(
             upstream_response,
@@ -875,7 +951,8 @@ impl ProxyHttp for FanoutProxy {
                     .checked_sub(elapsed)
                     .unwrap_or(SystemTime::UNIX_EPOCH),
                 request_id: std::mem::take(&mut ctx.request_id),
-                client: client_ip(session),
+                client: ctx.pass.client.ip,
+                identity: ctx.pass.client.identity.take(),
                 method: req.method.as_str().to_string(),
                 protocol: protocol(session),
                 host: request_host(req).map(String::from),

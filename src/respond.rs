@@ -8,6 +8,7 @@ use pingora_http::ResponseHeader;
 use pingora_proxy::Session;
 use serde_json::json;
 
+use crate::filters::{Stop, StopBody};
 use crate::request_id;
 
 /// The status code for a proxy failure.
@@ -80,6 +81,50 @@ pub async fn send_error(
         resp.insert_header("connection", "close")?;
     }
     session.write_response_header(Box::new(resp), false).await?;
+    session.write_response_body(Some(body), true).await
+}
+
+/// Writes an answer a route's filter (or a redirect route) gave: its status and headers,
+/// its body (the JSON error body, nothing, or a body relayed from an auth service), after
+/// `finish` has added to the head what the route's filters add to every answer (CORS).
+pub async fn send_stop(
+    session: &mut Session,
+    stop: Stop,
+    request_id: &str,
+    close: bool,
+    finish: impl FnOnce(&mut ResponseHeader),
+) -> Result<()> {
+    let (body, content_type) = match stop.body {
+        StopBody::Error(message) => (
+            error_body(message, request_id),
+            Some(http::HeaderValue::from_static("application/json")),
+        ),
+        StopBody::Empty => (Bytes::new(), None),
+        StopBody::Relayed(body, content_type) => (body, content_type),
+    };
+    let mut resp = ResponseHeader::build(stop.status, Some(4 + stop.headers.len()))?;
+    for (name, value) in stop.headers {
+        resp.append_header(name, value)?;
+    }
+    if let Some(ct) = content_type {
+        resp.insert_header(http::header::CONTENT_TYPE, ct)?;
+    }
+    if stop.status != 204 {
+        resp.insert_header(http::header::CONTENT_LENGTH, body.len().to_string())?;
+    }
+    resp.insert_header(request_id::HEADER, request_id)?;
+    finish(&mut resp);
+    if close || session.is_process_shutting_down() {
+        session.as_downstream_mut().set_keepalive(None);
+        resp.insert_header("connection", "close")?;
+    }
+    let head_only = session.req_header().method == http::Method::HEAD;
+    session
+        .write_response_header(Box::new(resp), body.is_empty() || head_only)
+        .await?;
+    if body.is_empty() || head_only {
+        return Ok(());
+    }
     session.write_response_body(Some(body), true).await
 }
 

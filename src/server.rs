@@ -113,6 +113,7 @@ pub fn build(
             addr: l.addr,
             gauge,
             h2c: l.http2 && tls.is_none(),
+            proxy_protocol: l.proxy_protocol,
             tls,
         });
     }

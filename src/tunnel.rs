@@ -24,6 +24,7 @@ use pingora_error::{Error, ErrorType, Result};
 use pingora_proxy::Session;
 
 use crate::config::{RouteConfig, Timeouts};
+use crate::filters::Passage;
 use crate::forwarding;
 use crate::respond::{self, send_error};
 use crate::upstream::{Lease, Tried, Upstream};
@@ -45,6 +46,8 @@ pub fn wanted(session: &Session) -> bool {
 pub struct Target<'a> {
     pub upstream: &'a Arc<Upstream>,
     pub route: &'a RouteConfig,
+    /// The client, and the path a `rewrite` made for the upstream.
+    pub pass: &'a Passage,
     pub connector: &'a Connector,
     pub request_id: &'a str,
 }
@@ -57,7 +60,8 @@ pub async fn serve(session: &mut Session, to: Target<'_>) -> Result<Option<Arc<s
     forwarding::upstream_request(
         &mut head,
         to.route,
-        forwarding::client(session),
+        &to.pass.client,
+        to.pass.upstream_path.as_deref(),
         to.request_id,
     )?;
     let config = &to.upstream.config;
@@ -65,7 +69,10 @@ pub async fn serve(session: &mut Session, to: Target<'_>) -> Result<Option<Arc<s
     let mut tried = Tried::default();
     let mut failed = None;
     for _ in 0..=config.retries {
-        let Some(mut lease) = to.upstream.select_for(session, &tried) else {
+        let Some(mut lease) = to
+            .upstream
+            .select_for(session.req_header(), &to.pass.client, &tried)
+        else {
             break;
         };
         tried.add(lease.index());

@@ -73,6 +73,8 @@ pub struct FileListener {
     pub address: String,
     pub tls: Option<FileListenerTls>,
     pub http2: Option<bool>,
+    /// A PROXY protocol (v1 or v2) header comes first on every connection.
+    pub proxy_protocol: Option<bool>,
 }
 
 /// `listen[].tls`: TLS termination.
@@ -134,6 +136,8 @@ pub struct FileClients {
     pub max_header_bytes: Option<Size>,
     pub max_headers: Option<usize>,
     pub encoded_slashes: Option<EncodedSlashes>,
+    /// Addresses and networks whose `X-Forwarded-For` is believed.
+    pub trusted_proxies: Option<Vec<String>>,
 }
 
 /// What to do with `%2F` or `%5C` (or a raw `\`) inside a path segment.
@@ -303,6 +307,98 @@ pub struct FileRoute {
     pub redact_headers: Option<Vec<String>>,
     pub broadcast_retry: Option<FileBroadcastRetry>,
     pub cache: Option<FileRouteCache>,
+    pub redirect: Option<FileRedirect>,
+    pub access: Option<FileAccess>,
+    pub auth: Option<FileAuth>,
+    pub cors: Option<FileCors>,
+    pub rewrite: Option<FileRewrite>,
+}
+
+/// `routes[].redirect`: the gateway answers with this `Location` (a route kind).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileRedirect {
+    pub to: String,
+    pub status: Option<u16>,
+}
+
+/// `routes[].access`: client networks allowed and denied.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileAccess {
+    pub allow: Option<Vec<String>>,
+    pub deny: Option<Vec<String>>,
+}
+
+/// `routes[].auth`: exactly one of its keys.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileAuth {
+    pub basic: Option<FileBasicAuth>,
+    pub api_key: Option<FileApiKey>,
+    pub jwt: Option<FileJwt>,
+    pub forward: Option<FileForwardAuth>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileBasicAuth {
+    pub htpasswd: String,
+    pub realm: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileApiKey {
+    pub header: Option<String>,
+    pub query: Option<String>,
+    pub keys_file: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileJwt {
+    pub jwks_file: Option<String>,
+    pub jwks_url: Option<String>,
+    pub secret_file: Option<String>,
+    /// How often a `jwks_url` is fetched again.
+    pub refresh: Option<Dur>,
+    pub issuer: Option<String>,
+    pub audience: Option<Vec<String>>,
+    pub algorithms: Option<Vec<String>>,
+    pub leeway: Option<Dur>,
+    pub claims_to_headers: Option<BTreeMap<String, String>>,
+    /// Where the token is read from: `Authorization: Bearer` (default) or this header.
+    pub header: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileForwardAuth {
+    pub url: String,
+    pub request_headers: Option<Vec<String>>,
+    pub response_headers: Option<Vec<String>>,
+    pub cache: Option<Dur>,
+    pub timeout: Option<Dur>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileCors {
+    pub origins: Vec<String>,
+    pub methods: Option<Vec<String>>,
+    pub headers: Option<Vec<String>>,
+    pub expose_headers: Option<Vec<String>>,
+    pub credentials: Option<bool>,
+    pub max_age: Option<Dur>,
+}
+
+/// `routes[].rewrite`: the path the upstream sees, from a regex and a template.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileRewrite {
+    pub regex: String,
+    pub to: String,
 }
 
 /// `routes[].cache`: answers of this route are cached.

@@ -12,6 +12,7 @@ use std::fmt;
 use std::path::Path;
 
 pub use model::*;
+pub use validate::jwks;
 
 /// One problem in a configuration file.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -3,6 +3,8 @@
 //! has to handle a configuration mistake.
 
 use std::net::SocketAddr;
+
+use ipnet::IpNet;
 use std::time::Duration;
 
 use http::{HeaderName, HeaderValue, Method};
@@ -136,6 +138,8 @@ pub struct Listener {
     pub tls: Option<ListenerTls>,
     /// TLS: offer h2 by ALPN; plain: accept h2c with prior knowledge beside HTTP/1.1.
     pub http2: bool,
+    /// A PROXY protocol header (v1 or v2) comes first: the client address is taken from it.
+    pub proxy_protocol: bool,
 }
 
 /// `listen[].tls`, with its certificates read and checked.
@@ -167,6 +171,9 @@ pub struct ClientsConfig {
     pub max_header_bytes: usize,
     pub max_headers: usize,
     pub encoded_slashes: EncodedSlashes,
+    /// Peers whose `X-Forwarded-For` is believed; the client is the right-most address
+    /// of the chain not in these.
+    pub trusted_proxies: Vec<IpNet>,
 }
 
 impl Default for ClientsConfig {
@@ -181,6 +188,7 @@ impl Default for ClientsConfig {
             max_header_bytes: 32 * 1024,
             max_headers: 100,
             encoded_slashes: EncodedSlashes::Reject,
+            trusted_proxies: Vec::new(),
         }
     }
 }
@@ -262,6 +270,8 @@ pub enum KeySource {
     Path,
     Global,
     Header(HeaderName),
+    /// The authenticated user or key (`auth`'s result), else the client address.
+    Identity,
 }
 
 impl KeySource {
@@ -277,6 +287,7 @@ impl KeySource {
                 "client_ip" => KeySource::ClientIp,
                 "path" => KeySource::Path,
                 "global" => KeySource::Global,
+                "identity" => KeySource::Identity,
                 _ => return Err(format!("invalid key {text:?}, {}", expected())),
             }
         };
@@ -285,6 +296,7 @@ impl KeySource {
             KeySource::Path => "path",
             KeySource::Global => "global",
             KeySource::Header(_) => "header:NAME",
+            KeySource::Identity => "identity",
         };
         if allowed.contains(&kind) {
             Ok(key)
@@ -361,6 +373,17 @@ pub enum RouteKind {
         targets: Vec<BroadcastTarget>,
         retry: RetryPolicy,
     },
+    /// The gateway answers with a redirect; no upstream is asked.
+    Redirect(RedirectConfig),
+}
+
+/// `redirect:`: `Location` built from `to`, whose `{scheme}`, `{host}`, `{path}` and
+/// `{query}` are the request's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RedirectConfig {
+    pub to: String,
+    /// 301, 302, 303, 307 or 308.
+    pub status: u16,
 }
 
 /// One target of a broadcast route.
@@ -391,6 +414,13 @@ pub struct RouteConfig {
     /// Headers removed from broadcast copies.
     pub redact_headers: Vec<HeaderName>,
     pub cache: Option<RouteCacheConfig>,
+    /// Client networks allowed and denied.
+    pub access: Option<AccessList>,
+    /// The credential a request must carry.
+    pub auth: Option<AuthConfig>,
+    pub cors: Option<CorsConfig>,
+    /// The path the upstream sees (instead of `strip_prefix`).
+    pub rewrite: Option<RewriteConfig>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -496,3 +526,129 @@ pub const DEFAULT_COMPARE_MAX_BODY: u64 = 1024 * 1024;
 pub const DEFAULT_COMPARE_KEEP: usize = 100;
 /// `routes[].cache.max_object_size`.
 pub const DEFAULT_CACHE_MAX_OBJECT_SIZE: u64 = 1024 * 1024;
+
+// Access control (`access`, `auth`, `cors`, `rewrite`): what the route's filters are
+// built from (`crate::filters`). Files named by these keys are read here, at load and at
+// every reload, so a change of their content is a change of the configuration.
+
+/// `access:`: a client address in `deny` is refused; else one in `allow` (or any, when
+/// `allow` is empty) passes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AccessList {
+    pub allow: Vec<IpNet>,
+    pub deny: Vec<IpNet>,
+}
+
+/// `auth:`: exactly one kind.
+#[derive(Debug, Clone)]
+pub enum AuthConfig {
+    Basic(BasicAuthConfig),
+    ApiKey(ApiKeyConfig),
+    Jwt(JwtConfig),
+    Forward(Box<ForwardAuthConfig>),
+}
+
+/// `auth.basic`: users and their bcrypt hashes, from an htpasswd file.
+#[derive(Debug, Clone)]
+pub struct BasicAuthConfig {
+    pub realm: String,
+    pub users: Vec<(String, String)>,
+}
+
+/// `auth.api_key`.
+#[derive(Debug, Clone)]
+pub struct ApiKeyConfig {
+    pub from: CredentialFrom,
+    pub keys: Vec<ApiKey>,
+}
+
+/// Where a credential is read from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CredentialFrom {
+    Header(HeaderName),
+    /// A query parameter.
+    Query(String),
+}
+
+/// One line of a keys file: the key, and the name it stands for (the identity).
+#[derive(Debug, Clone)]
+pub struct ApiKey {
+    pub key: String,
+    pub name: Option<String>,
+}
+
+/// `auth.jwt`.
+#[derive(Debug, Clone)]
+pub struct JwtConfig {
+    pub keys: JwtKeys,
+    pub issuer: Option<String>,
+    /// Empty: `aud` is not checked.
+    pub audience: Vec<String>,
+    pub algorithms: Vec<jsonwebtoken::Algorithm>,
+    pub leeway: Duration,
+    /// Claims copied to request headers (a client's header of the same name is removed).
+    pub claims_to_headers: Vec<(String, HeaderName)>,
+    /// `None`: `Authorization: Bearer <token>`.
+    pub header: Option<HeaderName>,
+}
+
+/// The keys tokens are checked against.
+#[derive(Debug, Clone)]
+pub enum JwtKeys {
+    /// `jwks_file`, read at load.
+    Set(jsonwebtoken::jwk::JwkSet),
+    /// `jwks_url`: fetched by the gateway, again every `refresh`.
+    Url {
+        service: Box<ServiceUrl>,
+        refresh: Duration,
+    },
+    /// `secret_file`: the HMAC secret (HS256/384/512 only).
+    Secret(Vec<u8>),
+}
+
+/// An HTTP service the gateway itself asks (a JWKS URL, a forward-auth service): an
+/// upstream of its own made from the URL, and the request target on it.
+#[derive(Debug, Clone)]
+pub struct ServiceUrl {
+    /// As written, for logs.
+    pub url: String,
+    pub upstream: UpstreamConfig,
+    /// Origin-form path and query.
+    pub path: String,
+    /// `Host` of the requests.
+    pub host: String,
+}
+
+/// `auth.forward`.
+#[derive(Debug, Clone)]
+pub struct ForwardAuthConfig {
+    pub service: ServiceUrl,
+    pub request_headers: Vec<HeaderName>,
+    pub response_headers: Vec<HeaderName>,
+    /// Decisions reused per credential for this long; zero: never.
+    pub cache: Duration,
+    pub timeout: Duration,
+}
+
+pub const DEFAULT_FORWARD_AUTH_TIMEOUT: Duration = Duration::from_secs(1);
+pub const DEFAULT_JWKS_REFRESH: Duration = Duration::from_secs(300);
+pub const DEFAULT_JWT_LEEWAY: Duration = Duration::from_secs(30);
+
+/// `cors:`.
+#[derive(Debug, Clone)]
+pub struct CorsConfig {
+    /// Empty: any origin (`["*"]`).
+    pub origins: Vec<String>,
+    pub methods: Vec<Method>,
+    pub headers: Vec<HeaderName>,
+    pub expose_headers: Vec<HeaderName>,
+    pub credentials: bool,
+    pub max_age: Duration,
+}
+
+/// `rewrite:`: the first match of `regex` in the path is replaced by `to` (`$1`, `${name}`).
+#[derive(Debug, Clone)]
+pub struct RewriteConfig {
+    pub regex: regex::Regex,
+    pub to: String,
+}

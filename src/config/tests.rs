@@ -79,7 +79,7 @@ fn route_rules_are_checked() {
         "routes[1].match: path \"nope\" must start with /",
         "routes[2].strip_prefix: strip_prefix needs a `prefix` match",
         "routes[3].match.methods[0]: invalid method",
-        "routes[4]: needs exactly one of `upstream` (proxy) and `broadcast`",
+        "routes[4]: needs exactly one of `upstream` (proxy), `broadcast` and `redirect`",
         "routes[5].mirror[0].percent: percent 120 is out of range",
         "routes[6].rate_limit.requests_per_second: must be a finite number of at least",
         "routes[7].request_headers.set.bad name: invalid header name",
@@ -487,4 +487,111 @@ fn broadcast_targets_may_name_a_path() {
         ),
         "{errs:?}"
     );
+}
+
+/// A file for one test, removed when dropped.
+struct TempFile(std::path::PathBuf);
+
+impl TempFile {
+    fn new(name: &str, content: &str) -> TempFile {
+        let path = std::env::temp_dir().join(format!("fanout-{}-{name}", std::process::id()));
+        std::fs::write(&path, content).unwrap();
+        TempFile(path)
+    }
+
+    fn path(&self) -> &str {
+        self.0.to_str().unwrap()
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+#[test]
+fn access_keys_are_checked_one_line_each() {
+    let htpasswd = TempFile::new(
+        "htpasswd",
+        "alice:$2y$05$5rNydlnQw8t8kMmMuHtHAunoeIHk4LCy4I8u/CcJjtLbkKR94xDVa\n\
+         bob:$apr1$ZpZdmZTM$ZqBT9fIzqNVOqIt1eDI9m/\ncarol:{SHA}W6ph5Mm5Pz8GgiULbPgzG37mj9g=\n",
+    );
+    let e = errors(&format!(
+        "{BASE}clients: {{ trusted_proxies: [10.0.0.0/8, nonsense] }}\nroutes:\n\
+         \x20 - {{ match: {{ prefix: /a }}, upstream: u, auth: {{ basic: {{ htpasswd: {} }} }} }}\n\
+         \x20 - {{ match: {{ prefix: /b }}, upstream: u, cors: {{ origins: [\"*\"], credentials: true }} }}\n\
+         \x20 - {{ match: {{ prefix: /c }}, upstream: u, rewrite: {{ regex: \"^/c/(\", to: /x }} }}\n\
+         \x20 - {{ match: {{ prefix: /d }}, upstream: u, strip_prefix: true, rewrite: {{ regex: \"^/d\", to: / }} }}\n\
+         \x20 - {{ match: {{ prefix: /e }}, upstream: u, auth: {{ jwt: {{ jwks_file: {}, algorithms: [HS256] }} }} }}\n\
+         \x20 - {{ match: {{ prefix: /f }}, redirect: {{ to: \"https://x{{nope}}\", status: 200 }} }}\n\
+         \x20 - {{ match: {{ prefix: /g }}, upstream: u, access: {{ allow: [10.0.0.0/33] }} }}\n\
+         \x20 - {{ match: {{ prefix: /h }}, upstream: u, auth: {{ basic: {{ htpasswd: {} }}, api_key: {{ keys_file: {} }} }} }}\n\
+         \x20 - {{ match: {{ prefix: /i }}, upstream: u, auth: {{ forward: {{ url: \"ftp://x/\" }} }} }}\n",
+        htpasswd.path(),
+        htpasswd.path(),
+        htpasswd.path(),
+        htpasswd.path(),
+    ));
+    for needle in [
+        "clients.trusted_proxies[1]: \"nonsense\" is not an address",
+        "user \"bob\" has a weaker or unknown hash kind; only bcrypt entries are accepted (htpasswd -B)",
+        "user \"carol\" has a weaker or unknown hash kind",
+        "routes[1].cors.origins: \"*\" with credentials: true",
+        "routes[2].rewrite.regex: invalid regex",
+        "routes[3].rewrite: a route has `rewrite` or `strip_prefix`, not both",
+        "routes[4].auth.jwt.jwks_file",
+        "routes[4].auth.jwt.algorithms[0]: HS256 needs a `secret_file`",
+        "routes[5].redirect.status: 200 is not one of 301, 302, 303, 307, 308",
+        "routes[5].redirect.to",
+        "routes[6].access.allow[0]",
+        "routes[7].auth: needs exactly one of `basic`, `api_key`, `jwt` and `forward`",
+        "routes[8].auth.forward.url: \"ftp://x/\": expected an http:// or https:// URL",
+    ] {
+        assert!(has(&e, needle), "missing {needle:?} in {e:#?}");
+    }
+    assert!(!has(&e, "user \"alice\""), "{e:#?}");
+    assert!(e.iter().all(|l| !l.contains('\n')), "{e:#?}");
+}
+
+#[test]
+fn access_keys_build_the_model() {
+    let keys = TempFile::new(
+        "keys",
+        "# keys\n0123456789abcdef-one alice\n0123456789abcdef-two\n",
+    );
+    let c = ok(&format!(
+        "listen:\n  - {{ address: 127.0.0.1:8080, proxy_protocol: true }}\n\
+         upstreams:\n  u: {{ backends: [127.0.0.1:9000] }}\n\
+         clients: {{ trusted_proxies: [10.0.0.0/8, 127.0.0.1, \"::1\"] }}\nroutes:\n\
+         \x20 - match: {{ prefix: /a }}\n    upstream: u\n    access: {{ allow: [10.0.0.0/8], deny: [10.66.0.0/16] }}\n\
+         \x20   auth: {{ api_key: {{ query: key, keys_file: {} }} }}\n\
+         \x20   rate_limit: {{ requests_per_second: 5, key: identity }}\n\
+         \x20   rewrite: {{ regex: \"^/a/(.*)$\", to: \"/v1/$1\" }}\n\
+         \x20   cors: {{ origins: [\"https://App.example.com/\"], credentials: true, max_age: 10m }}\n\
+         \x20 - {{ match: {{ prefix: /r }}, redirect: {{ to: \"https://{{host}}{{path}}{{query}}\" }} }}\n",
+        keys.path()
+    ));
+    assert!(c.listen[0].proxy_protocol);
+    assert_eq!(c.clients.trusted_proxies.len(), 3);
+    let r = &c.routes[0];
+    assert_eq!(r.access.as_ref().unwrap().deny.len(), 1);
+    match &r.auth {
+        Some(AuthConfig::ApiKey(k)) => {
+            assert_eq!(k.from, CredentialFrom::Query("key".into()));
+            assert_eq!(k.keys.len(), 2);
+            assert_eq!(k.keys[0].name.as_deref(), Some("alice"));
+            assert_eq!(k.keys[1].name, None);
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(r.rate_limit.as_ref().unwrap().key, KeySource::Identity);
+    assert_eq!(
+        r.cors.as_ref().unwrap().origins,
+        ["https://app.example.com"]
+    );
+    match &c.routes[1].kind {
+        RouteKind::Redirect(r) => assert_eq!(r.status, 302),
+        other => panic!("{other:?}"),
+    }
 }

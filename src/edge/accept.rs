@@ -1,7 +1,7 @@
 //! Where client connections enter: [`Edge`] is the Pingora `ServerApp` of the proxy
 //! service. It admits each connection against `clients.max_connections` and
 //! `clients.max_connections_per_ip` (over a limit the connection is closed at once and
-//! counted), keeps `fanout_client_connections` per listener, wraps an HTTP/1 connection in
+//! counted) — after reading its PROXY protocol header on a listener that takes one —, keeps `fanout_client_connections` per listener, wraps an HTTP/1 connection in
 //! a [`ClientStream`], and hands it to Pingora's own HTTP server loop. [`Exchanges`] sits
 //! inside that loop, between Pingora and the proxy, only to tell the stream when each
 //! request's exchange is over.
@@ -20,6 +20,7 @@ use prometheus::IntGauge;
 
 use super::admission::Connections;
 use super::handshake::Terminator;
+use super::proxy_protocol;
 use super::stream::{self, ClientStream};
 use super::ClientPolicy;
 
@@ -31,6 +32,8 @@ pub struct EdgeListener {
     pub tls: Option<Arc<Terminator>>,
     /// Plain listener with `http2: true`: h2c with prior knowledge beside HTTP/1.1.
     pub h2c: bool,
+    /// A PROXY protocol header comes first ([`super::proxy_protocol`]).
+    pub proxy_protocol: bool,
 }
 
 /// The proxy service's application: admission and defences, then Pingora's HTTP server.
@@ -81,12 +84,24 @@ where
 {
     async fn process_new(
         self: &Arc<Self>,
-        stream: Stream,
+        mut stream: Stream,
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
         let listener = self.listener(stream::local_addr(&stream));
         let gauge = listener.map(|l| l.gauge.clone());
         let policy = self.policy.load_full();
+        if listener.is_some_and(|l| l.proxy_protocol) {
+            // First, so that the per-address limit counts the client the header names.
+            match proxy_protocol::accept(&mut stream, policy.header_timeout).await {
+                Ok(()) => {}
+                Err(proxy_protocol::Malformed::Nothing) => return None,
+                Err(e) => {
+                    log::debug!("PROXY protocol header refused: {e:?}");
+                    policy.refused.proxy_protocol.inc();
+                    return None;
+                }
+            }
+        }
         let slot = match self.connections.admit(stream::peer_ip(&stream), gauge) {
             Ok(slot) => slot,
             Err(over) => {

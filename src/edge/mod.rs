@@ -11,7 +11,9 @@
 //! - [`h2`]: the same limits and field grammar for HTTP/2 requests, which Pingora's h2
 //!   server decodes (checked on the decoded head, before routing);
 //! - [`path`]: request paths normalised before routing (dot segments, encoded characters,
-//!   repeated slashes).
+//!   repeated slashes);
+//! - [`proxy_protocol`]: the PROXY protocol header (v1, v2) a listener behind an L4
+//!   balancer reads first, which names the client's address.
 
 pub mod accept;
 pub mod admission;
@@ -19,6 +21,7 @@ pub mod framing;
 pub mod h2;
 pub mod handshake;
 pub mod path;
+pub mod proxy_protocol;
 pub mod stream;
 
 use std::time::Duration;
@@ -76,6 +79,8 @@ pub struct Refusals {
     /// The client left (closed, or reset its h2 stream) before its answer was complete:
     /// the request is over and is never retried.
     pub client_closed: IntCounter,
+    /// A PROXY protocol header was missing, malformed or late.
+    pub proxy_protocol: IntCounter,
 }
 
 impl Refusals {
@@ -89,6 +94,7 @@ impl Refusals {
             bad_request: r("bad_request"),
             tls_handshake: r("tls_handshake"),
             client_closed: r("client_closed"),
+            proxy_protocol: r("proxy_protocol"),
         }
     }
 

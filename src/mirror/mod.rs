@@ -59,6 +59,7 @@ use pingora_proxy::Session;
 use prometheus::{IntCounter, IntGauge};
 use tokio::sync::{mpsc, oneshot};
 
+use crate::client::Client;
 use crate::config::MirrorConfig;
 use crate::forwarding;
 use crate::keys;
@@ -175,12 +176,12 @@ impl Mirror {
     }
 
     /// Whether this request is to be copied: by `percent`, per request or per key.
-    fn sampled(&self, session: &Session) -> bool {
+    fn sampled(&self, session: &Session, client: &Client) -> bool {
         let draw = match &self.config.sample_by {
             None => keys::random_u64(),
             Some(key) => {
                 let mut buf = [0u8; 16];
-                keys::stable_hash(keys::key_bytes(session, key, &mut buf))
+                keys::stable_hash(keys::key_bytes(session.req_header(), client, key, &mut buf))
             }
         };
         keys::within_percent(draw, self.config.percent)
@@ -375,6 +376,7 @@ impl Copies {
     /// Starts a copy for each sampled mirror of the route that has room for one.
     pub fn start(
         session: &Session,
+        client: &Client,
         mirrors: &[Arc<Mirror>],
         request_id: &str,
         connector: &Arc<Connector>,
@@ -382,7 +384,7 @@ impl Copies {
         let mut copies = Copies::default();
         let (has_body, declared) = limits::declared_body(session.req_header());
         for mirror in mirrors {
-            if !mirror.sampled(session) {
+            if !mirror.sampled(session, client) {
                 continue;
             }
             if declared.is_some_and(|n| n > mirror.config.max_body_bytes) {
@@ -395,17 +397,13 @@ impl Copies {
             };
             let upstream = &mirror.upstream;
             // No backend (health checks, open circuits): fail at once rather than dial.
-            let Some(lease) = upstream.select_for(session, &Tried::default()) else {
+            let Some(lease) = upstream.select_for(session.req_header(), client, &Tried::default())
+            else {
                 mirror.outcomes.error.inc();
                 continue;
             };
             let shape = |h: &mut RequestHeader| {
-                forwarding::mirror_request(
-                    h,
-                    &mirror.config,
-                    forwarding::client(session),
-                    request_id,
-                )
+                forwarding::mirror_request(h, &mirror.config, client, request_id)
             };
             let Some(header) = copy_header(session, shape) else {
                 mirror.outcomes.error.inc();

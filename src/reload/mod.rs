@@ -250,6 +250,7 @@ fn apply(gw: &Gateway, file: Option<&Path>) -> Outcome {
         text.into(),
         number,
         &gw.metrics,
+        &gw.connector,
         Some(&current),
     ) {
         Ok(g) => g,

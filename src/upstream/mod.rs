@@ -28,9 +28,10 @@ use arc_swap::ArcSwap;
 
 use pingora_core::protocols::ALPN;
 use pingora_core::upstreams::peer::HttpPeer;
-use pingora_proxy::Session;
+use pingora_http::RequestHeader;
 use prometheus::{IntCounter, IntGauge};
 
+use crate::client::Client;
 use crate::config::{BackendConfig, Balance, Protocol, UpstreamConfig};
 use crate::keys;
 use crate::metrics::Metrics;
@@ -569,10 +570,17 @@ impl Upstream {
     }
 
     /// [`Upstream::select`] with the request's hash key, for consistent hashing.
-    pub fn select_for(self: &Arc<Self>, session: &Session, tried: &Tried) -> Option<Lease> {
+    pub fn select_for(
+        self: &Arc<Self>,
+        req: &RequestHeader,
+        client: &Client,
+        tried: &Tried,
+    ) -> Option<Lease> {
         let mut buf = [0u8; 16];
         let key: &[u8] = match self.config.balance {
-            Balance::ConsistentHash => keys::key_bytes(session, &self.config.hash_key, &mut buf),
+            Balance::ConsistentHash => {
+                keys::key_bytes(req, client, &self.config.hash_key, &mut buf)
+            }
             _ => b"",
         };
         self.select(key, tried)

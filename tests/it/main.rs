@@ -4,6 +4,7 @@
 
 mod common;
 
+mod access;
 mod admin;
 mod balancing;
 mod broadcast;

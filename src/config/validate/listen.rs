@@ -34,6 +34,7 @@ pub(super) fn build_listener(ck: &mut Checker, path: &str, value: Value) -> Vec<
             address,
             tls: None,
             http2: None,
+            proxy_protocol: None,
         },
         other => match ck.parse::<FileListener>(path, other) {
             Some(f) => f,
@@ -130,6 +131,7 @@ pub(super) fn build_one_listener(
         v6_only: false,
         tls,
         http2,
+        proxy_protocol: f.proxy_protocol.unwrap_or(false),
     })
 }
 

@@ -7,12 +7,15 @@
 //! numbers. This module takes the top-level sections, checks what spans them, and holds
 //! the [`Checker`] they all report to.
 
+mod access;
 mod lines;
 mod listen;
 mod process;
 mod route;
 mod upstream;
 
+pub use access::jwks;
+use access::*;
 pub(super) use lines::attach_lines;
 use listen::*;
 use process::*;

@@ -154,6 +154,7 @@ pub(super) fn build_clients(ck: &mut Checker, f: FileClients) -> ClientsConfig {
             n
         },
         encoded_slashes: f.encoded_slashes.unwrap_or(d.encoded_slashes),
+        trusted_proxies: networks(ck, "clients.trusted_proxies", f.trusted_proxies),
     }
 }
 

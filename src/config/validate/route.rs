@@ -59,8 +59,8 @@ pub(super) fn build_routes(
                 )
                 .collect::<Vec<_>>()
         });
-        let kind = match (f.upstream, f.broadcast) {
-            (Some(name), None) => {
+        let kind = match (f.upstream, f.broadcast, f.redirect) {
+            (Some(name), None, None) => {
                 if f.broadcast_retry.is_some() {
                     ck.err(
                         &format!("{path}.broadcast_retry"),
@@ -93,7 +93,7 @@ pub(super) fn build_routes(
                     },
                 })
             }
-            (None, Some(targets)) => {
+            (None, Some(targets), None) => {
                 if targets.is_empty() {
                     ck.err(&format!("{path}.broadcast"), "needs at least one upstream");
                 }
@@ -131,15 +131,51 @@ pub(super) fn build_routes(
                 }
                 Some(RouteKind::Broadcast { targets, retry })
             }
+            (None, None, Some(r)) => {
+                if f.fallback.is_some() {
+                    ck.err(
+                        &format!("{path}.fallback"),
+                        "fallback applies only to proxy routes (`upstream:`)",
+                    );
+                }
+                build_redirect(ck, &format!("{path}.redirect"), r).map(RouteKind::Redirect)
+            }
             _ => {
                 ck.err(
                     &path,
-                    "needs exactly one of `upstream` (proxy) and `broadcast`",
+                    "needs exactly one of `upstream` (proxy), `broadcast` and `redirect`",
                 );
                 None
             }
         };
         let strip_prefix = f.strip_prefix.unwrap_or(false);
+        let rewrite = f
+            .rewrite
+            .and_then(|r| build_rewrite(ck, &format!("{path}.rewrite"), r));
+        if rewrite.is_some() && !matches!(kind, Some(RouteKind::Proxy { .. }) | None) {
+            ck.err(
+                &format!("{path}.rewrite"),
+                "rewrite applies only to proxy routes (`upstream:`)",
+            );
+        }
+        if strip_prefix && rewrite.is_some() {
+            ck.err(
+                &format!("{path}.rewrite"),
+                "a route has `rewrite` or `strip_prefix`, not both",
+            );
+        }
+        let access = f
+            .access
+            .map(|a| build_access(ck, &format!("{path}.access"), a));
+        let label = f.name.clone().unwrap_or_else(|| match &matcher {
+            Some(PathMatch::Exact(p)) => format!("path:{p}"),
+            Some(PathMatch::Prefix(p)) => format!("prefix:{p}"),
+            None => path.clone(),
+        });
+        let auth = f
+            .auth
+            .and_then(|a| build_auth(ck, &format!("{path}.auth"), &label, a));
+        let cors = f.cors.map(|c| build_cors(ck, &format!("{path}.cors"), c));
         if strip_prefix && !matches!(matcher, Some(PathMatch::Prefix(_))) {
             ck.err(
                 &format!("{path}.strip_prefix"),
@@ -164,18 +200,17 @@ pub(super) fn build_routes(
                 .burst
                 .unwrap_or_else(|| r.requests_per_second.ceil().max(1.0) as u32);
             let burst = at_least_one(ck, &format!("{rpath}.burst"), burst);
-            let key = match r
-                .key
-                .as_deref()
-                .map(|k| KeySource::parse(k, &["client_ip", "global", "header:NAME"]))
-            {
-                None => KeySource::ClientIp,
-                Some(Ok(k)) => k,
-                Some(Err(e)) => {
-                    ck.err(&format!("{rpath}.key"), e);
-                    KeySource::ClientIp
-                }
-            };
+            let key =
+                match r.key.as_deref().map(|k| {
+                    KeySource::parse(k, &["client_ip", "global", "header:NAME", "identity"])
+                }) {
+                    None => KeySource::ClientIp,
+                    Some(Ok(k)) => k,
+                    Some(Err(e)) => {
+                        ck.err(&format!("{rpath}.key"), e);
+                        KeySource::ClientIp
+                    }
+                };
             if r.on_store_error.is_some() && !matches!(r.store, Some(FileLimitStore::Redis)) {
                 ck.warn(
                     &format!("{rpath}.on_store_error"),
@@ -280,7 +315,17 @@ pub(super) fn build_routes(
                 });
             }
         }
-        if !mirrors.is_empty() && matches!(kind, Some(RouteKind::Broadcast { .. })) {
+        if rate_limit
+            .as_ref()
+            .is_some_and(|r| r.key == KeySource::Identity)
+            && auth.is_none()
+        {
+            ck.warn(
+                &format!("{path}.rate_limit.key"),
+                "identity without `auth`: every request is keyed by its client address",
+            );
+        }
+        if !mirrors.is_empty() && !matches!(kind, Some(RouteKind::Proxy { .. }) | None) {
             ck.err(
                 &format!("{path}.mirror"),
                 "mirror applies only to proxy routes (`upstream:`)",
@@ -289,7 +334,7 @@ pub(super) fn build_routes(
         let redact_headers = header_names(ck, &format!("{path}.redact_headers"), f.redact_headers);
         let cache = f.cache.map(|c| {
             let cpath = format!("{path}.cache");
-            if matches!(kind, Some(RouteKind::Broadcast { .. })) {
+            if !matches!(kind, Some(RouteKind::Proxy { .. }) | None) {
                 ck.err(&cpath, "cache applies only to proxy routes (`upstream:`)");
             }
             for (key, d) in [
@@ -334,10 +379,6 @@ pub(super) fn build_routes(
                 continue;
             }
         }
-        let label = f.name.unwrap_or_else(|| match &matcher {
-            PathMatch::Exact(p) => format!("path:{p}"),
-            PathMatch::Prefix(p) => format!("prefix:{p}"),
-        });
         seen.insert(key, out.len());
         out.push(RouteConfig {
             label,
@@ -354,6 +395,10 @@ pub(super) fn build_routes(
             mirrors,
             redact_headers,
             cache,
+            access,
+            auth,
+            cors,
+            rewrite,
         });
     }
     out

@@ -1,0 +1,188 @@
+//! Each route's chain of request filters: small steps built once from the route's
+//! configuration (at start and at each reload) behind one trait, [`RequestFilter`], so
+//! that `proxy.rs` runs a route's chain in one call whatever it holds. In order:
+//!
+//! 1. [`access::Addresses`] (`access:`): the client's address against `deny`, then `allow`
+//!    (403);
+//! 2. [`cors::Cors`] (`cors:`): a preflight is answered here (a browser sends it without
+//!    credentials, so before `auth`); an allowed origin is remembered for the answer;
+//! 3. [`auth`] (`auth:`, one kind): `basic`, `api_key`, `jwt` or `forward` (401, or the
+//!    auth service's own 401/403, or 503 when it cannot decide); on success the identity
+//!    is set on the request's [`Client`] and headers the route names are set;
+//! 4. [`rewrite::Rewrite`] (`rewrite:`): the path the upstream will see, normalised again.
+//!
+//! The chain runs after routing and before anything leaves the gateway: no upstream,
+//! mirror, fallback, broadcast target or cache hit sees a request a filter stopped. Each
+//! filter may also add to the answer ([`RequestFilter::response`]): CORS headers go on
+//! upstream answers and on the gateway's own (a 401 a browser script must be able to read).
+
+pub mod access;
+pub mod auth;
+pub mod cors;
+pub mod rewrite;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use http::{HeaderName, HeaderValue};
+use pingora_core::connectors::http::Connector;
+use pingora_http::ResponseHeader;
+use pingora_proxy::Session;
+use prometheus::IntCounter;
+
+use crate::client::Client;
+use crate::config::RouteConfig;
+use crate::metrics::Metrics;
+
+/// What one request carries through its route's filters and on to the upstream phases.
+#[derive(Debug, Default)]
+pub struct Passage {
+    pub client: Client,
+    /// The path `rewrite` made of the request's, for the upstream.
+    pub upstream_path: Option<String>,
+    /// The request's `Origin`, when `cors` allows it: its answer gets the CORS headers.
+    pub origin: Option<HeaderValue>,
+}
+
+/// Why a request was refused (`fanout_access_denied_total`'s `reason`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reason {
+    /// `access` refused the client's address.
+    Address,
+    /// No credential, or a wrong one.
+    Credential,
+    /// A token that expired, or is not valid yet.
+    Expired,
+    /// The forward-auth service refused it, or could not decide.
+    Forward,
+}
+
+impl Reason {
+    pub const ALL: [Reason; 4] = [
+        Reason::Address,
+        Reason::Credential,
+        Reason::Expired,
+        Reason::Forward,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Reason::Address => "address",
+            Reason::Credential => "credential",
+            Reason::Expired => "expired",
+            Reason::Forward => "forward",
+        }
+    }
+}
+
+/// The answer a filter gives instead of letting the request on.
+#[derive(Debug)]
+pub struct Stop {
+    pub status: u16,
+    pub headers: Vec<(HeaderName, HeaderValue)>,
+    pub body: StopBody,
+    /// A refusal, counted under this reason; `None` for an answer such as a preflight.
+    pub denied: Option<Reason>,
+}
+
+#[derive(Debug)]
+pub enum StopBody {
+    /// The gateway's JSON error body with this message.
+    Error(&'static str),
+    /// Nothing.
+    Empty,
+    /// A body relayed as it came (the auth service's), with its content type.
+    Relayed(Bytes, Option<HeaderValue>),
+}
+
+impl Stop {
+    /// A refusal with the gateway's JSON error body.
+    pub fn denied(status: u16, reason: Reason, message: &'static str) -> Stop {
+        Stop {
+            status,
+            headers: Vec::new(),
+            body: StopBody::Error(message),
+            denied: Some(reason),
+        }
+    }
+
+    pub fn with_header(mut self, name: HeaderName, value: HeaderValue) -> Stop {
+        self.headers.push((name, value));
+        self
+    }
+}
+
+/// One step of a route's chain.
+#[async_trait]
+pub trait RequestFilter: Send + Sync {
+    /// Looks at the request, and may change it (headers set from a credential) or the
+    /// passage (identity, rewritten path); `Err` answers the request instead.
+    async fn request(&self, session: &mut Session, pass: &mut Passage) -> Result<(), Stop>;
+
+    /// Adds to the answer, whoever gave it (upstream, cache or gateway).
+    fn response(&self, _pass: &Passage, _resp: &mut ResponseHeader) {}
+}
+
+/// What a chain is built with.
+pub struct Build<'a> {
+    pub metrics: &'a Arc<Metrics>,
+    /// Sends the gateway's own requests (forward auth, JWKS URLs).
+    pub connector: &'a Arc<Connector>,
+}
+
+/// A route's filters, in order, and its refusal counters.
+pub struct Chain {
+    filters: Vec<Box<dyn RequestFilter>>,
+    denied: [IntCounter; 4],
+}
+
+impl Chain {
+    /// The chain of `route`'s `access`, `cors`, `auth` and `rewrite`; empty when it has
+    /// none of them (then [`Chain::is_empty`], and the proxy skips it).
+    pub fn build(route: &RouteConfig, with: &Build) -> Chain {
+        let mut filters: Vec<Box<dyn RequestFilter>> = Vec::new();
+        if let Some(list) = &route.access {
+            filters.push(Box::new(access::Addresses::new(list)));
+        }
+        if let Some(cors) = &route.cors {
+            filters.push(Box::new(cors::Cors::new(cors)));
+        }
+        if let Some(auth) = &route.auth {
+            filters.push(auth::build(auth, with));
+        }
+        if let Some(rewrite) = &route.rewrite {
+            filters.push(Box::new(rewrite::Rewrite::new(rewrite)));
+        }
+        let denied = Reason::ALL.map(|r| {
+            with.metrics
+                .access_denied
+                .with_label_values(&[&route.label, r.label()])
+        });
+        Chain { filters, denied }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.filters.is_empty()
+    }
+
+    /// Runs the filters in order until one stops the request; a refusal is counted.
+    pub async fn run(&self, session: &mut Session, pass: &mut Passage) -> Result<(), Stop> {
+        for f in &self.filters {
+            if let Err(stop) = f.request(session, pass).await {
+                if let Some(reason) = stop.denied {
+                    self.denied[reason as usize].inc();
+                }
+                return Err(stop);
+            }
+        }
+        Ok(())
+    }
+
+    /// Every filter's additions to an answer.
+    pub fn response(&self, pass: &Passage, resp: &mut ResponseHeader) {
+        for f in &self.filters {
+            f.response(pass, resp);
+        }
+    }
+}
