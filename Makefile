@@ -6,7 +6,7 @@
 CARGO ?= cargo
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test deps build lint fmt bench bench-reload bench-decompose bench-overload bench-clients bench-tls bench-tls-candidates bench-spool bench-cache bench-redis fuzz check-conf upgrade-demo verify-unit image image-test systemd-test
+.PHONY: run test deps build lint fmt bench bench-reload bench-decompose bench-overload bench-clients bench-tls bench-tls-candidates bench-spool bench-cache bench-redis bench-auth fuzz check-conf upgrade-demo verify-unit image image-test systemd-test
 
 deps:
 	@command -v cargo >/dev/null || { echo "cargo is missing: install Rust with rustup first" >&2; exit 1; }
@@ -77,6 +77,11 @@ bench-spool: build
 
 # Rate limits decided in Redis against decided in the process (req/s, p99, CPU), and one
 # Redis's ceiling in decisions per second (redis-benchmark running the same script).
+bench-auth: build
+	bench/deps.sh nginx:nginx-light wrk:wrk python3:python3
+	@python3 -c "import bcrypt, cryptography" 2>/dev/null || python3 -m pip install -q bcrypt cryptography
+	python3 bench/auth.py
+
 bench-redis: build
 	bench/deps.sh nginx:nginx-light wrk:wrk python3:python3 redis-server:redis-server redis-benchmark:redis-tools
 	python3 bench/redis_limits.py
@@ -99,7 +104,7 @@ bench-tls-candidates: deps
 # h2_listener runs a whole gateway in the fuzzing process: connections it still serves when
 # an input ends are live, not leaked, so LeakSanitizer's per-input check is off for it.
 FUZZ_SECONDS ?= 600
-FUZZ_TARGETS ?= framing path config lanes_reader router h2_listener
+FUZZ_TARGETS ?= framing path config lanes_reader router h2_listener proxy_protocol jwt
 fuzz: deps
 	@command -v cargo-fuzz >/dev/null || $(CARGO) install --locked cargo-fuzz
 	@command -v c++ >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq g++; }

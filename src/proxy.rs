@@ -580,6 +580,12 @@ impl ProxyHttp for FanoutProxy {
                 Verdict::Answer(Answer::refusal(r))
             }
         };
+        let verdict = match verdict {
+            // A route's filters are awaited here, not in `settle`: their future is small
+            // (a chain of boxed steps), and a request they pass is then the common case.
+            Verdict::Filter => self.filter(session, ctx).await,
+            v => v,
+        };
         let expect = limits::expectation(session.req_header());
         if matches!((&verdict, &expect), (Verdict::Proxy, Expect::Nothing)) {
             // The common case awaits nothing: the others live in a future of their own,

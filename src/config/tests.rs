@@ -595,3 +595,21 @@ fn access_keys_build_the_model() {
         other => panic!("{other:?}"),
     }
 }
+
+#[test]
+fn a_mirror_never_gets_the_routes_credential() {
+    let keys = TempFile::new("mirror-keys", "0123456789abcdef-one\n");
+    let c = ok(&format!(
+        "{BASE}routes:\n\
+         \x20 - match: {{ prefix: /a }}\n    upstream: u\n\
+         \x20   auth: {{ api_key: {{ header: X-Token, keys_file: {} }} }}\n\
+         \x20   mirror: [{{ upstream: u, redact_headers: [Cookie] }}]\n",
+        keys.path()
+    ));
+    let names: Vec<&str> = c.routes[0].mirrors[0]
+        .redact_headers
+        .iter()
+        .map(|h| h.as_str())
+        .collect();
+    assert_eq!(names, ["cookie", "x-token"]);
+}

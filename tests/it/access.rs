@@ -1007,3 +1007,35 @@ async fn redirects_and_rewrites_shape_what_the_client_and_upstream_see() {
     assert_eq!(b.hits(), 1);
     stdout_line(&gw, "\"path\":\"/admin-api/v1/users/7\"").await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn filters_hold_over_http2_too() {
+    let b = Backend::start("b").await;
+    let files = Files::new();
+    let keys = files.write("keys", "0123456789abcdef-h2 h2-client\n");
+    let gw = Gateway::start_listening(
+        |port| format!("[{{ address: \"127.0.0.1:{port}\", http2: true }}]"),
+        &one_route(
+            &b,
+            &format!(
+                "    access: {{ deny: [10.0.0.0/8] }}\n    auth: {{ api_key: {{ keys_file: {keys} }} }}\n"
+            ),
+        ),
+    );
+    let h2 = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    let r = h2.get(gw.url("/x")).send().await.unwrap();
+    assert_eq!(r.version(), reqwest::Version::HTTP_2);
+    assert_eq!(r.status(), 401);
+    let r = h2
+        .get(gw.url("/x"))
+        .header("x-api-key", "0123456789abcdef-h2")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(b.hits(), 1);
+    stdout_line(&gw, "\"identity\":\"h2-client\"").await;
+}

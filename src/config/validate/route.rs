@@ -315,6 +315,26 @@ pub(super) fn build_routes(
                 });
             }
         }
+        // A mirror never gets the route's credential, whatever its `redact_headers` say.
+        let credentials: Vec<HeaderName> = match &auth {
+            None => Vec::new(),
+            Some(AuthConfig::Basic(_)) => vec![http::header::AUTHORIZATION],
+            Some(AuthConfig::Jwt(j)) => {
+                vec![j.header.clone().unwrap_or(http::header::AUTHORIZATION)]
+            }
+            Some(AuthConfig::ApiKey(k)) => match &k.from {
+                CredentialFrom::Header(h) => vec![h.clone()],
+                CredentialFrom::Query(_) => Vec::new(),
+            },
+            Some(AuthConfig::Forward(f)) => f.request_headers.clone(),
+        };
+        for m in &mut mirrors {
+            for h in &credentials {
+                if !m.redact_headers.contains(h) {
+                    m.redact_headers.push(h.clone());
+                }
+            }
+        }
         if rate_limit
             .as_ref()
             .is_some_and(|r| r.key == KeySource::Identity)

@@ -3,6 +3,7 @@
 //! a few at a time, and its result (pass or fail) is remembered per credential for five
 //! minutes: a client that sends the same good password on every request costs one
 //! verification, and one that repeats a wrong one cannot make the gateway burn CPU on it.
+//! Requests that arrive together with the same credential share one verification.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -11,10 +12,11 @@ use std::time::Duration;
 use async_trait::async_trait;
 use base64::Engine;
 use http::HeaderValue;
+use parking_lot::Mutex;
 use pingora_proxy::Session;
-use tokio::sync::Semaphore;
+use tokio::sync::{OnceCell, Semaphore};
 
-use super::{authorization, digest, unauthorized, Remembered, REMEMBERED};
+use super::{authorization, digest, unauthorized, Digest, Remembered, REMEMBERED};
 use crate::config::BasicAuthConfig;
 use crate::filters::{Passage, Reason, RequestFilter, Stop};
 
@@ -23,6 +25,9 @@ const REMEMBER: Duration = Duration::from_secs(300);
 /// Verifications running at once (each holds a blocking thread for its duration).
 const AT_ONCE: usize = 4;
 
+/// A verification's result: the user's name when the password was right.
+type Verdict = Option<Arc<str>>;
+
 pub struct Basic {
     users: HashMap<String, String>,
     /// Checked for a user that does not exist (its result ignored), so that the answer
@@ -30,7 +35,9 @@ pub struct Basic {
     decoy: String,
     challenge: HeaderValue,
     /// Verdicts by credential digest: the user's name when it passed.
-    verdicts: Remembered<Option<Arc<str>>>,
+    verdicts: Remembered<Verdict>,
+    /// Verifications under way, by credential digest.
+    pending: Mutex<HashMap<Digest, Arc<OnceCell<Verdict>>>>,
     running: Arc<Semaphore>,
 }
 
@@ -43,6 +50,7 @@ impl Basic {
             challenge: HeaderValue::from_str(&format!("Basic realm=\"{realm}\""))
                 .unwrap_or(HeaderValue::from_static("Basic")),
             verdicts: Remembered::new(REMEMBERED, REMEMBER),
+            pending: Mutex::new(HashMap::new()),
             running: Arc::new(Semaphore::new(AT_ONCE)),
         }
     }
@@ -58,6 +66,22 @@ impl Basic {
         if let Some(verdict) = self.verdicts.get(&key) {
             return verdict;
         }
+        // Requests that bring the same credential at once wait for one verification.
+        let cell = Arc::clone(self.pending.lock().entry(key).or_default());
+        let verdict = cell
+            .get_or_init(|| self.check(user, password))
+            .await
+            .clone();
+        self.verdicts.put(key, verdict.clone());
+        let mut pending = self.pending.lock();
+        if pending.get(&key).is_some_and(|c| Arc::ptr_eq(c, &cell)) {
+            pending.remove(&key);
+        }
+        verdict
+    }
+
+    /// One bcrypt verification, on the blocking pool.
+    async fn check(&self, user: &str, password: &str) -> Option<Arc<str>> {
         let (hash, known) = match self.users.get(user) {
             Some(h) => (h.clone(), true),
             None => (self.decoy.clone(), false),
@@ -70,9 +94,7 @@ impl Basic {
         })
         .await
         .unwrap_or(false);
-        let verdict = (matched && known).then(|| Arc::from(user));
-        self.verdicts.put(key, verdict.clone());
-        verdict
+        (matched && known).then(|| Arc::from(user))
     }
 }
 
