@@ -122,6 +122,8 @@ pub struct RequestCtx {
     cache: Option<cache::Outcome>,
     /// Its client (address, identity) and what the route's filters decided.
     pass: Passage,
+    /// The fields of a 304 that revalidated a stored answer, for the entry (RFC 9111 4.3.4).
+    not_modified: Option<http::HeaderMap>,
     /// The cache was looked up for this request (a later "bypass" phase means the answer
     /// could not be stored: a miss).
     cache_looked_up: bool,
@@ -248,6 +250,30 @@ impl FanoutProxy {
         fallback::send(session, answer, route, &ctx.request_id, name)
             .await
             .map(Some)
+    }
+
+    /// A successful unsafe request (POST, PUT, DELETE, ...) makes what the cache holds for
+    /// its URI, and for its answer's `Location` and `Content-Location` on the same host,
+    /// stale at once: every cached route's entries for them go (RFC 9111 4.4).
+    fn invalidate(&self, req: &RequestHeader, resp: &ResponseHeader, gen: &Generation) {
+        let Some(cache) = self.gw.cache() else {
+            return;
+        };
+        let host = request_host(req).unwrap_or("");
+        let own = req
+            .uri
+            .path_and_query()
+            .map_or("/", |p| p.as_str())
+            .to_string();
+        let routes = || {
+            gen.routes
+                .iter()
+                .filter(|r| r.config.cache.is_some())
+                .map(|r| r.config.label.as_str())
+        };
+        for target in std::iter::once(own).chain(cache::also_invalidated(resp, host)) {
+            cache.invalidate(routes(), host, &target);
+        }
     }
 
     /// Holds an HTTP/2 request to the edge's limits and field grammar (`edge::h2`; an
@@ -562,6 +588,7 @@ impl ProxyHttp for FanoutProxy {
             rate_remaining: None,
             cache: None,
             pass: Passage::default(),
+            not_modified: None,
             cache_looked_up: false,
         }
     }
@@ -663,12 +690,18 @@ impl ProxyHttp for FanoutProxy {
     ) -> Result<pingora_cache::RespCacheable> {
         let refuse =
             pingora_cache::RespCacheable::Uncacheable(pingora_cache::NoCacheReason::NeverEnabled);
-        Ok(
-            match self.route(ctx).and_then(|r| r.config.cache.as_ref()) {
-                Some(rc) => cache::cacheable(rc, session.req_header(), resp),
-                None => refuse,
-            },
-        )
+        let not_modified = ctx.not_modified.take();
+        let Some(rc) = self.route(ctx).and_then(|r| r.config.cache.as_ref()) else {
+            return Ok(refuse);
+        };
+        Ok(match not_modified {
+            // A revalidation: `resp` is the stored answer with Pingora's few fields of the
+            // 304; every other field the 304 carries goes into the entry too.
+            Some(fields) => {
+                cache::cacheable(rc, session.req_header(), &cache::refreshed(resp, &fields))
+            }
+            None => cache::cacheable(rc, session.req_header(), resp),
+        })
     }
 
     fn cache_vary_filter(
@@ -757,6 +790,9 @@ impl ProxyHttp for FanoutProxy {
         if let (Some(lease), false) = (ctx.lease.as_mut(), status.is_informational()) {
             lease.answered(status.as_u16());
         }
+        if status == http::StatusCode::NOT_MODIFIED && ctx.cache_looked_up {
+            ctx.not_modified = Some(upstream_response.headers.clone());
+        }
         if ctx.failover.primary_fails_with(status.as_u16()) {
             // The primary failed: its answer is not used; fail_to_proxy picks a fallback's.
             return Error::e_explain(
@@ -811,6 +847,13 @@ impl ProxyHttp for FanoutProxy {
         }
         if let Some(route) = self.route(ctx).filter(|r| !r.filters.is_empty()) {
             route.filters.response(&ctx.pass, upstream_response);
+        }
+        let req = session.req_header();
+        if !req.method.is_safe()
+            && (200..400).contains(&upstream_response.status.as_u16())
+            && ctx.gen.caches()
+        {
+            self.invalidate(req, upstream_response, &ctx.gen);
         }
         forwarding::response(
             upstream_response,

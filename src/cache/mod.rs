@@ -19,15 +19,16 @@
 //!   `stale-while-revalidate` while one request refreshes it in the background;
 //! - what the client is told (`X-Cache`, [`Outcome`]).
 
+pub mod freshness;
 pub mod store;
 
 use std::time::{Duration, SystemTime};
 
 use http::{header, Method, StatusCode};
-use pingora_cache::cache_control::CacheControl;
+use pingora_cache::cache_control::{CacheControl, InterpretCacheControl};
 use pingora_cache::eviction::lru;
 use pingora_cache::eviction::EvictionManager;
-use pingora_cache::filters::resp_cacheable;
+use pingora_cache::filters::{calculate_serve_stale_durations, resp_cacheable};
 use pingora_cache::lock::{CacheKeyLockImpl, CacheLock};
 use pingora_cache::{
     CacheKey, CacheMeta, CacheMetaDefaults, CachePhase, NoCacheReason, RespCacheable,
@@ -106,6 +107,41 @@ impl Cache {
     }
 }
 
+impl Cache {
+    /// Invalidates what is stored for `target` on `host` under each of `routes` (every
+    /// variant), as a successful unsafe request asks (RFC 9111 4.4); returns how many went.
+    pub fn invalidate<'a>(
+        &self,
+        routes: impl Iterator<Item = &'a str>,
+        host: &str,
+        target: &str,
+    ) -> usize {
+        routes
+            .map(|route| {
+                let primary = format!("{route}\0{host}\0{target}");
+                self.store.purge_primary(self.eviction, primary.as_bytes())
+            })
+            .sum()
+    }
+}
+
+/// The targets an unsafe request's successful answer invalidates besides its own (RFC 9111
+/// 4.4): its `Location` and `Content-Location`, when they name the same host (or no host).
+pub fn also_invalidated(resp: &ResponseHeader, host: &str) -> Vec<String> {
+    [header::LOCATION, header::CONTENT_LOCATION]
+        .iter()
+        .filter_map(|name| resp.headers.get(name)?.to_str().ok())
+        .filter_map(|value| {
+            let uri: http::Uri = value.parse().ok()?;
+            let same = uri
+                .authority()
+                .is_none_or(|a| a.as_str().eq_ignore_ascii_case(host));
+            let target = uri.path_and_query()?.as_str();
+            (same && target.starts_with('/')).then(|| target.to_string())
+        })
+        .collect()
+}
+
 /// The key of a request on a cached route: route, host and target, framed by NUL bytes
 /// (which none of them can hold).
 pub fn key(route: &str, req: &RequestHeader) -> CacheKey {
@@ -150,7 +186,10 @@ fn heuristic(status: StatusCode) -> Option<Duration> {
     .then_some(Duration::from_secs(1))
 }
 
-/// Whether (and until when) an answer may be stored for this request.
+/// Whether (and until when) an answer may be stored for this request. The decision reads
+/// the targeted field (RFC 9213) in place of `Cache-Control` when there is one; the entry
+/// keeps the answer's own header fields, and is dated by the answer's age on arrival
+/// ([`freshness`]).
 pub fn cacheable(
     route: &RouteCacheConfig,
     req: &RequestHeader,
@@ -165,30 +204,70 @@ pub fn cacheable(
     if vary_star || resp.headers.contains_key(header::SET_COOKIE) {
         return refuse;
     }
-    let cc = CacheControl::from_resp_headers(resp);
+    let decisive = freshness::decisive(resp);
+    let deciding = decisive.as_ref().unwrap_or(resp);
+    let cc = CacheControl::from_resp_headers(deciding);
     let authorized = req.headers.contains_key(header::AUTHORIZATION);
     let swr = route.stale_while_revalidate.as_secs() as u32;
     let sie = route.stale_if_error.as_secs() as u32;
     let stated = CacheMetaDefaults::new(no_heuristic, swr, sie);
-    match resp_cacheable(cc.as_ref(), resp.clone(), authorized, &stated) {
-        RespCacheable::Cacheable(meta) => RespCacheable::Cacheable(meta),
+    let now = SystemTime::now();
+    let age = freshness::initial_age(resp, now);
+    let lifetime = match resp_cacheable(cc.as_ref(), deciding.clone(), authorized, &stated) {
+        RespCacheable::Cacheable(_) => freshness::lifetime(cc.as_ref(), deciding, now),
         RespCacheable::Uncacheable(reason) => {
             // Nothing stated: the route's ttl, where the answer allows storing at all.
             let Some(ttl) = route.ttl else {
                 return RespCacheable::Uncacheable(reason);
             };
             let fallback = CacheMetaDefaults::new(heuristic, swr, sie);
-            match resp_cacheable(cc.as_ref(), resp.clone(), authorized, &fallback) {
-                RespCacheable::Cacheable(mut meta) => {
-                    let until = SystemTime::now() + ttl;
-                    let (swr, sie) = (meta.stale_while_revalidate_sec(), meta.stale_if_error_sec());
-                    meta.update_freshness(until, swr, sie);
-                    RespCacheable::Cacheable(meta)
-                }
-                other => other,
+            match resp_cacheable(cc.as_ref(), deciding.clone(), authorized, &fallback) {
+                RespCacheable::Cacheable(_) => Some(ttl),
+                other => return other,
             }
         }
+    };
+    let Some(lifetime) = lifetime else {
+        return refuse;
+    };
+    let (fresh_until, created) = freshness::window(now, age, lifetime);
+    let (swr, sie) = calculate_serve_stale_durations(cc.as_ref(), &stated);
+    let mut stored = resp.clone();
+    if let Some(cc) = &cc {
+        cc.strip_private_headers(&mut stored);
     }
+    RespCacheable::Cacheable(CacheMeta::new(fresh_until, created, swr, sie, stored))
+}
+
+/// The answer a 304 revalidated, with every field the 304 carries put in place of the
+/// stored ones (RFC 9111 4.3.4), except the framing and hop-by-hop fields (3.2).
+/// `pingora-cache`'s own merge takes only the caching fields and `ETag`.
+pub fn refreshed(merged: &ResponseHeader, not_modified: &http::HeaderMap) -> ResponseHeader {
+    let mut out = merged.clone();
+    let kept = |name: &http::HeaderName| {
+        matches!(
+            name.as_str(),
+            "content-length"
+                | "transfer-encoding"
+                | "connection"
+                | "keep-alive"
+                | "te"
+                | "trailer"
+                | "upgrade"
+                | "proxy-connection"
+                | "x-cache"
+        )
+    };
+    for name in not_modified.keys() {
+        if kept(name) {
+            continue;
+        }
+        out.remove_header(name);
+        for value in not_modified.get_all(name) {
+            let _ = out.append_header(name.clone(), value.clone());
+        }
+    }
+    out
 }
 
 /// The variant key of a request for an answer that names `Vary` headers.

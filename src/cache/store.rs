@@ -35,6 +35,8 @@ struct Entry {
 
 pub struct Store {
     shards: Vec<RwLock<HashMap<String, Entry>>>,
+    /// The entries of each primary key (its variants), for invalidating a URI at once.
+    variants: RwLock<HashMap<Vec<u8>, Vec<String>>>,
     entries: AtomicU64,
 }
 
@@ -48,6 +50,7 @@ impl Store {
     pub fn new() -> Store {
         Store {
             shards: (0..SHARDS).map(|_| RwLock::new(HashMap::new())).collect(),
+            variants: RwLock::new(HashMap::new()),
             entries: AtomicU64::new(0),
         }
     }
@@ -72,29 +75,70 @@ impl Store {
         eviction: &dyn EvictionManager,
         matches: impl Fn(&[u8]) -> bool,
     ) -> usize {
-        let mut purged = 0;
+        let mut purged = Vec::new();
         for shard in &self.shards {
             let mut map = shard.write();
-            map.retain(|_, e| {
+            map.retain(|hash, e| {
                 if matches(&e.primary) {
                     eviction.remove(CacheEntryKeyRef::KeyOnly(&e.compact));
-                    purged += 1;
+                    purged.push((e.primary.clone(), hash.clone()));
                     false
                 } else {
                     true
                 }
             });
         }
-        self.entries.fetch_sub(purged as u64, Relaxed);
+        self.entries.fetch_sub(purged.len() as u64, Relaxed);
+        for (primary, hash) in &purged {
+            self.unindex(primary, hash);
+        }
+        purged.len()
+    }
+
+    /// Removes every variant stored under `primary` (one URI), telling the eviction
+    /// manager; returns how many went. Costs the variants, not the store's size.
+    pub fn purge_primary(&self, eviction: &dyn EvictionManager, primary: &[u8]) -> usize {
+        let hashes = self.variants.write().remove(primary).unwrap_or_default();
+        let mut purged = 0;
+        for hash in hashes {
+            let entry = self.shard(&hash).write().remove(&hash);
+            if let Some(e) = entry {
+                eviction.remove(CacheEntryKeyRef::KeyOnly(&e.compact));
+                self.entries.fetch_sub(1, Relaxed);
+                purged += 1;
+            }
+        }
         purged
     }
 
     fn remove(&self, hash: &str) -> bool {
-        let removed = self.shard(hash).write().remove(hash).is_some();
-        if removed {
-            self.entries.fetch_sub(1, Relaxed);
+        let removed = self.shard(hash).write().remove(hash);
+        match removed {
+            Some(e) => {
+                self.entries.fetch_sub(1, Relaxed);
+                self.unindex(&e.primary, hash);
+                true
+            }
+            None => false,
         }
-        removed
+    }
+
+    fn index(&self, primary: &[u8], hash: &str) {
+        let mut variants = self.variants.write();
+        let list = variants.entry(primary.to_vec()).or_default();
+        if !list.iter().any(|h| h == hash) {
+            list.push(hash.to_string());
+        }
+    }
+
+    fn unindex(&self, primary: &[u8], hash: &str) {
+        let mut variants = self.variants.write();
+        if let Some(list) = variants.get_mut(primary) {
+            list.retain(|h| h != hash);
+            if list.is_empty() {
+                variants.remove(primary);
+            }
+        }
     }
 }
 
@@ -172,6 +216,7 @@ impl HandleMiss for Fill {
 
     async fn finish(self: Box<Self>) -> Result<MissFinishType> {
         let size = self.body.len() + self.meta.0.len() + self.meta.1.len() + ENTRY_OVERHEAD;
+        self.store.index(&self.primary, &self.hash);
         let entry = Entry {
             meta: self.meta,
             body: self.body.freeze(),

@@ -2,20 +2,11 @@
 //! each `auth` kind, CORS, redirects and rewrites — against real backends, a real auth
 //! service and a real JWKS server written here, with tokens signed here.
 
-use std::convert::Infallible;
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use base64::Engine;
-use bytes::Bytes;
-use http_body_util::Full;
-use hyper::body::Incoming;
-use hyper::service::service_fn;
-use hyper::{Request, Response};
-use hyper_util::rt::TokioIo;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{json, Value};
 
@@ -61,63 +52,6 @@ fn now() -> u64 {
         .duration_since(UNIX_EPOCH)
         .unwrap()
         .as_secs()
-}
-
-/// A small HTTP server whose answers `handle` decides; counts its requests.
-struct Service {
-    addr: SocketAddr,
-    hits: Arc<AtomicUsize>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-type Handler =
-    Arc<dyn Fn(&http::request::Parts) -> (u16, Vec<(String, String)>, String) + Send + Sync>;
-
-impl Service {
-    async fn start(handle: Handler, delay: Duration) -> Service {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let hits = Arc::new(AtomicUsize::new(0));
-        let counted = Arc::clone(&hits);
-        let task = tokio::spawn(async move {
-            loop {
-                let Ok((stream, _)) = listener.accept().await else {
-                    return;
-                };
-                let (handle, hits) = (Arc::clone(&handle), Arc::clone(&counted));
-                tokio::spawn(async move {
-                    let svc = service_fn(move |req: Request<Incoming>| {
-                        let (handle, hits) = (Arc::clone(&handle), Arc::clone(&hits));
-                        async move {
-                            hits.fetch_add(1, SeqCst);
-                            let (parts, _) = req.into_parts();
-                            tokio::time::sleep(delay).await;
-                            let (status, headers, body) = handle(&parts);
-                            let mut resp = Response::builder().status(status);
-                            for (k, v) in headers {
-                                resp = resp.header(k, v);
-                            }
-                            Ok::<_, Infallible>(resp.body(Full::new(Bytes::from(body))).unwrap())
-                        }
-                    });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), svc)
-                        .await;
-                });
-            }
-        });
-        Service { addr, hits, task }
-    }
-
-    fn hits(&self) -> usize {
-        self.hits.load(SeqCst)
-    }
-}
-
-impl Drop for Service {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
 }
 
 /// An upstream and one route at `/`, with `route` appended to the route's keys.
@@ -505,7 +439,7 @@ async fn a_jwks_url_is_fetched_refreshed_and_kept_when_it_fails() {
     let (k2, jwk2) = ec_pair("k2");
     let served = Arc::new(Mutex::new((200u16, json!({ "keys": [jwk1] }).to_string())));
     let now_serving = Arc::clone(&served);
-    let jwks = Service::start(
+    let jwks = Origin::start(
         Arc::new(move |_| {
             let (status, body) = now_serving.lock().unwrap().clone();
             (
@@ -586,7 +520,7 @@ async fn a_jwks_url_is_fetched_refreshed_and_kept_when_it_fails() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forward_auth_asks_a_service_and_never_allows_on_failure() {
     let b = Backend::start("b").await;
-    let auth = Service::start(
+    let auth = Origin::start(
         Arc::new(|req: &http::request::Parts| {
             let given = req
                 .headers
@@ -621,7 +555,7 @@ async fn forward_auth_asks_a_service_and_never_allows_on_failure() {
         Duration::ZERO,
     )
     .await;
-    let slow = Service::start(
+    let slow = Origin::start(
         Arc::new(|_| (200, vec![], String::new())),
         Duration::from_secs(3),
     )

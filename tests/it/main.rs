@@ -9,6 +9,7 @@ mod admin;
 mod balancing;
 mod broadcast;
 mod cache;
+mod cache_rfc;
 mod compare;
 mod config_check;
 mod discovery;

@@ -4,10 +4,12 @@
 #![allow(dead_code)]
 
 pub mod h2;
+pub mod origin;
 pub mod pki;
 pub mod raw;
 
 #[allow(unused_imports)]
+pub use origin::{Handler, Origin};
 pub use raw::RawBackend;
 
 use std::io::Write;
