@@ -130,7 +130,8 @@ async fn expires_counts_from_the_answers_date_and_a_hit_keeps_that_date() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn expires_is_read_in_every_date_format() {
     // RFC 9110 5.6.7: a recipient MUST accept the obsolete RFC 850 and asctime formats.
-    let formats: [(&str, fn(DateTime<Utc>) -> String); 3] = [
+    type Format = fn(DateTime<Utc>) -> String;
+    let formats: [(&str, Format); 3] = [
         ("imf", |t| t.format("%a, %d %b %Y %H:%M:%S GMT").to_string()),
         ("rfc850", |t| {
             t.format("%A, %d-%b-%y %H:%M:%S GMT").to_string()
