@@ -18,6 +18,7 @@ use crate::access_log::AccessLogger;
 use crate::broadcast::spool::Spool;
 use crate::broadcast::{self, Targets};
 use crate::cache;
+use crate::compress::Compress;
 use crate::config::UpstreamId;
 use crate::config::{Config, RouteConfig, RouteKind};
 use crate::edge::admission::Connections;
@@ -67,6 +68,8 @@ pub struct ProxyRoute {
     pub fallbacks: Option<FallbackUpstreams>,
     /// On a cached route: `fanout_cache_requests_total` by [`cache::Outcome`].
     pub cache_results: Option<Vec<IntCounter>>,
+    /// On a route with `compress:`.
+    pub compress: Option<Compress>,
 }
 
 impl Route {
@@ -159,6 +162,10 @@ impl Route {
                         ),
                     },
                 }),
+                compress: r
+                    .compress
+                    .as_ref()
+                    .map(|c| Compress::new(c, &r.label, metrics)),
                 cache_results: r.cache.as_ref().map(|_| {
                     cache::Outcome::ALL
                         .iter()

@@ -7,6 +7,7 @@ pub mod broadcast;
 pub mod cache;
 pub mod cli;
 pub mod client;
+pub mod compress;
 pub mod config;
 pub mod demo;
 pub mod edge;

@@ -32,6 +32,7 @@ pub struct Metrics {
     pub client_connections: IntGaugeVec,
     pub client_refused: IntCounterVec,
     pub access_denied: IntCounterVec,
+    pub compressed_responses: IntCounterVec,
     pub fallback_skipped: IntCounterVec,
     pub admin_unauthorized: IntCounter,
     pub cache_requests: IntCounterVec,
@@ -202,6 +203,12 @@ impl Metrics {
                 "fanout_access_denied_total",
                 "Requests refused by a route's access or auth, by reason",
                 &["route", "reason"],
+            )?,
+            compressed_responses: counter(
+                &reg,
+                "fanout_compressed_responses_total",
+                "Answers compressed by the gateway, by route and algorithm",
+                &["route", "algorithm"],
             )?,
             fallback_skipped: counter(
                 &reg,

@@ -43,6 +43,7 @@ use crate::access_log::Record;
 use crate::broadcast;
 use crate::cache;
 use crate::client::Client;
+use crate::compress;
 use crate::config::OnStoreError;
 use crate::config::{AccessLog, RouteId, UpstreamId};
 use crate::edge::{self, path};
@@ -124,6 +125,8 @@ pub struct RequestCtx {
     pass: Passage,
     /// The fields of a 304 that revalidated a stored answer, for the entry (RFC 9111 4.3.4).
     not_modified: Option<http::HeaderMap>,
+    /// Compresses the upstream's answer, on a route with `compress:` ([`compress`]).
+    encoder: Option<compress::Encoder>,
     /// The cache was looked up for this request (a later "bypass" phase means the answer
     /// could not be stored: a miss).
     cache_looked_up: bool,
@@ -589,6 +592,7 @@ impl ProxyHttp for FanoutProxy {
             cache: None,
             pass: Passage::default(),
             not_modified: None,
+            encoder: None,
             cache_looked_up: false,
         }
     }
@@ -707,10 +711,29 @@ impl ProxyHttp for FanoutProxy {
     fn cache_vary_filter(
         &self,
         meta: &pingora_cache::CacheMeta,
-        _ctx: &mut RequestCtx,
+        ctx: &mut RequestCtx,
         req: &RequestHeader,
     ) -> Option<[u8; 16]> {
-        cache::variance(meta, req)
+        // On a compressing route, requests vary by the coding they get, not by the text of
+        // their Accept-Encoding: one variant per coding.
+        let coding = self
+            .route(ctx)
+            .and_then(|r| r.proxy()?.compress.as_ref())
+            .map(|c| c.negotiate(req).map_or("identity", |c| c.token()));
+        cache::variance(meta, req, coding)
+    }
+
+    fn upstream_response_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        end_of_stream: bool,
+        ctx: &mut RequestCtx,
+    ) -> Result<Option<Duration>> {
+        if let Some(encoder) = ctx.encoder.as_mut() {
+            encoder.feed(body, end_of_stream);
+        }
+        Ok(None)
     }
 
     async fn cache_hit_filter(
@@ -782,7 +805,7 @@ impl ProxyHttp for FanoutProxy {
 
     async fn upstream_response_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         upstream_response: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
@@ -792,6 +815,10 @@ impl ProxyHttp for FanoutProxy {
         }
         if status == http::StatusCode::NOT_MODIFIED && ctx.cache_looked_up {
             ctx.not_modified = Some(upstream_response.headers.clone());
+        }
+        if let Some(c) = self.route(ctx).and_then(|r| r.proxy()?.compress.as_ref()) {
+            // Before the cache stores it: a compressed answer is stored as its own variant.
+            ctx.encoder = c.start(session.req_header(), upstream_response);
         }
         if ctx.failover.primary_fails_with(status.as_u16()) {
             // The primary failed: its answer is not used; fail_to_proxy picks a fallback's.

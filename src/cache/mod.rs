@@ -270,8 +270,10 @@ pub fn refreshed(merged: &ResponseHeader, not_modified: &http::HeaderMap) -> Res
     out
 }
 
-/// The variant key of a request for an answer that names `Vary` headers.
-pub fn variance(meta: &CacheMeta, req: &RequestHeader) -> Option<[u8; 16]> {
+/// The variant key of a request for an answer that names `Vary` headers. `coding`: on a
+/// route that compresses, the coding this request gets, which stands for its
+/// `Accept-Encoding`.
+pub fn variance(meta: &CacheMeta, req: &RequestHeader, coding: Option<&str>) -> Option<[u8; 16]> {
     let mut names: Vec<String> = meta
         .headers()
         .get_all(header::VARY)
@@ -288,13 +290,15 @@ pub fn variance(meta: &CacheMeta, req: &RequestHeader) -> Option<[u8; 16]> {
     names.dedup();
     let values: Vec<Vec<u8>> = names
         .iter()
-        .map(|n| {
-            req.headers
+        .map(|n| match coding {
+            Some(c) if n == "accept-encoding" => c.as_bytes().to_vec(),
+            _ => req
+                .headers
                 .get_all(n.as_str())
                 .iter()
                 .map(|v| v.as_bytes())
                 .collect::<Vec<_>>()
-                .join(&b","[..])
+                .join(&b","[..]),
         })
         .collect();
     let mut b = VarianceBuilder::new();
@@ -538,9 +542,9 @@ mod tests {
             RespCacheable::Cacheable(m) => m,
             RespCacheable::Uncacheable(r) => panic!("{r:?}"),
         };
-        let gzip = variance(&meta, &req(&[("accept-encoding", "gzip")]));
-        let br = variance(&meta, &req(&[("accept-encoding", "br")]));
-        let none = variance(&meta, &req(&[]));
+        let gzip = variance(&meta, &req(&[("accept-encoding", "gzip")]), None);
+        let br = variance(&meta, &req(&[("accept-encoding", "br")]), None);
+        let none = variance(&meta, &req(&[]), None);
         assert!(gzip.is_some() && br.is_some() && none.is_some());
         assert_ne!(gzip, br);
         assert_ne!(gzip, none);
@@ -548,9 +552,24 @@ mod tests {
             gzip,
             variance(
                 &meta,
-                &req(&[("accept-encoding", "gzip"), ("x-other", "1")])
+                &req(&[("accept-encoding", "gzip"), ("x-other", "1")]),
+                None
             )
         );
+        // On a compressing route, the coding a request gets is its variant: two texts of
+        // Accept-Encoding that get gzip share one.
+        let a = variance(
+            &meta,
+            &req(&[("accept-encoding", "gzip, deflate")]),
+            Some("gzip"),
+        );
+        let b = variance(
+            &meta,
+            &req(&[("accept-encoding", "gzip;q=1")]),
+            Some("gzip"),
+        );
+        assert_eq!(a, b);
+        assert_ne!(a, variance(&meta, &req(&[]), Some("identity")));
     }
 
     #[test]

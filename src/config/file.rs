@@ -312,6 +312,16 @@ pub struct FileRoute {
     pub auth: Option<FileAuth>,
     pub cors: Option<FileCors>,
     pub rewrite: Option<FileRewrite>,
+    pub compress: Option<FileCompress>,
+}
+
+/// `routes[].compress`: answers compressed for clients that accept it.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileCompress {
+    pub algorithms: Option<Vec<String>>,
+    pub min_size: Option<Size>,
+    pub types: Option<Vec<String>>,
 }
 
 /// `routes[].redirect`: the gateway answers with this `Location` (a route kind).

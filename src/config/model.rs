@@ -421,6 +421,8 @@ pub struct RouteConfig {
     pub cors: Option<CorsConfig>,
     /// The path the upstream sees (instead of `strip_prefix`).
     pub rewrite: Option<RewriteConfig>,
+    /// Answers compressed for clients that accept it.
+    pub compress: Option<CompressConfig>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -652,3 +654,48 @@ pub struct RewriteConfig {
     pub regex: regex::Regex,
     pub to: String,
 }
+
+/// A content coding the gateway compresses with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Coding {
+    Zstd,
+    Br,
+    Gzip,
+}
+
+impl Coding {
+    pub const ALL: [Coding; 3] = [Coding::Zstd, Coding::Br, Coding::Gzip];
+
+    /// Its name in `Accept-Encoding` and `Content-Encoding`.
+    pub fn token(self) -> &'static str {
+        match self {
+            Coding::Zstd => "zstd",
+            Coding::Br => "br",
+            Coding::Gzip => "gzip",
+        }
+    }
+}
+
+/// `compress:`.
+#[derive(Debug, Clone)]
+pub struct CompressConfig {
+    /// In the route's order of preference.
+    pub algorithms: Vec<Coding>,
+    /// Answers that declare a shorter `Content-Length` are sent as they are.
+    pub min_size: u64,
+    /// Media types (lower case); `text/*` stands for every `text/` type.
+    pub types: Vec<String>,
+}
+
+pub const DEFAULT_COMPRESS_MIN_SIZE: u64 = 1024;
+pub const DEFAULT_COMPRESS_TYPES: [&str; 9] = [
+    "text/*",
+    "application/json",
+    "application/javascript",
+    "application/xml",
+    "application/*+json",
+    "application/*+xml",
+    "application/wasm",
+    "image/svg+xml",
+    "font/ttf",
+];

@@ -11,6 +11,7 @@ mod broadcast;
 mod cache;
 mod cache_rfc;
 mod compare;
+mod compress;
 mod config_check;
 mod discovery;
 mod edge;

@@ -8,6 +8,7 @@
 //! the [`Checker`] they all report to.
 
 mod access;
+mod compress;
 mod lines;
 mod listen;
 mod process;
@@ -16,6 +17,7 @@ mod upstream;
 
 pub use access::jwks;
 use access::*;
+use compress::*;
 pub(super) use lines::attach_lines;
 use listen::*;
 use process::*;

@@ -176,6 +176,15 @@ pub(super) fn build_routes(
             .auth
             .and_then(|a| build_auth(ck, &format!("{path}.auth"), &label, a));
         let cors = f.cors.map(|c| build_cors(ck, &format!("{path}.cors"), c));
+        let compress = f
+            .compress
+            .map(|c| build_compress(ck, &format!("{path}.compress"), c));
+        if compress.is_some() && !matches!(kind, Some(RouteKind::Proxy { .. }) | None) {
+            ck.err(
+                &format!("{path}.compress"),
+                "compress applies only to proxy routes (`upstream:`)",
+            );
+        }
         if strip_prefix && !matches!(matcher, Some(PathMatch::Prefix(_))) {
             ck.err(
                 &format!("{path}.strip_prefix"),
@@ -419,6 +428,7 @@ pub(super) fn build_routes(
             auth,
             cors,
             rewrite,
+            compress,
         });
     }
     out
