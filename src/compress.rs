@@ -169,7 +169,7 @@ impl Compress {
             .unwrap_or("")
             .trim()
             .to_ascii_lowercase();
-        self.exact.iter().any(|t| *t == media)
+        self.exact.contains(&media)
             || self.prefixes.iter().any(|p| media.starts_with(p.as_str()))
             || self
                 .suffixed
