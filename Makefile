@@ -6,7 +6,7 @@
 CARGO ?= cargo
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test deps build lint fmt bench bench-reload bench-decompose bench-overload bench-clients bench-tls bench-tls-candidates bench-spool bench-cache bench-redis bench-auth fuzz check-conf upgrade-demo verify-unit image image-test systemd-test
+.PHONY: run test deps build lint fmt bench bench-reload bench-decompose bench-overload bench-clients bench-tls bench-tls-candidates bench-spool bench-cache bench-redis bench-auth bench-compress fuzz check-conf upgrade-demo verify-unit image image-test systemd-test
 
 deps:
 	@command -v cargo >/dev/null || { echo "cargo is missing: install Rust with rustup first" >&2; exit 1; }
@@ -81,6 +81,11 @@ bench-auth: build
 	bench/deps.sh nginx:nginx-light wrk:wrk python3:python3
 	@python3 -c "import bcrypt, cryptography" 2>/dev/null || python3 -m pip install -q bcrypt cryptography
 	python3 bench/auth.py
+
+# FANOUT_BASE=<an earlier fanout binary>: the cost of a route without `compress` against it.
+bench-compress: build
+	bench/deps.sh nginx:nginx-light wrk:wrk python3:python3 curl:curl
+	python3 bench/compress.py
 
 bench-redis: build
 	bench/deps.sh nginx:nginx-light wrk:wrk python3:python3 redis-server:redis-server redis-benchmark:redis-tools

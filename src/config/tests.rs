@@ -613,3 +613,28 @@ fn a_mirror_never_gets_the_routes_credential() {
         .collect();
     assert_eq!(names, ["cookie", "x-token"]);
 }
+
+#[test]
+fn compress_is_checked() {
+    let e = errors(&format!(
+        "{BASE}routes:\n\
+         \x20 - {{ match: {{ prefix: /a }}, upstream: u, compress: {{ algorithms: [gzip, deflate, gzip] }} }}\n\
+         \x20 - {{ match: {{ prefix: /b }}, upstream: u, compress: {{ types: [json, \"*/*\"] }} }}\n\
+         \x20 - {{ match: {{ prefix: /c }}, broadcast: [u], compress: {{}} }}\n"
+    ));
+    for needle in [
+        "routes[0].compress.algorithms[1]: \"deflate\" is not one of zstd, br, gzip",
+        "routes[0].compress.algorithms[2]: \"gzip\" is listed twice",
+        "routes[1].compress.types[0]: \"json\" is not a media type",
+        "routes[1].compress.types[1]",
+        "routes[2].compress: compress applies only to proxy routes",
+    ] {
+        assert!(has(&e, needle), "missing {needle:?} in {e:#?}");
+    }
+    let c = ok(&format!(
+        "{BASE}routes:\n  - {{ match: {{ prefix: / }}, upstream: u, compress: {{}} }}\n"
+    ));
+    let z = c.routes[0].compress.as_ref().unwrap();
+    assert_eq!(z.algorithms, Coding::ALL);
+    assert_eq!(z.min_size, DEFAULT_COMPRESS_MIN_SIZE);
+}
