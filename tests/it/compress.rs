@@ -280,3 +280,28 @@ async fn compressed_and_identity_answers_are_separate_cache_variants() {
     .await;
     assert_eq!(gzip, 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compressed_answers_go_over_http2_too() {
+    let origin = json_origin().await;
+    let body = route(origin.addr, "");
+    let gw = Gateway::start_listening(
+        |port| format!("[{{ address: \"127.0.0.1:{port}\", http2: true }}]"),
+        &body,
+    );
+    let h2 = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    let resp = h2
+        .get(gw.url("/doc"))
+        .header("accept-encoding", "br")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.version(), reqwest::Version::HTTP_2);
+    assert_eq!(resp.headers()["content-encoding"], "br");
+    assert!(resp.headers().get("transfer-encoding").is_none());
+    let bytes = resp.bytes().await.unwrap();
+    assert_eq!(decode("br", &bytes), document().as_bytes());
+}
