@@ -17,7 +17,6 @@ use tokio::sync::{mpsc, watch};
 
 use crate::config::Timeouts;
 use crate::mirror::compare::{Reduce, Seen};
-use crate::respond;
 use crate::upstream::Lease;
 
 /// One piece of a streamed body: `data` (if any), and whether it is the last piece.
@@ -133,7 +132,7 @@ pub async fn exchange_until(
     match &result {
         Ok(answer) => lease.answered(answer.status),
         Err(Failure::TooLarge) => {}
-        Err(Failure::Upstream(e)) => lease.failed(respond::is_timeout(e)),
+        Err(Failure::Upstream(e)) => lease.failed_with(e),
         Err(Failure::Timeout) => lease.failed(true),
         Err(Failure::BodyAborted | Failure::Unwanted) => {}
     }

@@ -37,7 +37,7 @@ use http::header;
 use pingora_core::upstreams::peer::HttpPeer;
 use pingora_error::{Error, ErrorSource, ErrorType, Result};
 use pingora_http::{RequestHeader, ResponseHeader};
-use pingora_proxy::{FailToProxy, ProxyHttp, Session};
+use pingora_proxy::{FailToProxy, ProxyHttp, ProxyWarnLogContext, Session};
 
 use crate::access_log::Record;
 use crate::broadcast;
@@ -136,7 +136,7 @@ pub struct RequestCtx {
 /// failure is the upstream's and not the client's.
 fn attempt_failed(ctx: &mut RequestCtx, e: &Error) {
     if let (Some(lease), ErrorSource::Upstream) = (ctx.lease.as_mut(), e.esource()) {
-        lease.failed(respond::is_timeout(e));
+        lease.failed_with(e);
     }
 }
 
@@ -1000,10 +1000,27 @@ impl ProxyHttp for FanoutProxy {
         }
     }
 
-    fn suppress_error_log(&self, _session: &Session, ctx: &RequestCtx, _error: &Error) -> bool {
+    fn suppress_error_log(&self, _session: &Session, ctx: &RequestCtx, error: &Error) -> bool {
         // A primary 5xx on a fallback route is an expected failover, visible in metrics and
-        // the access log.
+        // the access log. So is a backend that cannot be reached, or no backend left: the
+        // access log has each request, the metrics count them, and the breaker logs each
+        // backend going out and coming back — one line per change, not one per request.
         ctx.failover.primary_failed()
+            || respond::is_connect(error)
+            || matches!(error.etype(), ErrorType::HTTPStatus(503))
+    }
+
+    fn suppress_proxy_warn_log(
+        &self,
+        _session: &Session,
+        _ctx: &RequestCtx,
+        error: &Error,
+        context: ProxyWarnLogContext,
+    ) -> bool {
+        // An attempt that another backend will retry is counted
+        // (`fanout_upstream_retries_total`, the backend's outcomes), not logged.
+        matches!(context, ProxyWarnLogContext::UpstreamRetry)
+            && *error.esource() == ErrorSource::Upstream
     }
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {

@@ -35,6 +35,18 @@ pub fn is_timeout(e: &Error) -> bool {
     )
 }
 
+/// Whether `e` says the backend could not be reached at all (no connection was made).
+pub fn is_connect(e: &Error) -> bool {
+    matches!(
+        e.etype(),
+        ErrorType::ConnectTimedout
+            | ErrorType::ConnectRefused
+            | ErrorType::ConnectNoRoute
+            | ErrorType::ConnectError
+            | ErrorType::ConnectProxyFailure
+    )
+}
+
 /// The words of the `error` field for a status the gateway produced.
 pub fn reason(status: u16) -> &'static str {
     match status {

@@ -83,7 +83,7 @@ pub async fn serve(session: &mut Session, to: Target<'_>) -> Result<Option<Arc<s
                 return Ok(Some(label));
             }
             Err((e, sent)) => {
-                lease.failed(respond::is_timeout(&e));
+                lease.failed_with(&e);
                 log::warn!(
                     "upgrade to backend {label} of upstream {} failed: {e}",
                     config.name

@@ -167,6 +167,7 @@ pub fn targets(
         failures: 5,
         open: Duration::from_secs(10),
         max_open: Duration::from_secs(300),
+        connect_only: false,
     };
     let list = upstreams
         .iter()

@@ -321,7 +321,28 @@ pub struct BreakerConfig {
     pub failures: u32,
     pub open: Duration,
     pub max_open: Duration,
+    /// Only failed connects count (the passive ejection every upstream has when it sets no
+    /// `breaker:`); else connect errors, timeouts and 5xx answers all do.
+    pub connect_only: bool,
 }
+
+impl BreakerConfig {
+    /// The passive ejection of an upstream without `breaker:`: a backend whose connects
+    /// fail [`EJECT_AFTER`] times in a row is taken out for [`EJECT_FOR`], then probed by
+    /// one request (doubling the period after each failed probe, up to [`EJECT_MAX`]).
+    pub fn ejection() -> BreakerConfig {
+        BreakerConfig {
+            failures: EJECT_AFTER,
+            open: EJECT_FOR,
+            max_open: EJECT_MAX,
+            connect_only: true,
+        }
+    }
+}
+
+pub const EJECT_AFTER: u32 = 3;
+pub const EJECT_FOR: Duration = Duration::from_secs(10);
+pub const EJECT_MAX: Duration = Duration::from_secs(60);
 
 #[derive(Debug, Clone)]
 pub struct Timeouts {

@@ -135,6 +135,13 @@ impl Job {
         self.end(None);
     }
 
+    /// Its backend could not be reached.
+    fn unreachable(mut self, timeout: bool) {
+        self.lease.unreachable(timeout);
+        self.mirror().outcomes.error.inc();
+        self.end(None);
+    }
+
     /// Failed only because the copy ahead of it on the same connection did: counted for the
     /// mirror, not held against the backend (one bad connection carrying thirty copies must
     /// not count as thirty failures towards its circuit breaker).
@@ -302,6 +309,9 @@ struct Sent {
 
 /// How a lane ended.
 enum End {
+    /// The connection could not be made: every copy waiting for it fails (the first
+    /// tells the backend's breaker).
+    Unreachable { timeout: bool },
     /// The mirror answered with `Connection: close`: it processed none of the copies
     /// written behind that answer, so all of them may go again.
     Announced,
@@ -329,8 +339,8 @@ impl LaneTask {
                 let _ = stream.set_nodelay(true);
                 self.serve(stream, idle).await
             }
-            Ok(Err(_)) => End::Failed { timeout: false },
-            Err(_) => End::Failed { timeout: true },
+            Ok(Err(_)) => End::Unreachable { timeout: false },
+            Err(_) => End::Unreachable { timeout: true },
         };
         self.finish(end);
     }
@@ -495,7 +505,7 @@ impl LaneTask {
             let again = match end {
                 End::Announced => true,
                 End::Polite => !written || (job.idempotent && !job.maybe_processed),
-                End::Failed { .. } => false,
+                End::Failed { .. } | End::Unreachable { .. } => false,
             };
             if again && job.handovers < MAX_HANDOVERS {
                 job.handovers += 1;
@@ -505,6 +515,8 @@ impl LaneTask {
             }
             match end {
                 End::Failed { timeout } if i == 0 => job.failed(timeout),
+                End::Unreachable { timeout } if i == 0 => job.unreachable(timeout),
+                End::Unreachable { .. } => job.failed_behind(),
                 End::Failed { .. } => job.failed_behind(),
                 _ => job.failed(false),
             }

@@ -49,6 +49,16 @@ pub struct Breaker {
     epoch: Instant,
 }
 
+/// How an attempt on a backend ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Attempt {
+    Ok,
+    /// A 5xx answer, a reset or a timeout after connecting.
+    Failed,
+    /// The backend could not be reached: connect refused, timed out, no route.
+    Unreachable,
+}
+
 /// What a reported result changed, for the upstream to rebuild its schedule.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Transition {
@@ -134,6 +144,29 @@ impl Breaker {
         Transition::Opened(until)
     }
 
+    /// Records one attempt's outcome, as this breaker counts it: an ejection breaker
+    /// (`connect_only`) counts an unreachable backend as a failure and anything that
+    /// answered (even a 5xx) as a success.
+    pub fn report_attempt(&self, attempt: Attempt, now: Instant) -> Transition {
+        let success = match (self.config.connect_only, attempt) {
+            (true, Attempt::Unreachable) => false,
+            (true, _) => true,
+            (false, Attempt::Ok) => true,
+            (false, _) => false,
+        };
+        self.report(success, now)
+    }
+
+    /// Whether only failed connects count.
+    pub fn connect_only(&self) -> bool {
+        self.config.connect_only
+    }
+
+    /// The failures in a row that open it.
+    pub fn threshold(&self) -> u32 {
+        self.config.failures
+    }
+
     /// Records one attempt's result.
     pub fn report(&self, success: bool, now: Instant) -> Transition {
         if success {
@@ -181,6 +214,7 @@ mod tests {
             failures: 3,
             open: Duration::from_secs(10),
             max_open: Duration::from_secs(30),
+            connect_only: false,
         })
     }
 

@@ -36,7 +36,7 @@ use crate::config::{BackendConfig, Balance, Protocol, UpstreamConfig};
 use crate::keys;
 use crate::metrics::Metrics;
 use balance::{Balancer, Candidate};
-use breaker::{Breaker, Circuit, Transition};
+use breaker::{Attempt, Breaker, Circuit, Transition};
 
 /// Outcome counters of one backend, resolved once so the request path formats no labels.
 pub struct Outcomes {
@@ -140,25 +140,58 @@ impl Lease {
         let failed = status >= 500;
         let o = &self.backend().outcomes;
         if failed { &o.error } else { &o.ok }.inc();
-        self.report(!failed);
+        self.report(if failed { Attempt::Failed } else { Attempt::Ok });
     }
 
-    /// The attempt failed without an answer (connect error, reset, timeout).
+    /// The attempt failed without an answer after reaching the backend (reset, timeout).
     pub fn failed(&mut self, timeout: bool) {
         let o = &self.backend().outcomes;
         if timeout { &o.timeout } else { &o.error }.inc();
-        self.report(false);
+        self.report(Attempt::Failed);
     }
 
-    fn report(&mut self, success: bool) {
+    /// The backend could not be reached (connect refused, timed out, no route).
+    pub fn unreachable(&mut self, timeout: bool) {
+        let o = &self.backend().outcomes;
+        if timeout { &o.timeout } else { &o.error }.inc();
+        self.report(Attempt::Unreachable);
+    }
+
+    /// [`Self::unreachable`] or [`Self::failed`], as the error says.
+    pub fn failed_with(&mut self, e: &pingora_error::Error) {
+        let timeout = crate::respond::is_timeout(e);
+        if crate::respond::is_connect(e) {
+            self.unreachable(timeout)
+        } else {
+            self.failed(timeout)
+        }
+    }
+
+    fn report(&mut self, attempt: Attempt) {
         if std::mem::replace(&mut self.reported, true) {
             return;
         }
         if let Some(b) = &self.backend().breaker {
-            let transition = b.report(success, Instant::now());
+            let transition = b.report_attempt(attempt, Instant::now());
             if transition != Transition::None {
                 self.upstream.refresh_soon();
+                self.log(transition, b);
             }
+        }
+    }
+
+    /// One line per change of a backend's state, not one per failed request.
+    fn log(&self, transition: Transition, b: &Breaker) {
+        let (upstream, backend) = (self.upstream.name(), &self.backend.label);
+        match transition {
+            Transition::Opened(until) => log::warn!(
+                "upstream {upstream}: backend {backend} taken out for {:?} ({} failures in a row{})",
+                until.saturating_duration_since(Instant::now()),
+                b.threshold(),
+                if b.connect_only() { ", could not connect" } else { "" },
+            ),
+            Transition::Closed => log::warn!("upstream {upstream}: backend {backend} is back"),
+            Transition::None => {}
         }
     }
 }

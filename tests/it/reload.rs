@@ -34,6 +34,8 @@ struct Load {
     stop: Arc<AtomicBool>,
     ok: Arc<AtomicUsize>,
     failed: Arc<AtomicUsize>,
+    /// What the first failures were (a status, or the client's error), for the message.
+    why: Arc<std::sync::Mutex<Vec<String>>>,
     clients: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -41,22 +43,41 @@ impl Load {
     fn start(gw: &Arc<Gateway>, n: usize) -> Load {
         let stop = Arc::new(AtomicBool::new(false));
         let (ok, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let why: Arc<std::sync::Mutex<Vec<String>>> = Arc::default();
         let clients = (0..n)
             .map(|_| {
-                let (gw, stop, ok, failed) = (
+                let (gw, stop, ok, failed, why) = (
                     Arc::clone(gw),
                     Arc::clone(&stop),
                     Arc::clone(&ok),
                     Arc::clone(&failed),
+                    Arc::clone(&why),
                 );
                 tokio::spawn(async move {
                     let c = client(); // its own keep-alive connection
                     while !stop.load(SeqCst) {
-                        let answered = match c.get(gw.url("/x")).send().await {
-                            Ok(r) => r.status() == 200 && r.text().await.is_ok(),
-                            Err(_) => false,
+                        let failure = match c.get(gw.url("/x")).send().await {
+                            Ok(r) if r.status() == 200 => match r.text().await {
+                                Ok(_) => None,
+                                Err(e) => Some(format!("body: {e:?}")),
+                            },
+                            Ok(r) => Some(format!(
+                                "status {}: {}",
+                                r.status(),
+                                r.text().await.unwrap_or_default()
+                            )),
+                            Err(e) => Some(format!("{e:?}")),
                         };
-                        if answered { &ok } else { &failed }.fetch_add(1, SeqCst);
+                        match failure {
+                            None => ok.fetch_add(1, SeqCst),
+                            Some(f) => {
+                                let mut w = why.lock().unwrap();
+                                if w.len() < 5 {
+                                    w.push(f);
+                                }
+                                failed.fetch_add(1, SeqCst)
+                            }
+                        };
                     }
                 })
             })
@@ -65,6 +86,7 @@ impl Load {
             stop,
             ok,
             failed,
+            why,
             clients,
         }
     }
@@ -74,6 +96,10 @@ impl Load {
         self.stop.store(true, SeqCst);
         for c in self.clients {
             c.await.unwrap();
+        }
+        let why = self.why.lock().unwrap();
+        if !why.is_empty() {
+            eprintln!("first failures: {why:#?}");
         }
         (self.ok.load(SeqCst), self.failed.load(SeqCst))
     }

@@ -30,6 +30,72 @@ async fn one_dead_backend_of_two_costs_no_request() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_that_refuses_connects_is_ejected_by_default_and_logged_once() {
+    // No `breaker:`: passive ejection after 3 failed connects in a row, for 10 s.
+    let live = Backend::start("live").await;
+    let dead = free_port();
+    let gw = Gateway::start(&format!(
+        "upstreams:\n  u: {{ retries: 1, backends: [127.0.0.1:{dead}, {}] }}\n\
+         routes:\n  - {{ match: {{ prefix: / }}, upstream: u }}\n",
+        live.addr
+    ));
+    let c = client();
+    for _ in 0..100 {
+        assert_eq!(get(&c, &gw.url("/x")).await.0, 200);
+    }
+    assert_eq!(live.hits(), 100);
+    let dialled = format!(
+        "fanout_upstream_requests_total{{backend=\"127.0.0.1:{dead}\",outcome=\"error\",upstream=\"u\"}}"
+    );
+    assert_eq!(
+        metric(&c, &gw, &dialled).await,
+        3,
+        "dialled after its ejection"
+    );
+    let open = format!("fanout_circuit_open{{backend=\"127.0.0.1:{dead}\",upstream=\"u\"}}");
+    assert_eq!(metric(&c, &gw, &open).await, 1);
+    let s = status_json(&c, &gw).await;
+    assert_eq!(s["upstreams"][0]["backends"][0]["circuit"], "open");
+    // One line for the ejection; none per failed attempt (the retries answered them).
+    let log = gw.stderr();
+    assert_eq!(log.matches("taken out for").count(), 1, "{log}");
+    assert!(!log.contains("Fail to proxy"), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_mirror_is_ejected_and_its_copies_are_not_dialled() {
+    let primary = Backend::start("primary").await;
+    let dead = free_port();
+    let gw = Gateway::start(&format!(
+        "upstreams:\n  p: {{ backends: [{}] }}\n  shadow: {{ backends: [127.0.0.1:{dead}] }}\n\
+         routes:\n  - {{ match: {{ prefix: / }}, upstream: p, mirror: [{{ upstream: shadow }}] }}\n",
+        primary.addr
+    ));
+    let c = client();
+    for _ in 0..50 {
+        assert_eq!(get(&c, &gw.url("/x")).await.0, 200);
+    }
+    let errors =
+        "fanout_mirror_requests_total{outcome=\"error\",route=\"prefix:/\",upstream=\"shadow\"}";
+    let (c2, gw2) = (&c, &gw);
+    eventually(
+        Duration::from_secs(5),
+        "every copy counted",
+        || async move { metric(c2, gw2, errors).await == 50 },
+    )
+    .await;
+    let dialled = format!(
+        "fanout_upstream_requests_total{{backend=\"127.0.0.1:{dead}\",outcome=\"error\",upstream=\"shadow\"}}"
+    );
+    assert!(
+        metric(&c, &gw, &dialled).await <= 3,
+        "the dead mirror kept being dialled"
+    );
+    let log = gw.stderr();
+    assert_eq!(log.matches("taken out for").count(), 1, "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn circuit_opens_probes_doubles_and_closes() {
     let (bad, good) = (Backend::start("bad").await, Backend::start("good").await);
     bad.set_status(500);

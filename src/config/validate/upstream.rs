@@ -274,8 +274,11 @@ pub(super) fn build_upstream(
             failures,
             open,
             max_open,
+            connect_only: false,
         }
     });
+    // Without `breaker:`, passive ejection of backends whose connects fail.
+    let breaker = Some(breaker.unwrap_or_else(BreakerConfig::ejection));
     let mut timeouts = Timeouts::default();
     if let Some(t) = f.timeouts {
         let tpath = format!("{path}.timeouts");
