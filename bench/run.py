@@ -50,6 +50,7 @@ SCENARIOS = {
     "mirror-fast": ("100% mirror to a fast target, 1 worker", 1, 64, None, False, "fast"),
     "mirror-slow": ("100% mirror to a 1 s target, 1 worker", 1, 64, None, False, "slow"),
     "mirror-dead": ("100% mirror to a dead port, 1 worker", 1, 64, None, False, "dead"),
+    "mirror-dead2": ("100% mirror to a dead port, 2 workers", 2, 64, None, False, "dead"),
     # The same mirror with `compare` on every copy: its cost against mirror-fast (fanout only:
     # no peer compares); run with --only fanout --scenarios mirror-fast,mirror-compare.
     "mirror-compare": ("100% mirror to a fast target, answers compared, 1 worker", 1, 64, None, False, "fast-compare"),
@@ -164,7 +165,7 @@ listen: ["127.0.0.1:{port}"]
 
 def fanout_conf(tmp, workers, log, mirror, name="fanout"):
     backends = ", ".join(f"127.0.0.1:{p}" for p in BACKENDS)
-    shadow = (f"  shadow: {{ backends: [127.0.0.1:{MIRRORS[mirror.removesuffix('-compare')]}], breaker: {{ failures: 5, open: 10s }} }}\n"
+    shadow = (f"  shadow: {{ backends: [127.0.0.1:{MIRRORS[mirror.removesuffix('-compare')]}] }}\n"
               if mirror else "")
     compared = mirror and mirror.endswith("-compare") and not (COMPARE_COST and name == "base")
     compare = ", compare: { ignore_headers: [Date, X-Request-Id] }" if compared else ""
