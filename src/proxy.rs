@@ -48,7 +48,7 @@ use crate::config::OnStoreError;
 use crate::config::{AccessLog, RouteId, UpstreamId};
 use crate::edge::{self, path};
 use crate::fallback::{self, Failover};
-use crate::filters::{Passage, Stop};
+use crate::filters::{Passage, Stop, StopBody};
 use crate::forwarding;
 use crate::gateway::{Gateway, Generation, Route, RouteRuntime};
 use crate::keys::{self, request_host};
@@ -209,6 +209,25 @@ impl Answer {
             message: respond::reason(status),
             headers: Vec::new(),
             close: false,
+        }
+    }
+
+    /// The same answer, for [`respond::send_stop`].
+    fn into_stop(self) -> Stop {
+        Stop {
+            status: self.status,
+            headers: self
+                .headers
+                .into_iter()
+                .filter_map(|(name, value)| {
+                    Some((
+                        http::HeaderName::from_static(name),
+                        http::HeaderValue::from_str(&value).ok()?,
+                    ))
+                })
+                .collect(),
+            body: StopBody::Error(self.message),
+            denied: None,
         }
     }
 
@@ -532,15 +551,32 @@ impl FanoutProxy {
                 Ok(true)
             }
             Verdict::Answer(a) => {
-                send_error(
-                    session,
-                    a.status,
-                    a.message,
-                    &ctx.request_id,
-                    &a.headers,
-                    a.close || self.gw.draining.is_set(),
-                )
-                .await?;
+                let close = a.close || self.gw.draining.is_set();
+                let chain = ctx
+                    .route
+                    .map(|id| &ctx.gen.routes[id].filters)
+                    .filter(|c| !c.is_empty());
+                match chain {
+                    // A route with filters: they add to the gateway's own answers too (a
+                    // 429 a page's script must be able to read carries its CORS headers).
+                    Some(chain) => {
+                        respond::send_stop(session, a.into_stop(), &ctx.request_id, close, |h| {
+                            chain.response(&ctx.pass, h)
+                        })
+                        .await?
+                    }
+                    None => {
+                        send_error(
+                            session,
+                            a.status,
+                            a.message,
+                            &ctx.request_id,
+                            &a.headers,
+                            close,
+                        )
+                        .await?
+                    }
+                }
                 Ok(true)
             }
             Verdict::Stop(stop) => {

@@ -973,3 +973,27 @@ async fn filters_hold_over_http2_too() {
     assert_eq!(b.hits(), 1);
     stdout_line(&gw, "\"identity\":\"h2-client\"").await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateways_own_429_on_a_cors_route_carries_the_cors_headers() {
+    let b = Backend::start("b").await;
+    let gw = Gateway::start(&one_route(
+        &b,
+        "    cors: { origins: [\"https://app.example.com\"] }\n    rate_limit: { requests_per_second: 0.001, burst: 1 }\n",
+    ));
+    let c = client();
+    let send = || {
+        c.get(gw.url("/x"))
+            .header("origin", "https://app.example.com")
+            .send()
+    };
+    assert_eq!(send().await.unwrap().status(), 200);
+    let r = send().await.unwrap();
+    assert_eq!(r.status(), 429);
+    assert_eq!(
+        r.headers()["access-control-allow-origin"],
+        "https://app.example.com"
+    );
+    assert!(r.headers().contains_key("retry-after"));
+    assert_eq!(r.headers()["vary"], "Origin");
+}
