@@ -33,6 +33,7 @@ pub struct Metrics {
     pub client_refused: IntCounterVec,
     pub access_denied: IntCounterVec,
     pub compressed_responses: IntCounterVec,
+    pub shed: IntCounterVec,
     pub fallback_skipped: IntCounterVec,
     pub admin_unauthorized: IntCounter,
     pub cache_requests: IntCounterVec,
@@ -209,6 +210,12 @@ impl Metrics {
                 "fanout_compressed_responses_total",
                 "Answers compressed by the gateway, by route and algorithm",
                 &["route", "algorithm"],
+            )?,
+            shed: counter(
+                &reg,
+                "fanout_shed_total",
+                "Requests or retries an upstream's limits refused, by reason",
+                &["upstream", "reason"],
             )?,
             fallback_skipped: counter(
                 &reg,

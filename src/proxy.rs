@@ -79,14 +79,23 @@ impl FanoutProxy {
         self.route(ctx).and_then(Route::upstream)
     }
 
-    /// Marks `e` retryable when `safe` and the upstream's `retries` allow another attempt,
-    /// and counts the retry.
-    fn decide_retry(&self, ctx: &RequestCtx, e: &mut Error, safe: bool) {
-        let retry = safe && ctx.attempts <= self.retries(ctx);
-        e.set_retry(retry);
+    /// Marks `e` retryable when `safe`, the upstream's `retries` allow another attempt and
+    /// its `retry_budget` (if any) has room, and counts the retry.
+    fn decide_retry(&self, ctx: &mut RequestCtx, e: &mut Error, safe: bool) {
+        let mut retry = safe && ctx.attempts <= self.retries(ctx);
         if let (true, Some(u)) = (retry, self.target(ctx)) {
-            ctx.gen.upstreams[u].retries.inc();
+            let upstream = &ctx.gen.upstreams[u];
+            if let Some(budget) = &upstream.retry_budget {
+                match budget.try_retry(upstream.inflight()) {
+                    Some(token) => ctx.retrying = Some(token),
+                    None => retry = false,
+                }
+            }
+            if retry {
+                upstream.retries.inc();
+            }
         }
+        e.set_retry(retry);
     }
 
     /// Retries allowed to this request.
@@ -127,6 +136,8 @@ pub struct RequestCtx {
     not_modified: Option<http::HeaderMap>,
     /// Compresses the upstream's answer, on a route with `compress:` ([`compress`]).
     encoder: Option<compress::Encoder>,
+    /// A retry its upstream's budget allowed, counted as under way until the request ends.
+    retrying: Option<crate::upstream::budget::Retrying>,
     /// The cache was looked up for this request (a later "bypass" phase means the answer
     /// could not be stored: a miss).
     cache_looked_up: bool,
@@ -629,6 +640,7 @@ impl ProxyHttp for FanoutProxy {
             pass: Passage::default(),
             not_modified: None,
             encoder: None,
+            retrying: None,
             cache_looked_up: false,
         }
     }

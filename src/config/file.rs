@@ -201,6 +201,15 @@ pub struct FileUpstream {
     pub retries: Option<u32>,
     pub tls: Option<FileUpstreamTls>,
     pub protocol: Option<Protocol>,
+    pub retry_budget: Option<Share>,
+}
+
+/// A share: `20%`, or a fraction such as `0.2`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum Share {
+    Fraction(f64),
+    Text(String),
 }
 
 /// `upstreams.*.tls`: TLS to the backends.

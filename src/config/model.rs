@@ -206,6 +206,9 @@ pub struct UpstreamConfig {
     pub breaker: Option<BreakerConfig>,
     pub timeouts: Timeouts,
     pub retries: u32,
+    /// `retry_budget:`: retries at most this share of the requests in flight to the
+    /// upstream (plus [`RETRY_FLOOR_PER_SECOND`] a second).
+    pub retry_budget: Option<f64>,
     /// TLS to the backends (`tls:`, or every backend written `https://`).
     pub tls: Option<UpstreamTls>,
     pub protocol: Protocol,
@@ -720,3 +723,6 @@ pub const DEFAULT_COMPRESS_TYPES: [&str; 9] = [
     "image/svg+xml",
     "font/ttf",
 ];
+
+/// Retries an upstream with a `retry_budget` may make each second whatever its load.
+pub const RETRY_FLOOR_PER_SECOND: f64 = 3.0;

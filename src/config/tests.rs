@@ -638,3 +638,15 @@ fn compress_is_checked() {
     assert_eq!(z.algorithms, Coding::ALL);
     assert_eq!(z.min_size, DEFAULT_COMPRESS_MIN_SIZE);
 }
+
+#[test]
+fn retry_budgets_are_shares() {
+    let c = ok(
+        "listen: 127.0.0.1:8080\nupstreams:\n  u: { backends: [127.0.0.1:9000], retry_budget: 20% }\n  v: { backends: [127.0.0.1:9001], retry_budget: 0.5 }\nroutes:\n  - { match: { prefix: / }, upstream: u }\n"
+    );
+    assert_eq!(c.upstreams[0].retry_budget, Some(0.2));
+    assert_eq!(c.upstreams[1].retry_budget, Some(0.5));
+    let e = errors("listen: 127.0.0.1:8080\nupstreams:\n  u: { backends: [127.0.0.1:9000], retry_budget: 120% }\n  v: { backends: [127.0.0.1:9001], retry_budget: lots }\n");
+    assert!(has(&e, "upstreams.u.retry_budget"), "{e:#?}");
+    assert!(has(&e, "upstreams.v.retry_budget"), "{e:#?}");
+}

@@ -15,6 +15,7 @@
 
 pub mod balance;
 pub mod breaker;
+pub mod budget;
 pub mod discovery;
 pub mod follow;
 pub mod health;
@@ -373,6 +374,8 @@ pub struct Upstream {
     metrics: Arc<Metrics>,
     /// Counts attempts that were retried.
     pub retries: IntCounter,
+    /// `retry_budget:` (a reload starts it afresh).
+    pub retry_budget: Option<Arc<budget::RetryBudget>>,
     /// Upgraded connections (WebSocket) open to this upstream.
     pub tunnels_open: IntGauge,
     /// When the next open circuit's period ends, as nanoseconds after `epoch` (0: none):
@@ -459,6 +462,12 @@ impl Upstream {
             name: config.name.as_str().into(),
             set: ArcSwap::from_pointee(BackendSet::new(config.balance, backends)),
             retries: metrics.upstream_retries.with_label_values(&[name]),
+            retry_budget: config.retry_budget.map(|share| {
+                Arc::new(budget::RetryBudget::new(
+                    share,
+                    metrics.shed.with_label_values(&[name, "retry_budget"]),
+                ))
+            }),
             tunnels_open: metrics.tunnels_open.with_label_values(&[name]),
             config: config.clone(),
             metrics: Arc::clone(metrics),
@@ -596,6 +605,16 @@ impl Upstream {
         changed
     }
 
+    /// Requests in flight to its backends.
+    pub fn inflight(&self) -> usize {
+        self.set
+            .load()
+            .backends
+            .iter()
+            .map(|b| b.learned.inflight.load(Relaxed))
+            .sum()
+    }
+
     /// Whether any backend may take requests now.
     pub fn has_available(&self) -> bool {
         let now = Instant::now();
@@ -687,6 +706,7 @@ mod tests {
             breaker: None,
             timeouts: Timeouts::default(),
             retries: 2,
+            retry_budget: None,
             tls: None,
             protocol: crate::config::Protocol::H1,
         };

@@ -418,3 +418,59 @@ async fn a_retried_body_reaches_a_fallback_once() {
         "a fallback copy got the replayed bytes"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_budget_caps_the_retries_of_a_failing_upstream() {
+    // Half the requests land on a backend that refuses connects (its breaker never opens
+    // here), so without a budget each of those is retried; with `retry_budget: 20%` and one
+    // request at a time, only the floor of 3 retries a second is allowed.
+    let live = Backend::start("live").await;
+    let dead = free_port();
+    let conf = |budget: &str| {
+        format!(
+            "upstreams:\n  u: {{ retries: 2, {budget}backends: [127.0.0.1:{dead}, {}], \
+             breaker: {{ failures: 100000, open: 10s }} }}\n\
+             routes:\n  - {{ match: {{ prefix: / }}, upstream: u }}\n",
+            live.addr
+        )
+    };
+    let c = client();
+    let run = |gw: Gateway| {
+        let c = c.clone();
+        async move {
+            let started = Instant::now();
+            let mut ok = 0;
+            for _ in 0..100 {
+                let status = get(&c, &gw.url("/x")).await.0;
+                assert!(status == 200 || status == 502, "{status}");
+                ok += usize::from(status == 200);
+            }
+            let elapsed = started.elapsed().as_secs_f64();
+            let retries = metric(&c, &gw, "fanout_upstream_retries_total{upstream=\"u\"}").await;
+            (gw, ok, retries, elapsed)
+        }
+    };
+    let (_, ok, retries, _) = run(Gateway::start(&conf(""))).await;
+    assert_eq!(ok, 100, "without a budget every failed attempt is retried");
+    assert!(retries >= 40, "{retries}");
+
+    let (gw, ok, retries, elapsed) = run(Gateway::start(&conf("retry_budget: 20%, "))).await;
+    let shed = metric(
+        &c,
+        &gw,
+        "fanout_shed_total{reason=\"retry_budget\",upstream=\"u\"}",
+    )
+    .await;
+    assert!(
+        retries as f64 <= 3.0 + 3.0 * elapsed + 1.0,
+        "{retries} retries in {elapsed:.2} s"
+    );
+    assert!(shed >= 30, "{shed}");
+    assert_eq!(
+        100 - ok as u64,
+        shed,
+        "each refused retry is one failed request"
+    );
+    // Attempts upstream: the requests and their retries, at most 1.25 times the requests.
+    assert!(100 + retries <= 125, "{retries}");
+}

@@ -442,6 +442,7 @@ fn service_url(
             ..Timeouts::default()
         },
         retries: 0,
+        retry_budget: None,
         tls: https.then(|| UpstreamTls {
             sni: None,
             verify: true,

@@ -314,8 +314,29 @@ pub(super) fn build_upstream(
         );
     }
     let tls = build_upstream_tls(ck, &format!("{path}.tls"), f.tls, https.contains(&true));
+    let retry_budget = f.retry_budget.and_then(|share| {
+        let value = match &share {
+            Share::Fraction(x) => Some(*x),
+            Share::Text(t) => t
+                .trim()
+                .strip_suffix('%')
+                .and_then(|p| p.trim().parse::<f64>().ok())
+                .map(|p| p / 100.0),
+        };
+        match value {
+            Some(x) if x > 0.0 && x <= 1.0 => Some(x),
+            _ => {
+                ck.err(
+                    &format!("{path}.retry_budget"),
+                    format!("{share:?} is not a share such as 20% (more than 0, at most 100%)"),
+                );
+                None
+            }
+        }
+    });
     let protocol = f.protocol.unwrap_or(Protocol::H1);
     (ck.errors.len() == before).then(|| UpstreamConfig {
+        retry_budget,
         name: name.to_string(),
         tls,
         protocol,
