@@ -1053,9 +1053,11 @@ impl ProxyHttp for FanoutProxy {
         // the access log. So is a backend that cannot be reached, or no backend left: the
         // access log has each request, the metrics count them, and the breaker logs each
         // backend going out and coming back — one line per change, not one per request.
+        // A client that left mid-request is counted (`client_closed`) and in the access log.
         ctx.failover.primary_failed()
             || respond::is_connect(error)
             || matches!(error.etype(), ErrorType::HTTPStatus(503))
+            || *error.esource() == ErrorSource::Downstream
     }
 
     fn suppress_proxy_warn_log(
