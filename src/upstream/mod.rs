@@ -185,6 +185,10 @@ impl Lease {
     fn log(&self, transition: Transition, b: &Breaker) {
         let (upstream, backend) = (self.upstream.name(), &self.backend.label);
         match transition {
+            Transition::Opened(until) if self.probe => log::warn!(
+                "upstream {upstream}: backend {backend} taken out for {:?} (its probe failed)",
+                until.saturating_duration_since(Instant::now()),
+            ),
             Transition::Opened(until) => log::warn!(
                 "upstream {upstream}: backend {backend} taken out for {:?} ({} failures in a row{})",
                 until.saturating_duration_since(Instant::now()),
