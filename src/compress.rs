@@ -213,7 +213,7 @@ impl Compress {
         if !self.compressible(req, resp) {
             return None;
         }
-        add_vary(resp);
+        crate::forwarding::add_vary(resp, "Accept-Encoding");
         let coding = self.negotiate(req)?;
         let encoder = encoder(coding)?;
         let _ = resp.insert_header(header::CONTENT_ENCODING, coding.token());
@@ -248,22 +248,6 @@ fn accepted(req: &RequestHeader) -> Vec<(String, f32)> {
             Some((name, q))
         })
         .collect()
-}
-
-fn add_vary(resp: &mut ResponseHeader) {
-    let present = resp
-        .headers
-        .get_all(header::VARY)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|t| {
-            let t = t.trim();
-            t == "*" || t.eq_ignore_ascii_case("accept-encoding")
-        });
-    if !present {
-        let _ = resp.append_header(header::VARY, HeaderValue::from_static("Accept-Encoding"));
-    }
 }
 
 /// A strong `ETag` becomes weak (the bytes changed, the representation did not); one that

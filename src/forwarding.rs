@@ -197,6 +197,24 @@ pub fn broadcast_request(
     Ok(())
 }
 
+/// Adds `name` (a static header name as written, e.g. `Accept-Encoding`) to the answer's
+/// `Vary`, unless it is named there already or `Vary` is `*`.
+pub fn add_vary(resp: &mut ResponseHeader, name: &'static str) {
+    let present = resp
+        .headers
+        .get_all(header::VARY)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| {
+            let t = t.trim();
+            t == "*" || t.eq_ignore_ascii_case(name)
+        });
+    if !present {
+        let _ = resp.append_header(header::VARY, http::HeaderValue::from_static(name));
+    }
+}
+
 /// Shapes the answer that goes back to the client.
 pub fn response(
     resp: &mut ResponseHeader,

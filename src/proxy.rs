@@ -924,10 +924,7 @@ impl ProxyHttp for FanoutProxy {
             route.filters.response(&ctx.pass, upstream_response);
         }
         let req = session.req_header();
-        if !req.method.is_safe()
-            && (200..400).contains(&upstream_response.status.as_u16())
-            && ctx.gen.caches()
-        {
+        if !req.method.is_safe() && (200..400).contains(&upstream_response.status.as_u16()) {
             self.invalidate(req, upstream_response, &ctx.gen);
         }
         forwarding::response(

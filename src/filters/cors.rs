@@ -162,7 +162,7 @@ impl RequestFilter for Cors {
     }
 
     fn response(&self, pass: &Passage, resp: &mut ResponseHeader) {
-        add_vary_origin(resp);
+        crate::forwarding::add_vary(resp, "Origin");
         let Some(origin) = &pass.origin else {
             return;
         };
@@ -186,22 +186,5 @@ impl RequestFilter for Cors {
         if let Some(expose) = &self.expose_headers {
             let _ = resp.insert_header(header::ACCESS_CONTROL_EXPOSE_HEADERS, expose.clone());
         }
-    }
-}
-
-/// Adds `Origin` to the answer's `Vary`, unless it is there already (or `*`).
-fn add_vary_origin(resp: &mut ResponseHeader) {
-    let present = resp
-        .headers
-        .get_all(header::VARY)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|t| {
-            let t = t.trim();
-            t == "*" || t.eq_ignore_ascii_case("origin")
-        });
-    if !present {
-        let _ = resp.append_header(header::VARY, HeaderValue::from_static("Origin"));
     }
 }
