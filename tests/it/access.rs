@@ -132,6 +132,23 @@ async fn basic_auth_takes_a_good_password_and_refuses_the_rest() {
         .await
         .unwrap();
     assert_eq!(resp.status(), 200);
+
+    // What a route's auth remembered does not outlive its file: a user removed from it is
+    // refused at once, though its good password was verified (and remembered) before.
+    files.write("users", &format!("bob:{hash2}\n"));
+    let reload = c.post(gw.admin_url("/reload")).send().await.unwrap();
+    assert_eq!(reload.status(), 200);
+    let resp = c
+        .get(gw.url("/x"))
+        .header("authorization", basic("alice", "s3cret"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        resp.status(),
+        401,
+        "a remembered verdict survived the reload"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
