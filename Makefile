@@ -44,15 +44,16 @@ bench: build
 # switches, wake-ups, allocations and who asks for them), and tail latency under overload.
 bench-decompose: build
 	bench/deps.sh nginx:nginx-light wrk:wrk perf:linux-perf strace:strace python3:python3
-	$(CARGO) build --release --locked --example plain_pingora
+	$(CARGO) build --release --locked --example plain_pingora --example slow_backend
 	python3 bench/decompose.py
 	python3 bench/decompose.py --sites
 
 bench-overload: build
 	bench/deps.sh nginx:nginx-light wrk:wrk python3:python3
-	$(CARGO) build --release --locked --example plain_pingora
+	$(CARGO) build --release --locked --example plain_pingora --example slow_backend
 	@[ -x bench/.tools/bin/oha ] || $(CARGO) install --locked oha --version 1.16.0 --root bench/.tools
 	python3 bench/overload.py
+	python3 bench/capacity.py
 
 # Slow, idle and hostile clients: memory per connection and slowhttptest, against nginx.
 bench-clients: build

@@ -99,11 +99,22 @@ impl AdminApp {
                         })
                     })
                     .collect();
-                json!({
+                let mut v = json!({
                     "name": u.name(),
                     "balance": u.config.balance.as_str(),
                     "backends": backends,
-                })
+                });
+                if let Some(limiter) = &u.concurrency {
+                    let c = limiter.snapshot();
+                    v["concurrency"] = json!({
+                        "limit": c.limit,
+                        "inflight": c.inflight,
+                        "waiting": c.waiting,
+                        "min_rtt_ms": c.min_rtt.map(|d| d.as_secs_f64() * 1000.0),
+                        "measuring": c.measuring,
+                    });
+                }
+                v
             })
             .collect();
         let name = |id: &usize| gen.upstreams[*id].name().to_string();

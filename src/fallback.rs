@@ -187,6 +187,17 @@ fn spawn_copies(
                 request_id,
             )
         };
+        // A fallback copy never queues for the upstream's concurrency limit: over it, this
+        // fallback is out of the race (counted as shed).
+        let Ok(slot) = upstream
+            .concurrency
+            .as_ref()
+            .map(|l| l.try_acquire())
+            .transpose()
+        else {
+            let _ = to.send(None);
+            continue;
+        };
         let (Some(mut lease), Some(header)) = (
             upstream.select_for(session.req_header(), &pass.client, &Tried::default()),
             copy_header(session, shape),
@@ -194,6 +205,7 @@ fn spawn_copies(
             let _ = to.send(None);
             continue;
         };
+        lease.hold(slot);
         let (id, u, to) = (*id, Arc::clone(upstream), to.clone());
         let (connector, wanted, slot) = (Arc::clone(connector), wanted.clone(), slots.next());
         copies.spawn_capture(has_body, |body| async move {

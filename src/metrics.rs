@@ -34,6 +34,7 @@ pub struct Metrics {
     pub access_denied: IntCounterVec,
     pub compressed_responses: IntCounterVec,
     pub shed: IntCounterVec,
+    pub concurrency_limit: IntGaugeVec,
     pub fallback_skipped: IntCounterVec,
     pub admin_unauthorized: IntCounter,
     pub cache_requests: IntCounterVec,
@@ -216,6 +217,12 @@ impl Metrics {
                 "fanout_shed_total",
                 "Requests or retries an upstream's limits refused, by reason",
                 &["upstream", "reason"],
+            )?,
+            concurrency_limit: gauge(
+                &reg,
+                "fanout_upstream_concurrency_limit",
+                "Requests the upstream's adaptive concurrency limit lets in flight now",
+                &["upstream"],
             )?,
             fallback_skipped: counter(
                 &reg,

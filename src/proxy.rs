@@ -59,7 +59,7 @@ use crate::request_id;
 use crate::respond::{self, send_error};
 use crate::routing::RouteMatch;
 use crate::tunnel;
-use crate::upstream::{Lease, Tried};
+use crate::upstream::{concurrency, Lease, Tried};
 
 pub struct FanoutProxy {
     gw: Arc<Gateway>,
@@ -138,6 +138,10 @@ pub struct RequestCtx {
     encoder: Option<compress::Encoder>,
     /// A retry its upstream's budget allowed, counted as under way until the request ends.
     retrying: Option<crate::upstream::budget::Retrying>,
+    /// Its slot under the upstream's concurrency limit, held across retries.
+    permit: Option<concurrency::Permit>,
+    /// The upstream's concurrency limit shed it (503 + Retry-After).
+    shed: bool,
     /// The cache was looked up for this request (a later "bypass" phase means the answer
     /// could not be stored: a miss).
     cache_looked_up: bool,
@@ -641,6 +645,8 @@ impl ProxyHttp for FanoutProxy {
             not_modified: None,
             encoder: None,
             retrying: None,
+            permit: None,
+            shed: false,
             cache_looked_up: false,
         }
     }
@@ -822,6 +828,18 @@ impl ProxyHttp for FanoutProxy {
         // Release the previous attempt's slot before choosing, so least_conn sees true loads.
         ctx.lease = None;
         ctx.body.restart();
+        if let (Some(limiter), None) = (&upstream.concurrency, &ctx.permit) {
+            match limiter.acquire().await {
+                Ok(permit) => ctx.permit = Some(permit),
+                Err(concurrency::Shed) => {
+                    ctx.shed = true;
+                    return Error::e_explain(
+                        ErrorType::HTTPStatus(503),
+                        "over the upstream's concurrency limit",
+                    );
+                }
+            }
+        }
         let lease = upstream
             .select_for(session.req_header(), &ctx.pass.client, &ctx.tried)
             .ok_or_else(|| Error::explain(ErrorType::HTTPStatus(503), "no healthy backend"))?;
@@ -1012,6 +1030,9 @@ impl ProxyHttp for FanoutProxy {
         };
         // Only answer if no answer has started.
         let can_answer = code > 0 && session.as_downstream().response_written().is_none();
+        // A request shed before anything was sent, with no body left unread, leaves its
+        // connection fit for the next one: an overload is no time for clients to reconnect.
+        let reusable = ctx.shed && can_answer && !limits::declared_body(session.req_header()).0;
         if can_answer && ctx.refused.is_none() && ctx.failover.armed() {
             match self.fallback_answer(session, ctx).await {
                 Ok(Some(status)) => code = status,
@@ -1032,16 +1053,30 @@ impl ProxyHttp for FanoutProxy {
                 }
             }
         } else if can_answer {
-            let message = ctx.refused.map_or(respond::reason(code), Refusal::message);
-            if let Err(write_error) =
-                send_error(session, code, message, &ctx.request_id, &[], true).await
+            let (message, extra) = match (ctx.refused, ctx.shed) {
+                (Some(refusal), _) => (refusal.message(), None),
+                (None, true) => (
+                    "upstream over its concurrency limit",
+                    Some(("retry-after", "1".to_string())),
+                ),
+                (None, false) => (respond::reason(code), None),
+            };
+            if let Err(write_error) = send_error(
+                session,
+                code,
+                message,
+                &ctx.request_id,
+                extra.as_slice(),
+                !reusable,
+            )
+            .await
             {
                 log::debug!("could not send the {code} answer: {write_error}");
             }
         }
         FailToProxy {
             error_code: code,
-            can_reuse_downstream: false,
+            can_reuse_downstream: reusable,
         }
     }
 

@@ -556,9 +556,15 @@ fn finish(lane: &Lane, shared: &Shared, item: &Item) {
 /// Sends the request to one backend of the target upstream.
 async fn send(target: &Target, a: &Accepted, connector: &Connector) -> Outcome {
     let destination = target.destination();
+    // Under the target's concurrency limit, a delivery waits behind client requests.
+    let slot = match &destination.upstream.concurrency {
+        Some(limiter) => limiter.acquire_background().await,
+        None => None,
+    };
     let Some(mut lease) = destination.upstream.select(b"", &Tried::default()) else {
         return Outcome::Failed("no healthy backend".into(), None);
     };
+    lease.hold(slot);
     let t = &destination.upstream.config.timeouts;
     let body = Body::Full(a.body.clone());
     let header = match &destination.path {

@@ -202,6 +202,16 @@ pub struct FileUpstream {
     pub tls: Option<FileUpstreamTls>,
     pub protocol: Option<Protocol>,
     pub retry_budget: Option<Share>,
+    pub concurrency: Option<FileConcurrency>,
+}
+
+/// `upstreams.*.concurrency`: the adaptive limit on requests in flight.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConcurrency {
+    pub min: Option<u32>,
+    pub max: Option<u32>,
+    pub max_queue_wait: Option<Dur>,
 }
 
 /// A share: `20%`, or a fraction such as `0.2`.

@@ -209,6 +209,8 @@ pub struct UpstreamConfig {
     /// `retry_budget:`: retries at most this share of the requests in flight to the
     /// upstream (plus [`RETRY_FLOOR_PER_SECOND`] a second).
     pub retry_budget: Option<f64>,
+    /// `concurrency:`: the adaptive limit on requests in flight.
+    pub concurrency: Option<ConcurrencyConfig>,
     /// TLS to the backends (`tls:`, or every backend written `https://`).
     pub tls: Option<UpstreamTls>,
     pub protocol: Protocol,
@@ -219,6 +221,25 @@ impl UpstreamConfig {
     /// pipelined lanes speak).
     pub fn plain_h1(&self) -> bool {
         self.tls.is_none() && self.protocol != Protocol::H2
+    }
+}
+
+/// `upstreams.*.concurrency`: the limit on requests in flight follows the upstream's
+/// latency between `min` and `max`; over it a request waits at most `max_queue_wait`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConcurrencyConfig {
+    pub min: u32,
+    pub max: u32,
+    pub max_queue_wait: Duration,
+}
+
+impl Default for ConcurrencyConfig {
+    fn default() -> Self {
+        ConcurrencyConfig {
+            min: 4,
+            max: 1000,
+            max_queue_wait: Duration::from_millis(50),
+        }
     }
 }
 
@@ -726,3 +747,8 @@ pub const DEFAULT_COMPRESS_TYPES: [&str; 9] = [
 
 /// Retries an upstream with a `retry_budget` may make each second whatever its load.
 pub const RETRY_FLOOR_PER_SECOND: f64 = 3.0;
+
+/// The highest `concurrency.max` accepted.
+pub const MAX_CONCURRENCY: u32 = 100_000;
+/// The longest `concurrency.max_queue_wait` accepted.
+pub const MAX_QUEUE_WAIT: Duration = Duration::from_secs(10);

@@ -650,3 +650,23 @@ fn retry_budgets_are_shares() {
     assert!(has(&e, "upstreams.u.retry_budget"), "{e:#?}");
     assert!(has(&e, "upstreams.v.retry_budget"), "{e:#?}");
 }
+
+#[test]
+fn concurrency_limits_have_defaults_and_bounds() {
+    let c = ok(
+        "listen: 127.0.0.1:8080\nupstreams:\n  u: { backends: [127.0.0.1:9000], concurrency: {} }\n  v: { backends: [127.0.0.1:9001], concurrency: { min: 8, max: 64, max_queue_wait: 20ms } }\nroutes:\n  - { match: { prefix: / }, upstream: u }\n"
+    );
+    assert_eq!(
+        c.upstreams[0].concurrency,
+        Some(ConcurrencyConfig::default())
+    );
+    let v = c.upstreams[1].concurrency.as_ref().unwrap();
+    assert_eq!((v.min, v.max), (8, 64));
+    assert_eq!(v.max_queue_wait, std::time::Duration::from_millis(20));
+    assert!(c.upstreams[2..].is_empty());
+    let e = errors("listen: 127.0.0.1:8080\nupstreams:\n  u: { backends: [127.0.0.1:9000], concurrency: { min: 10, max: 5 } }\n  v: { backends: [127.0.0.1:9001], concurrency: { min: 0, max_queue_wait: 1m, limit: 3 } }\n  w: { backends: [127.0.0.1:9002], concurrency: { min: 1, max: 200000, max_queue_wait: 1m } }\n");
+    assert!(has(&e, "upstreams.u.concurrency.max"), "{e:#?}");
+    assert!(has(&e, "upstreams.v.concurrency"), "{e:#?}");
+    assert!(has(&e, "upstreams.w.concurrency.max"), "{e:#?}");
+    assert!(has(&e, "upstreams.w.concurrency.max_queue_wait"), "{e:#?}");
+}

@@ -396,12 +396,24 @@ impl Copies {
                 continue;
             };
             let upstream = &mirror.upstream;
+            // Over the mirror upstream's concurrency limit: dropped, never queued.
+            let Ok(slot) = upstream
+                .concurrency
+                .as_ref()
+                .map(|l| l.try_acquire())
+                .transpose()
+            else {
+                mirror.outcomes.dropped.inc();
+                continue;
+            };
             // No backend (health checks, open circuits): fail at once rather than dial.
-            let Some(lease) = upstream.select_for(session.req_header(), client, &Tried::default())
+            let Some(mut lease) =
+                upstream.select_for(session.req_header(), client, &Tried::default())
             else {
                 mirror.outcomes.error.inc();
                 continue;
             };
+            lease.hold(slot);
             let shape = |h: &mut RequestHeader| {
                 forwarding::mirror_request(h, &mirror.config, client, request_id)
             };

@@ -16,6 +16,7 @@
 pub mod balance;
 pub mod breaker;
 pub mod budget;
+pub mod concurrency;
 pub mod discovery;
 pub mod follow;
 pub mod health;
@@ -125,6 +126,11 @@ pub struct Lease {
     /// This attempt is the probe of an open circuit.
     probe: bool,
     reported: bool,
+    /// When the attempt started, on an upstream with a concurrency limit (its latency is
+    /// the limit's signal).
+    since: Option<Instant>,
+    /// The concurrency slot of a copy (mirror, fallback, delivery), held as long as it.
+    held: Option<concurrency::Permit>,
 }
 
 impl Lease {
@@ -136,9 +142,24 @@ impl Lease {
         self.index
     }
 
+    /// Holds a concurrency slot as long as this attempt.
+    pub fn hold(&mut self, permit: Option<concurrency::Permit>) {
+        self.held = permit;
+    }
+
+    /// Tells the upstream's concurrency limit how long the attempt took.
+    fn sample(&self, timed_out: bool) {
+        if let (Some(since), Some(limiter)) = (self.since, &self.upstream.concurrency) {
+            limiter.sample(since, timed_out);
+        }
+    }
+
     /// The backend answered; a 5xx answer counts as a failure.
     pub fn answered(&mut self, status: u16) {
         let failed = status >= 500;
+        if !failed && !self.reported {
+            self.sample(false);
+        }
         let o = &self.backend().outcomes;
         if failed { &o.error } else { &o.ok }.inc();
         self.report(if failed { Attempt::Failed } else { Attempt::Ok });
@@ -146,6 +167,9 @@ impl Lease {
 
     /// The attempt failed without an answer after reaching the backend (reset, timeout).
     pub fn failed(&mut self, timeout: bool) {
+        if timeout && !self.reported {
+            self.sample(true);
+        }
         let o = &self.backend().outcomes;
         if timeout { &o.timeout } else { &o.error }.inc();
         self.report(Attempt::Failed);
@@ -380,6 +404,8 @@ pub struct Upstream {
     pub retries: IntCounter,
     /// `retry_budget:` (a reload starts it afresh).
     pub retry_budget: Option<Arc<budget::RetryBudget>>,
+    /// `concurrency:` (kept across a reload that does not change it).
+    pub concurrency: Option<Arc<concurrency::Limiter>>,
     /// Upgraded connections (WebSocket) open to this upstream.
     pub tunnels_open: IntGauge,
     /// When the next open circuit's period ends, as nanoseconds after `epoch` (0: none):
@@ -400,7 +426,7 @@ impl Upstream {
                 Arc::new(backend_state(config, b, STATIC.into(), start, metrics))
             })
             .collect();
-        Upstream::with_backends(config, metrics, backends)
+        Upstream::with_backends(config, metrics, backends, None)
     }
 
     /// The upstream `config` describes, succeeding `previous` (the same name under the
@@ -453,15 +479,29 @@ impl Upstream {
                 )));
             }
         }
-        Upstream::with_backends(config, metrics, backends)
+        // The limit it learned, and the slots held under it, stay if it is the same.
+        let limiter = previous
+            .concurrency
+            .clone()
+            .filter(|l| Some(l.config()) == config.concurrency.as_ref());
+        Upstream::with_backends(config, metrics, backends, limiter)
     }
 
     fn with_backends(
         config: &UpstreamConfig,
         metrics: &Arc<Metrics>,
         backends: Vec<Arc<BackendState>>,
+        limiter: Option<Arc<concurrency::Limiter>>,
     ) -> Upstream {
         let name = config.name.as_str();
+        let limiter = limiter.or_else(|| {
+            let c = config.concurrency.as_ref()?;
+            Some(Arc::new(concurrency::Limiter::new(
+                c,
+                metrics.concurrency_limit.with_label_values(&[name]),
+                metrics.shed.with_label_values(&[name, "concurrency"]),
+            )))
+        });
         let upstream = Upstream {
             name: config.name.as_str().into(),
             set: ArcSwap::from_pointee(BackendSet::new(config.balance, backends)),
@@ -472,6 +512,7 @@ impl Upstream {
                     metrics.shed.with_label_values(&[name, "retry_budget"]),
                 ))
             }),
+            concurrency: limiter,
             tunnels_open: metrics.tunnels_open.with_label_values(&[name]),
             config: config.clone(),
             metrics: Arc::clone(metrics),
@@ -682,6 +723,8 @@ impl Upstream {
                 index,
                 probe,
                 reported: false,
+                since: self.concurrency.as_ref().map(|_| now),
+                held: None,
             });
         }
         None
@@ -711,6 +754,7 @@ mod tests {
             timeouts: Timeouts::default(),
             retries: 2,
             retry_budget: None,
+            concurrency: None,
             tls: None,
             protocol: crate::config::Protocol::H1,
         };

@@ -22,6 +22,7 @@ mod grpc;
 mod h2_edge;
 mod health;
 mod mirror;
+mod overload;
 mod paths;
 mod quick_start;
 mod reload;

@@ -443,6 +443,7 @@ fn service_url(
         },
         retries: 0,
         retry_budget: None,
+        concurrency: None,
         tls: https.then(|| UpstreamTls {
             sni: None,
             verify: true,

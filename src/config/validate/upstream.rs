@@ -334,9 +334,13 @@ pub(super) fn build_upstream(
             }
         }
     });
+    let concurrency = f
+        .concurrency
+        .map(|c| build_concurrency(ck, &format!("{path}.concurrency"), c));
     let protocol = f.protocol.unwrap_or(Protocol::H1);
     (ck.errors.len() == before).then(|| UpstreamConfig {
         retry_budget,
+        concurrency,
         name: name.to_string(),
         tls,
         protocol,
@@ -403,4 +407,34 @@ pub(super) fn build_dns_backend(
         weight,
         interval,
     })
+}
+
+/// `concurrency:`, with the defaults of what it leaves out.
+fn build_concurrency(ck: &mut Checker, path: &str, f: FileConcurrency) -> ConcurrencyConfig {
+    let d = ConcurrencyConfig::default();
+    let min = at_least_one(ck, &format!("{path}.min"), f.min.unwrap_or(d.min));
+    let max = f.max.unwrap_or(d.max.max(min));
+    if max < min {
+        ck.err(
+            &format!("{path}.max"),
+            format!("max {max} is below min {min}"),
+        );
+    } else if max > MAX_CONCURRENCY {
+        ck.err(
+            &format!("{path}.max"),
+            format!("max {max} is over {MAX_CONCURRENCY}"),
+        );
+    }
+    let max_queue_wait = f.max_queue_wait.map_or(d.max_queue_wait, |w| w.0);
+    if max_queue_wait > MAX_QUEUE_WAIT {
+        ck.err(
+            &format!("{path}.max_queue_wait"),
+            format!("{max_queue_wait:?} is over {MAX_QUEUE_WAIT:?}: a queue that long is the overload this limit is there to prevent"),
+        );
+    }
+    ConcurrencyConfig {
+        min,
+        max,
+        max_queue_wait,
+    }
 }
