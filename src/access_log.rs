@@ -32,6 +32,8 @@ pub struct Record {
     #[serde(serialize_with = "rfc3339")]
     pub ts: SystemTime,
     pub request_id: String,
+    /// The W3C trace id the request carried or was given (`traceparent`).
+    pub trace_id: String,
     pub client: Option<IpAddr>,
     /// Who `auth` found the client to be (user, key name, token subject); never the
     /// credential itself.
@@ -59,6 +61,7 @@ impl Record {
     fn size(&self) -> usize {
         std::mem::size_of::<Record>()
             + self.request_id.len()
+            + self.trace_id.len()
             + self.method.len()
             + self.host.as_ref().map_or(0, String::len)
             + self.path.len()
@@ -157,6 +160,7 @@ mod tests {
         Record {
             ts: SystemTime::UNIX_EPOCH,
             request_id: "r".into(),
+            trace_id: "t".into(),
             client: Some("127.0.0.1".parse().unwrap()),
             identity: None,
             method: "GET".into(),
@@ -214,6 +218,7 @@ mod bound_tests {
             logger.log(Record {
                 ts: SystemTime::UNIX_EPOCH,
                 request_id: "r".into(),
+                trace_id: "t".into(),
                 client: None,
                 identity: None,
                 method: "GET".into(),

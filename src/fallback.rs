@@ -178,15 +178,8 @@ fn spawn_copies(
     };
     let keep = Keep::UpTo(max_body);
     for (id, upstream) in targets {
-        let shape = |h: &mut RequestHeader| {
-            forwarding::upstream_request(
-                h,
-                route,
-                &pass.client,
-                pass.upstream_path.as_deref(),
-                request_id,
-            )
-        };
+        let shape =
+            |h: &mut RequestHeader| forwarding::upstream_request(h, route, pass, request_id);
         // A fallback copy never queues for the upstream's concurrency limit: over it, this
         // fallback is out of the race (counted as shed).
         let Ok(slot) = upstream

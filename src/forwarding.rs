@@ -11,6 +11,7 @@ use pingora_http::{RequestHeader, ResponseHeader};
 
 use crate::client::{self, Client};
 use crate::config::{HeaderRules, MirrorConfig, PathMatch, RouteConfig};
+use crate::filters::Passage;
 use crate::request_id;
 
 /// Hop-by-hop headers that are never forwarded, besides those `Connection` names and the
@@ -96,10 +97,10 @@ fn forwarded(req: &mut RequestHeader, client: &Client) -> Result<()> {
 pub fn upstream_request(
     req: &mut RequestHeader,
     route: &RouteConfig,
-    client: &Client,
-    path: Option<&str>,
+    pass: &Passage,
     request_id: &str,
 ) -> Result<()> {
+    let (client, path) = (&pass.client, pass.upstream_path.as_deref());
     // An upgrade goes on as one: its hop-by-hop `Upgrade` is what the backend must see.
     let upgrade = is_upgrade(req)
         .then(|| req.headers.get(header::UPGRADE).cloned())
@@ -140,7 +141,7 @@ pub fn upstream_request(
     }
     apply_rules_req(req, &route.request_headers)?;
     req.insert_header(request_id::HEADER, request_id)?;
-    Ok(())
+    pass.trace.propagate(req)
 }
 
 /// Shapes a mirror copy: the client's method, path, query, Host and headers as received
@@ -149,13 +150,13 @@ pub fn upstream_request(
 pub fn mirror_request(
     req: &mut RequestHeader,
     mirror: &MirrorConfig,
-    client: &Client,
+    pass: &Passage,
     request_id: &str,
 ) -> Result<()> {
-    redacted_copy(req, &mirror.redact_headers, client)?;
+    redacted_copy(req, &mirror.redact_headers, &pass.client)?;
     apply_rules_req(req, &mirror.headers)?;
     req.insert_header(request_id::HEADER, request_id)?;
-    Ok(())
+    pass.trace.propagate(req)
 }
 
 /// What every copy of a client's request starts from: forwarding headers, and none of the
@@ -186,15 +187,16 @@ pub fn as_http11(req: &mut RequestHeader) -> Result<()> {
 pub fn broadcast_request(
     req: &mut RequestHeader,
     route: &RouteConfig,
-    client: &Client,
+    pass: &Passage,
     request_id: &str,
     body_len: usize,
 ) -> Result<()> {
-    redacted_copy(req, &route.redact_headers, client)?;
+    redacted_copy(req, &route.redact_headers, &pass.client)?;
     req.remove_header(&header::TRANSFER_ENCODING);
     req.insert_header(header::CONTENT_LENGTH, body_len.to_string())?;
     req.insert_header(request_id::HEADER, request_id)?;
-    Ok(())
+    // Stored with the request: a delivery made an hour later still joins its trace.
+    pass.trace.propagate(req)
 }
 
 /// Adds `name` (a static header name as written, e.g. `Accept-Encoding`) to the answer's

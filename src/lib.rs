@@ -31,5 +31,6 @@ pub mod respond;
 pub mod routing;
 pub mod server;
 pub mod tls;
+pub mod trace_context;
 pub mod tunnel;
 pub mod upstream;

@@ -58,6 +58,7 @@ use crate::ratelimit::{Check, Decision};
 use crate::request_id;
 use crate::respond::{self, send_error};
 use crate::routing::RouteMatch;
+use crate::trace_context::Trace;
 use crate::tunnel;
 use crate::upstream::{concurrency, Lease, Tried};
 
@@ -453,13 +454,8 @@ impl FanoutProxy {
             RouteRuntime::Proxy(p) => {
                 let connector = &self.gw.connector;
                 if !p.mirrors.is_empty() {
-                    ctx.copies = Copies::start(
-                        session,
-                        &ctx.pass.client,
-                        &p.mirrors,
-                        &ctx.request_id,
-                        connector,
-                    );
+                    ctx.copies =
+                        Copies::start(session, &ctx.pass, &p.mirrors, &ctx.request_id, connector);
                 }
                 if let Some(fallbacks) = &p.fallbacks {
                     let of = fallback::Of {
@@ -557,7 +553,7 @@ impl FanoutProxy {
                         &route.config,
                         targets,
                         &*self.gw.spool,
-                        &ctx.pass.client,
+                        &ctx.pass,
                         &ctx.request_id,
                         closing,
                     )
@@ -657,6 +653,7 @@ impl ProxyHttp for FanoutProxy {
         let req = session.req_header();
         ctx.request_id =
             request_id::from_client(req.headers.get(request_id::HEADER).map(|v| v.as_bytes()));
+        ctx.pass.trace = Trace::of(&req.headers);
         let verdict = match self.screen(session, &ctx.gen) {
             Ok(()) if edge::h2::declares_empty_body(session.req_header()) => Verdict::AwaitEnd,
             Ok(()) => self.admit(session, ctx),
@@ -860,13 +857,7 @@ impl ProxyHttp for FanoutProxy {
         let route = self
             .route(ctx)
             .ok_or_else(|| Error::explain(ErrorType::InternalError, "request has no route"))?;
-        forwarding::upstream_request(
-            upstream_request,
-            &route.config,
-            &ctx.pass.client,
-            ctx.pass.upstream_path.as_deref(),
-            &ctx.request_id,
-        )
+        forwarding::upstream_request(upstream_request, &route.config, &ctx.pass, &ctx.request_id)
     }
 
     async fn upstream_response_filter(
@@ -1126,6 +1117,7 @@ impl ProxyHttp for FanoutProxy {
                     .checked_sub(elapsed)
                     .unwrap_or(SystemTime::UNIX_EPOCH),
                 request_id: std::mem::take(&mut ctx.request_id),
+                trace_id: ctx.pass.trace.parent.trace_id_hex(),
                 client: ctx.pass.client.ip,
                 identity: ctx.pass.client.identity.take(),
                 method: req.method.as_str().to_string(),

@@ -38,6 +38,12 @@ pub fn unit_random() -> f64 {
     (mix(n ^ seed().rotate_left(29)) >> 11) as f64 / (1u64 << 53) as f64
 }
 
+/// 64 random-looking bits (trace and span ids): distinct within the process.
+pub fn random_u64() -> u64 {
+    let n = COUNTER.fetch_add(1, Relaxed);
+    mix(n ^ seed().rotate_left(41))
+}
+
 /// A new request id.
 pub fn generate() -> String {
     let n = COUNTER.fetch_add(1, Relaxed);

@@ -57,13 +57,7 @@ pub struct Target<'a> {
 /// backend that answered, for the access log; an error only when the client's side failed.
 pub async fn serve(session: &mut Session, to: Target<'_>) -> Result<Option<Arc<str>>> {
     let mut head = session.req_header().clone();
-    forwarding::upstream_request(
-        &mut head,
-        to.route,
-        &to.pass.client,
-        to.pass.upstream_path.as_deref(),
-        to.request_id,
-    )?;
+    forwarding::upstream_request(&mut head, to.route, to.pass, to.request_id)?;
     let config = &to.upstream.config;
     let idempotent = head.method.is_idempotent();
     let mut tried = Tried::default();

@@ -24,8 +24,8 @@ use pingora_http::ResponseHeader;
 use pingora_proxy::Session;
 use prometheus::IntCounter;
 
-use crate::client::Client;
 use crate::config::{BreakerConfig, RetryPolicy, RouteConfig};
+use crate::filters::Passage;
 use crate::forwarding;
 use crate::limits::Refusal;
 use crate::metrics::Metrics;
@@ -98,7 +98,7 @@ pub async fn accept(
     route: &RouteConfig,
     targets: &Targets,
     spool: &dyn Spool,
-    client: &Client,
+    pass: &Passage,
     request_id: &str,
     closing: bool,
 ) -> Result<()> {
@@ -112,7 +112,7 @@ pub async fn accept(
     }
     let body = body.freeze();
     let mut header = session.req_header().clone();
-    forwarding::broadcast_request(&mut header, route, client, request_id, body.len())?;
+    forwarding::broadcast_request(&mut header, route, pass, request_id, body.len())?;
     if !header.headers.contains_key(IDEMPOTENCY_KEY) {
         header.insert_header(IDEMPOTENCY_KEY, request_id::generate())?;
     }

@@ -34,6 +34,7 @@ use prometheus::IntCounter;
 use crate::client::Client;
 use crate::config::RouteConfig;
 use crate::metrics::Metrics;
+use crate::trace_context::Trace;
 
 /// What one request carries through its route's filters and on to the upstream phases.
 #[derive(Debug, Default)]
@@ -43,6 +44,8 @@ pub struct Passage {
     pub upstream_path: Option<String>,
     /// The request's `Origin`, when `cors` allows it: its answer gets the CORS headers.
     pub origin: Option<HeaderValue>,
+    /// Its W3C trace context, passed on to every copy of it.
+    pub trace: Trace,
 }
 
 /// Why a request was refused (`fanout_access_denied_total`'s `reason`).

@@ -61,6 +61,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::client::Client;
 use crate::config::MirrorConfig;
+use crate::filters::Passage;
 use crate::forwarding;
 use crate::keys;
 use crate::limits::{self, Budget};
@@ -376,12 +377,13 @@ impl Copies {
     /// Starts a copy for each sampled mirror of the route that has room for one.
     pub fn start(
         session: &Session,
-        client: &Client,
+        pass: &Passage,
         mirrors: &[Arc<Mirror>],
         request_id: &str,
         connector: &Arc<Connector>,
     ) -> Copies {
         let mut copies = Copies::default();
+        let client = &pass.client;
         let (has_body, declared) = limits::declared_body(session.req_header());
         for mirror in mirrors {
             if !mirror.sampled(session, client) {
@@ -415,7 +417,7 @@ impl Copies {
             };
             lease.hold(slot);
             let shape = |h: &mut RequestHeader| {
-                forwarding::mirror_request(h, &mirror.config, client, request_id)
+                forwarding::mirror_request(h, &mirror.config, pass, request_id)
             };
             let Some(header) = copy_header(session, shape) else {
                 mirror.outcomes.error.inc();

@@ -31,5 +31,6 @@ mod routing;
 mod shared_limits;
 mod spool;
 mod tls;
+mod trace;
 mod upgrade;
 mod websocket;
