@@ -6,7 +6,7 @@
 CARGO ?= cargo
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test deps build lint fmt bench bench-reload bench-decompose bench-overload bench-clients bench-tls bench-tls-candidates bench-spool bench-cache bench-redis bench-auth bench-compress bench-dead-backend fuzz check-conf upgrade-demo verify-unit image image-test systemd-test
+.PHONY: run test deps build lint fmt bench bench-reload bench-decompose bench-overload bench-clients bench-tls bench-tls-candidates bench-spool bench-cache bench-redis bench-auth bench-compress bench-dead-backend bench-tracing fuzz check-conf upgrade-demo verify-unit image image-test systemd-test
 
 deps:
 	@command -v cargo >/dev/null || { echo "cargo is missing: install Rust with rustup first" >&2; exit 1; }
@@ -91,6 +91,10 @@ bench-compress: build
 bench-dead-backend: build
 	bench/deps.sh nginx:nginx-light wrk:wrk python3:python3
 	python3 bench/dead_backend.py
+
+bench-tracing: build
+	bench/deps.sh nginx:nginx-light wrk:wrk python3:python3
+	python3 bench/tracing.py
 
 bench-redis: build
 	bench/deps.sh nginx:nginx-light wrk:wrk python3:python3 redis-server:redis-server redis-benchmark:redis-tools

@@ -24,6 +24,7 @@ use crate::forwarding;
 use crate::limits::{self, BodyCounter, Refusal};
 use crate::mirror::{copy_header, Copies};
 use crate::outbound::{self, Keep};
+use crate::telemetry;
 use crate::upstream::{Tried, Upstream};
 
 /// A fallback's complete answer.
@@ -178,8 +179,15 @@ fn spawn_copies(
     };
     let keep = Keep::UpTo(max_body);
     for (id, upstream) in targets {
-        let shape =
-            |h: &mut RequestHeader| forwarding::upstream_request(h, route, pass, request_id);
+        let span = telemetry::copy_span(&pass.trace, "fallback copy");
+        let hop = span.as_ref().map(telemetry::Span::span_id);
+        let shape = |h: &mut RequestHeader| {
+            forwarding::upstream_request(h, route, pass, request_id)?;
+            match hop {
+                Some(span) => pass.trace.propagate_under(h, span),
+                None => Ok(()),
+            }
+        };
         // A fallback copy never queues for the upstream's concurrency limit: over it, this
         // fallback is out of the race (counted as shed).
         let Ok(slot) = upstream
@@ -199,6 +207,9 @@ fn spawn_copies(
             continue;
         };
         lease.hold(slot);
+        if let Some(span) = span {
+            lease.trace(span);
+        }
         let (id, u, to) = (*id, Arc::clone(upstream), to.clone());
         let (connector, wanted, slot) = (Arc::clone(connector), wanted.clone(), slots.next());
         copies.spawn_capture(has_body, |body| async move {

@@ -372,6 +372,7 @@ impl Gateway {
         let (upstreams_watch, _) = watch::channel(generation.upstreams.clone().into());
         let (broadcast_watch, _) = watch::channel(Arc::new(generation.broadcast_targets()));
         metrics.config_generation.set(1);
+        crate::telemetry::install(config.tracing.as_ref(), &metrics);
         Ok(Gateway {
             connector,
             unrouted: RouteMetrics::new("none"),
@@ -426,6 +427,7 @@ impl Gateway {
     /// background services follow its upstreams and broadcast routes. The cache is made
     /// if `next` is the first generation to use it.
     pub fn install(&self, next: Generation) {
+        crate::telemetry::install(next.config.tracing.as_ref(), &self.metrics);
         if next.caches() {
             let _ = self
                 .cache

@@ -30,6 +30,8 @@ pub mod request_id;
 pub mod respond;
 pub mod routing;
 pub mod server;
+pub mod service;
+pub mod telemetry;
 pub mod tls;
 pub mod trace_context;
 pub mod tunnel;

@@ -35,6 +35,7 @@ pub struct Metrics {
     pub compressed_responses: IntCounterVec,
     pub shed: IntCounterVec,
     pub concurrency_limit: IntGaugeVec,
+    pub tracing_spans: IntCounterVec,
     pub fallback_skipped: IntCounterVec,
     pub admin_unauthorized: IntCounter,
     pub cache_requests: IntCounterVec,
@@ -217,6 +218,12 @@ impl Metrics {
                 "fanout_shed_total",
                 "Requests or retries an upstream's limits refused, by reason",
                 &["upstream", "reason"],
+            )?,
+            tracing_spans: counter(
+                &reg,
+                "fanout_tracing_spans_total",
+                "Spans exported to the OTLP collector, dropped (queue full) or failed",
+                &["outcome"],
             )?,
             concurrency_limit: gauge(
                 &reg,

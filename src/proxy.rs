@@ -58,7 +58,8 @@ use crate::ratelimit::{Check, Decision};
 use crate::request_id;
 use crate::respond::{self, send_error};
 use crate::routing::RouteMatch;
-use crate::trace_context::Trace;
+use crate::telemetry::{self, Kind, Span};
+use crate::trace_context::{Origin, Trace};
 use crate::tunnel;
 use crate::upstream::{concurrency, Lease, Tried};
 
@@ -143,6 +144,10 @@ pub struct RequestCtx {
     permit: Option<concurrency::Permit>,
     /// The upstream's concurrency limit shed it (503 + Retry-After).
     shed: bool,
+    /// The request's span, when it is traced ([`telemetry`]).
+    span: Option<Span>,
+    /// The cache lookup's span, on a traced request of a cached route.
+    cache_span: Option<Span>,
     /// The cache was looked up for this request (a later "bypass" phase means the answer
     /// could not be stored: a miss).
     cache_looked_up: bool,
@@ -366,7 +371,25 @@ impl FanoutProxy {
             return Verdict::Answer(Answer::status(404));
         };
         let gen = Arc::clone(&ctx.gen);
-        match gen.routes[id].filters.run(session, &mut ctx.pass).await {
+        let mut span = ctx
+            .span
+            .as_ref()
+            .map(|s| s.child("access and auth", Kind::Internal));
+        let decided = gen.routes[id].filters.run(session, &mut ctx.pass).await;
+        if let Some(span) = &mut span {
+            match &decided {
+                Ok(()) => span.attr("fanout.decision", "passed"),
+                Err(stop) => {
+                    span.attr("fanout.decision", "stopped");
+                    span.attr("http.response.status_code", i64::from(stop.status));
+                    if let Some(reason) = stop.denied {
+                        span.fail(format!("denied: {reason:?}"));
+                    }
+                }
+            }
+        }
+        drop(span);
+        match decided {
             Ok(()) => self.limit(session, ctx),
             Err(stop) => Verdict::Stop(stop),
         }
@@ -643,6 +666,8 @@ impl ProxyHttp for FanoutProxy {
             retrying: None,
             permit: None,
             shed: false,
+            span: None,
+            cache_span: None,
             cache_looked_up: false,
         }
     }
@@ -654,6 +679,9 @@ impl ProxyHttp for FanoutProxy {
         ctx.request_id =
             request_id::from_client(req.headers.get(request_id::HEADER).map(|v| v.as_bytes()));
         ctx.pass.trace = Trace::of(&req.headers);
+        if let Some(tracer) = telemetry::current() {
+            ctx.span = traced(&tracer, &mut ctx.pass.trace);
+        }
         let verdict = match self.screen(session, &ctx.gen) {
             Ok(()) if edge::h2::declares_empty_body(session.req_header()) => Verdict::AwaitEnd,
             Ok(()) => self.admit(session, ctx),
@@ -723,6 +751,10 @@ impl ProxyHttp for FanoutProxy {
         let route_cache = self.route(ctx).and_then(|r| r.config.cache.as_ref());
         if let (Some(cache), Some(rc)) = (self.gw.cache(), route_cache) {
             cache.enable(session, rc);
+            ctx.cache_span = ctx
+                .span
+                .as_ref()
+                .map(|s| s.child("cache lookup", Kind::Internal));
         }
         Ok(())
     }
@@ -844,6 +876,12 @@ impl ProxyHttp for FanoutProxy {
         ctx.attempts += 1;
         ctx.backend = Some(Arc::clone(&lease.backend().label));
         let peer = lease.backend().peer();
+        let mut lease = lease;
+        if let Some(span) = &ctx.span {
+            let mut attempt = span.child("upstream attempt", Kind::Client);
+            attempt.attr("fanout.attempt", i64::from(ctx.attempts));
+            lease.trace(attempt);
+        }
         ctx.lease = Some(lease);
         Ok(peer)
     }
@@ -857,7 +895,12 @@ impl ProxyHttp for FanoutProxy {
         let route = self
             .route(ctx)
             .ok_or_else(|| Error::explain(ErrorType::InternalError, "request has no route"))?;
-        forwarding::upstream_request(upstream_request, &route.config, &ctx.pass, &ctx.request_id)
+        forwarding::upstream_request(upstream_request, &route.config, &ctx.pass, &ctx.request_id)?;
+        match ctx.lease.as_ref().and_then(Lease::span_id) {
+            // A traced attempt: the upstream's parent is the attempt's span.
+            Some(attempt) => ctx.pass.trace.propagate_under(upstream_request, attempt),
+            None => Ok(()),
+        }
     }
 
     async fn upstream_response_filter(
@@ -914,6 +957,9 @@ impl ProxyHttp for FanoutProxy {
             };
             ctx.cache = Some(outcome);
             results[outcome.index()].inc();
+            if let Some(mut span) = ctx.cache_span.take() {
+                span.attr("fanout.cache", outcome.label());
+            }
             upstream_response.insert_header("x-cache", outcome.header())?;
         }
         if self.gw.draining.is_set() || session.is_process_shutting_down() {
@@ -1104,6 +1150,9 @@ impl ProxyHttp for FanoutProxy {
             .response_written()
             .map_or(0, |r| r.status.as_u16());
         let route = ctx.route.map(|id| &ctx.gen.routes[id]);
+        if let Some(span) = ctx.span.take() {
+            finish_request_span(span, session, ctx, route, status, e);
+        }
         let route_metrics = route.map_or(&self.gw.unrouted, |r| &r.metrics);
         route_metrics.observe(&self.gw.metrics, status, elapsed.as_secs_f64());
         self.gw.metrics.totals.count_answer(status, e.is_some());
@@ -1138,6 +1187,62 @@ impl ProxyHttp for FanoutProxy {
                 bytes_out: downstream.body_bytes_sent() as u64,
             });
         }
+    }
+}
+
+/// The request's span when `tracer` samples it (parent-based, else `sample`); the trace
+/// context then names it as the parent of what the request sends.
+fn traced(tracer: &Arc<telemetry::Tracer>, trace: &mut Trace) -> Option<Span> {
+    let from_client = trace.origin == Origin::Client;
+    if !tracer.samples(&trace.parent, from_client) {
+        return None;
+    }
+    let span = tracer.span(trace.parent, from_client, "request", Kind::Server, None);
+    trace.span = Some(span.span_id());
+    Some(span)
+}
+
+/// Names the request's span after its method and route, notes what became of it, and
+/// ends it.
+fn finish_request_span(
+    mut span: Span,
+    session: &Session,
+    ctx: &RequestCtx,
+    route: Option<&Route>,
+    status: u16,
+    e: Option<&Error>,
+) {
+    let req = session.req_header();
+    let route_label = route.map_or("unrouted", |r| &**r.metrics.label());
+    span.rename(format!("{} {route_label}", req.method));
+    span.attr("http.request.method", req.method.to_string());
+    span.attr("url.path", req.uri.path().to_string());
+    span.attr("http.route", route_label.to_string());
+    span.attr("http.response.status_code", i64::from(status));
+    span.attr("fanout.request_id", ctx.request_id.clone());
+    if let Some(ip) = ctx.pass.client.ip {
+        span.attr("client.address", ip.to_string());
+    }
+    let downstream = session.as_downstream();
+    span.attr(
+        "http.request.body.size",
+        downstream.body_bytes_read() as i64,
+    );
+    span.attr(
+        "http.response.body.size",
+        downstream.body_bytes_sent() as i64,
+    );
+    if let Some(u) = ctx
+        .failover
+        .answered_by()
+        .or_else(|| route.and_then(Route::upstream))
+    {
+        span.attr("fanout.upstream", ctx.gen.upstreams[u].name().to_string());
+    }
+    match e {
+        Some(e) => span.fail(e.to_string()),
+        None if status >= 500 => span.fail(format!("answered {status}")),
+        None => {}
     }
 }
 

@@ -25,6 +25,9 @@ pub struct TraceParent {
 pub struct Trace {
     pub parent: TraceParent,
     pub origin: Origin,
+    /// With `tracing:`, the span of the sampled request that this context is passed on
+    /// under: what the request sends names it (or a span under it) as its parent.
+    pub span: Option<[u8; 8]>,
 }
 
 impl Default for Trace {
@@ -33,6 +36,7 @@ impl Default for Trace {
         Trace {
             parent: TraceParent::new_root(),
             origin: Origin::Created,
+            span: None,
         }
     }
 }
@@ -50,22 +54,45 @@ impl Trace {
             Some(parent) => Trace {
                 parent,
                 origin: Origin::Client,
+                span: None,
             },
             None => Trace {
                 parent: TraceParent::new_root(),
                 origin: Origin::Created,
+                span: None,
             },
         }
     }
 
-    /// Makes `req` carry this context: a created one replaces whatever `traceparent` and
-    /// `tracestate` it had; the client's own is already there.
+    /// Makes `req` carry this context: under the request's span when it is traced; else a
+    /// created one replaces whatever `traceparent` and `tracestate` it had, and the
+    /// client's own is already there.
     pub fn propagate(&self, req: &mut pingora_http::RequestHeader) -> pingora_error::Result<()> {
+        match self.span {
+            Some(span) => self.propagate_under(req, span),
+            None if self.origin == Origin::Created => {
+                req.remove_header(TRACESTATE);
+                req.insert_header(TRACEPARENT, self.parent.header_value())
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// Makes `req` carry this trace with `span` (a span of the gateway's) as its parent.
+    pub fn propagate_under(
+        &self,
+        req: &mut pingora_http::RequestHeader,
+        span: [u8; 8],
+    ) -> pingora_error::Result<()> {
         if self.origin == Origin::Created {
             req.remove_header(TRACESTATE);
-            req.insert_header(TRACEPARENT, self.parent.header_value())?;
         }
-        Ok(())
+        let hop = TraceParent {
+            trace_id: self.parent.trace_id,
+            parent_id: span,
+            flags: self.parent.flags | 1,
+        };
+        req.insert_header(TRACEPARENT, hop.header_value())
     }
 }
 

@@ -565,9 +565,11 @@ async fn send(target: &Target, a: &Accepted, connector: &Connector) -> Outcome {
         return Outcome::Failed("no healthy backend".into(), None);
     };
     lease.hold(slot);
+    // A traced request's delivery attempt is a span of its trace, however late it comes.
+    let span = crate::telemetry::delivery_span(&a.header.headers, "broadcast delivery");
     let t = &destination.upstream.config.timeouts;
     let body = Body::Full(a.body.clone());
-    let header = match &destination.path {
+    let mut header = match &destination.path {
         None => std::borrow::Cow::Borrowed(&a.header),
         Some(path) => {
             let mut header = a.header.clone();
@@ -577,6 +579,13 @@ async fn send(target: &Target, a: &Accepted, connector: &Connector) -> Outcome {
             std::borrow::Cow::Owned(header)
         }
     };
+    if let Some(span) = span {
+        let traceparent = span.traceparent().header_value();
+        let _ = header
+            .to_mut()
+            .insert_header(crate::trace_context::TRACEPARENT, traceparent);
+        lease.trace(span);
+    }
     let answer = outbound::exchange(
         connector,
         &mut lease,

@@ -260,6 +260,16 @@ pub struct FileDnsBackend {
     pub weight: Option<u32>,
 }
 
+/// `tracing:`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileTracing {
+    pub otlp: String,
+    pub sample: Option<f64>,
+    pub service_name: Option<String>,
+    pub max_queue: Option<usize>,
+}
+
 /// `resolver:`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]

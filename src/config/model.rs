@@ -49,6 +49,29 @@ pub struct Config {
     pub redis: Option<RedisConfig>,
     /// `resolver:`; absent: the system's resolver configuration.
     pub resolver: Option<ResolverConfig>,
+    /// `tracing:`; absent: no spans (the `traceparent` is still passed on).
+    pub tracing: Option<TracingConfig>,
+}
+
+/// `tracing:`: OpenTelemetry spans over OTLP/HTTP.
+#[derive(Debug, Clone)]
+pub struct TracingConfig {
+    /// `<otlp>/v1/traces`.
+    pub collector: ServiceUrl,
+    /// Share of new traces (no sampled parent) that are recorded.
+    pub sample: f64,
+    pub service_name: String,
+    /// Finished spans waiting for export at most.
+    pub max_queue: usize,
+}
+
+impl PartialEq for TracingConfig {
+    fn eq(&self, other: &Self) -> bool {
+        self.collector.url == other.collector.url
+            && self.sample == other.sample
+            && self.service_name == other.service_name
+            && self.max_queue == other.max_queue
+    }
 }
 
 impl Config {
@@ -752,3 +775,11 @@ pub const RETRY_FLOOR_PER_SECOND: f64 = 3.0;
 pub const MAX_CONCURRENCY: u32 = 100_000;
 /// The longest `concurrency.max_queue_wait` accepted.
 pub const MAX_QUEUE_WAIT: Duration = Duration::from_secs(10);
+
+/// `tracing.sample` when not given.
+pub const DEFAULT_TRACING_SAMPLE: f64 = 0.01;
+/// `tracing.max_queue` when not given, and its largest value.
+pub const DEFAULT_TRACING_QUEUE: usize = 8192;
+pub const MAX_TRACING_QUEUE: usize = 1_000_000;
+/// The longest one export of spans may take.
+pub const TRACING_EXPORT_TIMEOUT: Duration = Duration::from_secs(10);

@@ -670,3 +670,22 @@ fn concurrency_limits_have_defaults_and_bounds() {
     assert!(has(&e, "upstreams.w.concurrency.max"), "{e:#?}");
     assert!(has(&e, "upstreams.w.concurrency.max_queue_wait"), "{e:#?}");
 }
+
+#[test]
+fn tracing_names_the_collector_and_bounds_its_queue() {
+    let c = ok(
+        "listen: 127.0.0.1:8080\ntracing: { otlp: \"http://127.0.0.1:4318/\" }\nupstreams:\n  u: { backends: [127.0.0.1:9000] }\nroutes:\n  - { match: { prefix: / }, upstream: u }\n"
+    );
+    let t = c.tracing.as_ref().unwrap();
+    assert_eq!(t.collector.url, "http://127.0.0.1:4318/v1/traces");
+    assert_eq!(t.collector.path, "/v1/traces");
+    assert_eq!((t.sample, t.max_queue), (0.01, 8192));
+    assert_eq!(t.service_name, "fanout");
+    let e = errors("listen: 127.0.0.1:8080\ntracing: { otlp: \"ftp://x\", sample: 2, max_queue: 0, batch: 5 }\n");
+    assert!(has(&e, "tracing"), "{e:#?}");
+    let e =
+        errors("listen: 127.0.0.1:8080\ntracing: { otlp: \"ftp://x\", sample: 2, max_queue: 0 }\n");
+    assert!(has(&e, "tracing.otlp"), "{e:#?}");
+    assert!(has(&e, "tracing.sample"), "{e:#?}");
+    assert!(has(&e, "tracing.max_queue"), "{e:#?}");
+}

@@ -67,6 +67,7 @@ use crate::keys;
 use crate::limits::{self, Budget};
 use crate::metrics::Metrics;
 use crate::outbound::{self, Body, Failure, Keep};
+use crate::telemetry;
 use crate::upstream::{Lease, Tried, Upstream};
 
 /// Outcome counters of one mirror, resolved once.
@@ -416,8 +417,17 @@ impl Copies {
                 continue;
             };
             lease.hold(slot);
+            let hop = telemetry::copy_span(&pass.trace, "mirror copy").map(|span| {
+                let id = span.span_id();
+                lease.trace(span);
+                id
+            });
             let shape = |h: &mut RequestHeader| {
-                forwarding::mirror_request(h, &mirror.config, pass, request_id)
+                forwarding::mirror_request(h, &mirror.config, pass, request_id)?;
+                match hop {
+                    Some(span) => pass.trace.propagate_under(h, span),
+                    None => Ok(()),
+                }
             };
             let Some(header) = copy_header(session, shape) else {
                 mirror.outcomes.error.inc();

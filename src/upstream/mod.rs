@@ -131,6 +131,9 @@ pub struct Lease {
     since: Option<Instant>,
     /// The concurrency slot of a copy (mirror, fallback, delivery), held as long as it.
     held: Option<concurrency::Permit>,
+    /// The attempt's span, on a traced request: its outcome is noted, and it ends with
+    /// the lease.
+    span: Option<crate::telemetry::Span>,
 }
 
 impl Lease {
@@ -140,6 +143,32 @@ impl Lease {
 
     pub fn index(&self) -> usize {
         self.index
+    }
+
+    /// Records this attempt as `span` (named after the backend, its outcome noted).
+    pub fn trace(&mut self, mut span: crate::telemetry::Span) {
+        span.attr("fanout.upstream", self.upstream.name().to_string());
+        span.attr("server.address", self.backend.label.to_string());
+        self.span = Some(span);
+    }
+
+    /// The attempt's span, on a traced request.
+    pub fn span_id(&self) -> Option<[u8; 8]> {
+        self.span.as_ref().map(crate::telemetry::Span::span_id)
+    }
+
+    fn note(&mut self, outcome: Result<u16, &'static str>) {
+        if let Some(span) = &mut self.span {
+            match outcome {
+                Ok(status) => {
+                    span.attr("http.response.status_code", i64::from(status));
+                    if status >= 500 {
+                        span.fail(format!("answered {status}"));
+                    }
+                }
+                Err(why) => span.fail(why),
+            }
+        }
     }
 
     /// Holds a concurrency slot as long as this attempt.
@@ -160,6 +189,7 @@ impl Lease {
         if !failed && !self.reported {
             self.sample(false);
         }
+        self.note(Ok(status));
         let o = &self.backend().outcomes;
         if failed { &o.error } else { &o.ok }.inc();
         self.report(if failed { Attempt::Failed } else { Attempt::Ok });
@@ -170,6 +200,7 @@ impl Lease {
         if timeout && !self.reported {
             self.sample(true);
         }
+        self.note(Err(if timeout { "timed out" } else { "failed" }));
         let o = &self.backend().outcomes;
         if timeout { &o.timeout } else { &o.error }.inc();
         self.report(Attempt::Failed);
@@ -177,6 +208,7 @@ impl Lease {
 
     /// The backend could not be reached (connect refused, timed out, no route).
     pub fn unreachable(&mut self, timeout: bool) {
+        self.note(Err("could not connect"));
         let o = &self.backend().outcomes;
         if timeout { &o.timeout } else { &o.error }.inc();
         self.report(Attempt::Unreachable);
@@ -725,6 +757,7 @@ impl Upstream {
                 reported: false,
                 since: self.concurrency.as_ref().map(|_| now),
                 held: None,
+                span: None,
             });
         }
         None

@@ -22,6 +22,7 @@ mod grpc;
 mod h2_edge;
 mod health;
 mod mirror;
+mod otel;
 mod overload;
 mod paths;
 mod quick_start;

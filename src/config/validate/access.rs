@@ -378,7 +378,7 @@ fn forward_auth(
 
 /// An `http://` or `https://` URL the gateway asks itself, as an upstream of its own. A
 /// host name is resolved now (at start and at each reload), like nginx's `proxy_pass`.
-fn service_url(
+pub(super) fn service_url(
     ck: &mut Checker,
     path: &str,
     name: &str,

@@ -196,6 +196,9 @@ pub(super) fn build(text: &str) -> Result<Config, Vec<ConfigError>> {
     let resolver = sections
         .parse::<FileResolver>(&mut ck, "resolver")
         .and_then(|f| build_resolver(&mut ck, f));
+    let tracing = sections
+        .parse::<FileTracing>(&mut ck, "tracing")
+        .and_then(|f| build_tracing(&mut ck, f));
     let spool = sections
         .parse::<FileSpool>(&mut ck, "spool")
         .and_then(|f| build_spool(&mut ck, f));
@@ -267,6 +270,7 @@ pub(super) fn build(text: &str) -> Result<Config, Vec<ConfigError>> {
             cache_max_size,
             redis,
             resolver,
+            tracing,
         })
     } else {
         Err(ck.errors)

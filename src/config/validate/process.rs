@@ -261,3 +261,29 @@ pub(super) fn build_spool(ck: &mut Checker, f: FileSpool) -> Option<SpoolConfig>
         fsync: f.fsync.unwrap_or(Fsync::Group),
     })
 }
+
+/// `tracing:`: the collector's OTLP/HTTP base URL (spans go to its `/v1/traces`).
+pub(super) fn build_tracing(ck: &mut Checker, f: FileTracing) -> Option<TracingConfig> {
+    let sample = f.sample.unwrap_or(DEFAULT_TRACING_SAMPLE);
+    if !(0.0..=1.0).contains(&sample) {
+        ck.err(
+            "tracing.sample",
+            format!("{sample} is not a share between 0 and 1"),
+        );
+    }
+    let max_queue = f.max_queue.unwrap_or(DEFAULT_TRACING_QUEUE);
+    if max_queue == 0 || max_queue > MAX_TRACING_QUEUE {
+        ck.err(
+            "tracing.max_queue",
+            format!("{max_queue} is out of range 1..={MAX_TRACING_QUEUE}"),
+        );
+    }
+    let url = format!("{}/v1/traces", f.otlp.trim_end_matches('/'));
+    let collector = service_url(ck, "tracing.otlp", "otlp", &url, TRACING_EXPORT_TIMEOUT)?;
+    Some(TracingConfig {
+        collector,
+        sample,
+        service_name: f.service_name.unwrap_or_else(|| "fanout".to_string()),
+        max_queue,
+    })
+}

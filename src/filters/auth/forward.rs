@@ -15,10 +15,10 @@ use bytes::Bytes;
 use http::{header, HeaderName, HeaderValue, Method};
 use pingora_proxy::Session;
 
-use super::service::Service;
 use super::{digest, set_request_header, Remembered, REMEMBERED};
 use crate::config::ForwardAuthConfig;
 use crate::filters::{Build, Passage, Reason, RequestFilter, Stop, StopBody};
+use crate::service::Service;
 
 /// The largest auth answer body relayed to a client.
 const MAX_BODY: u64 = 64 * 1024;

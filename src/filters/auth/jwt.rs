@@ -26,10 +26,10 @@ use parking_lot::Mutex;
 use pingora_proxy::Session;
 use serde_json::Value;
 
-use super::service::Service;
 use super::{authorization, digest, set_request_header, unauthorized, Remembered, REMEMBERED};
 use crate::config::{JwtConfig, JwtKeys};
 use crate::filters::{Build, Passage, Reason, RequestFilter, Stop};
+use crate::service::Service;
 
 /// How long a checked token is remembered at most.
 const REMEMBER: Duration = Duration::from_secs(300);

@@ -14,7 +14,6 @@ pub mod api_key;
 pub mod basic;
 pub mod forward;
 pub mod jwt;
-pub mod service;
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};

@@ -1,5 +1,5 @@
 //! An HTTP service the gateway asks on its own account (a JWKS URL, a forward-auth
-//! service): an upstream of its own, made from the configured URL, reached through
+//! service, the OTLP collector): an upstream of its own, made from the configured URL, reached through
 //! Pingora's connector and keep-alive pool like every other outbound request, and named
 //! `jwks:ROUTE` / `auth:ROUTE` in the upstream metrics.
 
@@ -13,6 +13,7 @@ use pingora_http::{RequestHeader, ResponseHeader};
 
 use crate::config::ServiceUrl;
 use crate::filters::Build;
+use crate::metrics::Metrics;
 use crate::outbound::{self, Body, Failure, Keep};
 use crate::upstream::{Tried, Upstream};
 
@@ -51,6 +52,18 @@ impl Service {
         }
     }
 
+    /// A service outside any route (the OTLP collector), with a connector and keep-alive
+    /// pool of its own (its requests run on a runtime of their own).
+    pub fn standalone(s: &ServiceUrl, metrics: &Arc<Metrics>) -> Service {
+        Service {
+            upstream: Arc::new(Upstream::new(&s.upstream, metrics)),
+            connector: Arc::new(Connector::new(None)),
+            path: s.path.clone(),
+            host: s.host.clone(),
+            url: s.url.clone(),
+        }
+    }
+
     /// Sends `method` to the service's URL with `headers`, within `limit`, and keeps its
     /// answer's body up to `max_body` bytes.
     pub async fn ask(
@@ -60,9 +73,25 @@ impl Service {
         limit: Duration,
         max_body: u64,
     ) -> Result<(ResponseHeader, Bytes), Unanswered> {
+        self.send(method, headers, Bytes::new(), limit, max_body)
+            .await
+    }
+
+    /// [`Self::ask`] with a request body.
+    pub async fn send(
+        &self,
+        method: Method,
+        headers: &[(HeaderName, HeaderValue)],
+        body: Bytes,
+        limit: Duration,
+        max_body: u64,
+    ) -> Result<(ResponseHeader, Bytes), Unanswered> {
         let mut head = RequestHeader::build(method, self.path.as_bytes(), Some(headers.len() + 2))
             .map_err(|e| Unanswered::Failed(e.to_string()))?;
         let _ = head.insert_header(http::header::HOST, self.host.as_str());
+        if !body.is_empty() {
+            let _ = head.insert_header(http::header::CONTENT_LENGTH, body.len().to_string());
+        }
         for (name, value) in headers {
             let _ = head.append_header(name.clone(), value.clone());
         }
@@ -76,7 +105,11 @@ impl Service {
             timeouts,
             limit,
             &head,
-            Body::Empty,
+            if body.is_empty() {
+                Body::Empty
+            } else {
+                Body::Full(body)
+            },
             Keep::UpTo(max_body),
         )
         .await;
