@@ -11,8 +11,9 @@
 //! one too; a new trace is sampled with probability `sample`.
 //!
 //! Recording never waits: a finished span goes into a bounded queue (`max_queue`); when it
-//! is full the span is dropped and counted. One thread of its own drains the queue in
-//! batches (up to 512 spans, or what came within a second), encodes them with the
+//! is full the span is dropped and counted. One thread of its own drains the queue every
+//! 100 ms (never parked on it: a queued span wakes no thread) and exports in batches (up
+//! to 512 spans, or what came within a second), encodes them with the
 //! `opentelemetry-proto` types and POSTs them to `<otlp>/v1/traces` through a connector of
 //! its own. A collector that is down or slow costs requests nothing; its failures are
 //! counted (`fanout_tracing_spans_total{outcome}`) and logged at most once a minute.
@@ -38,6 +39,8 @@ use crate::trace_context::{Trace, TraceParent};
 
 /// Spans sent in one export request at most.
 const BATCH: usize = 512;
+/// How often the exporter takes what the queue holds.
+const DRAIN_EVERY: Duration = Duration::from_millis(100);
 /// The longest a finished span waits for its batch.
 const BATCH_WAIT: Duration = Duration::from_secs(1);
 
@@ -348,17 +351,38 @@ impl Exporter {
             }
         };
         rt.block_on(async move {
-            // Ends when the tracer is replaced or gone and its queue is drained.
-            while let Some(first) = rx.recv().await {
-                let mut batch = vec![first];
-                let deadline = tokio::time::Instant::now() + BATCH_WAIT;
-                while batch.len() < BATCH {
-                    match tokio::time::timeout_at(deadline, rx.recv()).await {
-                        Ok(Some(s)) => batch.push(s),
-                        Ok(None) | Err(_) => break,
+            // The queue is drained on a clock, never awaited: a span queued finds no
+            // parked receiver to wake, so recording one costs a request no system call.
+            let mut tick = tokio::time::interval(DRAIN_EVERY);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut pending: Vec<SpanData> = Vec::new();
+            let mut last_export = Instant::now();
+            loop {
+                tick.tick().await;
+                let mut closed = false;
+                loop {
+                    match rx.try_recv() {
+                        Ok(span) => pending.push(span),
+                        Err(mpsc::error::TryRecvError::Empty) => break,
+                        Err(mpsc::error::TryRecvError::Disconnected) => {
+                            closed = true;
+                            break;
+                        }
+                    }
+                    if pending.len() >= BATCH {
+                        self.export(std::mem::take(&mut pending)).await;
+                        last_export = Instant::now();
                     }
                 }
-                self.export(batch).await;
+                let due = last_export.elapsed() >= BATCH_WAIT || closed;
+                if !pending.is_empty() && due {
+                    self.export(std::mem::take(&mut pending)).await;
+                    last_export = Instant::now();
+                }
+                if closed {
+                    // The tracer was replaced or is gone, and its queue is drained.
+                    return;
+                }
             }
         });
     }
