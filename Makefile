@@ -22,12 +22,17 @@ run: build
 	./target/release/fanout --demo
 
 # The shared rate-limit tests start their own redis-server (Debian's package; its own
-# service, if the package starts one, is stopped again: the tests use free ports).
+# service, if the package starts one, is stopped again: the tests use free ports). The
+# dashboard test drives Debian's chromium through its chromium-driver (/usr/bin/chromedriver,
+# started by the test on a free port; nothing is downloaded).
 test: deps
 	@command -v redis-server >/dev/null && command -v redis-cli >/dev/null || { \
 		echo "installing redis-server (the shared rate-limit tests run it)"; \
 		$(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server; \
 		$(SUDO) service redis-server stop >/dev/null 2>&1 || true; }
+	@[ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ] || { \
+		echo "installing chromium and chromium-driver (the dashboard test runs them)"; \
+		$(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; }
 	$(CARGO) test --release --locked
 
 lint: deps

@@ -108,7 +108,10 @@ routes:
     match: {{ prefix: /mirrored }}
     upstream: api
     mirror:
-      - {{ upstream: shadow, percent: 100, headers: {{ set: {{ X-Shadow: "1" }} }} }}
+      - upstream: shadow
+        percent: 100
+        headers: {{ set: {{ X-Shadow: "1" }} }}
+        compare: {{ ignore_headers: [Date, Server, X-Request-Id] }}
   - name: events
     match: {{ prefix: /events, methods: [POST] }}
     broadcast: [api, shadow]
@@ -147,13 +150,15 @@ pub fn banner(listen: Option<&str>, admin: Option<&str>) -> String {
         r#"
 fanout demo is running: gateway on http://{gw}, admin on http://{admin}
 Demo backends api-1, api-2, api-3 (weights 1:2:3) and shadow answer with their name.
+Dashboard: open http://{admin}/ in a browser.
 
 Try:
   curl -s http://{gw}/api/hello                          # load-balanced (smooth weighted round-robin)
   for i in 1 2 3 4 5 6; do curl -s http://{gw}/api/$i; done   # watch the spread 1:2:3
   curl -s -H 'X-User-Id: alice' http://{gw}/sticky/cart  # consistent hashing: same user, same backend
   curl -s -d 'hello' http://{gw}/mirrored/orders         # answered by api-*, copied to shadow
-  curl -s http://{admin}/metrics | grep ^fanout_mirror    # the copies: outcome="ok"
+  curl -s http://{admin}/metrics | grep ^fanout_mirror    # the copies: outcome="ok", compared
+  curl -s http://{admin}/mirror/diffs                    # shadow answers with another name: kept pairs
   curl -s -d '{{"event":"signup"}}' http://{gw}/events  # broadcast: 202 at once, then delivered
   curl -s http://{admin}/metrics | grep ^fanout_broadcast # one delivery to api, one to shadow
   curl -s http://{gw}/nowhere                            # 404 with a JSON error

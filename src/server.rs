@@ -14,6 +14,7 @@ use pingora_core::services::background::background_service;
 use pingora_core::services::listening::Service;
 use pingora_core::services::ServiceWithDependents;
 
+use crate::admin::history::{History, Sampler};
 use crate::admin::AdminApp;
 use crate::broadcast::disk::DiskSpool;
 use crate::broadcast::spool::{MemorySpool, Spool};
@@ -149,12 +150,17 @@ pub fn build(
     server.add_service(proxy);
 
     if let Some(admin_config) = &admin {
+        let history = Arc::new(History::new());
         let mut admin = Service::new(
             "fanout admin".into(),
-            HttpServer::new_app(AdminApp::new(Arc::clone(&gateway))),
+            HttpServer::new_app(AdminApp::new(Arc::clone(&gateway), Arc::clone(&history))),
         );
         admin.add_tcp(&admin_config.address.to_string());
         server.add_service(admin);
+        server.add_service(background_service(
+            "dashboard history",
+            Sampler::new(Arc::clone(&gateway), history),
+        ));
     }
     server.add_service(background_service(
         "signal watch",

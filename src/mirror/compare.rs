@@ -1,9 +1,9 @@
 //! Mirror comparison (`compare:` on a mirror): whether the mirror answered like the primary.
 //! Both answers are reduced as they stream past to a [`Seen`]: status, headers, body length,
-//! a hash of the first `max_body` bytes, the first [`EXCERPT`] bytes, and (only for JSON
+//! a hash of the first `max_body` bytes, the first [`KEPT_EXCERPT`] bytes, and (only for JSON
 //! bodies on a mirror with `ignore_json_fields`, and only up to `max_body`) the body itself.
 //! [`judge`] says how they differ; differing pairs are kept, newest first and at most
-//! `keep` per mirror, for `GET /mirror/diffs`.
+//! `keep` per mirror, for `GET /mirror/diffs` and the dashboard's side-by-side view.
 
 use std::collections::VecDeque;
 use std::hash::Hasher;
@@ -15,8 +15,10 @@ use bytes::{Bytes, BytesMut};
 use http::{header, HeaderMap, HeaderName};
 use serde_json::{json, Value};
 
-/// Bytes of each body kept with a differing pair.
+/// Bytes of each body that `/mirror/diffs` shows.
 pub const EXCERPT: usize = 256;
+/// Bytes of each body kept with a differing pair (the dashboard shows them side by side).
+pub const KEPT_EXCERPT: usize = 1024;
 
 pub use crate::config::CompareConfig;
 
@@ -118,7 +120,9 @@ impl Digest {
             .saturating_sub(self.length)
             .min(chunk.len() as u64) as usize;
         self.hasher.write(&chunk[..hashed]);
-        let room = EXCERPT.saturating_sub(self.excerpt.len()).min(chunk.len());
+        let room = KEPT_EXCERPT
+            .saturating_sub(self.excerpt.len())
+            .min(chunk.len());
         self.excerpt.extend_from_slice(&chunk[..room]);
         self.length += chunk.len() as u64;
         if self.length > self.max_body {
@@ -291,55 +295,143 @@ impl Kept {
         let list = self.list.lock().unwrap_or_else(|p| p.into_inner());
         list.iter()
             .map(|d| {
-                let value = |m: &HeaderMap, n: &HeaderName| -> Value {
-                    if redact.contains(n) {
-                        return json!("[redacted]");
-                    }
-                    let vs: Vec<String> = m
-                        .get_all(n)
-                        .iter()
-                        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
-                        .collect();
-                    json!(vs.join(", "))
-                };
                 let headers: Vec<Value> =
                     differing_headers(cfg, &d.primary.headers, &d.mirror.headers)
                         .iter()
                         .map(|n| {
                             json!({
                                 "name": n.as_str(),
-                                "primary": value(&d.primary.headers, n),
-                                "mirror": value(&d.mirror.headers, n),
+                                "primary": shown(&d.primary.headers, n, redact),
+                                "mirror": shown(&d.mirror.headers, n, redact),
                             })
                         })
                         .collect();
                 let side = |s: &Seen| {
-                    json!({
-                        "status": s.status,
-                        "length": s.length,
-                        "hash": format!("{:016x}", s.hash),
-                        "body": String::from_utf8_lossy(&s.excerpt),
-                    })
+                    let mut v = side(s);
+                    v["body"] = json!(String::from_utf8_lossy(
+                        &s.excerpt[..s.excerpt.len().min(EXCERPT)]
+                    ));
+                    v
                 };
-                let time = crate::access_log::timestamp(d.at);
-                (
-                    d.at,
-                    json!({
-                        "request_id": d.request_id,
-                        "time": time,
-                        "method": d.method,
-                        "path": d.path,
-                        "route": d.route,
-                        "upstream": d.upstream,
-                        "result": d.verdict.label(),
-                        "headers": headers,
-                        "primary": side(&d.primary),
-                        "mirror": side(&d.mirror),
-                    }),
-                )
+                let mut v = d.summary();
+                v["headers"] = json!(headers);
+                v["primary"] = side(&d.primary);
+                v["mirror"] = side(&d.mirror);
+                (d.at, v)
             })
             .collect()
     }
+
+    /// The kept pairs in brief, newest first: what each was about and both statuses.
+    pub fn summaries(&self) -> Vec<Value> {
+        let list = self.list.lock().unwrap_or_else(|p| p.into_inner());
+        list.iter()
+            .map(|d| {
+                let mut v = d.summary();
+                v["primary_status"] = json!(d.primary.status);
+                v["mirror_status"] = json!(d.mirror.status);
+                v
+            })
+            .collect()
+    }
+
+    /// The kept pair of request `request_id` in full, for a side-by-side view: every
+    /// header of either answer (those that differ marked, redacted ones as `[redacted]`),
+    /// the kept body excerpts, the whole JSON bodies where they were kept, and what the
+    /// comparison ignores.
+    pub fn detail(
+        &self,
+        request_id: &str,
+        cfg: &CompareConfig,
+        redact: &[HeaderName],
+    ) -> Option<Value> {
+        let list = self.list.lock().unwrap_or_else(|p| p.into_inner());
+        let d = list.iter().find(|d| d.request_id == request_id)?;
+        let differ = differing_headers(cfg, &d.primary.headers, &d.mirror.headers);
+        let mut names: Vec<&HeaderName> = d
+            .primary
+            .headers
+            .keys()
+            .chain(d.mirror.headers.keys())
+            .collect();
+        names.sort_by(|x, y| x.as_str().cmp(y.as_str()));
+        names.dedup();
+        let headers: Vec<Value> = names
+            .into_iter()
+            .map(|n| {
+                let value = |m: &HeaderMap| m.contains_key(n).then(|| shown(m, n, redact));
+                json!({
+                    "name": n.as_str(),
+                    "primary": value(&d.primary.headers),
+                    "mirror": value(&d.mirror.headers),
+                    "differs": differ.contains(n),
+                    "ignored": cfg.ignore_headers.contains(n),
+                })
+            })
+            .collect();
+        let body = |s: &Seen| {
+            let mut v = side(s);
+            v["body"] = json!(String::from_utf8_lossy(&s.excerpt));
+            v["complete"] = json!(s.excerpt.len() as u64 == s.length);
+            v["json"] = json!(s
+                .json
+                .as_ref()
+                .and_then(|b| serde_json::from_slice::<Value>(b).ok()));
+            v
+        };
+        let mut v = d.summary();
+        v["headers"] = json!(headers);
+        v["primary"] = body(&d.primary);
+        v["mirror"] = body(&d.mirror);
+        v["ignore_headers"] = json!(cfg
+            .ignore_headers
+            .iter()
+            .map(|h| h.as_str())
+            .collect::<Vec<_>>());
+        v["ignore_json_fields"] = json!(cfg
+            .ignore_json_fields
+            .iter()
+            .map(|p| p.join("."))
+            .collect::<Vec<_>>());
+        Some(v)
+    }
+}
+
+impl Diff {
+    /// What the pair is about, without the answers.
+    fn summary(&self) -> Value {
+        json!({
+            "request_id": self.request_id,
+            "time": crate::access_log::timestamp(self.at),
+            "method": self.method,
+            "path": self.path,
+            "route": self.route,
+            "upstream": self.upstream,
+            "result": self.verdict.label(),
+        })
+    }
+}
+
+/// A header's values as shown to an operator: joined, or `[redacted]`.
+fn shown(m: &HeaderMap, n: &HeaderName, redact: &[HeaderName]) -> Value {
+    if redact.contains(n) {
+        return json!("[redacted]");
+    }
+    let vs: Vec<String> = m
+        .get_all(n)
+        .iter()
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+        .collect();
+    json!(vs.join(", "))
+}
+
+/// One answer's status, length and hash.
+fn side(s: &Seen) -> Value {
+    json!({
+        "status": s.status,
+        "length": s.length,
+        "hash": format!("{:016x}", s.hash),
+    })
 }
 
 #[cfg(test)]

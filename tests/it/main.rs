@@ -13,6 +13,7 @@ mod cache_rfc;
 mod compare;
 mod compress;
 mod config_check;
+mod dashboard;
 mod discovery;
 mod edge;
 mod expect;

@@ -2,10 +2,16 @@
 //! `/health` (the process is up), `/ready` (every upstream has a backend to send to),
 //! `/metrics` (Prometheus text), `/status` (upstreams, backends, routes, the configuration's
 //! generation and last reload, totals as JSON), `GET /config` (the configuration in force,
-//! secrets redacted) and `POST /reload` (apply the file again, as SIGHUP does).
-//! With `admin.token_file`, every endpoint but `/health` and `/ready` (which load balancers
-//! and systemd probe) needs `Authorization: Bearer <token>`, compared in constant time;
-//! other requests get 401 and are counted in `fanout_admin_unauthorized_total`.
+//! secrets redacted), `POST /reload` (apply the file again, as SIGHUP does),
+//! `GET /mirror/diffs`, `DELETE /cache`, and the dashboard at `/` ([`dashboard`], fed by
+//! the samples of [`history`]).
+//! With `admin.token_file`, every endpoint but `/health`, `/ready` (which load balancers
+//! and systemd probe) and the dashboard's static files needs `Authorization: Bearer
+//! <token>`, compared in constant time; other requests get 401 and are counted in
+//! `fanout_admin_unauthorized_total`.
+
+pub mod dashboard;
+pub mod history;
 
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
@@ -21,6 +27,8 @@ use crate::gateway::Gateway;
 
 pub struct AdminApp {
     gw: Arc<Gateway>,
+    /// The samples the dashboard's charts draw.
+    history: Arc<history::History>,
 }
 
 /// Compares two byte strings in time that depends only on `expected`'s length.
@@ -33,8 +41,14 @@ fn same_secret(given: &[u8], expected: &[u8]) -> bool {
 }
 
 impl AdminApp {
-    pub fn new(gw: Arc<Gateway>) -> Self {
-        AdminApp { gw }
+    pub fn new(gw: Arc<Gateway>, history: Arc<history::History>) -> Self {
+        AdminApp { gw, history }
+    }
+
+    /// Whether the configuration in force asks for an admin token.
+    fn token_required(&self) -> bool {
+        let gen = self.gw.peek();
+        gen.config.admin.as_ref().is_some_and(|a| a.token.is_some())
     }
 
     /// Whether the request carries the admin token (always, when none is configured). The
@@ -359,6 +373,13 @@ impl ServeHttp for AdminApp {
             ));
         }
         let path = req.uri.path();
+        if !purge && !reload {
+            if let Some((content_type, body)) = dashboard::asset(path, self.token_required()) {
+                let mut resp = answer(StatusCode::OK, content_type, body);
+                dashboard::harden(&mut resp);
+                return resp;
+            }
+        }
         if !matches!(path, "/health" | "/ready") && !self.authorized(req) {
             self.gw.metrics.admin_unauthorized.inc();
             let mut resp = json_answer((
@@ -384,9 +405,22 @@ impl ServeHttp for AdminApp {
             "/mirror/diffs" => json_answer((StatusCode::OK, self.diffs())),
             "/config" => json_answer((StatusCode::OK, crate::reload::redacted(&self.gw.peek()))),
             "/metrics" => answer(StatusCode::OK, "text/plain; version=0.0.4", self.metrics()),
+            "/dashboard/data" => {
+                let mut resp = json_answer((
+                    StatusCode::OK,
+                    self.dashboard_data(&self.history, req.uri.query()),
+                ));
+                dashboard::harden(&mut resp);
+                resp
+            }
+            "/dashboard/diff" => {
+                let mut resp = json_answer(self.dashboard_diff(req.uri.query()));
+                dashboard::harden(&mut resp);
+                resp
+            }
             _ => json_answer((
                 StatusCode::NOT_FOUND,
-                json!({ "error": "not found", "endpoints": ["/health", "/ready", "/metrics", "/status", "/mirror/diffs", "/config", "POST /reload"] }),
+                json!({ "error": "not found", "endpoints": ["/ (dashboard)", "/health", "/ready", "/metrics", "/status", "/mirror/diffs", "/config", "POST /reload", "DELETE /cache"] }),
             )),
         }
     }
