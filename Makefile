@@ -78,7 +78,7 @@ bench-reload: build
 # The broadcast spool: accepted/s, the 202's p99 and CPU per request with the memory spool
 # and the disk spool under each fsync policy; disk bytes per event.
 bench-spool: build
-	bench/deps.sh nginx:nginx-light wrk:wrk python3:python3
+	bench/deps.sh nginx:nginx-light wrk:wrk python3:python3 redis-server:redis-server redis-cli:redis-tools
 	python3 bench/spool.py
 
 # Rate limits decided in Redis against decided in the process (req/s, p99, CPU), and one

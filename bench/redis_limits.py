@@ -3,7 +3,8 @@
 taken in the process (`store: local`), and the largest decision rate one Redis sustains
 here. `make bench-redis`.
 
-1. Two fanout processes, identical but for `store:` (one worker each, a limit far above
+1. Three fanout processes, identical but for `store:` (local, redis, and redis with
+   `lease: 1000`) (one worker each, a limit far above
    what wrk offers, so every request is allowed and every one is decided), over the nginx
    backend of bench/run.py, measured with wrk in alternating rounds (local, redis, redis,
    local, ...): req/s, p50/p99 and fanout's CPU per request, and the paired ratio.
@@ -26,7 +27,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import run  # noqa: E402
 
-PORTS = {"local": 19011, "redis": 19012}
+PORTS = {"local": 19011, "redis": 19012, "leased": 19014}
 REDIS_PORT = 19013
 ROOT = run.ROOT
 
@@ -38,6 +39,8 @@ def gcra_script():
 
 
 def conf(tmp, name, store):
+    lease = ", lease: 1000" if store == "leased" else ""
+    store = "redis" if store == "leased" else store
     backends = ", ".join(f"127.0.0.1:{p}" for p in run.BACKENDS)
     return run.fanout_server(tmp, name, 1, PORTS[name]) + f"""redis: {{ url: "redis://127.0.0.1:{REDIS_PORT}", pool: 4, timeout: 50ms }}
 defaults: {{ access_log: off }}
@@ -47,7 +50,7 @@ routes:
   - name: limited
     match: {{ prefix: / }}
     upstream: be
-    rate_limit: {{ requests_per_second: 1000000, burst: 1000000, key: client_ip, store: {store} }}
+    rate_limit: {{ requests_per_second: 1000000, burst: 1000000, key: client_ip, store: {store}{lease} }}
 """
 
 
@@ -108,10 +111,11 @@ def main():
         for name in PORTS:
             med = {k: statistics.median(x[k] for x in results[name]) for k in ["rps", "p50", "p99", "cpu_us"]}
             print(f"| {name} | {med['rps']:.0f} | {med['p50']:.2f} | {med['p99']:.2f} | {med['cpu_us']:.1f} |")
-        pairs = [(b["rps"] / a["rps"], b["cpu_us"] / a["cpu_us"])
-                 for a, b in zip(results["local"], results["redis"])]
-        print(f"\nredis / local, paired by round: {statistics.median(p[0] for p in pairs):.3f}× req/s, "
-              f"{statistics.median(p[1] for p in pairs):.3f}× CPU per request")
+        for other in ["redis", "leased"]:
+            pairs = [(b["rps"] / a["rps"], b["cpu_us"] / a["cpu_us"])
+                     for a, b in zip(results["local"], results[other])]
+            print(f"\n{other} / local, paired by round: {statistics.median(p[0] for p in pairs):.3f}× req/s, "
+                  f"{statistics.median(p[1] for p in pairs):.3f}× CPU per request")
         redis_cpu = run.cpu_seconds(redis.pid)
         print(f"redis-server CPU over the whole run: {redis_cpu:.1f} s")
 
@@ -119,7 +123,7 @@ def main():
         sha = subprocess.run(["redis-cli", "-p", str(REDIS_PORT), "SCRIPT", "LOAD", gcra_script()],
                              capture_output=True, text=True, check=True).stdout.strip()
         out = subprocess.run(["redis-benchmark", "-p", str(REDIS_PORT), "-c", "50", "-n", "300000", "-r", "100000",
-                              "-q", "EVALSHA", sha, "1", "fanout:rl:bench:__rand_int__", "1", "1000000"],
+                              "-q", "EVALSHA", sha, "1", "fanout:rl:bench:__rand_int__", "1", "1000000", "1"],
                              capture_output=True, text=True, timeout=300).stdout
         rate = re.findall(r"([\d.]+) requests per second", out)
         print(f"redis-benchmark EVALSHA (the GCRA script), -c 50, random keys: "

@@ -25,6 +25,7 @@ pub mod probe;
 pub mod proxy;
 pub mod ratelimit;
 pub mod redirect;
+pub mod redis_client;
 pub mod reload;
 pub mod request_id;
 pub mod respond;

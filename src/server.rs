@@ -17,15 +17,17 @@ use pingora_core::services::ServiceWithDependents;
 use crate::admin::history::{History, Sampler};
 use crate::admin::AdminApp;
 use crate::broadcast::disk::DiskSpool;
+use crate::broadcast::redis::RedisSpool;
 use crate::broadcast::spool::{MemorySpool, Spool};
 use crate::broadcast::Deliverer;
 use crate::config::Config;
-use crate::config::MEMORY_SPOOL_MAX_SIZE;
+use crate::config::{SpoolStore, MEMORY_SPOOL_MAX_SIZE};
 use crate::edge::accept::{Edge, EdgeListener};
 use crate::edge::handshake::Terminator;
 use crate::gateway::Gateway;
 use crate::lifecycle::SignalWatch;
 use crate::proxy::FanoutProxy;
+use crate::redis_client::RedisClient;
 use crate::reload::control::Control;
 use crate::reload::Hangup;
 use crate::upstream::discovery::Discovery;
@@ -49,6 +51,28 @@ pub struct Source {
     pub file: Option<std::path::PathBuf>,
 }
 
+/// The spool `spool:` asks for (the memory spool when there is none).
+fn open_spool(config: &Config) -> Result<Arc<dyn Spool>, String> {
+    let Some(c) = &config.spool else {
+        return Ok(Arc::new(MemorySpool::new(MEMORY_SPOOL_MAX_SIZE)));
+    };
+    Ok(match &c.store {
+        SpoolStore::Disk { dir, fsync } => Arc::new(
+            DiskSpool::open(dir, c.max_size, *fsync)
+                .map_err(|e| format!("spool.dir {}: {e}", dir.display()))?,
+        ),
+        SpoolStore::Memory => Arc::new(MemorySpool::new(c.max_size)),
+        SpoolStore::Redis { claim_after } => {
+            let redis = config
+                .redis
+                .as_ref()
+                .ok_or("spool.store: redis needs a top-level `redis:` section")?;
+            let client = Arc::new(RedisClient::new(redis)?);
+            Arc::new(RedisSpool::new(client, c.max_size, *claim_after))
+        }
+    })
+}
+
 /// Builds the server and its services. Extra services (the demo's backends) ride along.
 pub fn build(
     config: Config,
@@ -63,12 +87,7 @@ pub fn build(
         test: false,
         conf: None,
     };
-    let spool: Arc<dyn Spool> = match &config.spool {
-        Some(c) => {
-            Arc::new(DiskSpool::open(c).map_err(|e| format!("spool.dir {}: {e}", c.dir.display()))?)
-        }
-        None => Arc::new(MemorySpool::new(MEMORY_SPOOL_MAX_SIZE)),
-    };
+    let spool = open_spool(&config)?;
     let listen = config.listen.clone();
     let admin = config.admin.clone();
     let server_conf = config.server_copy()?;

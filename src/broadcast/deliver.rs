@@ -187,6 +187,7 @@ impl BackgroundService for Deliverer {
         let mut intake = tokio::spawn(intake(Arc::clone(&lanes), Arc::clone(&shared)));
         let gauges = tokio::spawn(report(
             Arc::clone(&lanes),
+            Arc::clone(&self.spool),
             self.spool_bytes.clone(),
             self.spool_oldest.clone(),
         ));
@@ -235,7 +236,7 @@ impl BackgroundService for Deliverer {
             })
             .sum();
         if durable {
-            self.spool.release();
+            self.spool.release().await;
             log::info!("broadcast: spool handed over ({left} deliveries pending)");
         } else if finished.is_err() || left > 0 {
             for lane in lanes.values() {
@@ -290,6 +291,9 @@ fn follow_routes(
             now.insert(key, lane);
         }
     }
+    let mut targets: Vec<(String, String)> = now.keys().cloned().collect();
+    targets.sort();
+    shared.spool.follow(&targets);
     lanes.store(Arc::new(now));
 }
 
@@ -338,8 +342,10 @@ async fn intake(lanes: Arc<ArcSwap<Lanes>>, shared: Arc<Shared>) {
                     request_id: Arc::clone(&request_id),
                     held,
                 };
-                lane.target.pending.fetch_add(1, Relaxed);
-                lane.target.pending_bytes.fetch_add(size, Relaxed);
+                if !shared.spool.shared() {
+                    lane.target.pending.fetch_add(1, Relaxed);
+                    lane.target.pending_bytes.fetch_add(size, Relaxed);
+                }
                 lock(&lane.queue).ready.push_back(item);
                 lane.more.notify_one();
             }
@@ -350,13 +356,26 @@ async fn intake(lanes: Arc<ArcSwap<Lanes>>, shared: Arc<Shared>) {
     }
 }
 
-/// Refreshes the age of each target's oldest delivery and the spool gauges once a second.
-async fn report(lanes: Arc<ArcSwap<Lanes>>, bytes: IntGaugeVec, oldest: IntGaugeVec) {
+/// Refreshes the age of each target's oldest delivery and the spool gauges once a second
+/// (with a shared spool, every figure of a target from the spool's count of it).
+async fn report(
+    lanes: Arc<ArcSwap<Lanes>>,
+    spool: Arc<dyn Spool>,
+    bytes: IntGaugeVec,
+    oldest: IntGaugeVec,
+) {
     loop {
         let lanes = lanes.load_full();
         let mut by_upstream: HashMap<&str, (u64, u64)> = HashMap::new();
-        for lane in lanes.values() {
-            let first = {
+        for ((route, name), lane) in lanes.iter() {
+            let counted = spool.backlog(route, name);
+            if let Some(b) = counted {
+                lane.target.pending.store(b.pending, Relaxed);
+                lane.target.pending_bytes.store(b.bytes, Relaxed);
+            }
+            let first = if let Some(b) = counted {
+                b.oldest_ms
+            } else {
                 let q = lock(&lane.queue);
                 q.ready
                     .iter()
@@ -547,8 +566,10 @@ async fn attempt(lane: &Lane, shared: &Shared, mut item: Item, probe: bool) {
 /// The delivery is over for this target: the spool forgets it once all targets are done.
 fn finish(lane: &Lane, shared: &Shared, item: &Item) {
     shared.spool.done(item.key, item.index);
-    lane.target.pending.fetch_sub(1, Relaxed);
-    lane.target.pending_bytes.fetch_sub(item.size, Relaxed);
+    if !shared.spool.shared() {
+        lane.target.pending.fetch_sub(1, Relaxed);
+        lane.target.pending_bytes.fetch_sub(item.size, Relaxed);
+    }
     let mut q = lock(&lane.queue);
     q.inflight -= 1;
 }

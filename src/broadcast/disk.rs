@@ -34,7 +34,7 @@ use bytes::Bytes;
 use tokio::sync::{watch, Notify};
 
 use super::spool::{decode, encode, lock, Accepted, Found, Key, PutError, Spool};
-use crate::config::{Fsync, SpoolConfig};
+use crate::config::Fsync;
 
 /// A segment past this size is sealed and a new one started.
 pub const SEGMENT_BYTES: u64 = 8 * 1024 * 1024;
@@ -96,20 +96,20 @@ struct Segment {
 impl DiskSpool {
     /// Opens (creating) the spool directory. Nothing is read yet: that is the deliverer's
     /// first [`Spool::found`], once it holds the lock.
-    pub fn open(config: &SpoolConfig) -> io::Result<DiskSpool> {
-        std::fs::create_dir_all(&config.dir)?;
-        let probe = config.dir.join(format!(".probe-{}", std::process::id()));
+    pub fn open(dir: &Path, max_size: u64, fsync: Fsync) -> io::Result<DiskSpool> {
+        std::fs::create_dir_all(dir)?;
+        let probe = dir.join(format!(".probe-{}", std::process::id()));
         File::create(&probe)?;
         std::fs::remove_file(&probe)?;
-        let bytes = segment_files(&config.dir)?
+        let bytes = segment_files(dir)?
             .iter()
             .filter_map(|(_, _, path)| std::fs::metadata(path).ok())
             .map(|m| m.len())
             .sum();
         let inner = Arc::new(Inner {
-            dir: config.dir.clone(),
-            max: config.max_size,
-            fsync: config.fsync,
+            dir: dir.to_path_buf(),
+            max: max_size,
+            fsync,
             pid: std::process::id(),
             writer: Mutex::new(Writer {
                 segment: None,
@@ -309,6 +309,7 @@ impl Inner {
                 seg.pending += pending.len();
                 found.push(Found {
                     key: Key {
+                        log: 0,
                         segment: id,
                         offset,
                     },
@@ -544,7 +545,7 @@ impl Spool for DiskSpool {
         self.0.done(key, target);
     }
 
-    fn release(&self) {
+    async fn release(&self) {
         lock(&self.0.lock).take();
     }
 
@@ -562,12 +563,8 @@ mod tests {
     use super::*;
     use crate::broadcast::spool::tests::sample;
 
-    fn config(dir: &Path, fsync: Fsync, max: u64) -> SpoolConfig {
-        SpoolConfig {
-            dir: dir.to_path_buf(),
-            max_size: max,
-            fsync,
-        }
+    fn open(dir: &Path, fsync: Fsync, max: u64) -> io::Result<DiskSpool> {
+        DiskSpool::open(dir, max, fsync)
     }
 
     fn scratch(name: &str) -> PathBuf {
@@ -580,7 +577,7 @@ mod tests {
     async fn requests_outlive_the_spool_and_done_ones_are_forgotten() {
         for fsync in [Fsync::Group, Fsync::Always, Fsync::Never] {
             let dir = scratch(&format!("{fsync:?}"));
-            let spool = DiskSpool::open(&config(&dir, fsync, 1 << 30)).unwrap();
+            let spool = open(&dir, fsync, 1 << 30).unwrap();
             for i in 0..10u8 {
                 spool.put(Arc::new(sample(&[i; 100]))).await.unwrap();
             }
@@ -593,11 +590,11 @@ mod tests {
                 spool.done(f.key, 1);
             }
             spool.done(found[4].key, 1);
-            spool.release();
+            spool.release().await;
             drop(spool);
 
             // The next process finds what is left: 6 requests, one of them for one target.
-            let next = DiskSpool::open(&config(&dir, fsync, 1 << 30)).unwrap();
+            let next = open(&dir, fsync, 1 << 30).unwrap();
             assert!(next.claim(&mut rx).await);
             let found = next.found(Duration::from_millis(10)).await;
             assert_eq!(found.len(), 6, "{fsync:?}");
@@ -611,8 +608,8 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn one_process_delivers_at_a_time() {
         let dir = scratch("lock");
-        let a = DiskSpool::open(&config(&dir, Fsync::Never, 1 << 30)).unwrap();
-        let b = DiskSpool::open(&config(&dir, Fsync::Never, 1 << 30)).unwrap();
+        let a = open(&dir, Fsync::Never, 1 << 30).unwrap();
+        let b = open(&dir, Fsync::Never, 1 << 30).unwrap();
         let (tx, mut rx) = watch::channel(false);
         assert!(a.claim(&mut rx.clone()).await);
         let waiting = tokio::spawn(async move {
@@ -624,7 +621,7 @@ mod tests {
             !waiting.is_finished(),
             "b must wait while a holds the spool"
         );
-        a.release();
+        a.release().await;
         let (got, _b) = tokio::time::timeout(Duration::from_secs(5), waiting)
             .await
             .expect("b takes over once a lets go")
@@ -637,7 +634,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_full_spool_refuses_and_finished_segments_are_deleted() {
         let dir = scratch("full");
-        let spool = DiskSpool::open(&config(&dir, Fsync::Never, 3 * 1024 * 1024)).unwrap();
+        let spool = open(&dir, Fsync::Never, 3 * 1024 * 1024).unwrap();
         let big = Arc::new(sample(&vec![7u8; 1024 * 1024]));
         for _ in 0..2 {
             spool.put(Arc::clone(&big)).await.expect("room");
@@ -670,7 +667,7 @@ mod tests {
         data.extend_from_slice(&torn[..torn.len() - 3]);
         // Written by a process that is gone (pid 0 never is a live writer here).
         std::fs::write(dir.join("00000000000000000001-999999999.seg"), &data).unwrap();
-        let spool = DiskSpool::open(&config(&dir, Fsync::Never, 1 << 30)).unwrap();
+        let spool = open(&dir, Fsync::Never, 1 << 30).unwrap();
         let found = spool.0.scan().unwrap();
         assert_eq!(found.len(), 1);
         assert_eq!(found[0].accepted.body.as_ref(), b"whole");

@@ -1,5 +1,6 @@
 //! Broadcast routes (`broadcast: [a, b, ...]`): the gateway reads the request (body limit
-//! applies), keeps it in the spool ([`spool`]: on disk with `spool:`, else in memory), and
+//! applies), keeps it in the spool ([`spool`]: on disk, in memory, or in Redis Streams
+//! shared by every instance, [`redis`]), and
 //! answers `202 Accepted` with `{"request_id", "targets"}` once it is kept; a full spool
 //! answers 503 with `Retry-After`. The delivery service ([`deliver`]) then sends it to one
 //! backend of every listed upstream, retrying failed attempts with backoff until
@@ -11,6 +12,7 @@
 
 mod deliver;
 pub mod disk;
+pub mod redis;
 pub mod spool;
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -131,6 +133,7 @@ pub async fn accept(
             log::error!("broadcast: cannot keep request {request_id} in the spool: {e}");
             Some("broadcast spool cannot be written")
         }
+        Err(PutError::Unavailable(_)) => Some("broadcast spool is unavailable"),
     };
     if let Some(message) = refused {
         // Push back rather than accept what might not be delivered.

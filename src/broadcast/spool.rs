@@ -1,8 +1,9 @@
 //! The spool: accepted broadcast requests wait here until every target has them. One small
 //! interface, [`Spool`], and two stores behind it: [`super::disk::DiskSpool`] (`spool:`
 //! configured: an append-only segment log on local disk that outlives stops, upgrades and
-//! crashes) and [`MemorySpool`] (no `spool:`: bounded memory, gone with the process). A
-//! store shared by several instances (Redis Streams) would be a third implementation.
+//! crashes), [`MemorySpool`] (no `spool:`, or `store: memory`: bounded memory, gone with
+//! the process) and [`super::redis::RedisSpool`] (`store: redis`: Redis Streams shared by
+//! every instance).
 //!
 //! A request is put once with the names of its targets; the process that holds the right to
 //! deliver ([`Spool::claim`]) is handed every stored request with the targets that still
@@ -19,9 +20,11 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 use pingora_http::RequestHeader;
 use tokio::sync::{watch, Notify};
 
-/// Where one request is in its spool.
+/// Where one request is in its spool: which of the store's logs (a Redis spool has one
+/// stream per target; the others one log), and where in it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Key {
+    pub log: u32,
     pub segment: u64,
     pub offset: u64,
 }
@@ -67,6 +70,17 @@ pub enum PutError {
     /// No room: the client is told to come back later.
     Full,
     Io(io::Error),
+    /// The shared store did not answer in time (it logs that itself, once per outage).
+    Unavailable(String),
+}
+
+/// What waits for one target in a shared store, counted there (the whole fleet's view).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Backlog {
+    pub pending: u64,
+    pub bytes: u64,
+    /// When the oldest was accepted (ms since the epoch); 0: none.
+    pub oldest_ms: u64,
 }
 
 #[async_trait]
@@ -84,13 +98,25 @@ pub trait Spool: Send + Sync {
     async fn load(&self, key: Key) -> io::Result<Arc<Accepted>>;
     /// `target` has the request (or was given up on).
     fn done(&self, key: Key, target: u16);
-    /// Gives the right to deliver up, for the next process.
-    fn release(&self);
+    /// Gives the right to deliver up, for the next process (a shared store: hands what
+    /// this process holds to the other instances).
+    async fn release(&self);
     /// Bytes held.
     fn bytes(&self) -> u64;
     /// Whether what it holds outlives the process (then a stopping process hands its
     /// deliveries over instead of trying to finish them).
     fn durable(&self) -> bool;
+    /// Whether other instances deliver from the same store (then the backlog is counted
+    /// by the store, [`Spool::backlog`], not by this process).
+    fn shared(&self) -> bool {
+        false
+    }
+    /// The (route label, upstream name) targets in force: a shared store reads theirs.
+    fn follow(&self, _targets: &[(String, String)]) {}
+    /// A shared store's count of what waits for a target.
+    fn backlog(&self, _route: &str, _target: &str) -> Option<Backlog> {
+        None
+    }
 }
 
 /// Locks a mutex, taking it over from a thread that panicked while holding it.
@@ -137,6 +163,7 @@ impl Spool for MemorySpool {
             s.bytes += size;
             s.next += 1;
             let key = Key {
+                log: 0,
                 segment: 0,
                 offset: s.next,
             };
@@ -184,7 +211,7 @@ impl Spool for MemorySpool {
         }
     }
 
-    fn release(&self) {}
+    async fn release(&self) {}
 
     fn bytes(&self) -> u64 {
         lock(&self.state).bytes

@@ -502,9 +502,20 @@ pub struct FileBroadcastRetry {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FileSpool {
-    pub dir: String,
+    pub store: Option<FileSpoolStore>,
+    pub dir: Option<String>,
     pub max_size: Option<Size>,
     pub fsync: Option<Fsync>,
+    pub claim_after: Option<Dur>,
+}
+
+/// `spool.store`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FileSpoolStore {
+    Disk,
+    Memory,
+    Redis,
 }
 
 /// When the spool's writes are made durable.
@@ -547,6 +558,7 @@ pub struct FileRateLimit {
     pub key: Option<String>,
     pub store: Option<FileLimitStore>,
     pub on_store_error: Option<FileOnStoreError>,
+    pub lease: Option<u32>,
 }
 
 #[derive(Debug, Deserialize)]

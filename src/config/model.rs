@@ -125,10 +125,26 @@ pub struct RouteCacheConfig {
 /// `spool:`.
 #[derive(Debug, Clone)]
 pub struct SpoolConfig {
-    pub dir: std::path::PathBuf,
+    /// Bytes held at most (a Redis spool: per target stream); full: 503.
     pub max_size: u64,
-    pub fsync: Fsync,
+    pub store: SpoolStore,
 }
+
+/// `spool.store`: where accepted broadcast requests wait.
+#[derive(Debug, Clone)]
+pub enum SpoolStore {
+    /// An append-only log in `dir` on this machine.
+    Disk {
+        dir: std::path::PathBuf,
+        fsync: Fsync,
+    },
+    /// This process's memory: lost with it.
+    Memory,
+    /// Redis Streams on `redis:`, shared by every instance.
+    Redis { claim_after: Duration },
+}
+
+pub const DEFAULT_CLAIM_AFTER: Duration = Duration::from_secs(30);
 
 pub const DEFAULT_SPOOL_MAX_SIZE: u64 = 1024 * 1024 * 1024;
 /// Bytes of accepted requests kept in memory when no `spool:` is configured.
@@ -508,6 +524,9 @@ pub struct RateLimitConfig {
     pub store: LimitStore,
     /// What a request gets when Redis cannot decide in time.
     pub on_store_error: OnStoreError,
+    /// `store: redis`: tokens an instance takes at once and spends locally; 0: every
+    /// decision asks Redis.
+    pub lease: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

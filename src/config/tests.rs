@@ -201,7 +201,14 @@ fn spool_and_broadcast_retry_are_checked() {
     ));
     assert!(c.warnings.is_empty());
     let s = c.spool.as_ref().expect("a spool");
-    assert_eq!((s.max_size, s.fsync), (2 * 1024 * 1024, Fsync::Always));
+    assert_eq!(s.max_size, 2 * 1024 * 1024);
+    assert!(matches!(
+        s.store,
+        SpoolStore::Disk {
+            fsync: Fsync::Always,
+            ..
+        }
+    ));
     let RouteKind::Broadcast { retry, .. } = &c.routes[0].kind else {
         panic!("a broadcast route");
     };
@@ -326,7 +333,10 @@ fn redis_and_shared_limits_are_checked() {
         .map(|w| format!("{}: {}", w.path, w.message))
         .collect();
     assert!(
-        has(&warnings, "redis: no rate_limit uses `store: redis`"),
+        has(
+            &warnings,
+            "redis: neither a rate_limit nor the spool uses `store: redis`"
+        ),
         "{warnings:?}"
     );
     assert!(
@@ -688,4 +698,74 @@ fn tracing_names_the_collector_and_bounds_its_queue() {
     assert!(has(&e, "tracing.otlp"), "{e:#?}");
     assert!(has(&e, "tracing.sample"), "{e:#?}");
     assert!(has(&e, "tracing.max_queue"), "{e:#?}");
+}
+
+#[test]
+fn a_spool_in_redis_and_leased_limits_are_checked() {
+    let redis = "redis: { url: redis://127.0.0.1:6379 }";
+    let leased = "rate_limit: { requests_per_second: 1000, burst: 200, store: redis, lease: 100 }";
+    let c = ok(&format!(
+        "{BASE}{redis}\nspool: {{ store: redis, claim_after: 10s, max_size: 8MiB }}\n\
+         routes:\n  - {{ match: {{ prefix: /e }}, broadcast: [u] }}\n\
+         \x20 - {{ match: {{ prefix: / }}, upstream: u, {leased} }}\n"
+    ));
+    assert!(c.warnings.is_empty(), "{:?}", c.warnings);
+    let s = c.spool.as_ref().expect("a spool");
+    assert_eq!(s.max_size, 8 * 1024 * 1024);
+    assert!(
+        matches!(s.store, SpoolStore::Redis { claim_after } if claim_after.as_secs() == 10),
+        "{s:?}"
+    );
+    assert_eq!(c.routes[1].rate_limit.as_ref().map(|l| l.lease), Some(100));
+    // The spool alone is a use of `redis:`; claim_after has a default.
+    let c = ok(&format!(
+        "{BASE}{redis}\nspool: {{ store: redis }}\nroutes:\n  - {{ match: {{ prefix: /e }}, broadcast: [u] }}\n"
+    ));
+    assert!(c.warnings.is_empty(), "{:?}", c.warnings);
+    assert!(matches!(
+        c.spool.as_ref().map(|s| &s.store),
+        Some(SpoolStore::Redis { claim_after }) if *claim_after == DEFAULT_CLAIM_AFTER
+    ));
+    // In memory, bounded by max_size, and warned about.
+    let c = ok(&format!(
+        "{BASE}spool: {{ store: memory, max_size: 2MiB }}\nroutes:\n  - {{ match: {{ prefix: /e }}, broadcast: [u] }}\n"
+    ));
+    assert!(c.warnings[0].message.contains("in memory only"));
+
+    let e = errors(&format!(
+        "{BASE}spool: {{ store: redis, dir: /tmp/x, fsync: always, claim_after: 10ms }}\n\
+         routes:\n  - {{ match: {{ prefix: /e }}, broadcast: [u] }}\n\
+         \x20 - {{ match: {{ prefix: / }}, upstream: u, rate_limit: {{ requests_per_second: 10, lease: 5 }} }}\n"
+    ));
+    for line in [
+        "spool.dir: applies only to `store: disk`",
+        "spool.fsync: applies only to `store: disk`",
+        "spool.claim_after: must be at least 1s",
+        "spool.store: store: redis needs a top-level `redis:`",
+        "routes[1].rate_limit.lease: applies only with `store: redis`",
+    ] {
+        assert!(has(&e, line), "{line}: {e:?}");
+    }
+    let e = errors(&format!(
+        "{BASE}spool: {{ max_size: 2MiB, claim_after: 1m }}\nroutes:\n  - {{ match: {{ prefix: /e }}, broadcast: [u] }}\n"
+    ));
+    assert!(has(&e, "spool: give `dir`"), "{e:?}");
+    let e = errors(&format!(
+        "{BASE}spool: {{ store: memory, claim_after: 1m }}\nroutes:\n  - {{ match: {{ prefix: /e }}, broadcast: [u] }}\n"
+    ));
+    assert!(
+        has(&e, "spool.claim_after: applies only to `store: redis`"),
+        "{e:?}"
+    );
+    // A lease larger than the bucket is said to be capped.
+    let c = ok(&format!(
+        "{BASE}{redis}\nroutes:\n  - {{ match: {{ prefix: / }}, upstream: u, rate_limit: {{ requests_per_second: 10, burst: 4, store: redis, lease: 50 }} }}\n"
+    ));
+    assert!(
+        c.warnings[0]
+            .message
+            .contains("at most the bucket's burst + 1 = 5"),
+        "{:?}",
+        c.warnings
+    );
 }

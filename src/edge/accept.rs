@@ -8,13 +8,14 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use pingora_core::apps::{HttpServerApp, HttpServerOptions, ReusedHttpStream, ServerApp};
 use pingora_core::protocols::http::v2::server::H2Options;
 use pingora_core::protocols::http::ServerSession;
-use pingora_core::protocols::{Stream, ALPN};
+use pingora_core::protocols::{Shutdown, Stream, ALPN};
 use pingora_core::server::ShutdownWatch;
 use prometheus::IntGauge;
 
@@ -138,17 +139,31 @@ where
     }
 }
 
-/// Waits for the connection's next request head, unless the service starts shutting down
-/// first: then the connection is closed, as Pingora closes a session waiting for a head.
+/// How long a keep-alive connection that waits for its next request is still listened to
+/// once the service starts shutting down (below every sensible `grace_period_seconds`).
+const DRAIN_IDLE: Duration = Duration::from_millis(500);
+
+/// Waits for the connection's next request head. Once the service starts shutting down
+/// the connection is not cut at once: a client that was already sending its next request
+/// on it would see the connection reset under that request. It is listened to for
+/// [`DRAIN_IDLE`] more (a request that comes is served, and its answer closes the
+/// connection: Pingora turns keep-alive off while shutting down); then it is closed
+/// cleanly (TLS `close_notify`, TCP FIN), which an idle client's pool notices before reuse.
 async fn next_head(client: &mut ClientStream, shutdown: &ShutdownWatch) -> bool {
     let mut shutdown = shutdown.clone();
-    if *shutdown.borrow() {
-        return false;
+    if !*shutdown.borrow() {
+        tokio::select! {
+            biased;
+            ready = client.next_head() => return ready,
+            _ = shutdown.changed() => {}
+        }
     }
-    tokio::select! {
-        biased;
-        ready = client.next_head() => ready,
-        _ = shutdown.changed() => false,
+    match tokio::time::timeout(DRAIN_IDLE, client.next_head()).await {
+        Ok(ready) => ready,
+        Err(_) => {
+            Shutdown::shutdown(client).await;
+            false
+        }
     }
 }
 

@@ -15,7 +15,8 @@
 //! shares it, so no lock may stand there.
 //!
 //! With `store: redis` the arrival times live in Redis instead, shared by every instance
-//! ([`shared`]): the same GCRA, run there by one script per decision.
+//! ([`shared`]): the same GCRA, run there by one script per decision, or per lease of
+//! `lease` tokens that the instance then spends locally.
 
 pub mod shared;
 
@@ -94,6 +95,7 @@ impl RateLimiter {
                 interval_ns,
                 tolerance_ns,
                 config.on_store_error,
+                config.lease,
             )),
             (_, _, KeySource::Global) => Arrivals::Global(AtomicU64::new(0)),
             _ => Arrivals::PerKey((0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect()),
@@ -126,7 +128,10 @@ impl RateLimiter {
     /// Takes one token for `key` at `now` if there is one, or says to ask the shared store.
     pub fn decide(&self, key: &[u8], now: Instant) -> Check<'_> {
         match &self.arrivals {
-            Arrivals::Shared(shared) => Check::Ask(shared),
+            Arrivals::Shared(shared) => match shared.local(key, now) {
+                Some(decision) => Check::Now(decision),
+                None => Check::Ask(shared),
+            },
             _ => Check::Now(self.check(key, now)),
         }
     }
@@ -213,6 +218,7 @@ mod tests {
             key,
             store: LimitStore::Local,
             on_store_error: crate::config::OnStoreError::Allow,
+            lease: 0,
         };
         RateLimiter::new(&config, "test", None)
     }

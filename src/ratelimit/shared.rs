@@ -1,260 +1,103 @@
 //! Rate limits shared by every fanout instance (`rate_limit.store: redis`): the route's
-//! GCRA buckets live in Redis, one key per bucket, and each decision is one `EVALSHA` of
-//! the script below — read the arrival time, compare, write the new one with an expiry —
-//! which Redis runs atomically, so instances never race each other. The clock is Redis's
-//! (`TIME`), so the instances' clocks need not agree. A key expires when its bucket would
-//! be full again: a bucket at rest costs Redis nothing.
+//! GCRA buckets live in Redis, one key per bucket, moved by the scripts below — read the
+//! arrival time, compare, write the new one with an expiry — which Redis runs atomically,
+//! so instances never race each other. The clock is Redis's (`TIME`), so the instances'
+//! clocks need not agree. A key expires when its bucket would be full again: a bucket at
+//! rest costs Redis nothing.
 //!
-//! Every decision is bounded by `redis.timeout`; a decision Redis does not give in time
-//! (down, slow, unreachable) is a store error, counted, and the route's `on_store_error`
-//! says whether the request goes through (`allow`) or gets 503 (`deny`). Connections are
-//! made lazily and remade on their own: `pool` multiplexed connections to one server
-//! (redis-rs' `ConnectionManager`, which reconnects after an I/O error), or one cluster
-//! connection that follows the cluster's slots (`url:` given as a list).
+//! Two modes:
 //!
-//! There is no local bucket in front: each request asks Redis, so the instances together
-//! hold exactly the configured rate, whatever the balance between them (bench/RESULTS.md
-//! gives what a decision costs).
+//! - **exact** (`lease: 0`, the default): every decision is one `EVALSHA` taking one
+//!   token, so the instances together hold exactly the configured rate, whatever the
+//!   balance between them; each request waits one Redis round trip.
+//! - **leased** (`lease: N`): an instance takes up to N tokens of a key's bucket at once
+//!   (a lease) and spends them locally, with no round trip; it asks for the next lease in
+//!   the background when half of the current one is spent. Tokens not spent within
+//!   [`LEASE_TTL`] are dropped (never spent late), and an instance that stops leaves its
+//!   lease to expire. What this can admit beyond the exact mode over any interval is
+//!   bounded: at most `min(I × N, rate × LEASE_TTL)` requests more, for I instances (the
+//!   tokens that were leased before the interval began and spent in it); over the long run
+//!   admission follows the bucket. When Redis has no token left, the answer says how long
+//!   until one is; the instance refuses locally until enough for half a lease has
+//!   accrued, so a saturated limit costs Redis about `rate / (N / 2)` calls a second.
+//!
+//! Every call is bounded by `redis.timeout`; a decision Redis does not give in time (down,
+//! slow, unreachable) is a store error, counted, and the route's `on_store_error` says
+//! whether the request goes through (`allow`) or gets 503 (`deny`). In leased mode a store
+//! error only matters once the instance's lease is spent.
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
-use std::time::Duration;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::cluster::ClusterClient;
-use redis::cluster_async::ClusterConnection;
+use tokio::sync::Notify;
 
 use super::Decision;
-use crate::config::{OnStoreError, RedisConfig, RedisServer};
+use crate::config::OnStoreError;
+use crate::redis_client::RedisClient;
+pub use crate::redis_client::StoreError;
 
-/// GCRA in Redis. KEYS[1]: the bucket; ARGV[1]: the emission interval, ARGV[2]: the burst
-/// tolerance, both in microseconds. Returns {1, tokens left} or {0, microseconds until the
-/// next token}.
+/// The connections to Redis, shared by every route with `store: redis`.
+pub type SharedStore = RedisClient;
+
+/// How long leased tokens may be spent.
+pub const LEASE_TTL: Duration = Duration::from_secs(1);
+/// Keys with a lease remembered per route; past it expired leases are forgotten first.
+const LEASE_KEYS: usize = 65_536;
+
+/// GCRA in Redis, taking up to ARGV[3] tokens. KEYS[1]: the bucket; ARGV[1]: the emission
+/// interval, ARGV[2]: the burst tolerance, both in microseconds. Returns {tokens taken,
+/// tokens left} or {0, microseconds until the next token}.
 const GCRA: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local interval = tonumber(ARGV[1])
 local tolerance = tonumber(ARGV[2])
+local want = tonumber(ARGV[3])
 local tat = tonumber(redis.call('GET', KEYS[1]) or now)
 if tat < now then tat = now end
-local nxt = tat + interval
-local ahead = nxt - now
-if ahead > tolerance then
-  return {0, ahead - tolerance}
+local free = math.floor((tolerance + now - tat) / interval)
+if free < 1 then
+  return {0, tat + interval - now - tolerance}
 end
+local n = math.min(want, free)
+local nxt = tat + n * interval
+local ahead = nxt - now
 redis.call('SET', KEYS[1], string.format('%d', nxt), 'PX', math.floor(ahead / 1000) + 1)
-return {1, math.floor((tolerance - ahead) / interval)}
+return {n, math.floor((tolerance - ahead) / interval)}
 ";
-
-/// Why the store gave no decision.
-#[derive(Debug)]
-pub enum StoreError {
-    /// No answer within `redis.timeout`.
-    Timeout,
-    /// Not connected (yet, or again): a connection is being made.
-    Connecting,
-    /// Redis answered with an error, or the connection failed.
-    Redis(redis::RedisError),
-}
-
-impl std::fmt::Display for StoreError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            StoreError::Timeout => f.write_str("no answer from Redis in time"),
-            StoreError::Connecting => f.write_str("not connected to Redis"),
-            StoreError::Redis(e) => write!(f, "Redis: {e}"),
-        }
-    }
-}
-
-/// The connections to Redis, shared by every route with `store: redis`.
-pub struct SharedStore {
-    server: Server,
-    timeout: Duration,
-    script: redis::Script,
-    /// Logs the first error of a run of them, not each one.
-    failing: AtomicBool,
-}
-
-enum Server {
-    Single(Box<Single>),
-    Cluster(Arc<Cluster>),
-}
-
-/// `pool` managers, made on first use (they need a runtime), taken in turn.
-struct Single {
-    client: redis::Client,
-    pool: usize,
-    managers: OnceLock<Result<Vec<ConnectionManager>, String>>,
-    next: AtomicUsize,
-}
-
-/// A cluster connection, made in the background and made again when it is lost.
-struct Cluster {
-    client: ClusterClient,
-    conn: Mutex<Option<ClusterConnection>>,
-    connecting: AtomicBool,
-}
-
-impl SharedStore {
-    /// The store for `config`; connects nothing yet. Fails only on a URL the client library
-    /// refuses (validation has checked them already).
-    pub fn new(config: &RedisConfig) -> Result<SharedStore, String> {
-        // The library's own timeouts sit just above ours, so that ours is the one that
-        // fires and the connection is not torn down for a decision we gave up on.
-        let server = match &config.server {
-            RedisServer::Single(url) => Server::Single(Box::new(Single {
-                client: redis::Client::open(url.as_str())
-                    .map_err(|e| format!("redis.url {url:?}: {e}"))?,
-                pool: config.pool,
-                managers: OnceLock::new(),
-                next: AtomicUsize::new(0),
-            })),
-            RedisServer::Cluster(urls) => Server::Cluster(Arc::new(Cluster {
-                client: ClusterClient::builder(urls.iter().map(String::as_str))
-                    .connection_timeout(config.timeout.max(Duration::from_millis(500)))
-                    .response_timeout(config.timeout * 4)
-                    .build()
-                    .map_err(|e| format!("redis.url: {e}"))?,
-                conn: Mutex::new(None),
-                connecting: AtomicBool::new(false),
-            })),
-        };
-        Ok(SharedStore {
-            server,
-            timeout: config.timeout,
-            script: redis::Script::new(GCRA),
-            failing: AtomicBool::new(false),
-        })
-    }
-
-    /// Runs the GCRA script on `bucket`, bounded by the timeout.
-    async fn take(
-        &self,
-        bucket: &[u8],
-        interval_us: u64,
-        tolerance_us: u64,
-    ) -> Result<(i64, i64), StoreError> {
-        let mut invocation = self.script.key(bucket);
-        invocation.arg(interval_us).arg(tolerance_us);
-        let asked = async {
-            match &self.server {
-                Server::Single(single) => {
-                    let Single {
-                        client,
-                        pool,
-                        managers,
-                        next,
-                    } = &**single;
-                    let managers = managers
-                        .get_or_init(|| connect_single(client, *pool, self.timeout))
-                        .as_ref()
-                        .map_err(|e| {
-                            StoreError::Redis(redis::RedisError::from((
-                                redis::ErrorKind::Client,
-                                "cannot set up the connection",
-                                e.clone(),
-                            )))
-                        })?;
-                    let i = next.fetch_add(1, Ordering::Relaxed) % managers.len();
-                    let mut conn = managers[i].clone();
-                    invocation
-                        .invoke_async(&mut conn)
-                        .await
-                        .map_err(StoreError::Redis)
-                }
-                Server::Cluster(cluster) => {
-                    let mut conn = cluster.connection().ok_or(StoreError::Connecting)?;
-                    let result = invocation.invoke_async(&mut conn).await;
-                    if let Err(e) = &result {
-                        if e.is_unrecoverable_error() || e.is_io_error() {
-                            cluster.lost();
-                        }
-                    }
-                    result.map_err(StoreError::Redis)
-                }
-            }
-        };
-        let result = match tokio::time::timeout(self.timeout, asked).await {
-            Ok(result) => result,
-            Err(_) => Err(StoreError::Timeout),
-        };
-        match &result {
-            Ok(_) => {
-                if self.failing.swap(false, Ordering::Relaxed) {
-                    log::info!("rate limits: Redis answers again");
-                }
-            }
-            Err(e) => {
-                if !self.failing.swap(true, Ordering::Relaxed) {
-                    log::warn!("rate limits: {e}; on_store_error applies until it answers");
-                }
-            }
-        }
-        result
-    }
-}
-
-/// `pool` lazily connecting managers: none connects until its first command, and each
-/// reconnects by itself after an I/O error.
-fn connect_single(
-    client: &redis::Client,
-    pool: usize,
-    timeout: Duration,
-) -> Result<Vec<ConnectionManager>, String> {
-    let config = ConnectionManagerConfig::new()
-        .set_connection_timeout(Some(timeout.max(Duration::from_millis(500))))
-        .set_response_timeout(Some(timeout * 4))
-        .set_number_of_retries(2)
-        .set_max_delay(Duration::from_secs(1));
-    (0..pool.max(1))
-        .map(|_| {
-            ConnectionManager::new_lazy_with_config(client.clone(), config.clone())
-                .map_err(|e| e.to_string())
-        })
-        .collect()
-}
-
-impl Cluster {
-    /// The connection if there is one; else one is being made (in the background, one
-    /// attempt at a time) and this request goes without.
-    fn connection(self: &Arc<Self>) -> Option<ClusterConnection> {
-        if let Some(conn) = self.conn.lock().unwrap_or_else(|p| p.into_inner()).clone() {
-            return Some(conn);
-        }
-        if !self.connecting.swap(true, Ordering::AcqRel) {
-            let me = Arc::clone(self);
-            tokio::spawn(async move {
-                match me.client.get_async_connection().await {
-                    Ok(conn) => {
-                        *me.conn.lock().unwrap_or_else(|p| p.into_inner()) = Some(conn);
-                    }
-                    Err(e) => {
-                        log::warn!("rate limits: cannot connect to the Redis Cluster: {e}");
-                        // Give the cluster a moment before the next attempt.
-                        tokio::time::sleep(Duration::from_millis(200)).await;
-                    }
-                }
-                me.connecting.store(false, Ordering::Release);
-            });
-        }
-        None
-    }
-
-    /// The connection failed for good: the next request makes a new one.
-    fn lost(&self) {
-        *self.conn.lock().unwrap_or_else(|p| p.into_inner()) = None;
-    }
-}
 
 /// One route's limit in the shared store.
 pub struct SharedLimit {
+    inner: Arc<Inner>,
+    pub on_error: OnStoreError,
+}
+
+struct Inner {
     store: Arc<SharedStore>,
+    script: redis::Script,
     /// `fanout:rl:<route>:`, to which the request's key is appended.
     prefix: Vec<u8>,
     interval_us: u64,
     tolerance_us: u64,
-    pub on_error: OnStoreError,
+    /// `lease:`; 0: exact mode.
+    lease: u32,
+    /// Leased mode: each key's lease, by the key's hash.
+    leases: Mutex<HashMap<u64, Lease>>,
+}
+
+/// The tokens an instance holds of one key's bucket.
+#[derive(Default)]
+struct Lease {
+    tokens: u32,
+    /// When the tokens held lapse.
+    expires: Option<Instant>,
+    /// Redis said the bucket is empty: no asking before this.
+    empty_until: Option<Instant>,
+    /// Renewing failed: not again in the background before this.
+    failed_until: Option<Instant>,
+    /// A lease is being asked for; those who need one wait for it here.
+    asking: Option<Arc<Notify>>,
 }
 
 impl SharedLimit {
@@ -264,33 +107,173 @@ impl SharedLimit {
         interval_ns: u64,
         tolerance_ns: u64,
         on_error: OnStoreError,
+        lease: u32,
     ) -> SharedLimit {
         let interval_us = (interval_ns / 1_000).max(1);
         SharedLimit {
-            store,
-            prefix: format!("fanout:rl:{label}:").into_bytes(),
-            interval_us,
-            tolerance_us: tolerance_ns / 1_000,
+            inner: Arc::new(Inner {
+                store,
+                script: redis::Script::new(GCRA),
+                prefix: format!("fanout:rl:{label}:").into_bytes(),
+                interval_us,
+                tolerance_us: tolerance_ns / 1_000,
+                lease,
+                leases: Mutex::new(HashMap::new()),
+            }),
             on_error,
         }
     }
 
-    /// Takes one token for `key` from the shared bucket, if there is one.
+    /// Leased mode: the decision this instance can make alone (a token of its lease, or a
+    /// refusal while Redis said the bucket is empty); `None`: Redis must be asked
+    /// ([`Self::check`]).
+    pub fn local(&self, key: &[u8], now: Instant) -> Option<Decision> {
+        let inner = &self.inner;
+        if inner.lease == 0 {
+            return None;
+        }
+        let hash = crate::keys::stable_hash(key);
+        let mut leases = inner.leases.lock().unwrap_or_else(|p| p.into_inner());
+        let lease = leases.get_mut(&hash)?;
+        if lease.expires.is_some_and(|e| e <= now) {
+            lease.tokens = 0;
+        }
+        if lease.tokens > 0 {
+            lease.tokens -= 1;
+            let remaining = lease.tokens as u64;
+            let due = lease.empty_until.is_none_or(|t| t <= now)
+                && lease.failed_until.is_none_or(|t| t <= now);
+            if lease.tokens <= inner.lease / 2 && lease.asking.is_none() && due {
+                lease.asking = Some(Arc::new(Notify::new()));
+                let (inner, key) = (Arc::clone(inner), key.to_vec());
+                tokio::spawn(async move {
+                    let _ = inner.renew(&key, hash).await;
+                });
+            }
+            return Some(Decision::Allow { remaining });
+        }
+        match lease.empty_until {
+            Some(t) if t > now => Some(Decision::Deny {
+                retry_after_secs: (t - now).as_secs_f64().ceil().max(1.0) as u64,
+            }),
+            _ => None,
+        }
+    }
+
+    /// Takes one token for `key` from the shared bucket, if there is one (leased mode:
+    /// takes a lease, or waits for the one being taken, and a token of it).
     pub async fn check(&self, key: &[u8]) -> Result<Decision, StoreError> {
+        let inner = &self.inner;
+        if inner.lease == 0 {
+            let (taken, n) = inner.take(key, 1).await?;
+            let n = u64::try_from(n).unwrap_or(0);
+            return Ok(if taken > 0 {
+                Decision::Allow { remaining: n }
+            } else {
+                Decision::Deny {
+                    retry_after_secs: n.div_ceil(1_000_000).max(1),
+                }
+            });
+        }
+        let hash = crate::keys::stable_hash(key);
+        let deadline = Instant::now() + inner.store.timeout();
+        loop {
+            let now = Instant::now();
+            if let Some(decision) = self.local(key, now) {
+                return Ok(decision);
+            }
+            // No token here: ask for a lease, or wait for the one being asked for.
+            let waiting = {
+                let mut leases = inner.leases.lock().unwrap_or_else(|p| p.into_inner());
+                if leases.len() >= LEASE_KEYS && !leases.contains_key(&hash) {
+                    leases.retain(|_, l| l.asking.is_some() || l.expires.is_some_and(|e| e > now));
+                    if leases.len() >= LEASE_KEYS {
+                        leases.clear();
+                    }
+                }
+                let lease = leases.entry(hash).or_default();
+                if lease.failed_until.is_some_and(|t| t > now) {
+                    // Redis just failed to lease: on_store_error decides.
+                    return Err(StoreError::Connecting);
+                }
+                match &lease.asking {
+                    Some(n) => Some(Arc::clone(n)),
+                    None => {
+                        lease.asking = Some(Arc::new(Notify::new()));
+                        None
+                    }
+                }
+            };
+            let Some(notify) = waiting else {
+                inner.renew(key, hash).await?;
+                continue;
+            };
+            let notified = notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            // The lease may have come between the look above and the registration.
+            let still_asking = inner
+                .leases
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&hash)
+                .and_then(|l| l.asking.as_ref())
+                .is_some_and(|a| Arc::ptr_eq(a, &notify));
+            if still_asking {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if tokio::time::timeout(left, notified).await.is_err() {
+                    return Err(StoreError::Timeout);
+                }
+            }
+        }
+    }
+}
+
+impl Inner {
+    /// Runs the script for up to `want` tokens of `key`'s bucket.
+    async fn take(&self, key: &[u8], want: u32) -> Result<(i64, i64), StoreError> {
         let mut bucket = Vec::with_capacity(self.prefix.len() + key.len());
         bucket.extend_from_slice(&self.prefix);
         bucket.extend_from_slice(key);
-        let (allowed, n) = self
-            .store
-            .take(&bucket, self.interval_us, self.tolerance_us)
-            .await?;
-        let n = u64::try_from(n).unwrap_or(0);
-        Ok(if allowed == 1 {
-            Decision::Allow { remaining: n }
-        } else {
-            Decision::Deny {
-                retry_after_secs: n.div_ceil(1_000_000).max(1),
+        let mut invocation = self.script.key(bucket);
+        invocation
+            .arg(self.interval_us)
+            .arg(self.tolerance_us)
+            .arg(want);
+        self.store.invoke("rate limits", &invocation).await
+    }
+
+    /// Asks Redis for a lease of `key` and adds it to what the instance holds; wakes whoever
+    /// waits for it.
+    async fn renew(&self, key: &[u8], hash: u64) -> Result<(), StoreError> {
+        let got = self.take(key, self.lease).await;
+        let now = Instant::now();
+        let mut leases = self.leases.lock().unwrap_or_else(|p| p.into_inner());
+        let lease = leases.entry(hash).or_default();
+        if let Some(n) = lease.asking.take() {
+            n.notify_waiters();
+        }
+        let (taken, n) = match got {
+            Ok(got) => got,
+            Err(e) => {
+                lease.failed_until = Some(now + Duration::from_millis(200));
+                return Err(e);
             }
-        })
+        };
+        lease.failed_until = None;
+        if taken > 0 {
+            if lease.expires.is_some_and(|e| e <= now) {
+                lease.tokens = 0;
+            }
+            lease.tokens = lease.tokens.saturating_add(taken as u32);
+            lease.expires = Some(now + LEASE_TTL);
+            lease.empty_until = None;
+        } else {
+            // Empty: ask again once half a lease has accrued.
+            let wait_us = u64::try_from(n).unwrap_or(0)
+                + self.interval_us * u64::from(self.lease / 2).saturating_sub(1);
+            lease.empty_until = Some(now + Duration::from_micros(wait_us.max(1)));
+        }
+        Ok(())
     }
 }

@@ -165,6 +165,12 @@ pub fn needs_upgrade(old: &Config, new: &Config, cache_made: bool) -> Vec<String
     }
     if !same(&old.spool, &new.spool) {
         lines.push("spool: the spool's settings change".into());
+    } else if matches!(
+        new.spool.as_ref().map(|s| &s.store),
+        Some(crate::config::SpoolStore::Redis { .. })
+    ) && !same(&old.redis, &new.redis)
+    {
+        lines.push("redis: the Redis the spool is in changes".into());
     }
     if !same(&old.resolver, &new.resolver) {
         lines.push("resolver: the DNS resolver's settings change".into());

@@ -18,6 +18,7 @@ mod discovery;
 mod edge;
 mod expect;
 mod fallback;
+mod fleet;
 mod framing;
 mod grpc;
 mod h2_edge;

@@ -77,24 +77,6 @@ fn received(b: &Backend) -> HashMap<String, usize> {
     out
 }
 
-async fn wait_all_received(b: &Backend, ids: &[String], limit: Duration) {
-    let want: HashSet<&String> = ids.iter().collect();
-    let deadline = Instant::now() + limit;
-    loop {
-        let got = received(b);
-        let missing = want.iter().filter(|id| !got.contains_key(**id)).count();
-        if missing == 0 {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{missing} of {} accepted events never arrived",
-            want.len()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_target_failing_one_time_in_five_still_gets_every_event() {
     let (flaky, steady) = (

@@ -233,26 +233,39 @@ pub(super) fn build(text: &str) -> Result<Config, Vec<ConfigError>> {
             .as_ref()
             .is_some_and(|l| l.store == LimitStore::Redis)
     });
+    let spool_in_redis = matches!(
+        spool.as_ref().map(|s| &s.store),
+        Some(SpoolStore::Redis { .. })
+    );
     match (shared, &redis) {
         (Some(i), None) => ck.err(
             &format!("routes[{i}].rate_limit.store"),
             "store: redis needs a top-level `redis:` section (url, pool, timeout)",
         ),
-        (None, Some(_)) => ck.warn(
+        (None, Some(_)) if !spool_in_redis => ck.warn(
             "redis",
-            "no rate_limit uses `store: redis`: no connection to Redis is made",
+            "neither a rate_limit nor the spool uses `store: redis`: no connection to Redis is made",
         ),
         _ => {}
     }
-    if spool.is_none() {
+    if spool_in_redis && redis.is_none() {
+        ck.err(
+            "spool.store",
+            "store: redis needs a top-level `redis:` section (url, pool, timeout)",
+        );
+    }
+    let in_memory = spool
+        .as_ref()
+        .is_none_or(|s| matches!(s.store, SpoolStore::Memory));
+    if in_memory {
         if let Some(i) = routes
             .iter()
             .position(|r| matches!(r.kind, RouteKind::Broadcast { .. }))
         {
             ck.warn(
                 &format!("routes[{i}]"),
-                "broadcast without `spool:` keeps accepted requests in memory only: \
-                 a stop or crash loses those not yet delivered",
+                "broadcast with the spool in memory only (no `spool:`, or `store: memory`): \
+                 a stop or crash loses the accepted requests not yet delivered",
             );
         }
     }

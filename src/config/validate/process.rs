@@ -231,35 +231,70 @@ pub(super) fn build_resolver(ck: &mut Checker, f: FileResolver) -> Option<Resolv
     })
 }
 
-/// `spool:`: the directory must be one, or be creatable (its nearest existing ancestor is
-/// a writable directory).
+/// `spool:`: `store` (disk by default, which needs `dir`), and the keys of that store.
+/// With `store: disk` the directory must be one, or be creatable (its nearest existing
+/// ancestor is a writable directory).
 pub(super) fn build_spool(ck: &mut Checker, f: FileSpool) -> Option<SpoolConfig> {
-    let dir = std::path::PathBuf::from(&f.dir);
-    if f.dir.is_empty() {
-        ck.err("spool.dir", "must not be empty");
-        return None;
-    }
-    let existing = dir
-        .ancestors()
-        .find(|p| !p.as_os_str().is_empty() && p.exists());
-    match existing.map(|p| (p, std::fs::metadata(p))) {
-        Some((p, Ok(m))) if !m.is_dir() => {
-            ck.err("spool.dir", format!("{} is not a directory", p.display()))
-        }
-        Some((p, Ok(m))) if m.permissions().readonly() => {
-            ck.err("spool.dir", format!("{} is not writable", p.display()))
-        }
-        _ => {}
-    }
     let max_size = f.max_size.map_or(DEFAULT_SPOOL_MAX_SIZE, |s| s.0);
     if max_size < MIN_SPOOL_MAX_SIZE {
         ck.err("spool.max_size", "must be at least 1MiB");
     }
-    Some(SpoolConfig {
-        dir,
-        max_size,
-        fsync: f.fsync.unwrap_or(Fsync::Group),
-    })
+    let kind = match (f.store, &f.dir) {
+        (Some(kind), _) => kind,
+        (None, Some(_)) => FileSpoolStore::Disk,
+        (None, None) => {
+            ck.err(
+                "spool",
+                "give `dir` (a spool on disk) or `store: memory` or `store: redis`",
+            );
+            return None;
+        }
+    };
+    if kind != FileSpoolStore::Disk {
+        if f.dir.is_some() {
+            ck.err("spool.dir", "applies only to `store: disk`");
+        }
+        if f.fsync.is_some() {
+            ck.err("spool.fsync", "applies only to `store: disk`");
+        }
+    }
+    if kind != FileSpoolStore::Redis && f.claim_after.is_some() {
+        ck.err("spool.claim_after", "applies only to `store: redis`");
+    }
+    let store = match kind {
+        FileSpoolStore::Memory => SpoolStore::Memory,
+        FileSpoolStore::Redis => {
+            let claim_after = f.claim_after.map_or(DEFAULT_CLAIM_AFTER, |d| d.0);
+            if claim_after < Duration::from_secs(1) {
+                ck.err("spool.claim_after", "must be at least 1s");
+            }
+            SpoolStore::Redis { claim_after }
+        }
+        FileSpoolStore::Disk => {
+            let Some(text) = f.dir.filter(|d| !d.is_empty()) else {
+                ck.err("spool.dir", "a spool on disk needs its directory");
+                return None;
+            };
+            let dir = std::path::PathBuf::from(text);
+            let existing = dir
+                .ancestors()
+                .find(|p| !p.as_os_str().is_empty() && p.exists());
+            match existing.map(|p| (p, std::fs::metadata(p))) {
+                Some((p, Ok(m))) if !m.is_dir() => {
+                    ck.err("spool.dir", format!("{} is not a directory", p.display()))
+                }
+                Some((p, Ok(m))) if m.permissions().readonly() => {
+                    ck.err("spool.dir", format!("{} is not writable", p.display()))
+                }
+                _ => {}
+            }
+            SpoolStore::Disk {
+                dir,
+                fsync: f.fsync.unwrap_or(Fsync::Group),
+            }
+        }
+    };
+    Some(SpoolConfig { max_size, store })
 }
 
 /// `tracing:`: the collector's OTLP/HTTP base URL (spans go to its `/v1/traces`).

@@ -226,10 +226,28 @@ pub(super) fn build_routes(
                     "applies only with `store: redis`",
                 );
             }
+            let lease = r.lease.unwrap_or(0);
+            if lease > 0 && !matches!(r.store, Some(FileLimitStore::Redis)) {
+                ck.err(
+                    &format!("{rpath}.lease"),
+                    "applies only with `store: redis` (a local limit has no round trip to save)",
+                );
+            } else if lease > 1_000_000 {
+                ck.err(&format!("{rpath}.lease"), "must be at most 1000000 tokens");
+            } else if lease > burst.saturating_add(1) {
+                ck.warn(
+                    &format!("{rpath}.lease"),
+                    format!(
+                        "a lease holds at most the bucket's burst + 1 = {} tokens",
+                        burst.saturating_add(1)
+                    ),
+                );
+            }
             RateLimitConfig {
                 requests_per_second: r.requests_per_second,
                 burst,
                 key,
+                lease,
                 store: match r.store {
                     None | Some(FileLimitStore::Local) => LimitStore::Local,
                     Some(FileLimitStore::Redis) => LimitStore::Redis,

@@ -7,6 +7,7 @@ pub mod h2;
 pub mod origin;
 pub mod pki;
 pub mod raw;
+pub mod redis;
 
 #[allow(unused_imports)]
 pub use origin::{Handler, Origin};
@@ -633,4 +634,34 @@ pub fn fill(template: &[u8], path: &str) -> Vec<u8> {
         }
     }
     out
+}
+
+/// Waits (bounded by `limit`) until `b` has received a request with each of `ids` as its
+/// `X-Request-Id` (broadcast deliveries, which come in the background).
+pub async fn wait_all_received(b: &Backend, ids: &[String], limit: Duration) {
+    let want: std::collections::HashSet<&String> = ids.iter().collect();
+    let deadline = Instant::now() + limit;
+    loop {
+        let got: std::collections::HashSet<String> = b
+            .seen()
+            .iter()
+            .filter_map(|s| {
+                s.headers
+                    .get("x-request-id")?
+                    .to_str()
+                    .ok()
+                    .map(String::from)
+            })
+            .collect();
+        let missing = want.iter().filter(|id| !got.contains(**id)).count();
+        if missing == 0 {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{missing} of {} accepted events never arrived",
+            want.len()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
