@@ -22,7 +22,7 @@
 //!   `claim_after`; entries idle longer than `claim_after`, held by an instance that
 //!   stopped answering (`kill -9`, a lost machine), are taken over by another
 //!   (`XAUTOCLAIM`). A process that stops gracefully marks what it holds as idle, so the
-//!   others take it at once.
+//!   others take it at their next look (every half of `claim_after`).
 //! - **Counting.** `/status` and the spool gauges show every target's entries, bytes and
 //!   oldest entry from the stream itself (read once a second), i.e. the whole fleet's
 //!   backlog, not one instance's share.
