@@ -16,19 +16,24 @@ use crate::common::*;
 /// A gateway with `redis:` (`redis` is its value), its spool in Redis, one broadcast route
 /// `events` to `targets`, and one proxy route `/plain` to the first target.
 fn fleet_gateway(redis: &str, targets: &[(&str, std::net::SocketAddr)], extra: &str) -> Gateway {
+    Gateway::start(&fleet_body(redis, targets, extra))
+}
+
+/// The configuration [`fleet_gateway`] runs on.
+fn fleet_body(redis: &str, targets: &[(&str, std::net::SocketAddr)], extra: &str) -> String {
     let ups: String = targets
         .iter()
         .map(|(n, a)| format!("  {n}: {{ backends: [{a}], timeouts: {{ read: 10s }} }}\n"))
         .collect();
     let names: Vec<&str> = targets.iter().map(|(n, _)| *n).collect();
-    Gateway::start(&format!(
+    format!(
         "redis: {redis}\nspool: {{ store: redis, claim_after: 2s{extra} }}\n\
          defaults: {{ access_log: off }}\nupstreams:\n{ups}\
          routes:\n  - name: events\n    match: {{ prefix: /events }}\n    broadcast: [{}]\n\
          \x20 - name: plain\n    match: {{ prefix: /plain }}\n    upstream: {}\n",
         names.join(", "),
         names[0],
-    ))
+    )
 }
 
 /// POSTs `n` events with ids `{prefix}-{i}`, `concurrency` at a time, spread over the
@@ -390,4 +395,42 @@ async fn two_instances_hold_one_leased_limit_within_its_bound() {
         admitted >= 0.9 * RATE * elapsed,
         "{admitted} admitted: the leases starve the limit"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_keeps_the_redis_spool_and_what_it_holds() {
+    let redis = Redis::start();
+    let target = Backend::start("t").await;
+    let addr = target.addr;
+    target.kill();
+    let conf = format!("{{ url: {}, timeout: 500ms }}", redis.url());
+    let body = fleet_body(&conf, &[("t", addr)], "");
+    let gw = Gateway::start(&body);
+    let (ids, refused) = post_events(&[gw.port], "reload", 5, 1, 10).await;
+    assert_eq!((ids.len(), refused), (5, 0));
+    let c = client();
+    eventually(Duration::from_secs(10), "5 pending", || {
+        let (c, gw) = (c.clone(), &gw);
+        async move { pending(&c, gw, "t").await == Some(5) }
+    })
+    .await;
+    // A reload that adds a route: the stream, its count and the deliveries held stay.
+    let more = "  - name: extra\n    match: { prefix: /extra }\n    upstream: t\n";
+    gw.rewrite(
+        &format!("[\"127.0.0.1:{}\"]", gw.port),
+        &format!("{body}{more}"),
+    );
+    let r = c.post(gw.admin_url("/reload")).send().await.unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap_or_default());
+    assert_eq!(pending(&c, &gw, "t").await, Some(5));
+    // The target comes back: what was accepted before the reload is delivered after it.
+    let back = Backend::start_at("t", addr)
+        .await
+        .expect("the target's address again");
+    wait_all_received(&back, &ids, Duration::from_secs(30)).await;
+    eventually(Duration::from_secs(10), "the stream is empty", || {
+        let (c, gw) = (c.clone(), &gw);
+        async move { pending(&c, gw, "t").await == Some(0) }
+    })
+    .await;
 }
