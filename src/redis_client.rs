@@ -140,11 +140,6 @@ impl RedisClient {
         self.timeout
     }
 
-    /// Whether the client talks to a Redis Cluster.
-    pub fn is_cluster(&self) -> bool {
-        matches!(self.server, Server::Cluster(_))
-    }
-
     /// A connection to run commands on (cheap: connections are shared and multiplexed).
     pub fn conn(&self) -> Result<Conn, StoreError> {
         match &self.server {
@@ -178,14 +173,6 @@ impl RedisClient {
     ) -> Result<T, StoreError> {
         self.within(self.timeout, what, |mut c| async move {
             invocation.invoke_async(&mut c).await
-        })
-        .await
-    }
-
-    /// Runs a command, bounded by `redis.timeout`.
-    pub async fn query<T: FromRedisValue>(&self, what: &str, cmd: &Cmd) -> Result<T, StoreError> {
-        self.within(self.timeout, what, |mut c| async move {
-            cmd.query_async(&mut c).await
         })
         .await
     }

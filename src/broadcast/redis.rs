@@ -206,11 +206,6 @@ impl RedisSpool {
             last_claim: Mutex::new(None),
         }))
     }
-
-    /// This process's consumer name in the groups.
-    pub fn consumer(&self) -> &str {
-        &self.0.consumer
-    }
 }
 
 #[async_trait]
@@ -279,10 +274,7 @@ impl Spool for RedisSpool {
         let mut cmd = redis::cmd("XRANGE");
         cmd.arg(&stream.key).arg(&id).arg(&id);
         let reply: StreamRangeReply = inner
-            .client
-            .within(BACKGROUND_TIMEOUT, "broadcast spool", |mut c| async move {
-                cmd.query_async(&mut c).await
-            })
+            .command(&cmd)
             .await
             .map_err(|e| io::Error::other(e.to_string()))?;
         reply
@@ -385,6 +377,27 @@ fn decode(entry: &StreamId) -> Option<Accepted> {
 }
 
 impl Inner {
+    /// Runs a command for the spool's background work.
+    async fn command<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> Result<T, StoreError> {
+        self.client
+            .within(BACKGROUND_TIMEOUT, "broadcast spool", |mut c| async move {
+                cmd.query_async(&mut c).await
+            })
+            .await
+    }
+
+    /// Runs a script for the spool's background work.
+    async fn script<T: redis::FromRedisValue>(
+        &self,
+        invocation: &redis::ScriptInvocation<'_>,
+    ) -> Result<T, StoreError> {
+        self.client
+            .within(BACKGROUND_TIMEOUT, "broadcast spool", |mut c| async move {
+                invocation.invoke_async(&mut c).await
+            })
+            .await
+    }
+
     fn stream(&self, index: u32) -> Option<Arc<Stream>> {
         lock(&self.streams).list.get(index as usize).cloned()
     }
@@ -412,12 +425,7 @@ impl Inner {
             .arg(GROUP)
             .arg("0")
             .arg("MKSTREAM");
-        let made = self
-            .client
-            .within(BACKGROUND_TIMEOUT, "broadcast spool", |mut c| async move {
-                cmd.query_async::<()>(&mut c).await
-            })
-            .await;
+        let made = self.command::<()>(&cmd).await;
         let ok = match made {
             Ok(()) => true,
             Err(StoreError::Redis(e)) => e.code() == Some("BUSYGROUP"),
@@ -449,12 +457,7 @@ impl Inner {
                 .arg("STREAMS")
                 .arg(&stream.key)
                 .arg(">");
-            let reply = self
-                .client
-                .within(BACKGROUND_TIMEOUT, "broadcast spool", |mut c| async move {
-                    cmd.query_async::<Option<StreamReadReply>>(&mut c).await
-                })
-                .await;
+            let reply = self.command::<Option<StreamReadReply>>(&cmd).await;
             match reply {
                 Ok(Some(reply)) => {
                     for key in reply.keys {
@@ -499,12 +502,7 @@ impl Inner {
                     .arg(&cursor)
                     .arg("COUNT")
                     .arg(room);
-                let reply = self
-                    .client
-                    .within(BACKGROUND_TIMEOUT, "broadcast spool", |mut c| async move {
-                        cmd.query_async::<StreamAutoClaimReply>(&mut c).await
-                    })
-                    .await;
+                let reply = self.command::<StreamAutoClaimReply>(&cmd).await;
                 let Ok(reply) = reply else { break };
                 if !reply.claimed.is_empty() {
                     log::info!(
@@ -575,12 +573,7 @@ impl Inner {
             for id in chunk {
                 invocation.arg(id);
             }
-            let got = self
-                .client
-                .within(BACKGROUND_TIMEOUT, "broadcast spool", |mut c| async move {
-                    invocation.invoke_async::<usize>(&mut c).await
-                })
-                .await;
+            let got = self.script::<usize>(&invocation).await;
             owned += got.unwrap_or(0);
         }
         owned
@@ -599,12 +592,7 @@ impl Inner {
                 for (id, size) in chunk {
                     invocation.arg(id).arg(*size);
                 }
-                let sent = self
-                    .client
-                    .within(BACKGROUND_TIMEOUT, "broadcast spool", |mut c| async move {
-                        invocation.invoke_async::<i64>(&mut c).await
-                    })
-                    .await;
+                let sent = self.script::<i64>(&invocation).await;
                 if sent.is_err() {
                     lock(&self.acks)
                         .entry(index)
@@ -620,12 +608,7 @@ impl Inner {
         for stream in self.active() {
             let mut invocation = self.census.key(&stream.key);
             invocation.key(&stream.bytes_key);
-            let got = self
-                .client
-                .within(BACKGROUND_TIMEOUT, "broadcast spool", |mut c| async move {
-                    invocation.invoke_async::<(u64, u64, String)>(&mut c).await
-                })
-                .await;
+            let got = self.script::<(u64, u64, String)>(&invocation).await;
             if let Ok((pending, bytes, first)) = got {
                 let oldest_ms = entry_key(0, &first).map_or(0, |k| k.segment);
                 *lock(&stream.backlog) = Some(Backlog {
@@ -643,11 +626,7 @@ impl Inner {
             let mut cmd = redis::cmd("XINFO");
             cmd.arg("CONSUMERS").arg(&stream.key).arg(GROUP);
             let got = self
-                .client
-                .within(BACKGROUND_TIMEOUT, "broadcast spool", |mut c| async move {
-                    cmd.query_async::<Vec<HashMap<String, redis::Value>>>(&mut c)
-                        .await
-                })
+                .command::<Vec<HashMap<String, redis::Value>>>(&cmd)
                 .await;
             let Ok(consumers) = got else { continue };
             for c in consumers {
@@ -666,12 +645,7 @@ impl Inner {
                         .arg(&stream.key)
                         .arg(GROUP)
                         .arg(&name);
-                    let _ = self
-                        .client
-                        .within(BACKGROUND_TIMEOUT, "broadcast spool", |mut c| async move {
-                            cmd.query_async::<i64>(&mut c).await
-                        })
-                        .await;
+                    let _ = self.command::<i64>(&cmd).await;
                 }
             }
         }

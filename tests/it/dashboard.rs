@@ -138,7 +138,12 @@ impl Driver {
                 "binary": CHROMIUM,
                 "args": ["--headless=new", "--no-sandbox", "--disable-gpu",
                          "--disable-dev-shm-usage", "--window-size=1280,1000",
-                         "--force-color-profile=srgb", "--hide-scrollbars"],
+                         "--force-color-profile=srgb", "--hide-scrollbars",
+                         // Loopback only: nothing of Chromium's own may reach out.
+                         "--no-first-run", "--disable-background-networking",
+                         "--disable-component-update", "--disable-sync",
+                         "--disable-default-apps", "--disable-domain-reliability",
+                         "--disable-breakpad", "--no-pings", "--metrics-recording-only"],
             }),
         );
         caps.insert("goog:loggingPrefs".into(), json!({ "browser": "ALL" }));
@@ -180,6 +185,19 @@ async fn js(b: &Client, script: &str) -> Value {
 }
 
 /// Polls `script` until it returns something truthy, within `limit`; returns it.
+/// Clicks the element with this id.
+async fn click(b: &Client, id: &str) {
+    let element = b.find(Locator::Id(id)).await.expect(id);
+    element.click().await.expect(id);
+}
+
+/// Types `token` into the log-in form and submits it.
+async fn log_in(b: &Client, token: &str) {
+    let field = b.find(Locator::Id("token")).await.expect("the token field");
+    field.send_keys(token).await.expect("typing the token");
+    click(b, "login-submit").await;
+}
+
 async fn until(b: &Client, limit: Duration, what: &str, script: &str) -> Value {
     let deadline = Instant::now() + limit;
     loop {
@@ -398,21 +416,11 @@ async fn the_demo_in_a_real_browser() {
         "{summary}"
     );
     screenshot(&b, "mirror-diff").await;
-    b.find(Locator::Id("pair-close"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    click(&b, "pair-close").await;
 
     // Dark, and a phone's width.
     let light = js(&b, "return getComputedStyle(document.body).backgroundColor").await;
-    b.find(Locator::Id("theme"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    click(&b, "theme").await;
     let dark = js(&b, "return getComputedStyle(document.body).backgroundColor").await;
     assert_eq!(
         (light, dark),
@@ -521,18 +529,7 @@ async fn with_a_token_health_and_redaction_in_a_real_browser() {
     );
 
     // The right token opens the dashboard; it is in no URL and not in the page.
-    b.find(Locator::Id("token"))
-        .await
-        .unwrap()
-        .send_keys(TOKEN)
-        .await
-        .unwrap();
-    b.find(Locator::Id("login-submit"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    log_in(&b, TOKEN).await;
     until(
         &b,
         Duration::from_secs(10),
@@ -666,21 +663,11 @@ async fn with_a_token_health_and_redaction_in_a_real_browser() {
         !detail["html"].as_str().unwrap().contains(SECRET),
         "a redacted value reached the page"
     );
-    b.find(Locator::Id("pair-close"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    click(&b, "pair-close").await;
     no_console_errors(&driver, &b).await;
 
     // A wrong token is refused, shows nothing, and is forgotten.
-    b.find(Locator::Id("logout"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    click(&b, "logout").await;
     until(
         &b,
         Duration::from_secs(5),
@@ -688,18 +675,7 @@ async fn with_a_token_health_and_redaction_in_a_real_browser() {
         "return !document.getElementById('login').hidden",
     )
     .await;
-    b.find(Locator::Id("token"))
-        .await
-        .unwrap()
-        .send_keys("not-the-token")
-        .await
-        .unwrap();
-    b.find(Locator::Id("login-submit"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    log_in(&b, "not-the-token").await;
     let refused = until(
         &b,
         Duration::from_secs(10),
