@@ -83,6 +83,8 @@ pub fn config_yaml(listen: Option<&str>, admin: Option<&str>) -> String {
 listen: ["{listen}"]
 admin: {admin}
 spool: {{ dir: {spool} }}
+# The instructions are printed on stdout, where the JSON access log would go.
+defaults: {{ access_log: off }}
 upstreams:
   api:
     balance: weighted
@@ -136,7 +138,13 @@ pub fn backend_services() -> Vec<Box<dyn ServiceWithDependents>> {
                 format!("demo backend {name}"),
                 HttpServer::new_app(DemoBackend { name }),
             );
-            svc.add_tcp(&format!("127.0.0.1:{port}"));
+            let addr = std::net::SocketAddr::from(([127, 0, 0, 1], *port));
+            svc.add_tcp(&addr.to_string());
+            let address = crate::edge::bind::Address {
+                addr,
+                v6_only: false,
+            };
+            let svc = crate::edge::bind::BindFirst::new(svc, vec![address], "demo backend", false);
             Box::new(svc) as Box<dyn ServiceWithDependents>
         })
         .collect()

@@ -9,11 +9,15 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use fanout::cli::{self, Cli, Mode};
 use fanout::{demo, server};
 
+/// What is logged without `RUST_LOG`: fanout's own lines from `info` up, Pingora's from
+/// `warn` up (its start-up narrates a dozen `info` lines; `RUST_LOG=info` shows them).
+const DEFAULT_LOG: &str = "info,pingora=warn,pingora_core=warn,pingora_proxy=warn";
+
 fn main() {
     // SIGHUP reloads the configuration; one that comes before the server runs is kept for
     // then, rather than ending the process as its default action would.
     fanout::reload::catch_hangup_until_handled();
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(DEFAULT_LOG)).init();
     std::process::exit(run(Cli::from_env_and_args()));
 }
 
@@ -68,19 +72,22 @@ fn run(cli: Cli) -> i32 {
         Mode::File(path) => Some(path.clone()),
         Mode::Quick | Mode::Demo => None,
     };
+    let announcement = if demo_mode {
+        server::Announcement::Print(demo::banner(
+            cli.quick.listen.as_deref(),
+            cli.admin.as_deref(),
+        ))
+    } else {
+        server::Announcement::Log(server::serving_line(&config))
+    };
     let source = server::Source { text, file };
-    let (server, _gateway) = match server::build(config, source, process, extra) {
+    let (server, _gateway) = match server::build(config, source, process, extra, Some(announcement))
+    {
         Ok(built) => built,
         Err(e) => {
             eprintln!("fanout: {e}");
             return 1;
         }
     };
-    if demo_mode {
-        println!(
-            "{}",
-            demo::banner(cli.quick.listen.as_deref(), cli.admin.as_deref())
-        );
-    }
     server.run_forever()
 }

@@ -23,6 +23,7 @@ use crate::broadcast::Deliverer;
 use crate::config::Config;
 use crate::config::{SpoolStore, MEMORY_SPOOL_MAX_SIZE};
 use crate::edge::accept::{Edge, EdgeListener};
+use crate::edge::bind::{Address, BindFirst};
 use crate::edge::handshake::Terminator;
 use crate::gateway::Gateway;
 use crate::lifecycle::SignalWatch;
@@ -41,6 +42,46 @@ const DNS_AT_START: Duration = Duration::from_secs(5);
 pub struct ProcessOptions {
     pub daemon: bool,
     pub upgrade: bool,
+}
+
+/// Said once every listener of the process is bound (the proxy's, the admin's and the
+/// `extra` services'): on stdout for the demo's instructions, in the log otherwise.
+pub enum Announcement {
+    Print(String),
+    Log(String),
+}
+
+/// The line that says the gateway serves, and where.
+pub fn serving_line(config: &Config) -> String {
+    let listeners: Vec<String> = config
+        .listen
+        .iter()
+        .map(|l| match (&l.tls, l.http2) {
+            (Some(_), _) => format!("https://{}", l.addr),
+            (None, true) => format!("http://{} (h2c)", l.addr),
+            (None, false) => format!("http://{}", l.addr),
+        })
+        .collect();
+    let mut line = format!("serving on {}", listeners.join(", "));
+    if let Some(admin) = &config.admin {
+        line.push_str(&format!("; admin on http://{}", admin.address));
+    }
+    line
+}
+
+/// The service that says [`Announcement`]: it depends on every listening service, and
+/// Pingora starts it only once they have reported ready (bound).
+struct Announce(Option<Announcement>);
+
+#[async_trait::async_trait]
+impl pingora_core::services::background::BackgroundService for Announce {
+    async fn start(&self, _: pingora_core::server::ShutdownWatch) {
+        match &self.0 {
+            Some(Announcement::Print(text)) => println!("{text}"),
+            Some(Announcement::Log(text)) => log::info!("{text}"),
+            None => {}
+        }
+    }
 }
 
 /// Where the configuration came from: its text, and the file a reload reads again (none
@@ -79,6 +120,7 @@ pub fn build(
     source: Source,
     process: ProcessOptions,
     extra: Vec<Box<dyn ServiceWithDependents>>,
+    announcement: Option<Announcement>,
 ) -> Result<(Server, Arc<Gateway>), String> {
     let opt = Opt {
         upgrade: process.upgrade,
@@ -151,7 +193,12 @@ pub fn build(
         listeners,
     );
     let mut proxy = Service::new("fanout proxy".into(), edge);
+    let mut addresses = Vec::new();
     for l in &listen {
+        addresses.push(Address {
+            addr: l.addr,
+            v6_only: l.v6_only,
+        });
         // No L4 read buffer: Pingora's 64 KiB default per connection is most of what an
         // idle or slow client costs, and the edge reads a head into a buffer of its own
         // size anyway (bench/RESULTS.md, memory per connection). TLS is the edge's too.
@@ -166,7 +213,8 @@ pub fn build(
         }
         proxy.add_listener(listener);
     }
-    server.add_service(proxy);
+    let proxy = BindFirst::new(proxy, addresses, "listener", process.upgrade);
+    let mut listening = vec![server.add_service(proxy)];
 
     if let Some(admin_config) = &admin {
         let history = Arc::new(History::new());
@@ -175,7 +223,15 @@ pub fn build(
             HttpServer::new_app(AdminApp::new(Arc::clone(&gateway), Arc::clone(&history))),
         );
         admin.add_tcp(&admin_config.address.to_string());
-        server.add_service(admin);
+        let address = Address {
+            addr: admin_config.address,
+            v6_only: false,
+        };
+        let admin = BindFirst::new(admin, vec![address], "admin listener", process.upgrade);
+        // `/health` and `/ready` answer only once the proxy's listeners are bound.
+        let handle = server.add_service(admin);
+        handle.add_dependency(&listening[0]);
+        listening.push(handle);
         server.add_service(background_service(
             "dashboard history",
             Sampler::new(Arc::clone(&gateway), history),
@@ -207,6 +263,8 @@ pub fn build(
         gateway.metrics.spool_oldest.clone(),
     );
     server.add_service(background_service("broadcast delivery", deliverer));
-    server.add_services(extra);
+    listening.extend(server.add_services(extra));
+    let announce = server.add_service(background_service("announce", Announce(announcement)));
+    announce.add_dependencies(&listening);
     Ok((server, gateway))
 }

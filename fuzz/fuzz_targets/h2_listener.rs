@@ -281,7 +281,7 @@ fn gateway() -> SocketAddr {
             file: None,
         };
         let (server, _gateway) =
-            fanout::server::build(config, source, process, Vec::new()).expect("fanout server");
+            fanout::server::build(config, source, process, Vec::new(), None).expect("fanout server");
         std::thread::spawn(move || server.run_forever());
         let addr: SocketAddr = ([127, 0, 0, 1], port).into();
         let deadline = Instant::now() + Duration::from_secs(10);

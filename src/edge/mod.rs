@@ -17,6 +17,7 @@
 
 pub mod accept;
 pub mod admission;
+pub(crate) mod bind;
 pub mod framing;
 pub mod h2;
 pub mod handshake;
