@@ -129,6 +129,18 @@ pub struct QuickArgs {
         env = "FANOUT_REDACT_HEADERS"
     )]
     pub redact_headers: Vec<String>,
+    /// The admin listener's bearer token is read from this file (with --admin): every
+    /// admin request but /health and /ready must carry it.
+    #[arg(
+        long = "admin-token-file",
+        value_name = "FILE",
+        env = "FANOUT_ADMIN_TOKEN_FILE"
+    )]
+    pub admin_token_file: Option<String>,
+    /// Keep accepted broadcasts in this directory until every target has them (a restart
+    /// or crash loses none); without it they are kept in memory only.
+    #[arg(long, value_name = "DIR", env = "FANOUT_SPOOL")]
+    pub spool: Option<String>,
 }
 
 fn duration_arg(text: &str) -> Result<String, String> {
@@ -152,7 +164,7 @@ struct Sources {
 }
 
 /// Quick-mode flags other than `--listen` (which the demo takes too).
-const QUICK_ONLY: [&str; 12] = [
+const QUICK_ONLY: [&str; 14] = [
     "backends",
     "broadcast",
     "fallback",
@@ -165,6 +177,8 @@ const QUICK_ONLY: [&str; 12] = [
     "connect_timeout",
     "max_body_size",
     "redact_headers",
+    "admin_token_file",
+    "spool",
 ];
 
 impl Sources {
@@ -315,7 +329,10 @@ impl Cli {
             for (i, url) in q.broadcast.iter().enumerate() {
                 let name = format!("target{}", i + 1);
                 let (backend, path) = backend_url(url)?;
-                upstreams.insert(name.clone(), with_backends(vec![backend]));
+                // Webhook receivers on other hosts want their own name as Host.
+                let mut target = with_backends(vec![backend]);
+                target["host_header"] = json!("backend");
+                upstreams.insert(name.clone(), target);
                 targets.push(match path {
                     Some(path) => json!({ "upstream": name, "path": path }),
                     None => json!(name),
@@ -345,8 +362,16 @@ impl Cli {
             "upstreams": upstreams,
             "routes": [route],
         });
-        if let Some(admin) = &self.admin {
-            doc["admin"] = json!(admin);
+        match (&self.admin, &q.admin_token_file) {
+            (Some(admin), None) => doc["admin"] = json!(admin),
+            (Some(admin), Some(file)) => {
+                doc["admin"] = json!({ "address": admin, "token_file": file })
+            }
+            (None, Some(_)) => return Err("--admin-token-file needs --admin ADDR".into()),
+            (None, None) => {}
+        }
+        if let Some(dir) = &q.spool {
+            doc["spool"] = json!({ "dir": dir });
         }
         if let Some(d) = &q.read_timeout {
             doc["clients"] = json!({ "header_timeout": d, "body_timeout": d });

@@ -156,10 +156,12 @@ async fn attempt(
     session.set_write_timeout(Some(timeouts.write));
     session.set_read_timeout(Some(timeouts.read));
     let stale = |e| (Failure::Upstream(e), reused);
-    session
-        .write_request_header(Box::new(header.clone()))
-        .await
-        .map_err(stale)?;
+    let mut header = Box::new(header.clone());
+    lease
+        .backend()
+        .set_host(&mut header)
+        .map_err(|e| (Failure::Upstream(e), false))?;
+    session.write_request_header(header).await.map_err(stale)?;
     match body {
         Body::Empty => {}
         Body::Full(bytes) => {

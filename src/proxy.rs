@@ -45,7 +45,7 @@ use crate::cache;
 use crate::client::Client;
 use crate::compress;
 use crate::config::OnStoreError;
-use crate::config::{AccessLog, RouteId, UpstreamId};
+use crate::config::{AccessLog, RouteId, Scheme, UpstreamId};
 use crate::edge::{self, path};
 use crate::fallback::{self, Failover};
 use crate::filters::{Passage, Stop, StopBody};
@@ -57,7 +57,7 @@ use crate::mirror::Copies;
 use crate::ratelimit::{Check, Decision};
 use crate::request_id;
 use crate::respond::{self, send_error};
-use crate::routing::RouteMatch;
+use crate::routing::{Probe, RouteMatch};
 use crate::telemetry::{self, Kind, Span};
 use crate::trace_context::{Origin, Trace};
 use crate::tunnel;
@@ -81,12 +81,22 @@ impl FanoutProxy {
         self.route(ctx).and_then(Route::upstream)
     }
 
-    /// Marks `e` retryable when `safe`, the upstream's `retries` allow another attempt and
-    /// its `retry_budget` (if any) has room, and counts the retry.
-    fn decide_retry(&self, ctx: &mut RequestCtx, e: &mut Error, safe: bool) {
-        let mut retry = safe && ctx.attempts <= self.retries(ctx);
-        if let (true, Some(u)) = (retry, self.target(ctx)) {
-            let upstream = &ctx.gen.upstreams[u];
+    /// Marks `e` retryable, and counts the retry, when the upstream's `retry_budget` (if
+    /// any) has room and: nothing was sent (a connect failure) and a backend not yet tried
+    /// is available — each is tried once, whatever `retries` says, as nginx's
+    /// `proxy_next_upstream error` does —; or the request was sent, is `safe` to send
+    /// again, and `retries` allow one more.
+    fn decide_retry(&self, ctx: &mut RequestCtx, e: &mut Error, failure: AttemptFailure) {
+        let Some(u) = self.target(ctx) else {
+            e.set_retry(false);
+            return;
+        };
+        let upstream = &ctx.gen.upstreams[u];
+        let mut retry = match failure {
+            AttemptFailure::NotSent => upstream.has_untried(&ctx.tried),
+            AttemptFailure::Sent { safe } => safe && ctx.resends < upstream.config.retries,
+        };
+        if retry {
             if let Some(budget) = &upstream.retry_budget {
                 match budget.try_retry(upstream.inflight()) {
                     Some(token) => ctx.retrying = Some(token),
@@ -95,16 +105,23 @@ impl FanoutProxy {
             }
             if retry {
                 upstream.retries.inc();
+                if matches!(failure, AttemptFailure::Sent { .. }) {
+                    ctx.resends += 1;
+                }
             }
         }
         e.set_retry(retry);
     }
+}
 
-    /// Retries allowed to this request.
-    fn retries(&self, ctx: &RequestCtx) -> u32 {
-        self.target(ctx)
-            .map_or(0, |u| ctx.gen.upstreams[u].config.retries)
-    }
+/// How an attempt on a backend failed, for [`FanoutProxy::decide_retry`].
+#[derive(Debug, Clone, Copy)]
+enum AttemptFailure {
+    /// Before anything was sent: the connect (or TLS handshake) failed.
+    NotSent,
+    /// After the request (or part of it) went out; `safe`: it may be sent again
+    /// (idempotent, its body still buffered, no answer byte passed on).
+    Sent { safe: bool },
 }
 
 /// Per-request state carried through the phases.
@@ -121,6 +138,8 @@ pub struct RequestCtx {
     backend: Option<Arc<str>>,
     tried: Tried,
     attempts: u32,
+    /// Attempts sent again after a failure once sent (bounded by the upstream's `retries`).
+    resends: u32,
     body: BodyCounter,
     /// Set when the gateway itself refused the request mid-way (body over the limit).
     refused: Option<Refusal>,
@@ -344,11 +363,24 @@ impl FanoutProxy {
     /// route (404/405), declared body size (413), rate limit (429).
     fn admit(&self, session: &Session, ctx: &mut RequestCtx) -> Verdict {
         let req = session.req_header();
-        let id = match ctx
-            .gen
-            .router
-            .lookup(request_host(req), req.uri.path(), &req.method)
-        {
+        let router = &ctx.gen.router;
+        let local = match router.needs_listener {
+            true => session.server_addr().and_then(|a| a.as_inet()).copied(),
+            false => None,
+        };
+        let probe = Probe {
+            host: request_host(req),
+            path: req.uri.path(),
+            method: &req.method,
+            scheme: match ctx.pass.client.https {
+                true => Scheme::Https,
+                false => Scheme::Http,
+            },
+            listener: local
+                .as_ref()
+                .and_then(|a| crate::config::listener_name(&ctx.gen.config.listen, a)),
+        };
+        let id = match router.find(&probe) {
             RouteMatch::Found(id) => id,
             RouteMatch::MethodNotAllowed => return Verdict::Answer(Answer::status(405)),
             RouteMatch::NotFound => return Verdict::Answer(Answer::status(404)),
@@ -654,6 +686,7 @@ impl ProxyHttp for FanoutProxy {
             backend: None,
             tried: Tried::default(),
             attempts: 0,
+            resends: 0,
             body: BodyCounter::default(),
             refused: None,
             copies: Copies::default(),
@@ -896,6 +929,9 @@ impl ProxyHttp for FanoutProxy {
             .route(ctx)
             .ok_or_else(|| Error::explain(ErrorType::InternalError, "request has no route"))?;
         forwarding::upstream_request(upstream_request, &route.config, &ctx.pass, &ctx.request_id)?;
+        if let Some(lease) = &ctx.lease {
+            lease.backend().set_host(upstream_request)?;
+        }
         match ctx.lease.as_ref().and_then(Lease::span_id) {
             // A traced attempt: the upstream's parent is the attempt's span.
             Some(attempt) => ctx.pass.trace.propagate_under(upstream_request, attempt),
@@ -1020,7 +1056,7 @@ impl ProxyHttp for FanoutProxy {
         }
         attempt_failed(ctx, &e);
         // Nothing reached the backend: any request may go to another one.
-        self.decide_retry(ctx, &mut e, true);
+        self.decide_retry(ctx, &mut e, AttemptFailure::NotSent);
         e
     }
 
@@ -1051,7 +1087,7 @@ impl ProxyHttp for FanoutProxy {
         let safe = session.req_header().method.is_idempotent()
             && !downstream.retry_buffer_truncated()
             && downstream.response_written().is_none();
-        self.decide_retry(ctx, &mut e, safe);
+        self.decide_retry(ctx, &mut e, AttemptFailure::Sent { safe });
         e
     }
 

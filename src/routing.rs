@@ -6,6 +6,10 @@
 //! only routes of other methods answers 405 rather than 404. Prefixes are plain byte
 //! prefixes, as nginx's `location /api` and Envoy's `prefix`.
 //!
+//! `match.scheme` and `match.listener` narrow a route further: among the routes registered
+//! at one path, those with more conditions are tried first, and a route whose conditions
+//! do not hold is passed over as if absent (a shorter prefix may then match).
+//!
 //! Lookup never scans the route list: exact paths sit in a hash map, prefixes in a byte
 //! radix trie walked once along the path, so the cost grows with the path's length, not
 //! with the number of routes (`bench/routing.rs` measures 10,000 routes).
@@ -14,7 +18,19 @@ use std::collections::HashMap;
 
 use http::Method;
 
-use crate::config::{strip_port, PathMatch, RouteConfig, RouteId};
+use crate::config::{strip_port, Conditions, PathMatch, RouteConfig, RouteId, Scheme};
+
+/// What routing looks at in a request.
+#[derive(Debug, Clone, Copy)]
+pub struct Probe<'a> {
+    /// The Host header or authority as sent.
+    pub host: Option<&'a str>,
+    pub path: &'a str,
+    pub method: &'a Method,
+    pub scheme: Scheme,
+    /// The `name:` of the listener the request came in on.
+    pub listener: Option<&'a str>,
+}
 
 /// What a lookup found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -28,7 +44,18 @@ pub enum RouteMatch {
 #[derive(Debug)]
 struct Entry {
     methods: Option<Vec<Method>>,
+    conditions: Conditions,
     route: RouteId,
+}
+
+impl Entry {
+    fn conditions_hold(&self, probe: &Probe) -> bool {
+        let c = &self.conditions;
+        c.scheme.is_none_or(|s| s == probe.scheme)
+            && c.listener
+                .as_deref()
+                .is_none_or(|l| probe.listener == Some(l))
+    }
 }
 
 /// Candidates registered at one path or prefix, in configuration order.
@@ -45,6 +72,8 @@ struct Table {
 pub struct Router {
     hosts: HashMap<Box<str>, Table>,
     any: Table,
+    /// Some route names a listener: the proxy finds the request's listener only then.
+    pub needs_listener: bool,
 }
 
 impl Router {
@@ -57,33 +86,46 @@ impl Router {
             };
             let entry = Entry {
                 methods: r.methods.clone(),
+                conditions: r.conditions.clone(),
                 route: id,
             };
-            match &r.path {
-                PathMatch::Exact(p) => table
-                    .exact
-                    .entry(p.as_str().into())
-                    .or_default()
-                    .push(entry),
-                PathMatch::Prefix(p) => table.prefix.entry(p.as_bytes()).push(entry),
-            }
+            router.needs_listener |= r.conditions.listener.is_some();
+            let entries = match &r.path {
+                PathMatch::Exact(p) => table.exact.entry(p.as_str().into()).or_default(),
+                PathMatch::Prefix(p) => table.prefix.entry(p.as_bytes()),
+            };
+            entries.push(entry);
+            // More conditions first; equal ones keep the file's order (a stable sort).
+            entries.sort_by_key(|e| std::cmp::Reverse(e.conditions.count()));
         }
         router
     }
 
-    /// Finds the route for a request. `host` is the Host header or authority as sent.
+    /// Finds the route for a plain HTTP request on an unnamed listener. `host` is the
+    /// Host header or authority as sent.
     pub fn lookup(&self, host: Option<&str>, path: &str, method: &Method) -> RouteMatch {
+        self.find(&Probe {
+            host,
+            path,
+            method,
+            scheme: Scheme::Http,
+            listener: None,
+        })
+    }
+
+    /// Finds the route for a request.
+    pub fn find(&self, probe: &Probe) -> RouteMatch {
         let mut method_mismatch = false;
         if !self.hosts.is_empty() {
-            if let Some(table) = host.and_then(|h| self.host_table(h)) {
-                match table.lookup(path, method) {
+            if let Some(table) = probe.host.and_then(|h| self.host_table(h)) {
+                match table.lookup(probe) {
                     RouteMatch::Found(id) => return RouteMatch::Found(id),
                     RouteMatch::MethodNotAllowed => method_mismatch = true,
                     RouteMatch::NotFound => {}
                 }
             }
         }
-        match self.any.lookup(path, method) {
+        match self.any.lookup(probe) {
             RouteMatch::NotFound if method_mismatch => RouteMatch::MethodNotAllowed,
             found => found,
         }
@@ -100,21 +142,24 @@ impl Router {
 }
 
 impl Table {
-    fn lookup(&self, path: &str, method: &Method) -> RouteMatch {
+    fn lookup(&self, probe: &Probe) -> RouteMatch {
         let mut mismatch = false;
-        if let Some(entries) = self.exact.get(path) {
-            match pick(entries, method) {
-                Some(id) => return RouteMatch::Found(id),
-                None => mismatch = true,
+        if let Some(entries) = self.exact.get(probe.path) {
+            match pick(entries, probe) {
+                Some(Some(id)) => return RouteMatch::Found(id),
+                Some(None) => mismatch = true,
+                None => {}
             }
         }
         // Walk from the shortest to the longest matching prefix; the last accepted wins.
         let mut best = None;
-        self.prefix
-            .walk(path.as_bytes(), |entries| match pick(entries, method) {
-                Some(id) => best = Some(id),
-                None => mismatch = true,
-            });
+        self.prefix.walk(probe.path.as_bytes(), |entries| {
+            match pick(entries, probe) {
+                Some(Some(id)) => best = Some(id),
+                Some(None) => mismatch = true,
+                None => {}
+            }
+        });
         match best {
             Some(id) => RouteMatch::Found(id),
             None if mismatch => RouteMatch::MethodNotAllowed,
@@ -123,11 +168,23 @@ impl Table {
     }
 }
 
-fn pick(entries: &Entries, method: &Method) -> Option<RouteId> {
-    entries
+/// The first entry whose conditions and method hold. `Some(None)`: some entry's conditions
+/// hold but none allows the method; `None`: no entry's conditions hold (as if absent).
+fn pick(entries: &Entries, probe: &Probe) -> Option<Option<RouteId>> {
+    let mut applies = entries
         .iter()
-        .find(|e| e.methods.as_ref().is_none_or(|ms| ms.contains(method)))
-        .map(|e| e.route)
+        .filter(|e| e.conditions_hold(probe))
+        .peekable();
+    applies.peek()?;
+    Some(
+        applies
+            .find(|e| {
+                e.methods
+                    .as_ref()
+                    .is_none_or(|ms| ms.contains(probe.method))
+            })
+            .map(|e| e.route),
+    )
 }
 
 /// A radix (compressed) trie over bytes; children sorted by their first byte.
@@ -301,6 +358,33 @@ mod tests {
         assert_eq!(find(&r, None, "/a", Method::DELETE), "short");
         assert_eq!(find(&r, None, "/p", Method::GET), "MethodNotAllowed");
         assert_eq!(find(&r, None, "/a", Method::PATCH), "MethodNotAllowed");
+    }
+
+    #[test]
+    fn scheme_and_listener_conditions_narrow_a_path() {
+        let text = "listen:\n  - { address: 127.0.0.1:1, name: public }\n  - { address: 127.0.0.1:3, name: internal }\n\
+            upstreams:\n  u: { backends: [127.0.0.1:2] }\nroutes:\n\
+            \x20 - { name: plain, match: { prefix: /, scheme: http }, redirect: { to: \"https://{host}{path}\" } }\n\
+            \x20 - { name: any, match: { prefix: / }, upstream: u }\n\
+            \x20 - { name: inside, match: { prefix: /admin, listener: internal }, upstream: u }\n";
+        let config = from_yaml(text, "test").expect("valid config");
+        let router = Router::new(&config.routes);
+        let label = |scheme, listener, path| match router.find(&Probe {
+            host: None,
+            path,
+            method: &Method::GET,
+            scheme,
+            listener,
+        }) {
+            RouteMatch::Found(id) => config.routes[id].label.clone(),
+            other => format!("{other:?}"),
+        };
+        assert_eq!(label(Scheme::Http, Some("public"), "/x"), "plain");
+        assert_eq!(label(Scheme::Https, Some("public"), "/x"), "any");
+        assert_eq!(label(Scheme::Https, Some("internal"), "/admin/x"), "inside");
+        // Not on its listener: the route is passed over, a shorter prefix answers.
+        assert_eq!(label(Scheme::Https, Some("public"), "/admin/x"), "any");
+        assert!(router.needs_listener);
     }
 
     #[test]

@@ -62,7 +62,10 @@ pub async fn serve(session: &mut Session, to: Target<'_>) -> Result<Option<Arc<s
     let idempotent = head.method.is_idempotent();
     let mut tried = Tried::default();
     let mut failed = None;
-    for _ in 0..=config.retries {
+    // A handshake that could not connect moves on to each other backend once; one that
+    // was sent and failed is sent again at most `retries` times.
+    let mut resends = 0;
+    loop {
         let Some(mut lease) = to
             .upstream
             .select_for(session.req_header(), &to.pass.client, &tried)
@@ -83,9 +86,14 @@ pub async fn serve(session: &mut Session, to: Target<'_>) -> Result<Option<Arc<s
                     config.name
                 );
                 failed = Some((respond::status_for(&e), label));
-                if sent && !idempotent {
+                let again = match sent {
+                    false => to.upstream.has_untried(&tried),
+                    true => idempotent && resends < config.retries,
+                };
+                if !again {
                     break;
                 }
+                resends += u32::from(sent);
             }
         }
     }
@@ -128,8 +136,13 @@ async fn open(
     backend.write_timeout = Some(timeouts.write);
     backend.read_timeout = Some(timeouts.read);
     let sent = |e: Box<Error>| (e.into_up(), true);
+    let mut head = Box::new(head.clone());
+    lease
+        .backend()
+        .set_host(&mut head)
+        .map_err(|e| (e, false))?;
     backend
-        .write_request_header(Box::new(head.clone()))
+        .write_request_header(head)
         .await
         .map_err(|e| (e.into_up(), false))?;
     backend.finish_body().await.map_err(sent)?;

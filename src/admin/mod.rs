@@ -333,15 +333,7 @@ fn query_value(v: &str) -> String {
 
 /// `125` → `2m5s`.
 pub fn human_uptime(secs: u64) -> String {
-    let (d, h, m, s) = (secs / 86400, secs / 3600 % 24, secs / 60 % 60, secs % 60);
-    let mut out = String::new();
-    for (n, unit) in [(d, "d"), (h, "h"), (m, "m")] {
-        if n > 0 || !out.is_empty() {
-            out.push_str(&format!("{n}{unit}"));
-        }
-    }
-    out.push_str(&format!("{s}s"));
-    out
+    crate::config::units::show_duration(std::time::Duration::from_secs(secs))
 }
 
 fn answer(status: StatusCode, content_type: &str, body: Vec<u8>) -> Response<Vec<u8>> {

@@ -169,7 +169,13 @@ impl BackgroundService for Deliverer {
         if !self.spool.claim(&mut waiting).await {
             return;
         }
-        log::info!("broadcast: delivering from the spool");
+        // Said only where there is something to deliver: a configuration with broadcast
+        // routes (a reload that brings the first one delivers without a word).
+        if self.routes.borrow().is_empty() {
+            log::debug!("broadcast: delivering from the spool");
+        } else {
+            log::info!("broadcast: delivering from the spool");
+        }
         let (stop_tx, stop) = watch::channel(false);
         let shared = Arc::new(Shared {
             spool: Arc::clone(&self.spool),

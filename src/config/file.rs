@@ -71,6 +71,8 @@ impl<'de> Deserialize<'de> for Dur {
 #[serde(deny_unknown_fields)]
 pub struct FileListener {
     pub address: String,
+    /// What `match.listener` calls this listener.
+    pub name: Option<String>,
     pub tls: Option<FileListenerTls>,
     pub http2: Option<bool>,
     /// A PROXY protocol (v1 or v2) header comes first on every connection.
@@ -203,6 +205,8 @@ pub struct FileUpstream {
     pub protocol: Option<Protocol>,
     pub retry_budget: Option<Share>,
     pub concurrency: Option<FileConcurrency>,
+    /// `pass` | `backend` | a literal host.
+    pub host_header: Option<String>,
 }
 
 /// `upstreams.*.concurrency`: the adaptive limit on requests in flight.
@@ -539,6 +543,10 @@ pub struct FileMatch {
     pub prefix: Option<String>,
     pub host: Option<String>,
     pub methods: Option<Vec<String>>,
+    /// `http` | `https`: how the client came in.
+    pub scheme: Option<String>,
+    /// A `listen[].name`.
+    pub listener: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -174,11 +174,30 @@ pub struct Listener {
     /// An IPv6 socket that takes IPv6 only (`IPV6_V6ONLY`): the IPv6 half of a `:PORT`
     /// listener, whose IPv4 half is its own socket.
     pub v6_only: bool,
+    /// `name:`, what `match.listener` calls it.
+    pub name: Option<String>,
     pub tls: Option<ListenerTls>,
     /// TLS: offer h2 by ALPN; plain: accept h2c with prior knowledge beside HTTP/1.1.
     pub http2: bool,
     /// A PROXY protocol header (v1 or v2) comes first: the client address is taken from it.
     pub proxy_protocol: bool,
+}
+
+/// Whether a socket listening on `listening` accepted a connection whose local address is
+/// `local`. An unspecified address takes its own family's connections: `:PORT` is two
+/// sockets on one port, 0.0.0.0 and [::].
+pub fn listener_takes(listening: &SocketAddr, local: &SocketAddr) -> bool {
+    local.port() == listening.port()
+        && (local.ip() == listening.ip()
+            || (listening.ip().is_unspecified() && local.is_ipv4() == listening.is_ipv4()))
+}
+
+/// The `name:` of the listener that took a connection on `local`.
+pub fn listener_name<'a>(listen: &'a [Listener], local: &SocketAddr) -> Option<&'a str> {
+    listen
+        .iter()
+        .find(|l| listener_takes(&l.addr, local))
+        .and_then(|l| l.name.as_deref())
 }
 
 /// `listen[].tls`, with its certificates read and checked.
@@ -253,6 +272,21 @@ pub struct UpstreamConfig {
     /// TLS to the backends (`tls:`, or every backend written `https://`).
     pub tls: Option<UpstreamTls>,
     pub protocol: Protocol,
+    /// `host_header:` what `Host` the backends get.
+    pub host_header: HostHeader,
+}
+
+/// `upstreams.*.host_header`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum HostHeader {
+    /// The client's, as it came (the default).
+    #[default]
+    Pass,
+    /// The backend's own name (or address) and its port unless the scheme's default, as
+    /// nginx's `$proxy_host`.
+    Backend,
+    /// This one, always.
+    Literal(HeaderValue),
 }
 
 impl UpstreamConfig {
@@ -436,6 +470,38 @@ impl Default for Timeouts {
     }
 }
 
+/// How a client came in: `match.scheme`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Scheme {
+    Http,
+    Https,
+}
+
+impl Scheme {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scheme::Http => "http",
+            Scheme::Https => "https",
+        }
+    }
+}
+
+/// A route's conditions beyond host, path and method: each one listed must hold.
+#[derive(Debug, Clone, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Conditions {
+    /// `match.scheme`.
+    pub scheme: Option<Scheme>,
+    /// `match.listener`: a `listen[].name`.
+    pub listener: Option<String>,
+}
+
+impl Conditions {
+    /// How many conditions there are: more is more specific.
+    pub fn count(&self) -> usize {
+        usize::from(self.scheme.is_some()) + usize::from(self.listener.is_some())
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PathMatch {
     Exact(String),
@@ -487,6 +553,7 @@ pub struct RouteConfig {
     pub path: PathMatch,
     /// `None`: every method.
     pub methods: Option<Vec<Method>>,
+    pub conditions: Conditions,
     pub kind: RouteKind,
     pub strip_prefix: bool,
     pub request_headers: HeaderRules,

@@ -33,6 +33,25 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs_f64(secs))
 }
 
+/// A duration as the configuration writes them, rounded for a reader: `250ms`, `10s`,
+/// `2m5s`, `1d2h0m0s` (whole seconds from one second up).
+pub fn show_duration(d: Duration) -> String {
+    let ms = d.as_millis();
+    if ms < 1000 {
+        return format!("{ms}ms");
+    }
+    let secs = d.as_secs() + u64::from(d.subsec_millis() >= 500);
+    let (days, h, m, s) = (secs / 86400, secs / 3600 % 24, secs / 60 % 60, secs % 60);
+    let mut out = String::new();
+    for (n, unit) in [(days, "d"), (h, "h"), (m, "m")] {
+        if n > 0 || !out.is_empty() {
+            out.push_str(&format!("{n}{unit}"));
+        }
+    }
+    out.push_str(&format!("{s}s"));
+    out
+}
+
 /// Parses a size: a plain byte count, or a number with a unit: `B`, `KB`/`KiB`, `MB`/`MiB`,
 /// `GB`/`GiB` (decimal and binary prefixes both accepted; `K`, `M`, `G` mean binary).
 pub fn parse_size(text: &str) -> Result<u64, String> {

@@ -63,17 +63,9 @@ impl<A> Edge<A> {
 
     /// The listener a connection came in on.
     fn listener(&self, local: Option<SocketAddr>) -> Option<&EdgeListener> {
-        // An unspecified address takes its own family's connections: `:PORT` is two
-        // sockets on one port, 0.0.0.0 and [::].
-        let matches = |l: &SocketAddr| {
-            local.is_some_and(|a| {
-                a.port() == l.port()
-                    && (a.ip() == l.ip() || (l.ip().is_unspecified() && a.is_ipv4() == l.is_ipv4()))
-            })
-        };
         self.listeners
             .iter()
-            .find(|l| matches(&l.addr))
+            .find(|l| local.is_some_and(|a| crate::config::listener_takes(&l.addr, &a)))
             .or(self.listeners.first())
     }
 }

@@ -85,6 +85,15 @@ pub fn send(
     permit: Permit,
     pairing: Option<Pairing>,
 ) {
+    let mut own_host;
+    let header = match lease.backend().has_own_host() {
+        false => header,
+        true => {
+            own_host = header.clone();
+            let _ = lease.backend().set_host(&mut own_host);
+            &own_host
+        }
+    };
     let Some(wire) = http_req_header_to_wire(header) else {
         mirror.outcomes.error.inc();
         if let Some(pairing) = pairing {

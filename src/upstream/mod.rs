@@ -34,7 +34,8 @@ use pingora_http::RequestHeader;
 use prometheus::{IntCounter, IntGauge};
 
 use crate::client::Client;
-use crate::config::{BackendConfig, Balance, Protocol, UpstreamConfig};
+use crate::config::units::show_duration;
+use crate::config::{BackendConfig, Balance, HostHeader, Protocol, UpstreamConfig};
 use crate::keys;
 use crate::metrics::Metrics;
 use balance::{Balancer, Candidate};
@@ -73,6 +74,8 @@ pub struct BackendState {
     breaker: Option<Arc<Breaker>>,
     /// Connection settings (timeouts, keep-alive) cloned for each request.
     peer: HttpPeer,
+    /// The `Host` its requests get instead of the client's (`host_header:`).
+    host_header: Option<http::HeaderValue>,
     pub outcomes: Outcomes,
 }
 
@@ -103,6 +106,49 @@ impl BackendState {
     /// A fresh peer for one request to this backend.
     pub fn peer(&self) -> Box<HttpPeer> {
         Box::new(self.peer.clone())
+    }
+
+    /// Whether its requests get a `Host` of their own (`host_header:` not `pass`).
+    pub fn has_own_host(&self) -> bool {
+        self.host_header.is_some()
+    }
+
+    /// Gives `req` the `Host` this backend is to get, where `host_header:` says it gets
+    /// its own; an absolute URI (an h2 client's) gets the same authority.
+    pub fn set_host(&self, req: &mut pingora_http::RequestHeader) -> pingora_error::Result<()> {
+        let Some(host) = &self.host_header else {
+            return Ok(());
+        };
+        req.insert_header(http::header::HOST, host.clone())?;
+        if req.uri.authority().is_some() {
+            let mut parts = req.uri.clone().into_parts();
+            parts.authority = host.to_str().ok().and_then(|h| h.parse().ok());
+            if let Ok(uri) = http::Uri::from_parts(parts) {
+                req.set_uri(uri);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The `Host` a backend of `config` gets, if not the client's.
+fn host_header(config: &UpstreamConfig, b: &BackendConfig) -> Option<http::HeaderValue> {
+    match &config.host_header {
+        HostHeader::Pass => None,
+        HostHeader::Literal(v) => Some(v.clone()),
+        HostHeader::Backend => {
+            let name = match (&b.host, b.addr) {
+                (Some(h), _) => h.clone(),
+                (None, SocketAddr::V6(a)) => format!("[{}]", a.ip()),
+                (None, SocketAddr::V4(a)) => a.ip().to_string(),
+            };
+            let default_port = if config.tls.is_some() { 443 } else { 80 };
+            let text = match b.addr.port() == default_port {
+                true => name,
+                false => format!("{name}:{}", b.addr.port()),
+            };
+            http::HeaderValue::from_str(&text).ok()
+        }
     }
 }
 
@@ -242,15 +288,17 @@ impl Lease {
         let (upstream, backend) = (self.upstream.name(), &self.backend.label);
         match transition {
             Transition::Opened(until) if self.probe => log::warn!(
-                "upstream {upstream}: backend {backend} taken out for {:?} (its probe failed)",
-                until.saturating_duration_since(Instant::now()),
+                "upstream {upstream}: backend {backend} taken out for {} (its probe failed)",
+                show_duration(until.saturating_duration_since(Instant::now())),
             ),
-            Transition::Opened(until) => log::warn!(
-                "upstream {upstream}: backend {backend} taken out for {:?} ({} failures in a row{})",
-                until.saturating_duration_since(Instant::now()),
+            Transition::Opened(until) => {
+                log::warn!(
+                "upstream {upstream}: backend {backend} taken out for {} ({} failures in a row{})",
+                show_duration(until.saturating_duration_since(Instant::now())),
                 b.threshold(),
                 if b.connect_only() { ", could not connect" } else { "" },
-            ),
+            )
+            }
             Transition::Closed => log::warn!("upstream {upstream}: backend {backend} is back"),
             Transition::None => {}
         }
@@ -382,6 +430,7 @@ fn backend_state(
         learned,
         breaker,
         peer: peer_for(config, b),
+        host_header: host_header(config, b),
         outcomes: Outcomes {
             ok: outcome("ok"),
             error: outcome("error"),
@@ -715,6 +764,16 @@ impl Upstream {
         self.select(key, tried)
     }
 
+    /// Whether a backend not yet `tried` is available now: where a request that could not
+    /// connect goes next.
+    pub fn has_untried(&self, tried: &Tried) -> bool {
+        let now = Instant::now();
+        let set = self.set.load();
+        let untried =
+            |(i, b): &(usize, &Arc<BackendState>)| !tried.contains(*i) && b.available(now);
+        set.backends.iter().enumerate().any(|ib| untried(&ib))
+    }
+
     /// Picks an available backend for a request, preferring ones not yet `tried`, and
     /// leases it. `key` feeds consistent hashing. `None`: no backend is available.
     pub fn select(self: &Arc<Self>, key: &[u8], tried: &Tried) -> Option<Lease> {
@@ -790,6 +849,7 @@ mod tests {
             concurrency: None,
             tls: None,
             protocol: crate::config::Protocol::H1,
+            host_header: HostHeader::Pass,
         };
         let metrics = Arc::new(Metrics::new().expect("metrics"));
         Arc::new(Upstream::new(&config, &metrics))

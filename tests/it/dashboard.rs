@@ -299,15 +299,7 @@ fn exists(selector: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_demo_in_a_real_browser() {
     let _one = ONE_BROWSER.lock().await;
-    let gw = Gateway::spawn_with(|port, admin| {
-        vec![
-            "--demo".into(),
-            "--listen".into(),
-            format!("127.0.0.1:{port}"),
-            "--admin".into(),
-            format!("127.0.0.1:{admin}"),
-        ]
-    });
+    let gw = Gateway::demo();
     let c = client();
     let page = c.get(gw.admin_url("/")).send().await.unwrap();
     assert_eq!(page.status(), 200);

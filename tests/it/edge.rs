@@ -281,15 +281,7 @@ async fn quick_mode_balances_over_its_backends() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn demo_answers_its_own_printed_commands() {
-    let gw = Gateway::spawn_with(|port, admin| {
-        vec![
-            "--demo".into(),
-            "--listen".into(),
-            format!("127.0.0.1:{port}"),
-            "--admin".into(),
-            format!("127.0.0.1:{admin}"),
-        ]
-    });
+    let gw = Gateway::demo();
     let line = stdout_line(&gw, "/api/hello").await;
     let url = line
         .split_whitespace()

@@ -18,6 +18,7 @@ mod discovery;
 mod edge;
 mod expect;
 mod fallback;
+mod first_hour;
 mod fleet;
 mod framing;
 mod grpc;

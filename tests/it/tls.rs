@@ -334,20 +334,6 @@ async fn tls_backends_are_verified_and_get_every_kind_of_copy() {
     );
 }
 
-/// `fanout -t` on a configuration file, its exit status and stderr.
-fn check(yaml: &str) -> (bool, String) {
-    let dir = scratch_dir();
-    let conf = dir.join("fanout.yaml");
-    std::fs::write(&conf, yaml).unwrap();
-    let out = std::process::Command::new(fanout_bin())
-        .args(["-t", "-c", conf.to_str().unwrap()])
-        .output()
-        .unwrap();
-    let text =
-        String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout);
-    (out.status.success(), text)
-}
-
 #[test]
 fn check_names_missing_mismatched_and_expired_certificate_files() {
     let dir = scratch_dir();
@@ -363,21 +349,21 @@ fn check_names_missing_mismatched_and_expired_certificate_files() {
             key.display()
         )
     };
-    let (ok, text) = check(&conf(&a.cert, &a.key));
+    let (ok, text) = check_yaml(&conf(&a.cert, &a.key));
     assert!(ok, "{text}");
-    let (ok, text) = check(&conf(&a.cert, &b.key));
+    let (ok, text) = check_yaml(&conf(&a.cert, &b.key));
     assert!(!ok);
     assert!(
         text.contains("listen[0].tls.certificates[0]") && text.contains("does not match"),
         "{text}"
     );
-    let (ok, text) = check(&conf(&a.cert, &dir.join("missing.key")));
+    let (ok, text) = check_yaml(&conf(&a.cert, &dir.join("missing.key")));
     assert!(!ok);
     assert!(
         text.contains("cannot read") && text.contains("missing.key"),
         "{text}"
     );
-    let (ok, text) = check(&conf(&old.cert, &old.key));
+    let (ok, text) = check_yaml(&conf(&old.cert, &old.key));
     assert!(!ok);
     assert!(text.contains("not valid now"), "{text}");
     let upstream = format!(
@@ -385,7 +371,7 @@ fn check_names_missing_mismatched_and_expired_certificate_files() {
          routes:\n  - {{ match: {{ prefix: / }}, upstream: u }}\n",
         dir.join("no-ca.pem").display()
     );
-    let (ok, text) = check(&upstream);
+    let (ok, text) = check_yaml(&upstream);
     assert!(!ok);
     assert!(
         text.contains("upstreams.u.tls.ca_file") && text.contains("cannot read"),
@@ -393,7 +379,7 @@ fn check_names_missing_mismatched_and_expired_certificate_files() {
     );
     let mixed = "listen: 127.0.0.1:8080\nupstreams:\n  u: { backends: [\"https://127.0.0.1:9\", 127.0.0.1:10] }\n\
                  routes:\n  - { match: { prefix: / }, upstream: u }\n";
-    let (ok, text) = check(mixed);
+    let (ok, text) = check_yaml(mixed);
     assert!(!ok);
     assert!(text.contains("mixed"), "{text}");
 }

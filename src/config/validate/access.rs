@@ -433,6 +433,7 @@ pub(super) fn service_url(
             })
             .collect(),
         discover: Vec::new(),
+        host_header: HostHeader::Pass,
         health_check: None,
         breaker: None,
         timeouts: Timeouts {

@@ -23,6 +23,23 @@ pub(super) fn build_listen(ck: &mut Checker, value: Option<Value>) -> Vec<Listen
             ck.err("listen", format!("{} is listed twice", l.addr));
         }
     }
+    // `:PORT` makes two sockets of one entry, sharing its name: a name is taken twice
+    // only when two entries of different ports or kinds carry it.
+    let mut names: HashMap<&str, SocketAddr> = HashMap::new();
+    for l in &listen {
+        let Some(name) = l.name.as_deref() else {
+            continue;
+        };
+        match names.get(name) {
+            Some(first) if first.port() != l.addr.port() => {
+                ck.err("listen", format!("listener name {name:?} is given twice"));
+            }
+            Some(_) => {}
+            None => {
+                names.insert(name, l.addr);
+            }
+        }
+    }
     listen
 }
 
@@ -32,6 +49,7 @@ pub(super) fn build_listener(ck: &mut Checker, path: &str, value: Value) -> Vec<
     let f = match value {
         Value::String(address) => FileListener {
             address,
+            name: None,
             tls: None,
             http2: None,
             proxy_protocol: None,
@@ -90,6 +108,9 @@ pub(super) fn build_one_listener(
     f: FileListener,
 ) -> Option<Listener> {
     let http2 = f.http2.unwrap_or(f.tls.is_some());
+    if f.name.as_deref() == Some("") {
+        ck.err(&format!("{path}.name"), "must not be empty");
+    }
     let tls = f.tls.and_then(|t| {
         let tpath = format!("{path}.tls");
         let min_tls13 = match t.min_version.as_deref() {
@@ -129,6 +150,7 @@ pub(super) fn build_one_listener(
     Some(Listener {
         addr: SocketAddr::from(([0, 0, 0, 0], 0)),
         v6_only: false,
+        name: f.name,
         tls,
         http2,
         proxy_protocol: f.proxy_protocol.unwrap_or(false),

@@ -24,7 +24,7 @@ use process::*;
 use route::*;
 use upstream::*;
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -223,7 +223,7 @@ pub(super) fn build(text: &str) -> Result<Config, Vec<ConfigError>> {
         }
         Some(v) => ck
             .parse::<Vec<Value>>("routes", v)
-            .map(|items| build_routes(&mut ck, items, &upstreams, &defaults))
+            .map(|items| build_routes(&mut ck, items, &listen, &upstreams, &defaults))
             .unwrap_or_default(),
     };
     sections.report_unknown(&mut ck);

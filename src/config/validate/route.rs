@@ -6,6 +6,7 @@ use super::*;
 pub(super) fn build_routes(
     ck: &mut Checker,
     items: Vec<Value>,
+    listen: &[Listener],
     upstreams: &[(String, Option<UpstreamConfig>)],
     defaults: &FileDefaults,
 ) -> Vec<RouteConfig> {
@@ -17,7 +18,7 @@ pub(super) fn build_routes(
         found
     };
     let mut out: Vec<RouteConfig> = Vec::new();
-    let mut seen: BTreeMap<(Option<String>, String), usize> = BTreeMap::new();
+    let mut seen: BTreeMap<(Option<String>, String, Conditions), usize> = BTreeMap::new();
     for (i, value) in items.into_iter().enumerate() {
         let path = format!("routes[{i}]");
         let Some(f) = ck.parse::<FileRoute>(&path, value) else {
@@ -25,6 +26,7 @@ pub(super) fn build_routes(
         };
         let before = ck.errors.len();
         let mpath = format!("{path}.match");
+        let conditions = build_conditions(ck, &mpath, &f.matcher, listen);
         let matcher = match (f.matcher.path, f.matcher.prefix) {
             (Some(p), None) => Some(PathMatch::Exact(p)),
             (None, Some(p)) => Some(PathMatch::Prefix(p)),
@@ -414,7 +416,20 @@ pub(super) fn build_routes(
             continue;
         }
         // Two routes with the same host and path conflict unless their methods are disjoint.
-        let key = (host.clone(), format!("{matcher:?}"));
+        if let RouteKind::Redirect(r) = &kind {
+            let schemes = reachable_schemes(&conditions, listen);
+            if let Some(url) = redirect_loop(&r.to, host.as_deref(), &matcher, &schemes) {
+                ck.err(
+                    &format!("{path}.redirect.to"),
+                    format!(
+                        "redirects {url} to itself, a loop: add `scheme: http` (or a `listener:`) \
+                         to the match, or send it elsewhere"
+                    ),
+                );
+                continue;
+            }
+        }
+        let key = (host.clone(), format!("{matcher:?}"), conditions.clone());
         if let Some(&other) = seen.get(&key) {
             let prev: &RouteConfig = &out[other];
             let overlap = match (&prev.methods, &methods) {
@@ -432,6 +447,7 @@ pub(super) fn build_routes(
             host,
             path: matcher,
             methods,
+            conditions,
             kind,
             strip_prefix,
             request_headers,
@@ -537,4 +553,148 @@ pub(super) fn header_rules(
         }
     }
     out
+}
+
+/// `match.scheme` and `match.listener`.
+fn build_conditions(
+    ck: &mut Checker,
+    mpath: &str,
+    m: &FileMatch,
+    listen: &[Listener],
+) -> Conditions {
+    let scheme = m.scheme.as_deref().and_then(|s| match s {
+        "http" => Some(Scheme::Http),
+        "https" => Some(Scheme::Https),
+        other => {
+            ck.err(
+                &format!("{mpath}.scheme"),
+                format!("{other:?} is not one of \"http\", \"https\""),
+            );
+            None
+        }
+    });
+    let listener = m.listener.clone();
+    if let Some(name) = &listener {
+        if !listen.iter().any(|l| l.name.as_deref() == Some(name)) {
+            let names: Vec<&str> = listen.iter().filter_map(|l| l.name.as_deref()).collect();
+            ck.err(
+                &format!("{mpath}.listener"),
+                match names.is_empty() {
+                    true => format!("no listener is named {name:?} (give one a `name:`)"),
+                    false => format!(
+                        "no listener is named {name:?} (named: {})",
+                        names.join(", ")
+                    ),
+                },
+            );
+        }
+    }
+    if let (Some(scheme), Some(name)) = (scheme, &listener) {
+        let kinds = reachable_schemes(
+            &Conditions {
+                scheme: None,
+                listener: Some(name.clone()),
+            },
+            listen,
+        );
+        if !kinds.is_empty() && !kinds.contains(&scheme) {
+            ck.err(
+                mpath,
+                format!(
+                    "listener {name:?} takes no {} requests: the route can never match",
+                    scheme.as_str()
+                ),
+            );
+        }
+    }
+    Conditions { scheme, listener }
+}
+
+/// The schemes by which requests can reach a route with `conditions`: those of the
+/// listeners it can be reached on (the named one, or all), narrowed by `scheme`.
+fn reachable_schemes(conditions: &Conditions, listen: &[Listener]) -> Vec<Scheme> {
+    let mut out = Vec::new();
+    for l in listen {
+        if conditions
+            .listener
+            .as_ref()
+            .is_some_and(|n| l.name.as_ref() != Some(n))
+        {
+            continue;
+        }
+        let s = if l.tls.is_some() {
+            Scheme::Https
+        } else {
+            Scheme::Http
+        };
+        if conditions.scheme.is_none_or(|c| c == s) && !out.contains(&s) {
+            out.push(s);
+        }
+    }
+    out
+}
+
+/// If a request that matches the route would be redirected to a URL the same route
+/// matches, that URL (as a sample request makes it); `None` when the redirect leaves (or
+/// may: a literal host on a route for every host may be another server's).
+fn redirect_loop(
+    to: &str,
+    host: Option<&str>,
+    matcher: &PathMatch,
+    schemes: &[Scheme],
+) -> Option<String> {
+    // A route without `host` takes every host: `{host}` is then the request's own, while a
+    // literal host may well be another server's.
+    let sample_host = host.unwrap_or("request-host.invalid");
+    let sample_path = match matcher {
+        PathMatch::Exact(p) | PathMatch::Prefix(p) => p.as_str(),
+    };
+    for &scheme in schemes {
+        let url = to
+            .replace("{scheme}", scheme.as_str())
+            .replace("{host}", sample_host)
+            .replace("{path}", sample_path)
+            .replace("{query}", "");
+        let (target_scheme, target_host, rest) = match url.split_once("://") {
+            None if url.starts_with("//") => {
+                let (h, r) = split_authority(&url[2..]);
+                (Some(scheme), h, r)
+            }
+            None => (Some(scheme), sample_host.to_string(), url.as_str()),
+            Some((s, after)) => {
+                let s = match s.to_ascii_lowercase().as_str() {
+                    "http" => Some(Scheme::Http),
+                    "https" => Some(Scheme::Https),
+                    _ => None,
+                };
+                let (h, r) = split_authority(after);
+                (s, h, r)
+            }
+        };
+        let Some(target_scheme) = target_scheme else {
+            continue;
+        };
+        let target_path = rest.split(['?', '#']).next().unwrap_or("");
+        let target_path = if target_path.is_empty() {
+            "/"
+        } else {
+            target_path
+        };
+        let same_host = target_host == sample_host;
+        let same_path = match matcher {
+            PathMatch::Exact(p) => p == target_path,
+            PathMatch::Prefix(p) => target_path.starts_with(p.as_str()),
+        };
+        if schemes.contains(&target_scheme) && same_host && same_path {
+            let shown = host.unwrap_or("HOST");
+            return Some(format!("{}://{shown}{sample_path}", scheme.as_str()));
+        }
+    }
+    None
+}
+
+/// `host[:port]/rest` → the host (lower case, no port) and `/rest`.
+fn split_authority(after: &str) -> (String, &str) {
+    let end = after.find(['/', '?', '#']).unwrap_or(after.len());
+    (normalize_host(&after[..end]), &after[end..])
 }

@@ -338,12 +338,33 @@ pub(super) fn build_upstream(
         .concurrency
         .map(|c| build_concurrency(ck, &format!("{path}.concurrency"), c));
     let protocol = f.protocol.unwrap_or(Protocol::H1);
+    let host_header = match f.host_header.as_deref() {
+        None | Some("pass") => HostHeader::Pass,
+        Some("backend") => HostHeader::Backend,
+        Some(literal) => match literal.parse::<http::uri::Authority>() {
+            Ok(a) if !literal.contains('@') => match HeaderValue::from_str(a.as_str()) {
+                Ok(v) => HostHeader::Literal(v),
+                Err(_) => {
+                    ck.err(&format!("{path}.host_header"), "not a valid Host value");
+                    HostHeader::Pass
+                }
+            },
+            _ => {
+                ck.err(
+                    &format!("{path}.host_header"),
+                    format!("{literal:?} is not `pass`, `backend` or a host name (with an optional :port)"),
+                );
+                HostHeader::Pass
+            }
+        },
+    };
     (ck.errors.len() == before).then(|| UpstreamConfig {
         retry_budget,
         concurrency,
         name: name.to_string(),
         tls,
         protocol,
+        host_header,
         balance,
         hash_key,
         backends,

@@ -377,6 +377,19 @@ impl Gateway {
         write_conf(&self.dir, self.admin_port, listen, body);
     }
 
+    /// `fanout --demo` on two free ports (listen, admin).
+    pub fn demo() -> Gateway {
+        Gateway::spawn_with(|port, admin| {
+            vec![
+                "--demo".into(),
+                "--listen".into(),
+                format!("127.0.0.1:{port}"),
+                "--admin".into(),
+                format!("127.0.0.1:{admin}"),
+            ]
+        })
+    }
+
     /// Starts fanout with `args` built from two free ports (listen, admin).
     pub fn spawn_with(args: impl Fn(u16, u16) -> Vec<String>) -> Gateway {
         Gateway::spawn_env(|_, _| Vec::new(), args)
@@ -664,4 +677,20 @@ pub async fn wait_all_received(b: &Backend, ids: &[String], limit: Duration) {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// `fanout -t` on `yaml` written to a scratch file: whether it passed, and what it printed
+/// (stderr, then stdout).
+pub fn check_yaml(yaml: &str) -> (bool, String) {
+    let dir = scratch_dir();
+    let conf = dir.join("fanout.yaml");
+    std::fs::write(&conf, yaml).expect("write conf");
+    let out = Command::new(fanout_bin())
+        .args(["-t", "-c", &conf.display().to_string()])
+        .output()
+        .expect("fanout -t");
+    let _ = std::fs::remove_dir_all(&dir);
+    let text =
+        String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout);
+    (out.status.success(), text)
 }
