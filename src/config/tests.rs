@@ -152,8 +152,8 @@ fn clients_and_admin_are_checked() {
         "clients.max_connections: must be at least 1",
         "clients.max_headers: must be at most 256",
         "clients.max_request_line: must be between 64 bytes and 1MiB",
-        "clients.encoded_slashes: unknown variant `maybe`",
-        "clients.idle: unknown field",
+        "clients.encoded_slashes: `maybe` is not one of reject, keep, decode",
+        "clients.idle: unknown key `idle`",
         "admin.token_file: cannot read /nonexistent/token",
     ] {
         assert!(has(&e, needle), "missing {needle:?} in {e:#?}");
@@ -222,7 +222,7 @@ fn spool_and_broadcast_retry_are_checked() {
          \x20 - {{ match: {{ prefix: /p }}, upstream: u, broadcast_retry: {{ max_attempts: 2 }} }}\n",
         file.display()
     ));
-    assert!(has(&e, "spool.fsync: unknown variant `sometimes`"), "{e:?}");
+    assert!(has(&e, "spool.fsync: `sometimes` is not one of"), "{e:?}");
     let e = errors(&format!(
         "{BASE}spool: {{ dir: {}/sub, max_size: 10 }}\n\
          routes:\n  - {{ match: {{ prefix: /e }}, broadcast: [u], broadcast_retry: {{ max_attempts: 0 }} }}\n\
@@ -299,7 +299,7 @@ fn redis_and_shared_limits_are_checked() {
         "{e:?}"
     );
     assert!(
-        has(&e, "routes[1].rate_limit.store: unknown variant `disk`"),
+        has(&e, "routes[1].rate_limit.store: `disk` is not one of"),
         "{e:?}"
     );
     let e = errors(&format!(
@@ -448,7 +448,7 @@ fn dns_backends_and_the_resolver_are_checked() {
         "{e:?}"
     );
     assert!(
-        has(&e, "upstreams.u.backends[3]: missing field `port`"),
+        has(&e, "upstreams.u.backends[3]: `port` is required here"),
         "{e:?}"
     );
 }
@@ -767,5 +767,39 @@ fn a_spool_in_redis_and_leased_limits_are_checked() {
             .contains("at most the bucket's burst + 1 = 5"),
         "{:?}",
         c.warnings
+    );
+}
+
+#[test]
+fn messages_are_in_words_with_the_nearest_name() {
+    let e = errors(&format!(
+        "{BASE}upstreams2: {{}}\nroutes:\n  - {{ match: {{ prefix: / }}, upstream: uu }}\n  \
+         - {{ match: {{ prefix: /a }}, upstream: u, max_body_bytes: [1] }}\n"
+    ));
+    assert!(
+        has(&e, "upstreams2: unknown key; did you mean `upstreams`?"),
+        "{e:?}"
+    );
+    assert!(
+        has(
+            &e,
+            "routes[0].upstream: unknown upstream \"uu\"; did you mean \"u\"?"
+        ),
+        "{e:?}"
+    );
+    let e = errors(&format!(
+        "{BASE}routes:\n  - {{ match: {{ prefix: / }}, upstream: u, rate_limit: {{ requests_per_second: 5, burst: many }} }}\n"
+    ));
+    assert!(
+        has(
+            &e,
+            "routes[0].rate_limit.burst: expected a whole number (0 or more), found \"many\""
+        ),
+        "{e:?}"
+    );
+    let e = errors("listen: 127.0.0.1:8080\nupstreams:\n\tu: { backends: [127.0.0.1:9000] }\n");
+    assert!(
+        has(&e, "a tab character: YAML indents with spaces, never tabs"),
+        "{e:?}"
     );
 }

@@ -59,10 +59,10 @@ fn broken_file_gets_one_line_per_problem() {
     assert!(!stdout.contains("configuration OK"));
     let lines: Vec<&str> = stderr.lines().collect();
     let expect = [
-        format!("{p}:4: upstreams.api.balance: unknown variant `fastest`"),
+        format!("{p}:4: upstreams.api.balance: `fastest` is not one of round_robin, weighted, least_conn, consistent_hash"),
         format!("{p}:7: upstreams.api.backends[1]: invalid address \"x:y\""),
         format!("{p}:8: upstreams.api.timeouts.connect: duration 10 needs a unit"),
-        format!("{p}:12: routes[0].colour: unknown field `colour`"),
+        format!("{p}:12: routes[0].colour: unknown key `colour`"),
         format!("{p}:14: routes[1].upstream: unknown upstream \"missing\""),
     ];
     for e in &expect {

@@ -14,6 +14,7 @@ mod listen;
 mod process;
 mod route;
 mod upstream;
+mod words;
 
 pub use access::jwks;
 use access::*;
@@ -64,9 +65,9 @@ impl Checker {
                 Ok(v) => return Some(v),
                 Err(e) => {
                     let inner = e.path().clone();
-                    let message = e.into_inner().to_string();
+                    let message = words::in_words(&e.into_inner().to_string());
                     // A field we removed ourselves is now "missing": already reported.
-                    if failed && message.starts_with("missing field") {
+                    if failed && message.ends_with("is required here") {
                         return None;
                     }
                     let rendered = inner.to_string();
@@ -150,7 +151,13 @@ impl Sections {
         let expected = self.taken.join(", ");
         let unknown = self.root.keys().map(|key| {
             let name = key.as_str().unwrap_or("?");
-            ConfigError::new(name, format!("unknown key, expected one of {expected}"))
+            let message = match words::nearest(name, self.taken.iter().copied()) {
+                Some(near) => {
+                    format!("unknown key; did you mean `{near}`? (expected one of {expected})")
+                }
+                None => format!("unknown key, expected one of {expected}"),
+            };
+            ConfigError::new(name, message)
         });
         ck.errors.splice(0..0, unknown);
     }
@@ -162,8 +169,13 @@ pub(super) fn build(text: &str) -> Result<Config, Vec<ConfigError>> {
     let root: Value = match serde_yaml::from_str(text) {
         Ok(v) => v,
         Err(e) => {
-            let mut err = ConfigError::new("", format!("invalid YAML: {e}"));
-            err.line = e.location().map(|l| l.line());
+            let (line, column) = (
+                e.location().map(|l| l.line()),
+                e.location().map(|l| l.column()),
+            );
+            let message = words::yaml_in_words(&e.to_string(), text, line, column);
+            let mut err = ConfigError::new("", format!("invalid YAML: {message}"));
+            err.line = line;
             return Err(vec![err]);
         }
     };

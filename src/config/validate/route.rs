@@ -13,7 +13,14 @@ pub(super) fn build_routes(
     let lookup = |ck: &mut Checker, path: &str, name: &str| -> Option<UpstreamId> {
         let found = upstreams.iter().position(|(n, _)| n == name);
         if found.is_none() {
-            ck.err(path, format!("unknown upstream {name:?}"));
+            let names = upstreams.iter().map(|(n, _)| n.as_str());
+            ck.err(
+                path,
+                match super::words::nearest(name, names) {
+                    Some(near) => format!("unknown upstream {name:?}; did you mean {near:?}?"),
+                    None => format!("unknown upstream {name:?}"),
+                },
+            );
         }
         found
     };
