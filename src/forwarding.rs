@@ -87,7 +87,7 @@ fn forwarded(req: &mut RequestHeader, client: &Client) -> Result<()> {
         }
     }
     // A static value: nothing to copy per request.
-    let proto = if client.https { "https" } else { "http" };
+    let proto = crate::config::Scheme::of(client.https).as_str();
     req.insert_header("x-forwarded-proto", http::HeaderValue::from_static(proto))?;
     Ok(())
 }

@@ -372,10 +372,7 @@ impl FanoutProxy {
             host: request_host(req),
             path: req.uri.path(),
             method: &req.method,
-            scheme: match ctx.pass.client.https {
-                true => Scheme::Https,
-                false => Scheme::Http,
-            },
+            scheme: Scheme::of(ctx.pass.client.https),
             listener: local
                 .as_ref()
                 .and_then(|a| crate::config::listener_name(&ctx.gen.config.listen, a)),

@@ -6,7 +6,7 @@
 use http::{header, HeaderValue};
 use pingora_http::RequestHeader;
 
-use crate::config::{strip_port, RedirectConfig};
+use crate::config::{strip_port, RedirectConfig, Scheme};
 use crate::filters::{Stop, StopBody};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -75,7 +75,7 @@ impl Redirect {
         for part in &self.parts {
             match part {
                 Part::Text(t) => out.push_str(t),
-                Part::Field(Field::Scheme) => out.push_str(if https { "https" } else { "http" }),
+                Part::Field(Field::Scheme) => out.push_str(Scheme::of(https).as_str()),
                 Part::Field(Field::Host) => {
                     out.push_str(crate::keys::request_host(req).map_or("", strip_port))
                 }

@@ -478,6 +478,14 @@ pub enum Scheme {
 }
 
 impl Scheme {
+    /// How a request came in: over TLS or not.
+    pub fn of(https: bool) -> Scheme {
+        match https {
+            true => Scheme::Https,
+            false => Scheme::Http,
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Scheme::Http => "http",

@@ -769,9 +769,8 @@ impl Upstream {
     pub fn has_untried(&self, tried: &Tried) -> bool {
         let now = Instant::now();
         let set = self.set.load();
-        let untried =
-            |(i, b): &(usize, &Arc<BackendState>)| !tried.contains(*i) && b.available(now);
-        set.backends.iter().enumerate().any(|ib| untried(&ib))
+        let mut backends = set.backends.iter().enumerate();
+        backends.any(|(i, b)| !tried.contains(i) && b.available(now))
     }
 
     /// Picks an available backend for a request, preferring ones not yet `tried`, and

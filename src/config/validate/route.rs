@@ -422,7 +422,6 @@ pub(super) fn build_routes(
         if ck.errors.len() != before {
             continue;
         }
-        // Two routes with the same host and path conflict unless their methods are disjoint.
         if let RouteKind::Redirect(r) = &kind {
             let schemes = reachable_schemes(&conditions, listen);
             if let Some(url) = redirect_loop(&r.to, host.as_deref(), &matcher, &schemes) {
@@ -436,6 +435,8 @@ pub(super) fn build_routes(
                 continue;
             }
         }
+        // Two routes with the same host, path and conditions conflict unless their methods
+        // are disjoint.
         let key = (host.clone(), format!("{matcher:?}"), conditions.clone());
         if let Some(&other) = seen.get(&key) {
             let prev: &RouteConfig = &out[other];
