@@ -5,8 +5,9 @@
 //! Connections are made lazily and remade on their own: `pool` multiplexed connections to
 //! one server (redis-rs' `ConnectionManager`, which reconnects after an I/O error), or one
 //! cluster connection that follows the cluster's slots (`url:` given as a list). Every
-//! command a request waits for is bounded by `redis.timeout`; background work may give
-//! itself longer ([`RedisClient::within`]). A run of failures is logged once, when it
+//! command a request waits for is bounded by `redis.timeout`, but for a broadcast's append,
+//! whose answer decides between 202 and 503 (see [`crate::broadcast::redis`]); background
+//! work may give itself longer ([`RedisClient::within`]). A run of failures is logged once, when it
 //! starts, and once more when Redis answers again.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -171,7 +172,17 @@ impl RedisClient {
         what: &str,
         invocation: &ScriptInvocation<'_>,
     ) -> Result<T, StoreError> {
-        self.within(self.timeout, what, |mut c| async move {
+        self.invoke_within(self.timeout, what, invocation).await
+    }
+
+    /// Runs a script, bounded by `limit`.
+    pub async fn invoke_within<T: FromRedisValue>(
+        &self,
+        limit: Duration,
+        what: &str,
+        invocation: &ScriptInvocation<'_>,
+    ) -> Result<T, StoreError> {
+        self.within(limit, what, |mut c| async move {
             invocation.invoke_async(&mut c).await
         })
         .await

@@ -53,6 +53,9 @@ pub const HOLD: usize = 128;
 const GROUP: &str = "fanout";
 /// Consumers without pending entries idle this long are removed from their group.
 const FORGET_CONSUMER_MS: u64 = 3_600_000;
+/// A broadcast's append waits this long for Redis's answer (or `redis.timeout`, if
+/// longer): a 503 is only for an append that did not land, as far as the gateway can know.
+const APPEND_WAIT: Duration = Duration::from_secs(1);
 /// Background work (reading, acknowledging, claiming) waits at most this long for Redis.
 const BACKGROUND_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -224,9 +227,13 @@ impl Spool for RedisSpool {
             .arg(size)
             .arg(spool::encode(&a))
             .arg(GROUP);
+        // Once sent, the append's answer is awaited longer than `redis.timeout`: a 503 for
+        // an append that then lands would have the client send the event again, and the
+        // targets get it twice with nothing to tell the copies apart.
+        let limit = inner.client.timeout().max(APPEND_WAIT);
         match inner
             .client
-            .invoke::<i64>("broadcast spool", &invocation)
+            .invoke_within::<i64>(limit, "broadcast spool", &invocation)
             .await
         {
             Ok(1) => {

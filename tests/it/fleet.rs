@@ -2,7 +2,8 @@
 //! real `redis-server` processes: two instances on one stream deliver every event after
 //! one of them is killed with `kill -9`; Redis restarted with AOF mid-stream loses no 202;
 //! a full stream answers 503 and every instance counts the fleet's backlog; Redis down
-//! answers 503 within the timeout while the rest of the gateway serves; a 3-node Redis
+//! answers 503 within the timeout while the rest of the gateway serves; an append Redis
+//! answers late still answers 202, and is delivered once; a 3-node Redis
 //! Cluster; two instances hold one leased limit within its documented bound.
 
 use std::collections::HashMap;
@@ -433,4 +434,50 @@ async fn a_reload_keeps_the_redis_spool_and_what_it_holds() {
         async move { pending(&c, gw, "t").await == Some(0) }
     })
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_slow_append_answers_202_and_each_target_gets_the_event_once() {
+    // Redis held back past `redis.timeout` (50 ms) by DEBUG SLEEP: the append lands late;
+    // the client must hear 202 for it, never a 503 that makes it send the event again.
+    let redis = Redis::start_with(&["--enable-debug-command", "yes"]);
+    let (a, b) = (Backend::start("a").await, Backend::start("b").await);
+    let conf = format!("{{ url: {}, timeout: 50ms }}", redis.url());
+    let gw = fleet_gateway(&conf, &[("a", a.addr), ("b", b.addr)], "");
+    let (warm, _) = post_events(&[gw.port], "warm", 3, 1, 10).await;
+    assert_eq!(warm.len(), 3);
+    let url = redis.url();
+    let port: u16 = url.rsplit(':').next().and_then(|p| p.parse().ok()).unwrap();
+    let sleeper = std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.write_all(b"DEBUG SLEEP 0.3\r\n").unwrap();
+        let mut buf = [0u8; 64];
+        let n = s.read(&mut buf).unwrap_or(0);
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let started = Instant::now();
+    let (ids, refused) = post_events(&[gw.port], "slow", 8, 8, 10).await;
+    let took = started.elapsed();
+    assert!(
+        sleeper.join().unwrap().starts_with("+OK"),
+        "DEBUG SLEEP ran"
+    );
+    assert_eq!(
+        (ids.len(), refused),
+        (8, 0),
+        "every slow append answered 202"
+    );
+    assert!(
+        took >= Duration::from_millis(150),
+        "Redis was held back ({took:?})"
+    );
+    for target in [&a, &b] {
+        wait_all_received(target, &ids, Duration::from_secs(15)).await;
+        let got = received(target);
+        for id in &ids {
+            assert_eq!(got[id].len(), 1, "{id} delivered once");
+        }
+    }
 }
