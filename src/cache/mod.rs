@@ -206,6 +206,8 @@ pub fn cacheable(
     }
     let decisive = freshness::decisive(resp);
     let deciding = decisive.as_ref().unwrap_or(resp);
+    let canonical = freshness::canonical_expires(deciding);
+    let deciding = canonical.as_ref().unwrap_or(deciding);
     let cc = CacheControl::from_resp_headers(deciding);
     let authorized = req.headers.contains_key(header::AUTHORIZATION);
     let swr = route.stale_while_revalidate.as_secs() as u32;
@@ -258,8 +260,19 @@ pub fn refreshed(merged: &ResponseHeader, not_modified: &http::HeaderMap) -> Res
                 | "x-cache"
         )
     };
+    // A stored answer the gateway compressed carries the weak form of the origin's tag:
+    // the 304's strong tag names the identity bytes, never these (a range or conditional
+    // request could otherwise mix the two).
+    let weakened = |name: &http::HeaderName| {
+        *name == header::ETAG
+            && merged.headers.get(header::ETAG).is_some_and(|stored| {
+                not_modified.get(header::ETAG).is_some_and(|new| {
+                    stored.as_bytes().strip_prefix(b"W/") == Some(new.as_bytes())
+                })
+            })
+    };
     for name in not_modified.keys() {
-        if kept(name) {
+        if kept(name) || weakened(name) {
             continue;
         }
         out.remove_header(name);
@@ -292,13 +305,16 @@ pub fn variance(meta: &CacheMeta, req: &RequestHeader, coding: Option<&str>) -> 
         .iter()
         .map(|n| match coding {
             Some(c) if n == "accept-encoding" => c.as_bytes().to_vec(),
-            _ => req
-                .headers
-                .get_all(n.as_str())
-                .iter()
-                .map(|v| v.as_bytes())
-                .collect::<Vec<_>>()
-                .join(&b","[..]),
+            // Members compared without the whitespace around them (RFC 9111 4.1: values
+            // normalised as the field's syntax allows): `en, fr` and `en,fr` are one variant.
+            _ => {
+                let values = req.headers.get_all(n.as_str());
+                let members = values
+                    .iter()
+                    .flat_map(|v| v.as_bytes().split(|b| *b == b','));
+                let members: Vec<Vec<u8>> = members.map(tight).collect();
+                members.join(&b","[..])
+            }
         })
         .collect();
     let mut b = VarianceBuilder::new();
@@ -306,6 +322,31 @@ pub fn variance(meta: &CacheMeta, req: &RequestHeader, coding: Option<&str>) -> 
         b.add_value(name, value);
     }
     b.finalize()
+}
+
+/// A list member without the optional whitespace around it and around its `;` and `=`
+/// (`fr; q=0.5` → `fr;q=0.5`); whitespace inside a value stays.
+fn tight(member: &[u8]) -> Vec<u8> {
+    let member = member.trim_ascii();
+    let mut out: Vec<u8> = Vec::with_capacity(member.len());
+    let mut pending_space = false;
+    for &b in member {
+        match b {
+            b' ' | b'\t' => pending_space = true,
+            b';' | b'=' => {
+                out.push(b);
+                pending_space = false;
+            }
+            _ => {
+                if pending_space && !matches!(out.last(), Some(b';' | b'=') | None) {
+                    out.push(b' ');
+                }
+                out.push(b);
+                pending_space = false;
+            }
+        }
+    }
+    out
 }
 
 /// Whether a stale entry may be served: while it is revalidated (`error` is `None`), or
@@ -428,6 +469,29 @@ mod tests {
             }
             RespCacheable::Uncacheable(_) => None,
         }
+    }
+
+    #[test]
+    fn a_304_keeps_the_weak_tag_of_a_compressed_entry() {
+        let mut stored = ResponseHeader::build(200, None).unwrap();
+        stored.insert_header("etag", "W/\"v1\"").unwrap();
+        stored.insert_header("content-encoding", "gzip").unwrap();
+        let mut fields = http::HeaderMap::new();
+        fields.insert("etag", "\"v1\"".parse().unwrap());
+        fields.insert("x-version", "2".parse().unwrap());
+        let out = refreshed(&stored, &fields);
+        assert_eq!(out.headers["etag"], "W/\"v1\"");
+        assert_eq!(out.headers["x-version"], "2");
+        // Another tag is the origin's news: taken as it comes.
+        fields.insert("etag", "\"v2\"".parse().unwrap());
+        assert_eq!(refreshed(&stored, &fields).headers["etag"], "\"v2\"");
+    }
+
+    #[test]
+    fn list_members_lose_only_optional_whitespace() {
+        assert_eq!(tight(b" fr ;  q = 0.5 "), b"fr;q=0.5".to_vec());
+        assert_eq!(tight(b"en-US"), b"en-US".to_vec());
+        assert_eq!(tight(b"Mozilla/5.0 (X11)"), b"Mozilla/5.0 (X11)".to_vec());
     }
 
     #[test]

@@ -297,3 +297,103 @@ async fn targeted_cache_control_fields_take_precedence() {
     assert_ne!(get(&c, &gw2, "/f").await.cache, "HIT");
     assert_eq!(ours.hits(), 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invalid_targeted_field_is_ignored_whole() {
+    // RFC 9213 2.1 (RFC 8941): a CDN-Cache-Control that does not parse as a dictionary, or
+    // whose max-age is no integer, is ignored: the answer's `no-store` holds.
+    for bad in ["max-age=10000, &&&&&", "max-age=\"10000\""] {
+        let origin = origin_with(move || {
+            vec![
+                ("cache-control".into(), "no-store".into()),
+                ("cdn-cache-control".into(), bad.into()),
+            ]
+        })
+        .await;
+        let gw = Gateway::start(&cached_route(&origin));
+        let c = client();
+        get(&c, &gw, "/i").await;
+        assert_ne!(get(&c, &gw, "/i").await.cache, "HIT", "{bad}");
+        assert_eq!(origin.hits(), 2, "{bad}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_age_listed_twice_counts_by_its_first_value() {
+    // RFC 9111 5.1: `Age: 7200, 0` is 7200 s: older than max-age=3600, never a hit.
+    let origin = origin_with(|| {
+        vec![
+            ("cache-control".into(), "max-age=3600".into()),
+            ("age".into(), "7200, 0".into()),
+        ]
+    })
+    .await;
+    let gw = Gateway::start(&cached_route(&origin));
+    let c = client();
+    get(&c, &gw, "/age").await;
+    assert_ne!(get(&c, &gw, "/age").await.cache, "HIT");
+    assert_eq!(origin.hits(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expires_is_read_in_any_letter_case_and_spacing() {
+    // RFC 9110 5.6.7: recipients parse dates robustly.
+    type Format = fn(DateTime<Utc>) -> String;
+    let formats: [(&str, Format); 3] = [
+        ("lower imf", |t| {
+            t.format("%a, %d %b %Y %H:%M:%S GMT")
+                .to_string()
+                .to_lowercase()
+        }),
+        ("upper rfc850", |t| {
+            t.format("%A, %d-%b-%y %H:%M:%S GMT")
+                .to_string()
+                .to_uppercase()
+        }),
+        ("asctime, padded day", |t| {
+            t.format("%a %b %e %H:%M:%S %Y").to_string().to_lowercase()
+        }),
+    ];
+    for (name, format) in formats {
+        let origin = origin_with(move || {
+            let later: DateTime<Utc> = (SystemTime::now() + Duration::from_secs(3600)).into();
+            vec![("expires".into(), format(later))]
+        })
+        .await;
+        let gw = Gateway::start(&cached_route(&origin));
+        let c = client();
+        get(&c, &gw, "/x").await;
+        assert_eq!(get(&c, &gw, "/x").await.cache, "HIT", "{name}");
+        assert_eq!(origin.hits(), 1, "{name}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn optional_whitespace_does_not_split_vary_variants() {
+    let origin = origin_with(|| {
+        vec![
+            ("cache-control".into(), "max-age=600".into()),
+            ("vary".into(), "Accept-Language".into()),
+        ]
+    })
+    .await;
+    let gw = Gateway::start(&cached_route(&origin));
+    let c = client();
+    let ask = |lang: &'static str| {
+        let (c, url) = (c.clone(), gw.url("/v"));
+        async move {
+            let r = c
+                .get(url)
+                .header("accept-language", lang)
+                .send()
+                .await
+                .unwrap();
+            r.headers()["x-cache"].to_str().unwrap().to_string()
+        }
+    };
+    assert_eq!(ask("en-US, fr;q=0.5").await, "MISS");
+    assert_eq!(ask("en-US,fr; q=0.5").await, "HIT");
+    assert_eq!(ask("en-US ,  fr ;q=0.5").await, "HIT");
+    assert_eq!(ask("de").await, "MISS");
+    assert_eq!(origin.hits(), 2);
+}
