@@ -13,6 +13,9 @@
 //! - field values without leading or trailing SP/HTAB (RFC 9113 §8.2.1: malformed) and of
 //!   visible characters, SP, HTAB or obs-text, a `host` of authority characters only
 //!   → else 400;
+//! - a `:scheme` other than `http`/`https` (RFC 9113 §8.3.1: not an HTTP request) → 400
+//!   (a `#fragment` in `:path` never gets this far: the `http` crate's URI parser drops
+//!   it, so it is not forwarded either);
 //! - `content-length` as one field holding one plain decimal value: identical duplicates,
 //!   which the codec reconciles but would forward as two lines, are refused as HTTP/1.1's
 //!   framer refuses them → else 400.
@@ -36,6 +39,13 @@ const LINE_OVERHEAD: usize = 4;
 pub fn check(req: &RequestHeader, limits: &Limits) -> Result<(), Reject> {
     if req.raw_path().len() > limits.max_request_line {
         return Err(Reject::TargetTooLong);
+    }
+    if req
+        .uri
+        .scheme_str()
+        .is_some_and(|s| !s.eq_ignore_ascii_case("http") && !s.eq_ignore_ascii_case("https"))
+    {
+        return Err(Reject::Bad(":scheme is not http or https"));
     }
     if req.headers.len() > limits.max_headers {
         return Err(Reject::HeadersTooLarge);

@@ -106,6 +106,12 @@ fn table() -> Vec<Row> {
             plus(&[(b"x-upper", b"a")]),
         ),
         row("space in a field name", plus(&[(b"x a", b"b")]), ok.clone()),
+        // RFC 9113 §8.3.1: a scheme HTTP does not serve.
+        row(
+            ":scheme other than http and https",
+            pseudo(b":scheme", Some(b"ftp")),
+            pseudo(b":scheme", Some(b"https")),
+        ),
         row(
             "quote in a field name (not a tchar)",
             plus(&[(b"x\"a", b"b")]),
