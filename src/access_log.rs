@@ -45,6 +45,10 @@ pub struct Record {
     pub host: Option<String>,
     pub path: String,
     pub status: u16,
+    /// A gRPC answer's `grpc-status` (trailers, or trailers-only headers): a failed call
+    /// answers HTTP 200 all the same.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub grpc_status: Option<u32>,
     pub route: Option<Arc<str>>,
     pub upstream: Option<Arc<str>>,
     pub backend: Option<Arc<str>>,
@@ -168,6 +172,7 @@ mod tests {
             host: None,
             path,
             status,
+            grpc_status: None,
             route: Some("api".into()),
             upstream: None,
             backend: None,
@@ -226,6 +231,7 @@ mod bound_tests {
                 host: None,
                 path: long.clone(),
                 status: 200,
+                grpc_status: None,
                 route: None,
                 upstream: None,
                 backend: None,

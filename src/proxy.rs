@@ -114,6 +114,17 @@ impl FanoutProxy {
     }
 }
 
+/// The `grpc-status` field of a gRPC answer's head or trailers.
+fn grpc_status(fields: &http::HeaderMap) -> Option<u32> {
+    fields
+        .get("grpc-status")?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
 /// How an attempt on a backend failed, for [`FanoutProxy::decide_retry`].
 #[derive(Debug, Clone, Copy)]
 enum AttemptFailure {
@@ -140,6 +151,8 @@ pub struct RequestCtx {
     attempts: u32,
     /// Attempts sent again after a failure once sent (bounded by the upstream's `retries`).
     resends: u32,
+    /// The answer's `grpc-status`, on a gRPC call, for the access log.
+    grpc_status: Option<u32>,
     body: BodyCounter,
     /// Set when the gateway itself refused the request mid-way (body over the limit).
     refused: Option<Refusal>,
@@ -684,6 +697,7 @@ impl ProxyHttp for FanoutProxy {
             tried: Tried::default(),
             attempts: 0,
             resends: 0,
+            grpc_status: None,
             body: BodyCounter::default(),
             refused: None,
             copies: Copies::default(),
@@ -936,6 +950,18 @@ impl ProxyHttp for FanoutProxy {
         }
     }
 
+    fn upstream_response_trailer_filter(
+        &self,
+        _session: &mut Session,
+        trailers: &mut http::HeaderMap,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        if let Some(s) = grpc_status(trailers) {
+            ctx.grpc_status = Some(s);
+        }
+        Ok(())
+    }
+
     async fn upstream_response_filter(
         &self,
         session: &mut Session,
@@ -946,6 +972,8 @@ impl ProxyHttp for FanoutProxy {
         if let (Some(lease), false) = (ctx.lease.as_mut(), status.is_informational()) {
             lease.answered(status.as_u16());
         }
+        // A trailers-only gRPC answer carries its status in the head.
+        ctx.grpc_status = grpc_status(&upstream_response.headers);
         if status == http::StatusCode::NOT_MODIFIED && ctx.cache_looked_up {
             ctx.not_modified = Some(upstream_response.headers.clone());
         }
@@ -1207,6 +1235,7 @@ impl ProxyHttp for FanoutProxy {
                 host: request_host(req).map(String::from),
                 path: req.uri.path().to_string(),
                 status,
+                grpc_status: ctx.grpc_status,
                 route: route.map(|r| Arc::clone(r.metrics.label())),
                 upstream: ctx
                     .failover
