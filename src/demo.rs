@@ -89,12 +89,12 @@ upstreams:
   api:
     balance: weighted
     backends:
-      - {{ address: 127.0.0.1:{p0}, weight: 1 }}
-      - {{ address: 127.0.0.1:{p1}, weight: 2 }}
-      - {{ address: 127.0.0.1:{p2}, weight: 3 }}
+      - {{ address: 127.0.0.1:{p0}, weight: 1, name: api-1 }}
+      - {{ address: 127.0.0.1:{p1}, weight: 2, name: api-2 }}
+      - {{ address: 127.0.0.1:{p2}, weight: 3, name: api-3 }}
     health_check: {{ type: http, path: /health, interval: 2s, timeout: 1s }}
   shadow:
-    backends: [127.0.0.1:{p3}]
+    backends: [{{ address: "127.0.0.1:{p3}", name: shadow }}]
   sticky:
     balance: consistent_hash
     hash_key: header:X-User-Id

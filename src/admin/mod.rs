@@ -24,6 +24,7 @@ use serde_json::{json, Value};
 
 use crate::config::RouteKind;
 use crate::gateway::Gateway;
+use crate::upstream::Mark;
 
 pub struct AdminApp {
     gw: Arc<Gateway>,
@@ -90,6 +91,56 @@ impl AdminApp {
         }
     }
 
+    /// `POST /upstreams/NAME/backends/ADDRESS/ACTION`: ADDRESS is the backend's `IP:PORT`
+    /// or its `name:`. The mark lives with what the backend learned, so a reload keeps it
+    /// for a backend that stays.
+    fn mark_backend(
+        &self,
+        upstream: &str,
+        backend: &str,
+        action: Option<Mark>,
+    ) -> (StatusCode, Value) {
+        let Some(mark) = action else {
+            return (
+                StatusCode::BAD_REQUEST,
+                json!({ "error": "the action is one of drain, disable, enable" }),
+            );
+        };
+        let gen = self.gw.peek();
+        let Some(up) = gen.upstreams.iter().find(|u| u.name() == upstream) else {
+            return (
+                StatusCode::NOT_FOUND,
+                json!({ "error": format!("no upstream {upstream:?}") }),
+            );
+        };
+        let set = up.backends();
+        let found: Vec<_> = set
+            .backends
+            .iter()
+            .filter(|b| &*b.label == backend || b.name.as_deref() == Some(backend))
+            .collect();
+        if found.is_empty() {
+            return (
+                StatusCode::NOT_FOUND,
+                json!({ "error": format!("upstream {upstream} has no backend {backend:?}") }),
+            );
+        }
+        for b in &found {
+            b.set_mark(mark);
+            log::warn!(
+                "upstream {upstream}: backend {} {} by the admin API",
+                b.shown(),
+                mark.name()
+            );
+        }
+        up.refresh();
+        let marked: Vec<&str> = found.iter().map(|b| &*b.label).collect();
+        (
+            StatusCode::OK,
+            json!({ "upstream": upstream, "backends": marked, "state": mark.name() }),
+        )
+    }
+
     fn status(&self) -> (StatusCode, Value) {
         let gw = &self.gw;
         let gen = gw.current();
@@ -105,6 +156,8 @@ impl AdminApp {
                     .map(|b| {
                         json!({
                             "address": b.label,
+                            "name": b.name,
+                            "state": b.mark().name(),
                             "source": b.source,
                             "weight": b.weight,
                             "healthy": b.healthy(),
@@ -348,6 +401,21 @@ fn answer(status: StatusCode, content_type: &str, body: Vec<u8>) -> Response<Vec
     resp
 }
 
+/// `/upstreams/NAME/backends/ADDRESS/ACTION`: the upstream, the backend and the mark the
+/// action asks for (`None`: an unknown action).
+fn backend_action(path: &str) -> Option<(&str, &str, Option<Mark>)> {
+    let rest = path.strip_prefix("/upstreams/")?;
+    let (upstream, rest) = rest.split_once("/backends/")?;
+    let (backend, action) = rest.rsplit_once('/')?;
+    let mark = match action {
+        "drain" => Some(Mark::Draining),
+        "disable" => Some(Mark::Disabled),
+        "enable" => Some(Mark::Active),
+        _ => None,
+    };
+    Some((upstream, backend, mark))
+}
+
 fn json_answer((status, body): (StatusCode, Value)) -> Response<Vec<u8>> {
     answer(status, "application/json", body.to_string().into_bytes())
 }
@@ -358,14 +426,19 @@ impl ServeHttp for AdminApp {
         let req = session.req_header();
         let purge = req.method == Method::DELETE && req.uri.path() == "/cache";
         let reload = req.method == Method::POST && req.uri.path() == "/reload";
-        if req.method != Method::GET && req.method != Method::HEAD && !purge && !reload {
+        let mark = match req.method == Method::POST {
+            true => backend_action(req.uri.path()),
+            false => None,
+        };
+        let post = reload || mark.is_some();
+        if req.method != Method::GET && req.method != Method::HEAD && !purge && !post {
             return json_answer((
                 StatusCode::METHOD_NOT_ALLOWED,
                 json!({ "error": "method not allowed" }),
             ));
         }
         let path = req.uri.path();
-        if !purge && !reload {
+        if !purge && !post {
             if let Some((content_type, body)) = dashboard::asset(path, self.token_required()) {
                 let mut resp = answer(StatusCode::OK, content_type, body);
                 dashboard::harden(&mut resp);
@@ -390,6 +463,9 @@ impl ServeHttp for AdminApp {
         if reload {
             return json_answer(self.reload().await);
         }
+        if let Some((upstream, backend, action)) = mark {
+            return json_answer(self.mark_backend(upstream, backend, action));
+        }
         match path {
             "/health" => json_answer(self.health()),
             "/ready" => json_answer(self.ready()),
@@ -412,7 +488,7 @@ impl ServeHttp for AdminApp {
             }
             _ => json_answer((
                 StatusCode::NOT_FOUND,
-                json!({ "error": "not found", "endpoints": ["/ (dashboard)", "/health", "/ready", "/metrics", "/status", "/mirror/diffs", "/config", "POST /reload", "DELETE /cache"] }),
+                json!({ "error": "not found", "endpoints": ["/ (dashboard)", "/health", "/ready", "/metrics", "/status", "/mirror/diffs", "/config", "POST /reload", "DELETE /cache", "POST /upstreams/NAME/backends/ADDRESS/drain|disable|enable"] }),
             )),
         }
     }

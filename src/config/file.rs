@@ -252,6 +252,8 @@ pub enum Protocol {
 pub struct FileBackend {
     pub address: String,
     pub weight: Option<u32>,
+    /// Shown beside the address in `/status`, the dashboard and logs.
+    pub name: Option<String>,
 }
 
 /// `{ dns: NAME, port: P, interval: I, weight: W }`.

@@ -322,6 +322,8 @@ pub struct BackendConfig {
     pub weight: u32,
     /// The host name it was written with, if any: the default SNI and verified name.
     pub host: Option<String>,
+    /// `name:`, shown beside the address.
+    pub name: Option<String>,
 }
 
 /// `{ dns: NAME, port: P, interval: I, weight: W }`: every A/AAAA record of NAME, on port
@@ -332,6 +334,8 @@ pub struct DnsBackend {
     pub port: u16,
     pub weight: u32,
     pub interval: Duration,
+    /// `name:` of a backend written as `NAME:PORT`, shown beside each address found.
+    pub display: Option<String>,
 }
 
 pub const DEFAULT_DNS_INTERVAL: Duration = Duration::from_secs(10);

@@ -367,12 +367,14 @@ fn dns_backends_and_the_resolver_are_checked() {
                 port: 8080,
                 weight: 3,
                 interval: std::time::Duration::from_secs(2),
+                display: None,
             },
             DnsBackend {
                 name: "other.internal".into(),
                 port: 81,
                 weight: 1,
                 interval: DEFAULT_DNS_INTERVAL,
+                display: None,
             },
         ]
     );

@@ -146,7 +146,10 @@ async fn check_forever(up: Arc<Upstream>) {
                 let result = match tokio::time::timeout(timeout, probe.check(&target)).await {
                     Ok(Ok(())) => Ok(()),
                     Ok(Err(e)) => Err(e.to_string()),
-                    Err(_) => Err(format!("no answer within {timeout:?}")),
+                    Err(_) => Err(format!(
+                        "no answer within {}",
+                        crate::config::units::show_duration(timeout)
+                    )),
                 };
                 (addr, result)
             });
@@ -169,7 +172,7 @@ async fn check_forever(up: Arc<Upstream>) {
                         info!(
                             "upstream {}: backend {} is healthy{}",
                             up.name(),
-                            backend.label,
+                            backend.shown(),
                             if backend.is_static() { " again" } else { "" }
                         );
                     }
@@ -185,7 +188,7 @@ async fn check_forever(up: Arc<Upstream>) {
                         warn!(
                             "upstream {}: backend {} is unhealthy: {why}",
                             up.name(),
-                            backend.label
+                            backend.shown()
                         );
                     }
                 }

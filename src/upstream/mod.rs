@@ -22,7 +22,9 @@ pub mod follow;
 pub mod health;
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{
+    AtomicBool, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering::Relaxed,
+};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -55,15 +57,44 @@ pub struct Outcomes {
 pub struct Learned {
     healthy: AtomicBool,
     inflight: AtomicUsize,
+    /// What an operator made of it (`POST /upstreams/NAME/backends/ADDRESS/ACTION`): kept
+    /// with the rest across a reload.
+    mark: AtomicU8,
+    /// Bumped by `disable`: pooled connections made before it are never used again.
+    pool_epoch: AtomicU64,
     /// Consecutive passed and failed health checks.
     pub successes: AtomicU32,
     pub failures: AtomicU32,
+}
+
+/// What an operator made of a backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Mark {
+    /// Chosen as usual.
+    Active = 0,
+    /// Out of new choices; its requests in flight finish.
+    Draining = 1,
+    /// Out of new choices, its pooled connections left unused.
+    Disabled = 2,
+}
+
+impl Mark {
+    pub fn name(self) -> &'static str {
+        match self {
+            Mark::Active => "active",
+            Mark::Draining => "draining",
+            Mark::Disabled => "disabled",
+        }
+    }
 }
 
 pub struct BackendState {
     pub addr: SocketAddr,
     /// `IP:PORT`, the `backend` label of metrics and logs.
     pub label: Arc<str>,
+    /// `name:`, shown beside the address in `/status`, the dashboard and logs.
+    pub name: Option<Arc<str>>,
     pub weight: u32,
     /// The name it was written with or found under (SNI, health checks' Host).
     pub host: Option<String>,
@@ -98,14 +129,49 @@ impl BackendState {
             .map_or(Circuit::Closed, |b| b.circuit(now))
     }
 
-    /// Whether new requests may be sent here now: healthy, and its circuit lets them.
+    /// Whether new requests may be sent here now: healthy, not drained or disabled, and its
+    /// circuit lets them.
     pub fn available(&self, now: Instant) -> bool {
-        self.healthy() && self.breaker.as_ref().is_none_or(|b| b.allows(now))
+        self.healthy()
+            && self.mark() == Mark::Active
+            && self.breaker.as_ref().is_none_or(|b| b.allows(now))
+    }
+
+    /// What an operator made of it.
+    pub fn mark(&self) -> Mark {
+        match self.learned.mark.load(Relaxed) {
+            1 => Mark::Draining,
+            2 => Mark::Disabled,
+            _ => Mark::Active,
+        }
+    }
+
+    /// Drains, disables or enables it; `disable` also leaves its pooled connections unused
+    /// (they close when idle).
+    pub fn set_mark(&self, mark: Mark) {
+        if mark == Mark::Disabled {
+            self.learned.pool_epoch.fetch_add(1, Relaxed);
+        }
+        self.learned.mark.store(mark as u8, Relaxed);
     }
 
     /// A fresh peer for one request to this backend.
     pub fn peer(&self) -> Box<HttpPeer> {
-        Box::new(self.peer.clone())
+        let mut peer = Box::new(self.peer.clone());
+        let epoch = self.learned.pool_epoch.load(Relaxed);
+        if epoch != 0 {
+            // Another pool key: connections pooled before a `disable` are not reused.
+            peer.group_key ^= epoch.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        }
+        peer
+    }
+
+    /// How logs and the dashboard name it: `name (IP:PORT)`, or the address alone.
+    pub fn shown(&self) -> String {
+        match &self.name {
+            Some(n) => format!("{n} ({})", self.label),
+            None => self.label.to_string(),
+        }
     }
 
     /// Whether its requests get a `Host` of their own (`host_header:` not `pass`).
@@ -285,7 +351,7 @@ impl Lease {
 
     /// One line per change of a backend's state, not one per failed request.
     fn log(&self, transition: Transition, b: &Breaker) {
-        let (upstream, backend) = (self.upstream.name(), &self.backend.label);
+        let (upstream, backend) = (self.upstream.name(), self.backend.shown());
         match transition {
             Transition::Opened(until) if self.probe => log::warn!(
                 "upstream {upstream}: backend {backend} taken out for {} (its probe failed)",
@@ -426,6 +492,7 @@ fn backend_state(
         addr: b.addr,
         weight: b.weight,
         host: b.host.clone(),
+        name: b.name.as_deref().map(Arc::from),
         source,
         learned,
         breaker,
@@ -455,6 +522,7 @@ impl BackendState {
             addr: self.addr,
             weight: self.weight,
             host: self.host.clone(),
+            name: self.name.as_deref().map(String::from),
         }
     }
 }
@@ -635,10 +703,12 @@ impl Upstream {
             next.push(match kept {
                 Some(b) => Arc::clone(b),
                 None => {
+                    let display = self.config.discover.iter().find(|d| d.name == *name);
                     let config = BackendConfig {
                         addr: *addr,
                         weight: *weight,
                         host: Some(name.clone()),
+                        name: display.and_then(|d| d.display.clone()),
                     };
                     let source = format!("dns:{name}").into();
                     let healthy = at_start || self.config.health_check.is_none();
@@ -837,6 +907,7 @@ mod tests {
                     addr: SocketAddr::from(([127, 0, 0, 1], 10_000 + i)),
                     weight: 1,
                     host: None,
+                    name: None,
                 })
                 .collect(),
             discover: Vec::new(),

@@ -359,6 +359,13 @@ async fn the_demo_in_a_real_browser() {
     )
     .await;
     assert_eq!(backends, json!(3));
+    // The demo's backends show under the names the configuration gives them.
+    let names = js(
+        &b,
+        "return [...document.querySelectorAll('[data-upstream=\"api\"] tr[data-backend] td.addr strong')].map((s) => s.textContent.trim()).sort()",
+    )
+    .await;
+    assert_eq!(names, json!(["api-1", "api-2", "api-3"]));
 
     // A chart moves while traffic flows: its latest rate turns positive, and it gains points.
     let chart = "document.querySelector('svg[data-series=\"traffic\"][data-route=\"mirrored\"]')";

@@ -449,3 +449,82 @@ async fn a_connect_failure_tries_every_backend_whatever_retries_says() {
     let resp = c.get(gw.url("/gone")).send().await.unwrap();
     assert_eq!(resp.status(), 502);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backends_are_drained_disabled_and_enabled_and_a_reload_keeps_the_mark() {
+    let (a, b) = (Backend::start("a").await, Backend::start("b").await);
+    let body = |a: SocketAddr, b: SocketAddr, retries: u32| {
+        format!(
+            "upstreams:\n  u:\n    retries: {retries}\n    backends:\n      - {{ address: \"{a}\", name: one }}\n      - \"{b}\"\n\
+             routes:\n  - {{ match: {{ prefix: / }}, upstream: u }}\n"
+        )
+    };
+    let gw = Gateway::start(&body(a.addr, b.addr, 1));
+    let c = client();
+    let status = status_json(&c, &gw).await;
+    let listed = &status["upstreams"][0]["backends"];
+    assert_eq!(listed[0]["name"], "one", "{status}");
+    assert_eq!(listed[0]["state"], "active", "{status}");
+
+    // A slow request is on `one` when it is drained: it finishes; new requests avoid it.
+    a.set_delay(600);
+    let slow: Vec<_> = (0..2)
+        .map(|i| {
+            let (c, url) = (c.clone(), gw.url(&format!("/slow/{i}")));
+            tokio::spawn(async move { c.get(url).send().await.unwrap().status().as_u16() })
+        })
+        .collect();
+    eventually(
+        Duration::from_secs(10),
+        "a request in flight on one",
+        || async { a.state.inflight.load(std::sync::atomic::Ordering::SeqCst) > 0 },
+    )
+    .await;
+    let post = |what: &'static str, who: &'static str| {
+        let (c, url) = (
+            c.clone(),
+            gw.admin_url(&format!("/upstreams/u/backends/{who}/{what}")),
+        );
+        async move { c.post(url).send().await.unwrap().status().as_u16() }
+    };
+    assert_eq!(post("drain", "one").await, 200);
+    for t in slow {
+        assert_eq!(t.await.unwrap(), 200, "a request in flight finishes");
+    }
+    a.set_delay(0);
+    let hits_a = a.hits();
+    for i in 0..10 {
+        assert_eq!(get(&c, &gw.url(&format!("/d/{i}"))).await.0, 200);
+    }
+    assert_eq!(a.hits(), hits_a, "a drained backend gets no new request");
+    let status = status_json(&c, &gw).await;
+    assert_eq!(status["upstreams"][0]["backends"][0]["state"], "draining");
+
+    // A reload that keeps the backend keeps the mark.
+    gw.rewrite(
+        &format!("[\"127.0.0.1:{}\"]", gw.port),
+        &body(a.addr, b.addr, 2),
+    );
+    let r = c.post(gw.admin_url("/reload")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    for i in 0..10 {
+        assert_eq!(get(&c, &gw.url(&format!("/r/{i}"))).await.0, 200);
+    }
+    assert_eq!(a.hits(), hits_a, "still drained after the reload");
+
+    // Disabled by address, then enabled by name: it takes requests again.
+    assert_eq!(post("disable", "ADDR").await, 404);
+    let addr = a.addr.to_string();
+    let r = c
+        .post(gw.admin_url(&format!("/upstreams/u/backends/{addr}/disable")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(post("enable", "one").await, 200);
+    for i in 0..10 {
+        assert_eq!(get(&c, &gw.url(&format!("/e/{i}"))).await.0, 200);
+    }
+    assert!(a.hits() > hits_a, "enabled again");
+    assert_eq!(post("explode", "one").await, 400);
+}

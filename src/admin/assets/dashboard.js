@@ -302,11 +302,12 @@
           el("tbody", null, u.backends.map((b) => {
             const open = b.circuit !== "closed";
             const cls = !b.healthy ? "down" : open ? (b.circuit === "half_open" ? "half" : "down") : "";
-            return el("tr", { class: cls || null, "data-backend": b.address, "data-healthy": String(b.healthy), "data-circuit": b.circuit },
-              el("td", { class: "addr" }, el("span", { class: "dot" }), el("code", null, b.address)),
+            const marked = b.state && b.state !== "active";
+            return el("tr", { class: (marked ? "half" : cls) || null, "data-backend": b.address, "data-name": b.name || null, "data-state": b.state, "data-healthy": String(b.healthy), "data-circuit": b.circuit },
+              el("td", { class: "addr" }, el("span", { class: "dot" }), b.name ? el("strong", null, b.name + " ") : null, el("code", null, b.address)),
               el("td", null, b.source),
               el("td", { class: "num" }, b.weight),
-              el("td", null, b.healthy ? "healthy" : "unhealthy"),
+              el("td", null, (b.healthy ? "healthy" : "unhealthy") + (marked ? " · " + b.state : "")),
               el("td", null, b.circuit),
               el("td", { class: "num" }, b.inflight));
           })))));

@@ -430,6 +430,7 @@ pub(super) fn service_url(
                 addr,
                 weight: DEFAULT_WEIGHT,
                 host: named.then(|| host.to_string()),
+                name: None,
             })
             .collect(),
         discover: Vec::new(),

@@ -161,10 +161,11 @@ pub(super) fn build_upstream(
     let mut backends: Vec<BackendConfig> = Vec::new();
     let mut discover: Vec<DnsBackend> = Vec::new();
     let mut https: Vec<bool> = Vec::new();
+    let mut names: HashSet<String> = HashSet::new();
     for (i, value) in f.backends.into_iter().enumerate() {
         let bpath = format!("{path}.backends[{i}]");
-        let (address, weight) = match value {
-            Value::String(s) => (s, None),
+        let (address, weight, display) = match value {
+            Value::String(s) => (s, None, None),
             Value::Mapping(m) if m.contains_key("dns") => {
                 if let Some(d) = ck.parse::<FileDnsBackend>(&bpath, Value::Mapping(m)) {
                     if let Some(d) = build_dns_backend(ck, &bpath, d) {
@@ -174,11 +175,21 @@ pub(super) fn build_upstream(
                 continue;
             }
             other => match ck.parse::<FileBackend>(&bpath, other) {
-                Some(b) => (b.address, b.weight),
+                Some(b) => (b.address, b.weight, b.name),
                 None => continue,
             },
         };
         let weight = weight.unwrap_or(DEFAULT_WEIGHT);
+        if let Some(n) = &display {
+            if n.trim().is_empty() {
+                ck.err(&format!("{bpath}.name"), "must not be empty");
+            } else if !names.insert(n.clone()) {
+                ck.err(
+                    &format!("{bpath}.name"),
+                    format!("name {n:?} is given twice"),
+                );
+            }
+        }
         if !(1..=10_000).contains(&weight) {
             ck.err(
                 &format!("{bpath}.weight"),
@@ -199,6 +210,7 @@ pub(super) fn build_upstream(
                         addr,
                         weight,
                         host: None,
+                        name: display,
                     });
                 }
             }
@@ -212,6 +224,7 @@ pub(super) fn build_upstream(
                     port,
                     weight,
                     interval: DEFAULT_DNS_INTERVAL,
+                    display,
                 };
                 add_named(ck, &bpath, &mut discover, d);
             }
@@ -427,6 +440,7 @@ pub(super) fn build_dns_backend(
         port: d.port,
         weight,
         interval,
+        display: None,
     })
 }
 
