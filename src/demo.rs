@@ -56,13 +56,27 @@ fn free_port() -> u16 {
 
 struct Ports(Vec<u16>);
 
-fn ports() -> &'static Ports {
+/// The demo backends' ports, chosen once: free loopback ports other than the gateway's and
+/// the admin listener's own (`taken`), which the kernel may hand out again since nothing
+/// holds them yet when the demo starts.
+fn ports(taken: &[u16]) -> &'static Ports {
     static PORTS: std::sync::OnceLock<Ports> = std::sync::OnceLock::new();
     PORTS.get_or_init(|| {
-        let listeners: Vec<TcpListener> = (0..BACKENDS.len())
-            .filter_map(|_| TcpListener::bind("127.0.0.1:0").ok())
-            .collect();
-        let mut ports: Vec<u16> = listeners
+        // Held while choosing, so that no two are the same.
+        let mut held: Vec<TcpListener> = Vec::new();
+        for _ in 0..64 {
+            if held.len() == BACKENDS.len() {
+                break;
+            }
+            let Ok(l) = TcpListener::bind("127.0.0.1:0") else {
+                continue;
+            };
+            let port = l.local_addr().map_or(0, |a| a.port());
+            if port != 0 && !taken.contains(&port) {
+                held.push(l);
+            }
+        }
+        let mut ports: Vec<u16> = held
             .iter()
             .filter_map(|l| l.local_addr().ok())
             .map(|a| a.port())
@@ -77,7 +91,16 @@ fn ports() -> &'static Ports {
 /// The demo's configuration, with the gateway on `listen` (default 127.0.0.1:8080) and the
 /// admin listener on `admin` (default 127.0.0.1:9091).
 pub fn config_yaml(listen: Option<&str>, admin: Option<&str>) -> String {
-    let p = &ports().0;
+    let listen = listen.unwrap_or(DEFAULT_LISTEN);
+    let admin = admin.unwrap_or(ADMIN);
+    let port_of = |a: &str| a.rsplit(':').next().and_then(|p| p.parse::<u16>().ok());
+    let p = &ports(
+        &[port_of(listen), port_of(admin)]
+            .into_iter()
+            .flatten()
+            .collect::<Vec<_>>(),
+    )
+    .0;
     format!(
         r#"server: {{ threads: 2, grace_period_seconds: 1, graceful_shutdown_timeout_seconds: 1 }}
 listen: ["{listen}"]
@@ -118,8 +141,8 @@ routes:
     match: {{ prefix: /events, methods: [POST] }}
     broadcast: [api, shadow]
 "#,
-        listen = listen.unwrap_or(DEFAULT_LISTEN),
-        admin = admin.unwrap_or(ADMIN),
+        listen = listen,
+        admin = admin,
         spool = std::env::temp_dir().join("fanout-demo-spool").display(),
         p0 = p[0],
         p1 = p[1],
@@ -128,11 +151,11 @@ routes:
     )
 }
 
-/// The demo backends as Pingora services, on the ports [`config_yaml`] names.
+/// The demo backends as Pingora services, on the ports [`config_yaml`] chose (it runs first).
 pub fn backend_services() -> Vec<Box<dyn ServiceWithDependents>> {
     BACKENDS
         .iter()
-        .zip(&ports().0)
+        .zip(&ports(&[]).0)
         .map(|(name, port)| {
             let mut svc = Service::new(
                 format!("demo backend {name}"),
