@@ -17,7 +17,17 @@ fn main() {
     // SIGHUP reloads the configuration; one that comes before the server runs is kept for
     // then, rather than ending the process as its default action would.
     fanout::reload::catch_hangup_until_handled();
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(DEFAULT_LOG)).init();
+    // An empty RUST_LOG (a unit's `Environment=RUST_LOG=`) means the default too.
+    let filters = std::env::var("RUST_LOG")
+        .ok()
+        .filter(|v| !v.trim().is_empty())
+        .unwrap_or_else(|| DEFAULT_LOG.to_string());
+    let mut logger = env_logger::Builder::new();
+    logger.parse_filters(&filters);
+    if let Ok(style) = std::env::var("RUST_LOG_STYLE") {
+        logger.parse_write_style(&style);
+    }
+    logger.init();
     std::process::exit(run(Cli::from_env_and_args()));
 }
 

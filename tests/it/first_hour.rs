@@ -528,3 +528,35 @@ async fn backends_are_drained_disabled_and_enabled_and_a_reload_keeps_the_mark()
     assert!(a.hits() > hits_a, "enabled again");
     assert_eq!(post("explode", "one").await, 400);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_start_logs_at_most_three_lines() {
+    let backend = Backend::start("b").await;
+    let gw = Gateway::spawn_env(
+        |_, _| vec![("RUST_LOG".to_string(), String::new())],
+        |port, admin| {
+            vec![
+                "--listen".into(),
+                format!("127.0.0.1:{port}"),
+                "--backends".into(),
+                format!("http://{}", backend.addr),
+                "--admin".into(),
+                format!("127.0.0.1:{admin}"),
+            ]
+        },
+    );
+    eventually(Duration::from_secs(5), "the serving line", || async {
+        gw.stderr().contains("serving on")
+    })
+    .await;
+    let (status, _, _) = get(&client(), &gw.url("/x")).await;
+    assert_eq!(status, 200);
+    let stderr = gw.stderr();
+    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert!(
+        lines.len() <= 3,
+        "{} lines at start:\n{stderr}",
+        lines.len()
+    );
+    assert!(!stderr.contains("pingora"), "{stderr}");
+}
