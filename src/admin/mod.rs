@@ -158,6 +158,19 @@ impl AdminApp {
                             "address": b.label,
                             "name": b.name,
                             "state": b.mark().name(),
+                            "requests": {
+                                "ok": b.outcomes.ok.get(),
+                                "error": b.outcomes.error.get(),
+                                "timeout": b.outcomes.timeout.get(),
+                            },
+                            "responses": backend_classes(b.learned().classes()),
+                            "health_since": b.learned().health_since().map(crate::access_log::timestamp),
+                            "last_check": b.learned().last_check().map(|c| json!({
+                                "ok": c.failure.is_none(),
+                                "reason": c.failure,
+                                "latency_ms": c.latency.as_secs_f64() * 1000.0,
+                                "at": crate::access_log::timestamp(c.at),
+                            })),
                             "source": b.source,
                             "weight": b.weight,
                             "healthy": b.healthy(),
@@ -399,6 +412,11 @@ fn answer(status: StatusCode, content_type: &str, body: Vec<u8>) -> Response<Vec
         resp.headers_mut().insert(http::header::CONTENT_LENGTH, v);
     }
     resp
+}
+
+/// Answers by status class, as `/status` and the dashboard show them.
+fn backend_classes(c: [u64; 4]) -> Value {
+    json!({ "2xx": c[0], "3xx": c[1], "4xx": c[2], "5xx": c[3] })
 }
 
 /// `/upstreams/NAME/backends/ADDRESS/ACTION`: the upstream, the backend and the mark the

@@ -81,13 +81,26 @@ fn probe_for(
                 } else {
                     Error::e_explain(
                         ErrorType::HTTPStatus(resp.status.as_u16()),
-                        "health check answer is not 2xx",
+                        format!("answered {}, not 2xx", resp.status.as_u16()),
                     )
                 }
             }));
             Arc::new(probe)
         }
     })
+}
+
+/// A failed probe in words: what it found (`answered 503, not 2xx`), else the kind of
+/// error, then its cause (`Connection refused`).
+fn check_failure(e: &Error) -> String {
+    let mut text = match &e.context {
+        Some(c) => c.as_str().to_string(),
+        None => e.etype.as_str().to_string(),
+    };
+    if let Some(cause) = &e.cause {
+        text.push_str(&format!(": {cause}"));
+    }
+    text
 }
 
 /// One backend's probe and its streaks, kept while the backend is in the set.
@@ -143,23 +156,33 @@ async fn check_forever(up: Arc<Upstream>) {
             let (probe, target, timeout, addr) =
                 (Arc::clone(&p.probe), p.target.clone(), hc.timeout, *addr);
             round.spawn(async move {
+                let started = std::time::Instant::now();
                 let result = match tokio::time::timeout(timeout, probe.check(&target)).await {
                     Ok(Ok(())) => Ok(()),
-                    Ok(Err(e)) => Err(e.to_string()),
+                    Ok(Err(e)) => Err(check_failure(&e)),
                     Err(_) => Err(format!(
                         "no answer within {}",
                         crate::config::units::show_duration(timeout)
                     )),
                 };
-                (addr, result)
+                (addr, result, started.elapsed())
             });
         }
         while let Some(joined) = round.join_next().await {
-            let Ok((addr, result)) = joined else { continue };
+            let Ok((addr, result, latency)) = joined else {
+                continue;
+            };
             let Some(p) = probing.get_mut(&addr) else {
                 continue;
             };
             let backend = &p.backend;
+            backend
+                .learned()
+                .record_check(crate::upstream::CheckResult {
+                    failure: result.as_ref().err().cloned(),
+                    latency,
+                    at: std::time::SystemTime::now(),
+                });
             match result {
                 Ok(()) => {
                     let learned = backend.learned();

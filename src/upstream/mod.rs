@@ -26,7 +26,7 @@ use std::sync::atomic::{
     AtomicBool, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering::Relaxed,
 };
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 
@@ -50,6 +50,38 @@ pub struct Outcomes {
     pub timeout: IntCounter,
 }
 
+/// One active health check's result.
+#[derive(Debug, Clone)]
+pub struct CheckResult {
+    /// Why it failed; `None`: it passed.
+    pub failure: Option<String>,
+    pub latency: Duration,
+    pub at: std::time::SystemTime,
+}
+
+impl Learned {
+    /// Answers by status class (2xx, 3xx, 4xx, 5xx).
+    pub fn classes(&self) -> [u64; 4] {
+        [0, 1, 2, 3].map(|i| self.classes[i].load(Relaxed))
+    }
+
+    /// When its health last changed, if it did since the process started.
+    pub fn health_since(&self) -> Option<std::time::SystemTime> {
+        match self.health_since_ms.load(Relaxed) {
+            0 => None,
+            ms => Some(std::time::UNIX_EPOCH + Duration::from_millis(ms)),
+        }
+    }
+
+    pub fn last_check(&self) -> Option<CheckResult> {
+        self.last_check.lock().clone()
+    }
+
+    pub fn record_check(&self, result: CheckResult) {
+        *self.last_check.lock() = Some(result);
+    }
+}
+
 /// What a backend has learned from traffic and health checks. A reload that keeps the
 /// backend (same upstream, same address) hands this to the backend's new state, so its
 /// health, streaks and in-flight count carry over while requests on the old state finish.
@@ -62,6 +94,13 @@ pub struct Learned {
     mark: AtomicU8,
     /// Bumped by `disable`: pooled connections made before it are never used again.
     pool_epoch: AtomicU64,
+    /// Answers by status class: 2xx, 3xx, 4xx, 5xx.
+    classes: [AtomicU64; 4],
+    /// When its health last changed, in milliseconds since the Unix epoch (0: not since
+    /// the process started).
+    health_since_ms: AtomicU64,
+    /// The last active health check's result.
+    last_check: parking_lot::Mutex<Option<CheckResult>>,
     /// Consecutive passed and failed health checks.
     pub successes: AtomicU32,
     pub failures: AtomicU32,
@@ -302,6 +341,9 @@ impl Lease {
             self.sample(false);
         }
         self.note(Ok(status));
+        if let Some(class) = (status / 100).checked_sub(2).filter(|c| *c < 4) {
+            self.backend().learned.classes[usize::from(class)].fetch_add(1, Relaxed);
+        }
         let o = &self.backend().outcomes;
         if failed { &o.error } else { &o.ok }.inc();
         self.report(if failed { Attempt::Failed } else { Attempt::Ok });
@@ -796,6 +838,9 @@ impl Upstream {
     pub fn set_healthy(&self, backend: &BackendState, healthy: bool) -> bool {
         let changed = backend.learned.healthy.swap(healthy, Relaxed) != healthy;
         if changed {
+            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
+            let ms = now.map_or(1, |d| d.as_millis().max(1) as u64);
+            backend.learned.health_since_ms.store(ms, Relaxed);
             self.refresh();
         }
         changed

@@ -366,6 +366,14 @@ async fn the_demo_in_a_real_browser() {
     )
     .await;
     assert_eq!(names, json!(["api-1", "api-2", "api-3"]));
+    // Each backend row counts its answers and shows its last health check.
+    until(
+        &b,
+        Duration::from_secs(10),
+        "a backend's answers and last check",
+        "return [...document.querySelectorAll('[data-upstream=\"api\"] tr[data-backend]')].every((r) => r.querySelector('td[data-check=\"true\"]') !== null && r.querySelector('td[data-responses]') !== null)",
+    )
+    .await;
 
     // A chart moves while traffic flows: its latest rate turns positive, and it gains points.
     let chart = "document.querySelector('svg[data-series=\"traffic\"][data-route=\"mirrored\"]')";

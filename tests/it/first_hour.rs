@@ -560,3 +560,50 @@ async fn a_start_logs_at_most_three_lines() {
     );
     assert!(!stderr.contains("pingora"), "{stderr}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_counts_each_backends_answers_and_its_last_health_check() {
+    let a = Backend::start("a").await;
+    let gw = Gateway::start(&format!(
+        "upstreams:\n  u:\n    backends: [{{ address: \"{}\", name: one }}]\n    \
+         health_check: {{ path: /health, interval: 200ms, timeout: 1s, unhealthy_after: 1, healthy_after: 1 }}\n\
+         routes:\n  - {{ match: {{ prefix: / }}, upstream: u }}\n",
+        a.addr
+    ));
+    let c = client();
+    for _ in 0..3 {
+        assert_eq!(get(&c, &gw.url("/ok")).await.0, 200);
+    }
+    a.set_status(404);
+    assert_eq!(get(&c, &gw.url("/missing")).await.0, 404);
+    a.set_status(503);
+    assert_eq!(get(&c, &gw.url("/broken")).await.0, 503);
+    a.set_status(200);
+    let backend = |s: &serde_json::Value| s["upstreams"][0]["backends"][0].clone();
+    let b = backend(&status_json(&c, &gw).await);
+    assert_eq!(b["responses"]["2xx"], 3, "{b}");
+    assert_eq!(b["responses"]["4xx"], 1, "{b}");
+    assert_eq!(b["responses"]["5xx"], 1, "{b}");
+    assert_eq!(b["requests"]["error"], 1, "{b}");
+    // The health check's result, its reason when it fails, and when the health changed.
+    eventually(Duration::from_secs(5), "a passed check", || async {
+        backend(&status_json(&c, &gw).await)["last_check"]["ok"] == true
+    })
+    .await;
+    a.set_healthy(false);
+    eventually(
+        Duration::from_secs(5),
+        "a failed check with its reason",
+        || async {
+            let b = backend(&status_json(&c, &gw).await);
+            b["healthy"] == false
+                && b["last_check"]["ok"] == false
+                && b["last_check"]["reason"]
+                    .as_str()
+                    .is_some_and(|r| r.contains("503"))
+                && b["health_since"].is_string()
+                && b["last_check"]["latency_ms"].as_f64().is_some()
+        },
+    )
+    .await;
+}

@@ -298,7 +298,8 @@
         el("div", { class: "scroll" }, el("table", null,
           el("thead", null, el("tr", null, el("th", null, "Backend"), el("th", null, "Source"),
             el("th", { class: "num" }, "Weight"), el("th", null, "Health"), el("th", null, "Circuit"),
-            el("th", { class: "num" }, "In flight"))),
+            el("th", { class: "num" }, "In flight"), el("th", { class: "num" }, "2xx / 4xx / 5xx"),
+            el("th", { class: "num" }, "Errors"), el("th", null, "Last check"))),
           el("tbody", null, u.backends.map((b) => {
             const open = b.circuit !== "closed";
             const cls = !b.healthy ? "down" : open ? (b.circuit === "half_open" ? "half" : "down") : "";
@@ -309,7 +310,14 @@
               el("td", { class: "num" }, b.weight),
               el("td", null, (b.healthy ? "healthy" : "unhealthy") + (marked ? " · " + b.state : "")),
               el("td", null, b.circuit),
-              el("td", { class: "num" }, b.inflight));
+              el("td", { class: "num" }, b.inflight),
+              el("td", { class: "num", "data-responses": "" },
+                b.responses ? b.responses["2xx"] + " / " + b.responses["4xx"] + " / " + b.responses["5xx"] : ""),
+              el("td", { class: "num" }, b.requests ? String(b.requests.error + b.requests.timeout) : ""),
+              el("td", { "data-check": b.last_check ? String(b.last_check.ok) : "none" },
+                b.last_check
+                  ? (b.last_check.ok ? "ok" : b.last_check.reason) + " · " + fmt.ms(b.last_check.latency_ms)
+                  : "—"));
           })))));
     }));
   }
