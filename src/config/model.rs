@@ -334,8 +334,20 @@ pub struct DnsBackend {
     pub port: u16,
     pub weight: u32,
     pub interval: Duration,
-    /// `name:` of a backend written as `NAME:PORT`, shown beside each address found.
+    /// `name:` of a backend written as `NAME:PORT`, shown beside it.
     pub display: Option<String>,
+    /// What its addresses become.
+    pub resolves_to: ResolvesTo,
+}
+
+/// What the addresses a backend's name resolves to become.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResolvesTo {
+    /// `{ dns: NAME }`: a backend each, balanced like any other (service discovery).
+    EachABackend,
+    /// `NAME:PORT`: one backend, its addresses tried in turn (Happy Eyeballs, RFC 8305),
+    /// as a browser or the Go proxy dials a name.
+    OneBackend,
 }
 
 pub const DEFAULT_DNS_INTERVAL: Duration = Duration::from_secs(10);

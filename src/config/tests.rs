@@ -368,6 +368,7 @@ fn dns_backends_and_the_resolver_are_checked() {
                 weight: 3,
                 interval: std::time::Duration::from_secs(2),
                 display: None,
+                resolves_to: ResolvesTo::EachABackend,
             },
             DnsBackend {
                 name: "other.internal".into(),
@@ -375,6 +376,7 @@ fn dns_backends_and_the_resolver_are_checked() {
                 weight: 1,
                 interval: DEFAULT_DNS_INTERVAL,
                 display: None,
+                resolves_to: ResolvesTo::EachABackend,
             },
         ]
     );

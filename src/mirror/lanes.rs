@@ -46,6 +46,7 @@ use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
 use super::{Mirror, Pairing, Permit};
+use crate::upstream::eyeballs::Addresses;
 use crate::upstream::Lease;
 
 /// Copies a lane carries at once at most.
@@ -200,6 +201,8 @@ impl Lane {
 /// The lanes to one backend of a mirror's upstream.
 pub struct BackendLanes {
     addr: SocketAddr,
+    /// A backend written by name: its addresses, tried in turn.
+    addresses: Option<Arc<Addresses>>,
     lanes: Mutex<Vec<Arc<Lane>>>,
     epoch: Instant,
 }
@@ -216,14 +219,15 @@ impl Lanes {
         Lanes {
             first: backends
                 .iter()
-                .map(|b| Arc::new(BackendLanes::new(b.addr)))
+                .map(|b| Arc::new(BackendLanes::new(b)))
                 .collect(),
             found: Mutex::new(HashMap::new()),
         }
     }
 
-    /// The lanes of the backend at `index` of the set it was chosen from, at `addr`.
-    fn get(&self, index: usize, addr: SocketAddr) -> Arc<BackendLanes> {
+    /// The lanes of `backend`, at `index` of the set it was chosen from.
+    fn get(&self, index: usize, backend: &crate::upstream::BackendState) -> Arc<BackendLanes> {
+        let addr = backend.addr;
         match self.first.get(index) {
             Some(lanes) if lanes.addr == addr => Arc::clone(lanes),
             _ => {
@@ -235,7 +239,7 @@ impl Lanes {
                 Arc::clone(
                     found
                         .entry(addr)
-                        .or_insert_with(|| Arc::new(BackendLanes::new(addr))),
+                        .or_insert_with(|| Arc::new(BackendLanes::new(backend))),
                 )
             }
         }
@@ -243,9 +247,10 @@ impl Lanes {
 }
 
 impl BackendLanes {
-    pub fn new(addr: SocketAddr) -> BackendLanes {
+    pub fn new(backend: &crate::upstream::BackendState) -> BackendLanes {
         BackendLanes {
-            addr,
+            addr: backend.addr,
+            addresses: backend.addresses.clone(),
             lanes: Mutex::new(Vec::new()),
             epoch: Instant::now(),
         }
@@ -256,9 +261,7 @@ impl BackendLanes {
 /// lane, else a new one; a handed-over copy only to an idle or new lane, at its head.
 /// Never waits.
 fn dispatch(mirror: &Arc<Mirror>, job: Job) {
-    let backend = mirror
-        .lanes
-        .get(job.lease.index(), job.lease.backend().addr);
+    let backend = mirror.lanes.get(job.lease.index(), job.lease.backend());
     let now_us = micros(backend.epoch, Instant::now());
     let chosen = {
         let mut lanes = backend.lanes.lock().unwrap_or_else(|p| p.into_inner());
@@ -306,7 +309,7 @@ fn open(mirror: &Arc<Mirror>, backend: &BackendLanes) -> Arc<Lane> {
         epoch: backend.epoch,
         pending: VecDeque::new(),
     };
-    tokio::spawn(task.run(backend.addr));
+    tokio::spawn(task.run(backend.addr, backend.addresses.clone()));
     lane
 }
 
@@ -340,16 +343,24 @@ struct LaneTask {
 }
 
 impl LaneTask {
-    async fn run(mut self, addr: SocketAddr) {
+    async fn run(mut self, addr: SocketAddr, addresses: Option<Arc<Addresses>>) {
         let t = &self.mirror.upstream.config.timeouts;
         let (connect, idle) = (t.connect, t.idle);
-        let end = match tokio::time::timeout(connect, TcpStream::connect(addr)).await {
-            Ok(Ok(stream)) => {
+        let connected = match addresses {
+            Some(addresses) => addresses.connect(connect).await,
+            None => match tokio::time::timeout(connect, TcpStream::connect(addr)).await {
+                Ok(connected) => connected,
+                Err(_) => Err(std::io::ErrorKind::TimedOut.into()),
+            },
+        };
+        let end = match connected {
+            Ok(stream) => {
                 let _ = stream.set_nodelay(true);
                 self.serve(stream, idle).await
             }
-            Ok(Err(_)) => End::Unreachable { timeout: false },
-            Err(_) => End::Unreachable { timeout: true },
+            Err(e) => End::Unreachable {
+                timeout: e.kind() == std::io::ErrorKind::TimedOut,
+            },
         };
         self.finish(end);
     }

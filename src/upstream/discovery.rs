@@ -1,5 +1,5 @@
 //! Backends found by DNS (`{ dns: NAME, port: P, interval: I }` in an upstream's
-//! `backends:`), as a Pingora background service — the role Pingora's `ServiceDiscovery`
+//! `backends:`, and the addresses of a backend written `NAME:PORT`), as a Pingora background service — the role Pingora's `ServiceDiscovery`
 //! trait plays for its own `LoadBalancer`, here feeding fanout's [`Upstream`], whose
 //! balancing state must survive each change. Every name is looked up (A and AAAA) once
 //! before the server starts serving, so no request finds an upstream still empty, and
@@ -95,11 +95,11 @@ struct Watched {
 impl Watched {
     /// Applies the union of every name's last answer to the upstream.
     fn apply(&self, at_start: bool) {
-        let all: Vec<(SocketAddr, u32, String)> = self
+        let all: Vec<(&DnsBackend, &[SocketAddr])> = self
             .names
             .iter()
             .zip(&self.found)
-            .flat_map(|(dns, found)| found.iter().map(|a| (*a, dns.weight, dns.name.clone())))
+            .map(|(dns, found)| (dns, found.as_slice()))
             .collect();
         if self.upstream.set_discovered(&all, at_start) {
             let now: Vec<String> = self
@@ -246,7 +246,10 @@ fn watch(up: &Arc<Upstream>) -> Watched {
             set.backends
                 .iter()
                 .filter(|b| *b.source == *source && b.addr.port() == dns.port)
-                .map(|b| b.addr)
+                .flat_map(|b| match &b.addresses {
+                    Some(addresses) => addresses.all().to_vec(),
+                    None => vec![b.addr],
+                })
                 .collect()
         })
         .collect();

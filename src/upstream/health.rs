@@ -24,7 +24,7 @@ use tokio::task::JoinSet;
 
 use super::follow::{each_upstream, UpstreamsWatch};
 use super::{BackendState, Upstream};
-use crate::config::{BackendConfig, HealthCheckConfig, HealthCheckType, UpstreamConfig};
+use crate::config::{HealthCheckConfig, HealthCheckType, UpstreamConfig};
 use std::sync::atomic::Ordering::Relaxed;
 
 type Probe = Arc<dyn HealthCheck + Send + Sync>;
@@ -56,14 +56,24 @@ impl BackgroundService for HealthChecker {
 fn probe_for(
     hc: &HealthCheckConfig,
     config: &UpstreamConfig,
-    backend: &BackendConfig,
+    state: &BackendState,
 ) -> Result<Probe, Box<Error>> {
+    let backend = &state.config();
+    // A backend written by name is probed as its requests connect: each of its addresses
+    // in turn.
+    let connector = state.addresses.as_ref().map(|addresses| {
+        Arc::new(super::eyeballs::Connector {
+            addresses: Arc::clone(addresses),
+            timeout: hc.timeout,
+        }) as Arc<dyn pingora_core::connectors::L4Connect + Send + Sync>
+    });
     let label = backend.addr.to_string();
     let host = backend.host.as_deref().unwrap_or(&label);
     Ok(match hc.kind {
         HealthCheckType::Tcp => {
             let mut probe = TcpHealthCheck::new();
             probe.peer_template.options.connection_timeout = Some(hc.timeout);
+            probe.peer_template.options.custom_l4 = connector;
             Arc::from(probe as Box<dyn HealthCheck + Send + Sync>)
         }
         HealthCheckType::Http => {
@@ -75,6 +85,7 @@ fn probe_for(
             probe.req = req;
             probe.peer_template.options.connection_timeout = Some(hc.timeout);
             probe.peer_template.options.read_timeout = Some(hc.timeout);
+            probe.peer_template.options.custom_l4 = connector;
             probe.validator = Some(Box::new(|resp| {
                 if resp.status.is_success() {
                     Ok(())
@@ -131,8 +142,8 @@ async fn check_forever(up: Arc<Upstream>) {
                 continue;
             }
             match (
-                probe_for(&hc, &up.config, &b.config()),
-                Backend::new(&b.label),
+                probe_for(&hc, &up.config, b),
+                Backend::new(&b.addr.to_string()),
             ) {
                 (Ok(probe), Ok(target)) => {
                     probing.insert(

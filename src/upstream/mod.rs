@@ -18,6 +18,7 @@ pub mod breaker;
 pub mod budget;
 pub mod concurrency;
 pub mod discovery;
+pub mod eyeballs;
 pub mod follow;
 pub mod health;
 
@@ -29,6 +30,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
+use log::info;
 
 use pingora_core::protocols::ALPN;
 use pingora_core::upstreams::peer::HttpPeer;
@@ -37,7 +39,9 @@ use prometheus::{IntCounter, IntGauge};
 
 use crate::client::Client;
 use crate::config::units::show_duration;
-use crate::config::{BackendConfig, Balance, HostHeader, Protocol, UpstreamConfig};
+use crate::config::{
+    BackendConfig, Balance, DnsBackend, HostHeader, Protocol, ResolvesTo, UpstreamConfig,
+};
 use crate::keys;
 use crate::metrics::Metrics;
 use balance::{Balancer, Candidate};
@@ -146,6 +150,9 @@ pub struct BackendState {
     peer: HttpPeer,
     /// The `Host` its requests get instead of the client's (`host_header:`).
     host_header: Option<http::HeaderValue>,
+    /// A backend written by name: every address the name resolves to, tried in turn
+    /// (its peers connect through them). `None`: its one address.
+    pub addresses: Option<Arc<eyeballs::Addresses>>,
     pub outcomes: Outcomes,
 }
 
@@ -504,27 +511,40 @@ enum Start<'a> {
     Kept(&'a BackendState, bool),
 }
 
-/// The state of one backend of `config`.
+/// The state of one backend of `config`; `addresses`: those of a backend written by
+/// name (a kept backend keeps its own, with the one that connected last).
 fn backend_state(
     config: &UpstreamConfig,
     b: &BackendConfig,
     source: Arc<str>,
     start: Start<'_>,
+    addresses: Option<Arc<eyeballs::Addresses>>,
     metrics: &Metrics,
 ) -> BackendState {
-    let (learned, breaker) = match start {
+    let (learned, breaker, addresses) = match start {
         Start::Fresh { healthy } => {
             let learned = Learned::default();
             learned.healthy.store(healthy, Relaxed);
-            (Arc::new(learned), None)
+            (Arc::new(learned), None, addresses)
         }
         Start::Kept(old, same_breaker) => (
             Arc::clone(&old.learned),
             old.breaker.clone().filter(|_| same_breaker),
+            addresses.map(|given| old.addresses.clone().unwrap_or(given)),
         ),
     };
     let breaker = breaker.or_else(|| config.breaker.as_ref().map(|c| Arc::new(Breaker::new(c))));
-    let label: Arc<str> = b.addr.to_string().into();
+    let label: Arc<str> = match (&addresses, &b.host) {
+        (Some(_), Some(name)) => format!("{name}:{}", b.addr.port()).into(),
+        _ => b.addr.to_string().into(),
+    };
+    let mut peer = peer_for(config, b);
+    if let Some(addresses) = &addresses {
+        peer.options.custom_l4 = Some(Arc::new(eyeballs::Connector {
+            addresses: Arc::clone(addresses),
+            timeout: config.timeouts.connect,
+        }));
+    }
     let outcome = |o: &str| {
         metrics
             .upstream_requests
@@ -538,8 +558,9 @@ fn backend_state(
         source,
         learned,
         breaker,
-        peer: peer_for(config, b),
+        peer,
         host_header: host_header(config, b),
+        addresses,
         outcomes: Outcomes {
             ok: outcome("ok"),
             error: outcome("error"),
@@ -547,6 +568,12 @@ fn backend_state(
         },
         label,
     }
+}
+
+/// `a, b, c`, for logs.
+fn show_addrs(addrs: &[SocketAddr]) -> String {
+    let shown: Vec<String> = addrs.iter().map(|a| a.to_string()).collect();
+    shown.join(", ")
 }
 
 /// The `source` of backends written in the file.
@@ -614,7 +641,14 @@ impl Upstream {
             .iter()
             .map(|b| {
                 let start = Start::Fresh { healthy: true };
-                Arc::new(backend_state(config, b, STATIC.into(), start, metrics))
+                Arc::new(backend_state(
+                    config,
+                    b,
+                    STATIC.into(),
+                    start,
+                    None,
+                    metrics,
+                ))
             })
             .collect();
         Upstream::with_backends(config, metrics, backends, None)
@@ -649,15 +683,17 @@ impl Upstream {
                     b,
                     STATIC.into(),
                     start(b.addr),
+                    None,
                     metrics,
                 ))
             })
             .collect();
         for b in old.backends.iter().filter(|b| !b.is_static()) {
-            let listed = config
-                .discover
-                .iter()
-                .any(|d| *b.source == *format!("dns:{}", d.name) && d.port == b.addr.port());
+            let listed = config.discover.iter().any(|d| {
+                *b.source == *format!("dns:{}", d.name)
+                    && d.port == b.addr.port()
+                    && (d.resolves_to == ResolvesTo::OneBackend) == b.addresses.is_some()
+            });
             if listed && !backends.iter().any(|n| n.addr == b.addr) {
                 let source = Arc::clone(&b.source);
                 let start = Start::Kept(b, same_breaker);
@@ -666,6 +702,7 @@ impl Upstream {
                     &b.config(),
                     source,
                     start,
+                    b.addresses.clone(),
                     metrics,
                 )));
             }
@@ -720,13 +757,14 @@ impl Upstream {
         self.set.load_full()
     }
 
-    /// Puts the addresses DNS found (`(address, weight, name)`) beside the backends written
-    /// in the file. Backends already known keep their state; new ones start unhealthy when
-    /// the upstream has health checks (they get traffic once those pass), healthy
-    /// otherwise — except `at_start`, when every backend is assumed healthy, as the written
-    /// ones are; those no longer found leave the set and drain. Returns whether the set
-    /// changed.
-    pub fn set_discovered(&self, found: &[(SocketAddr, u32, String)], at_start: bool) -> bool {
+    /// Puts what each name resolved to (`(name, its addresses)`) beside the backends
+    /// written as addresses. A `dns:` name's addresses are a backend each; a name written
+    /// `NAME:PORT` is one backend, which takes its new addresses in place. Backends already
+    /// known keep their state; new ones start unhealthy when the upstream has health checks
+    /// (they get traffic once those pass), healthy otherwise — except `at_start`, when
+    /// every backend is assumed healthy, as the written ones are; those no longer found
+    /// leave the set and drain. Returns whether the set changed.
+    pub fn set_discovered(&self, found: &[(&DnsBackend, &[SocketAddr])], at_start: bool) -> bool {
         let current = self.set.load_full();
         let mut next: Vec<Arc<BackendState>> = current
             .backends
@@ -734,35 +772,78 @@ impl Upstream {
             .filter(|b| b.is_static())
             .cloned()
             .collect();
-        for (addr, weight, name) in found {
-            if next.iter().any(|b| b.addr == *addr) {
-                continue; // written in the file too, or found twice
-            }
-            let kept = current
-                .backends
-                .iter()
-                .find(|b| b.addr == *addr && b.weight == *weight && !b.is_static());
-            next.push(match kept {
-                Some(b) => Arc::clone(b),
-                None => {
-                    let display = self.config.discover.iter().find(|d| d.name == *name);
-                    let config = BackendConfig {
-                        addr: *addr,
-                        weight: *weight,
-                        host: Some(name.clone()),
-                        name: display.and_then(|d| d.display.clone()),
-                    };
-                    let source = format!("dns:{name}").into();
-                    let healthy = at_start || self.config.health_check.is_none();
-                    Arc::new(backend_state(
-                        &self.config,
-                        &config,
-                        source,
-                        Start::Fresh { healthy },
-                        &self.metrics,
-                    ))
+        let healthy = at_start || self.config.health_check.is_none();
+        for (dns, addrs) in found {
+            let source = format!("dns:{}", dns.name);
+            let known = |b: &&Arc<BackendState>| {
+                *b.source == *source && b.weight == dns.weight && b.addr.port() == dns.port
+            };
+            let fresh = |addr: SocketAddr, addresses: Option<Arc<eyeballs::Addresses>>| {
+                let config = BackendConfig {
+                    addr,
+                    weight: dns.weight,
+                    host: Some(dns.name.clone()),
+                    name: dns.display.clone(),
+                };
+                let start = Start::Fresh { healthy };
+                let source = source.as_str().into();
+                Arc::new(backend_state(
+                    &self.config,
+                    &config,
+                    source,
+                    start,
+                    addresses,
+                    &self.metrics,
+                ))
+            };
+            match dns.resolves_to {
+                ResolvesTo::EachABackend => {
+                    for addr in addrs.iter().copied() {
+                        if next.iter().any(|b| b.addr == addr) {
+                            continue; // written in the file too, or found twice
+                        }
+                        let kept = current
+                            .backends
+                            .iter()
+                            .filter(known)
+                            .find(|b| b.addr == addr && b.addresses.is_none());
+                        next.push(match kept {
+                            Some(b) => Arc::clone(b),
+                            None => fresh(addr, None),
+                        });
+                    }
                 }
-            });
+                ResolvesTo::OneBackend => {
+                    let kept = current
+                        .backends
+                        .iter()
+                        .filter(known)
+                        .find(|b| b.addresses.is_some());
+                    if let Some((b, addresses)) =
+                        kept.and_then(|b| Some((b, b.addresses.as_ref()?)))
+                    {
+                        if addresses.all().as_slice() != *addrs && !addrs.is_empty() {
+                            addresses.set(addrs.to_vec());
+                            info!(
+                                "upstream {}: {} now resolves to {}",
+                                self.name,
+                                b.label,
+                                show_addrs(addrs)
+                            );
+                        }
+                        next.push(Arc::clone(b));
+                        continue;
+                    }
+                    let addresses = Arc::new(eyeballs::Addresses::new(addrs.to_vec()));
+                    // Its identity (balancing, reloads): the address tried first now.
+                    let Some(&addr) = addresses.order().first() else {
+                        continue; // not resolved yet
+                    };
+                    if !next.iter().any(|b| b.addr == addr) {
+                        next.push(fresh(addr, Some(addresses)));
+                    }
+                }
+            }
         }
         let same = next.len() == current.backends.len()
             && next
@@ -1001,17 +1082,26 @@ mod tests {
         assert!(u.select(b"", &tried).is_some());
     }
 
-    fn found(ports: &[u16]) -> Vec<(SocketAddr, u32, String)> {
+    /// `api.test` on each of `ports`, at 127.0.0.2.
+    fn found(ports: &[u16]) -> Vec<(DnsBackend, Vec<SocketAddr>)> {
         ports
             .iter()
             .map(|p| {
-                (
-                    SocketAddr::from(([127, 0, 0, 2], *p)),
-                    1,
-                    "api.test".to_string(),
-                )
+                let dns = DnsBackend {
+                    name: "api.test".into(),
+                    port: *p,
+                    weight: 1,
+                    interval: Duration::from_secs(10),
+                    display: None,
+                    resolves_to: ResolvesTo::EachABackend,
+                };
+                (dns, vec![SocketAddr::from(([127, 0, 0, 2], *p))])
             })
             .collect()
+    }
+
+    fn answers(found: &[(DnsBackend, Vec<SocketAddr>)]) -> Vec<(&DnsBackend, &[SocketAddr])> {
+        found.iter().map(|(d, a)| (d, a.as_slice())).collect()
     }
 
     #[test]
@@ -1028,7 +1118,7 @@ mod tests {
         });
         let metrics = Arc::new(Metrics::new().expect("metrics"));
         let u = Arc::new(Upstream::new(&config, &metrics));
-        assert!(u.set_discovered(&found(&[1, 2, 3]), true));
+        assert!(u.set_discovered(&answers(&found(&[1, 2, 3])), true));
         let before = u.backends();
         assert_eq!(before.backends.len(), 4);
         assert!(
@@ -1046,9 +1136,9 @@ mod tests {
         let where_before: Vec<_> = keys.iter().map(|k| pick(&u, k)).collect();
 
         // Unchanged answer: nothing happens.
-        assert!(!u.set_discovered(&found(&[1, 2, 3]), false));
+        assert!(!u.set_discovered(&answers(&found(&[1, 2, 3])), false));
         // :3 leaves, :4 arrives.
-        assert!(u.set_discovered(&found(&[1, 2, 4]), false));
+        assert!(u.set_discovered(&answers(&found(&[1, 2, 4])), false));
         let after = u.backends();
         let addrs: Vec<u16> = after.backends.iter().map(|b| b.addr.port()).collect();
         assert_eq!(addrs, vec![10_000, 1, 2, 4]);
@@ -1086,5 +1176,47 @@ mod tests {
                 "{k} went to an unchecked backend"
             );
         }
+    }
+
+    #[test]
+    fn a_name_written_as_an_address_is_one_backend_whose_addresses_change_in_place() {
+        let mut config = upstream(1).config.clone();
+        config.backends.clear();
+        let metrics = Arc::new(Metrics::new().expect("metrics"));
+        let u = Arc::new(Upstream::new(&config, &metrics));
+        let dns = DnsBackend {
+            name: "web.test".into(),
+            port: 8080,
+            weight: 1,
+            interval: Duration::from_secs(10),
+            display: Some("web".into()),
+            resolves_to: ResolvesTo::OneBackend,
+        };
+        let v4 = SocketAddr::from(([127, 0, 0, 1], 8080));
+        let v6: SocketAddr = "[::1]:8080".parse().expect("address");
+        assert!(u.set_discovered(&[(&dns, &[v4, v6][..])], true));
+        let set = u.backends();
+        assert_eq!(set.backends.len(), 1);
+        let b = Arc::clone(&set.backends[0]);
+        assert_eq!(&*b.label, "web.test:8080");
+        assert_eq!(b.shown(), "web (web.test:8080)");
+        assert_eq!(b.addr, v6, "identified by the address tried first: IPv6");
+        // Another answer: the same backend, with its new addresses.
+        let v4b = SocketAddr::from(([127, 0, 0, 2], 8080));
+        assert!(!u.set_discovered(&[(&dns, &[v4b][..])], false));
+        let set = u.backends();
+        assert!(Arc::ptr_eq(&set.backends[0], &b));
+        let addresses = b.addresses.as_ref().expect("addresses");
+        assert_eq!(addresses.order(), vec![v4b]);
+        // A reload keeps it, and its addresses.
+        let mut next = config.clone();
+        next.discover = vec![dns.clone()];
+        let after = Upstream::succeeding(&next, &metrics, &u);
+        let kept = &after.backends().backends[0];
+        assert!(std::ptr::eq(kept.learned(), b.learned()));
+        assert!(Arc::ptr_eq(
+            kept.addresses.as_ref().expect("addresses"),
+            addresses
+        ));
     }
 }

@@ -282,3 +282,52 @@ async fn a_name_that_stops_resolving_keeps_its_last_addresses() {
     assert_eq!(get(&c, &gw.url("/b")).await.0, 200);
     assert_eq!(bs[0].hits(), 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_name_written_as_an_address_is_one_backend_tried_address_by_address() {
+    // `web.test` resolves to two addresses; nothing listens on the first. Written as
+    // `NAME:PORT` (not `dns:`), it is one backend, and no request fails for the dead one.
+    let dns = Dns::start();
+    dns.set("web.test", &[ip(2), ip(3)]);
+    let (port, bs) = backends_on(&[3]).await;
+    let gw = Gateway::start(&format!(
+        "resolver: {{ nameservers: [\"{}\"], timeout: 500ms }}\n\
+         upstreams:\n  u:\n    retries: 0\n    \
+         backends: [\"web.test:{port}\"]\n    \
+         health_check: {{ type: http, path: /health, interval: 100ms }}\n\
+         routes:\n  - {{ match: {{ prefix: / }}, upstream: u }}\n",
+        dns.addr
+    ));
+    let c = client();
+    let status = status_json(&c, &gw).await;
+    let backends = &status["upstreams"][0]["backends"];
+    assert_eq!(backends.as_array().map(Vec::len), Some(1), "{status}");
+    assert_eq!(
+        backends[0]["address"],
+        format!("web.test:{port}"),
+        "{status}"
+    );
+    for i in 0..300 {
+        let (code, _, _) = get(&c, &gw.url(&format!("/n/{i}"))).await;
+        assert_eq!(code, 200, "request {i}");
+    }
+    assert_eq!(bs[0].hits(), 300);
+    // The health checks connect the same way: the backend stays healthy.
+    let checks = bs[0].state.health_checks.load(SeqCst);
+    eventually(Duration::from_secs(5), "health checks pass", || async {
+        bs[0].state.health_checks.load(SeqCst) >= checks + 3
+    })
+    .await;
+    let status = status_json(&c, &gw).await;
+    assert_eq!(
+        status["upstreams"][0]["backends"][0]["healthy"], true,
+        "{status}"
+    );
+    let metrics = metrics_text(&c, &gw).await;
+    assert!(
+        metrics.contains(&format!(
+            "fanout_upstream_requests_total{{backend=\"web.test:{port}\",outcome=\"ok\",upstream=\"u\"}} 300"
+        )),
+        "{metrics}"
+    );
+}

@@ -225,6 +225,7 @@ pub(super) fn build_upstream(
                     weight,
                     interval: DEFAULT_DNS_INTERVAL,
                     display,
+                    resolves_to: ResolvesTo::OneBackend,
                 };
                 add_named(ck, &bpath, &mut discover, d);
             }
@@ -441,6 +442,7 @@ pub(super) fn build_dns_backend(
         weight,
         interval,
         display: None,
+        resolves_to: ResolvesTo::EachABackend,
     })
 }
 
