@@ -24,7 +24,7 @@ use serde_json::{json, Value};
 
 use crate::config::RouteKind;
 use crate::gateway::Gateway;
-use crate::upstream::Mark;
+use crate::upstream::{ErrorKind, Mark};
 
 pub struct AdminApp {
     gw: Arc<Gateway>,
@@ -164,6 +164,7 @@ impl AdminApp {
                                 "timeout": b.outcomes.timeout.get(),
                             },
                             "responses": backend_classes(b.learned().classes()),
+                            "errors": backend_errors(b.learned().errors()),
                             "health_since": b.learned().health_since().map(crate::access_log::timestamp),
                             "last_check": b.learned().last_check().map(|c| json!({
                                 "ok": c.failure.is_none(),
@@ -419,6 +420,35 @@ fn backend_classes(c: [u64; 4]) -> Value {
     json!({ "2xx": c[0], "3xx": c[1], "4xx": c[2], "5xx": c[3] })
 }
 
+/// Whether a browser sent this request from a page of another site (`Sec-Fetch-Site`, else
+/// `Origin` against `Host`): without a token, a hostile page could otherwise drain
+/// backends or reload the gateway through the browser of an operator on the admin network.
+fn cross_site(req: &pingora_http::RequestHeader) -> bool {
+    let header = |name: &str| req.headers.get(name).and_then(|v| v.to_str().ok());
+    if let Some(site) = header("sec-fetch-site") {
+        return !matches!(site, "same-origin" | "none");
+    }
+    let Some(origin) = header("origin") else {
+        return false; // not a browser's cross-origin request (curl, scripts)
+    };
+    let origin = origin
+        .strip_prefix("http://")
+        .or_else(|| origin.strip_prefix("https://"));
+    match (origin, header("host")) {
+        (Some(origin), Some(host)) => !origin.eq_ignore_ascii_case(host),
+        _ => true,
+    }
+}
+
+/// A backend's attempts without an answer, by kind.
+fn backend_errors(counts: [u64; 4]) -> Value {
+    let mut v = json!({});
+    for (kind, n) in ErrorKind::ALL.iter().zip(counts) {
+        v[kind.name()] = json!(n);
+    }
+    v
+}
+
 /// `/upstreams/NAME/backends/ADDRESS/ACTION`: the upstream, the backend and the mark the
 /// action asks for (`None`: an unknown action).
 fn backend_action(path: &str) -> Option<(&str, &str, Option<Mark>)> {
@@ -453,6 +483,12 @@ impl ServeHttp for AdminApp {
             return json_answer((
                 StatusCode::METHOD_NOT_ALLOWED,
                 json!({ "error": "method not allowed" }),
+            ));
+        }
+        if (purge || post) && cross_site(req) {
+            return json_answer((
+                StatusCode::FORBIDDEN,
+                json!({ "error": "a request from another site cannot change the gateway" }),
             ));
         }
         let path = req.uri.path();

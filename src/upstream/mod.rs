@@ -54,6 +54,37 @@ pub struct Outcomes {
     pub timeout: IntCounter,
 }
 
+/// Why an attempt got no answer from a backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// The connection was refused or could not be made.
+    Connect = 0,
+    /// Connecting took longer than `timeouts.connect`.
+    ConnectTimeout = 1,
+    /// Connected, but the answer took longer than `timeouts.read` (or a write `write`).
+    Timeout = 2,
+    /// Connected, then the connection broke (reset, closed early, malformed answer).
+    Broken = 3,
+}
+
+impl ErrorKind {
+    pub const ALL: [ErrorKind; 4] = [
+        ErrorKind::Connect,
+        ErrorKind::ConnectTimeout,
+        ErrorKind::Timeout,
+        ErrorKind::Broken,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            ErrorKind::Connect => "connect",
+            ErrorKind::ConnectTimeout => "connect_timeout",
+            ErrorKind::Timeout => "timeout",
+            ErrorKind::Broken => "broken",
+        }
+    }
+}
+
 /// One active health check's result.
 #[derive(Debug, Clone)]
 pub struct CheckResult {
@@ -67,6 +98,11 @@ impl Learned {
     /// Answers by status class (2xx, 3xx, 4xx, 5xx).
     pub fn classes(&self) -> [u64; 4] {
         [0, 1, 2, 3].map(|i| self.classes[i].load(Relaxed))
+    }
+
+    /// Attempts that got no answer, by kind, in [`ErrorKind::ALL`]'s order.
+    pub fn errors(&self) -> [u64; 4] {
+        [0, 1, 2, 3].map(|i| self.errors[i].load(Relaxed))
     }
 
     /// When its health last changed, if it did since the process started.
@@ -100,6 +136,8 @@ pub struct Learned {
     pool_epoch: AtomicU64,
     /// Answers by status class: 2xx, 3xx, 4xx, 5xx.
     classes: [AtomicU64; 4],
+    /// Attempts that got no answer, by [`ErrorKind`].
+    errors: [AtomicU64; 4],
     /// When its health last changed, in milliseconds since the Unix epoch (0: not since
     /// the process started).
     health_since_ms: AtomicU64,
@@ -362,6 +400,10 @@ impl Lease {
             self.sample(true);
         }
         self.note(Err(if timeout { "timed out" } else { "failed" }));
+        self.count_error(match timeout {
+            true => ErrorKind::Timeout,
+            false => ErrorKind::Broken,
+        });
         let o = &self.backend().outcomes;
         if timeout { &o.timeout } else { &o.error }.inc();
         self.report(Attempt::Failed);
@@ -370,6 +412,10 @@ impl Lease {
     /// The backend could not be reached (connect refused, timed out, no route).
     pub fn unreachable(&mut self, timeout: bool) {
         self.note(Err("could not connect"));
+        self.count_error(match timeout {
+            true => ErrorKind::ConnectTimeout,
+            false => ErrorKind::Connect,
+        });
         let o = &self.backend().outcomes;
         if timeout { &o.timeout } else { &o.error }.inc();
         self.report(Attempt::Unreachable);
@@ -383,6 +429,11 @@ impl Lease {
         } else {
             self.failed(timeout)
         }
+    }
+
+    /// Counted as the outcome counters are: once per call.
+    fn count_error(&self, kind: ErrorKind) {
+        self.backend().learned.errors[kind as usize].fetch_add(1, Relaxed);
     }
 
     fn report(&mut self, attempt: Attempt) {

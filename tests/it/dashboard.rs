@@ -390,6 +390,61 @@ async fn the_demo_in_a_real_browser() {
     )
     .await;
     assert!(traffic.sent.load(SeqCst) > 0);
+    // Every chart says what its scale and its time are: the top of the scale with its
+    // unit, and the span it covers, ending now.
+    let axes = js(
+        &b,
+        "return [...document.querySelectorAll('#routes figure.plot')].map((f) => [f.querySelector('svg').dataset.series, f.querySelector('[data-axis=\"y\"]').textContent, f.querySelector('[data-axis=\"x\"]').textContent])",
+    )
+    .await;
+    let axes = axes.as_array().expect("charts");
+    assert!(axes.len() >= 8, "{axes:?}");
+    for a in axes {
+        let (series, y, x) = (
+            a[0].as_str().unwrap(),
+            a[1].as_str().unwrap(),
+            a[2].as_str().unwrap(),
+        );
+        let unit = if series == "traffic" { "req/s" } else { "s" };
+        assert!(y.ends_with(unit), "{series}: y axis {y:?}");
+        assert!(
+            x.starts_with('−') && x.ends_with("now"),
+            "{series}: x axis {x:?}"
+        );
+    }
+    // Errors by kind, in words.
+    let errors = js(&b, "return [...document.querySelectorAll('[data-upstream=\"api\"] td[data-errors]')].map((t) => t.textContent)").await;
+    assert_eq!(errors, json!(["0", "0", "0"]));
+
+    // Drain api-1 from its row, then bring it back: the page and the gateway agree.
+    let row = "document.querySelector('[data-upstream=\"api\"] tr[data-name=\"api-1\"]')";
+    js(
+        &b,
+        &format!("{row}.querySelector('button[data-action=\"drain\"]').click(); return true"),
+    )
+    .await;
+    until(&b, Duration::from_secs(5), "api-1 draining, with an enable button", &format!("const r = {row}; return r && r.dataset.state === 'draining' && r.querySelector('button[data-action=\"enable\"]') !== null")).await;
+    let status = status_json(&c, &gw).await;
+    let api = status["upstreams"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|u| u["name"] == "api")
+        .unwrap();
+    let api1 = api["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["name"] == "api-1")
+        .unwrap();
+    assert_eq!(api1["state"], "draining", "{status}");
+    js(
+        &b,
+        &format!("{row}.querySelector('button[data-action=\"enable\"]').click(); return true"),
+    )
+    .await;
+    until(&b, Duration::from_secs(5), "api-1 active again", &format!("const r = {row}; return r && r.dataset.state === 'active' && r.querySelector('button[data-action=\"drain\"]') !== null")).await;
+
     until(&b, Duration::from_secs(10), "a latency figure", "const r = document.querySelector('#routes tr[data-route=\"mirrored\"]'); return r && r.cells[5].textContent.endsWith('ms')").await;
 
     // The shadow answers with its own name: a differing pair, opened side by side.

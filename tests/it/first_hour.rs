@@ -487,6 +487,21 @@ async fn backends_are_drained_disabled_and_enabled_and_a_reload_keeps_the_mark()
         );
         async move { c.post(url).send().await.unwrap().status().as_u16() }
     };
+    // A browser's request from another site is refused (no token is configured here).
+    for (header, value) in [
+        ("origin", "http://evil.example"),
+        ("sec-fetch-site", "cross-site"),
+    ] {
+        let r = c
+            .post(gw.admin_url("/upstreams/u/backends/one/disable"))
+            .header(header, value)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 403, "{header}: {value}");
+    }
+    let status = status_json(&c, &gw).await;
+    assert_eq!(status["upstreams"][0]["backends"][0]["state"], "active");
     assert_eq!(post("drain", "one").await, 200);
     for t in slow {
         assert_eq!(t.await.unwrap(), 200, "a request in flight finishes");

@@ -78,6 +78,11 @@
       return Math.floor(s / 3600) + " h " + Math.floor((s % 3600) / 60) + " min";
     },
     int(n) { return n === null || n === undefined ? "–" : Number(n).toLocaleString("en"); },
+    // A chart's span: "5 min", "90 s".
+    span(ms) {
+      const s = Math.round(ms / 1000);
+      return s >= 120 ? Math.round(s / 60) + " min" : s + " s";
+    },
   };
 
   const last = (a) => (a && a.length ? a[a.length - 1] : null);
@@ -230,7 +235,7 @@
     const spanMs = span(times, now);
     const max = Math.max(1e-9, ...lines.flatMap((l) => l.values.filter((v) => v !== null)));
     const s = svg("svg", Object.assign({ class: "chart", viewBox: `0 0 ${w} ${h}`, preserveAspectRatio: "none", role: "img" }, attrs));
-    s.append(svg("line", { class: "axis", x1: 0, y1: h - 0.5, x2: w, y2: h - 0.5 }));
+    frame(s, w, h, pad);
     for (const line of lines) {
       let points = [];
       const flush = () => {
@@ -249,7 +254,26 @@
     const title = svg("title");
     title.textContent = lines.map((l) => l.name + ": " + l.show(last(l.values))).join(" · ") + " (max " + lines[0].show(max) + ")";
     s.append(title);
-    return s;
+    const unit = lines[0].unit ? " " + lines[0].unit : "";
+    return plot(s, lines[0].show(max === 1e-9 ? 0 : max) + unit, spanMs);
+  }
+
+  // The axes of a chart drawn `w` by `h`: time along the bottom, the scale up the left
+  // side, and a dashed line at the top of the scale.
+  function frame(s, w, h, pad) {
+    s.append(svg("line", { class: "axis", x1: 0, y1: h - 0.5, x2: w, y2: h - 0.5 }));
+    s.append(svg("line", { class: "axis", x1: 0.5, y1: 0, x2: 0.5, y2: h }));
+    s.append(svg("line", { class: "grid", x1: 0, y1: pad, x2: w, y2: pad }));
+  }
+
+  // A chart with its labels: the top of its scale, with its unit, at the upper left (the
+  // bottom is zero), and the time it spans under it, ending now.
+  function plot(s, top, spanMs) {
+    return el("figure", { class: "plot" + (s.classList.contains("wide") ? " wide" : "") },
+      el("span", { class: "y", "data-axis": "y" }, top),
+      s,
+      el("span", { class: "x", "data-axis": "x" },
+        el("span", null, "−" + fmt.span(spanMs)), el("span", null, "now")));
   }
 
   function target(r) {
@@ -273,7 +297,7 @@
         el("td", { class: "num" }, fmt.ms(last(s.p50_ms))),
         el("td", { class: "num" }, fmt.ms(last(s.p99_ms))),
         el("td", null, chart(s.t, [
-          { values: s.rps, class: "rps", name: "req/s", show: fmt.rate },
+          { values: s.rps, class: "rps", name: "req/s", show: fmt.rate, unit: "req/s" },
           { values: s.errors, class: "err", name: "5xx/s", show: fmt.rate },
         ], { "data-route": r.route, "data-series": "traffic", "data-points": s.t.length, "data-last": rps === null ? "" : rps })),
         el("td", null, chart(s.t, [
@@ -299,7 +323,7 @@
           el("thead", null, el("tr", null, el("th", null, "Backend"), el("th", null, "Source"),
             el("th", { class: "num" }, "Weight"), el("th", null, "Health"), el("th", null, "Circuit"),
             el("th", { class: "num" }, "In flight"), el("th", { class: "num" }, "2xx / 4xx / 5xx"),
-            el("th", { class: "num" }, "Errors"), el("th", null, "Last check"))),
+            el("th", null, "Errors"), el("th", null, "Last check"), el("th", null, "Action"))),
           el("tbody", null, u.backends.map((b) => {
             const open = b.circuit !== "closed";
             const cls = !b.healthy ? "down" : open ? (b.circuit === "half_open" ? "half" : "down") : "";
@@ -308,18 +332,68 @@
               el("td", { class: "addr" }, el("span", { class: "dot" }), b.name ? el("strong", null, b.name + " ") : null, el("code", null, b.address)),
               el("td", null, b.source),
               el("td", { class: "num" }, b.weight),
-              el("td", null, (b.healthy ? "healthy" : "unhealthy") + (marked ? " · " + b.state : "")),
+              el("td", { "data-since": b.health_since || "" }, (b.healthy ? "healthy" : "unhealthy") +
+                inState(b.health_since) + (marked ? " · " + b.state : "")),
               el("td", null, b.circuit),
               el("td", { class: "num" }, b.inflight),
               el("td", { class: "num", "data-responses": "" },
                 b.responses ? b.responses["2xx"] + " / " + b.responses["4xx"] + " / " + b.responses["5xx"] : ""),
-              el("td", { class: "num" }, b.requests ? String(b.requests.error + b.requests.timeout) : ""),
+              el("td", { "data-errors": "" }, errorsByKind(b.errors)),
               el("td", { "data-check": b.last_check ? String(b.last_check.ok) : "none" },
                 b.last_check
                   ? (b.last_check.ok ? "ok" : b.last_check.reason) + " · " + fmt.ms(b.last_check.latency_ms)
-                  : "—"));
+                  : "—"),
+              el("td", { class: "actions" }, actions(u.name, b)));
           })))));
     }));
+  }
+
+  // " for 3 min 5 s": how long a backend has been as it is, if it changed since the start.
+  function inState(since) {
+    if (!since) return "";
+    const s = Math.max(0, Math.round((Date.now() - Date.parse(since)) / 1000));
+    return Number.isFinite(s) ? " for " + fmt.age(s) : "";
+  }
+
+  const ERROR_KINDS = { connect: "refused", connect_timeout: "connect timeout", timeout: "timeout", broken: "broken" };
+
+  // "refused 3 · timeout 1": attempts without an answer, by kind; "0" when none.
+  function errorsByKind(errors) {
+    if (!errors) return "";
+    const seen = Object.entries(ERROR_KINDS).filter(([k]) => errors[k] > 0);
+    if (!seen.length) return "0";
+    return seen.map(([k, name]) => name + " " + fmt.int(errors[k])).join(" · ");
+  }
+
+  // The admin actions a backend's state allows, as buttons.
+  function actions(upstream, b) {
+    const can = b.state === "active" ? ["drain", "disable"] : b.state === "draining" ? ["enable", "disable"] : ["enable"];
+    return can.map((a) => el("button", {
+      type: "button", "data-action": a, title: a + " " + b.address,
+      onclick: () => act(upstream, b.address, a),
+    }, a));
+  }
+
+  async function act(upstream, backend, action) {
+    const headers = {};
+    const token = sessionStorage.getItem(TOKEN);
+    if (token) headers.Authorization = "Bearer " + token;
+    const path = "/upstreams/" + encodeURIComponent(upstream) + "/backends/" + backend + "/" + action;
+    try {
+      const r = await fetch(path, { method: "POST", headers, cache: "no-store", credentials: "omit" });
+      if (r.status === 401) {
+        sessionStorage.removeItem(TOKEN);
+        showLogin("The token was refused.");
+        return;
+      }
+      const body = await r.json().catch(() => ({}));
+      if (!r.ok) throw new Error(body.error || "answered " + r.status);
+      $("live").textContent = backend + ": " + body.state;
+      $("live").className = "muted";
+    } catch (e) {
+      $("live").textContent = action + " " + backend + " failed: " + e.message;
+      $("live").className = "bad";
+    }
   }
 
   function renderBroadcast(routes) {
@@ -344,7 +418,7 @@
     const now = Date.now();
     const max = Math.max(1e-9, ...m.t.map((_, i) => m.match[i] + m.differ[i]));
     const s = svg("svg", { class: "chart wide", viewBox: `0 0 ${w} ${h}`, preserveAspectRatio: "none", "data-points": m.t.length });
-    s.append(svg("line", { class: "axis", x1: 0, y1: h - 0.5, x2: w, y2: h - 0.5 }));
+    frame(s, w, h, 2);
     const spanMs = span(m.t, now);
     const bw = w / (spanMs / refreshMs);
     m.t.forEach((t, i) => {
@@ -354,7 +428,8 @@
       if (hm > 0) s.append(svg("rect", { class: "match", x: x.toFixed(1), y: (h - hm).toFixed(1), width: bw.toFixed(2), height: hm.toFixed(1) }));
       if (hd > 0) s.append(svg("rect", { class: "differ", x: x.toFixed(1), y: (h - hm - hd).toFixed(1), width: bw.toFixed(2), height: hd.toFixed(1) }));
     });
-    return s;
+    const top = max === 1e-9 ? 0 : max;
+    return plot(s, fmt.int(Math.round(top)) + " pairs per " + fmt.span(refreshMs), spanMs);
   }
 
   function renderMirrors(mirrors) {
