@@ -15,11 +15,9 @@ pub mod basic;
 pub mod forward;
 pub mod jwt;
 
-use std::collections::HashMap;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use http::{HeaderName, HeaderValue};
-use parking_lot::Mutex;
 
 use super::{Build, Reason, RequestFilter, Stop};
 use crate::config::AuthConfig;
@@ -50,20 +48,45 @@ pub fn digest(parts: &[&[u8]]) -> Digest {
     out
 }
 
-/// Decisions remembered per credential for `ttl`, at most `max` of them: when full,
-/// expired ones go first, then an eighth of the others (an arbitrary eighth: the map's
-/// order), so memory stays bounded whatever clients send.
+/// Decisions remembered per credential for `ttl` (or less, per entry), at most `max` of
+/// them: a moka cache, whose TinyLFU admission keeps the credentials that come back and
+/// evicts the rest, so memory stays bounded whatever clients send.
 pub struct Remembered<V> {
-    entries: Mutex<HashMap<Digest, (V, Instant)>>,
-    max: usize,
+    entries: moka::sync::Cache<Digest, (V, Duration)>,
     ttl: Duration,
 }
 
-impl<V: Clone> Remembered<V> {
+/// Each entry lives for the lifetime it was put with.
+struct OwnLifetime;
+
+impl<V> moka::Expiry<Digest, (V, Duration)> for OwnLifetime {
+    fn expire_after_create(
+        &self,
+        _key: &Digest,
+        value: &(V, Duration),
+        _now: std::time::Instant,
+    ) -> Option<Duration> {
+        Some(value.1)
+    }
+
+    fn expire_after_update(
+        &self,
+        _key: &Digest,
+        value: &(V, Duration),
+        _now: std::time::Instant,
+        _left: Option<Duration>,
+    ) -> Option<Duration> {
+        Some(value.1)
+    }
+}
+
+impl<V: Clone + Send + Sync + 'static> Remembered<V> {
     pub fn new(max: usize, ttl: Duration) -> Remembered<V> {
         Remembered {
-            entries: Mutex::new(HashMap::new()),
-            max: max.max(1),
+            entries: moka::sync::Cache::builder()
+                .max_capacity(max.max(1) as u64)
+                .expire_after(OwnLifetime)
+                .build(),
             ttl,
         }
     }
@@ -72,11 +95,7 @@ impl<V: Clone> Remembered<V> {
         if self.ttl.is_zero() {
             return None;
         }
-        let entries = self.entries.lock();
-        entries
-            .get(key)
-            .filter(|(_, until)| *until > Instant::now())
-            .map(|(v, _)| v.clone())
+        self.entries.get(key).map(|(v, _)| v)
     }
 
     pub fn put(&self, key: Digest, value: V) {
@@ -86,25 +105,15 @@ impl<V: Clone> Remembered<V> {
     /// Remembers `value` for `ttl` at most (a token's own lifetime may be shorter).
     pub fn put_for(&self, key: Digest, value: V, ttl: Duration) {
         let ttl = ttl.min(self.ttl);
-        if ttl.is_zero() {
-            return;
+        if !ttl.is_zero() {
+            self.entries.insert(key, (value, ttl));
         }
-        let now = Instant::now();
-        let mut entries = self.entries.lock();
-        if entries.len() >= self.max && !entries.contains_key(&key) {
-            entries.retain(|_, (_, until)| *until > now);
-            if entries.len() >= self.max {
-                let drop: Vec<Digest> = entries.keys().take(self.max / 8 + 1).copied().collect();
-                for k in drop {
-                    entries.remove(&k);
-                }
-            }
-        }
-        entries.insert(key, (value, now + ttl));
     }
 
+    /// How many it holds (after the cache's pending evictions ran).
     pub fn len(&self) -> usize {
-        self.entries.lock().len()
+        self.entries.run_pending_tasks();
+        usize::try_from(self.entries.entry_count()).unwrap_or(usize::MAX)
     }
 
     pub fn is_empty(&self) -> bool {
