@@ -7,8 +7,9 @@
 //! ([`crate::reload`]) builds the next generation beside it — handing over, by identity,
 //! everything learned that still means the same thing — and swaps it in.
 
+use parking_lot::Mutex;
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, OnceLock};
 use std::time::{Instant, SystemTime};
 
 use arc_swap::{ArcSwap, Guard};
@@ -203,13 +204,6 @@ pub struct Generation {
     shared_store: Option<Arc<SharedStore>>,
 }
 
-/// Whether two configuration values are the same, by their full description (the model's
-/// types describe every setting; values read from files, such as certificates, by their
-/// content).
-pub fn same<T: std::fmt::Debug>(a: &T, b: &T) -> bool {
-    format!("{a:?}") == format!("{b:?}")
-}
-
 /// A hash of a configuration's text: 16 hex digits.
 pub fn text_hash(text: &str) -> String {
     format!("{:016x}", crate::keys::stable_hash(text.as_bytes()))
@@ -231,7 +225,7 @@ impl Generation {
     ) -> Result<Generation, String> {
         let build = filters::Build { metrics, connector };
         let kept_store = previous
-            .filter(|p| same(&p.config.redis, &config.redis))
+            .filter(|p| p.config.redis == config.redis)
             .and_then(|p| p.shared_store.clone());
         let shared_store = match (&config.redis, kept_store) {
             (None, _) => None,
@@ -267,7 +261,7 @@ impl Generation {
                     let kept = before.filter(|_| same_store).and_then(|b| {
                         b.rate_limiter
                             .as_ref()
-                            .filter(|_| same(&b.config.rate_limit, &r.rate_limit))
+                            .filter(|_| b.config.rate_limit == r.rate_limit)
                     });
                     match kept {
                         Some(k) => Arc::clone(k),

@@ -10,8 +10,9 @@
 //! work may give itself longer ([`RedisClient::within`]). A run of failures is logged once, when it
 //! starts, and once more when Redis answers again.
 
+use parking_lot::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
@@ -255,7 +256,7 @@ impl Cluster {
     /// The connection if there is one; else one is being made (in the background, one
     /// attempt at a time) and this command goes without.
     fn connection(self: &Arc<Self>) -> Option<ClusterConnection> {
-        if let Some(conn) = self.conn.lock().unwrap_or_else(|p| p.into_inner()).clone() {
+        if let Some(conn) = self.conn.lock().clone() {
             return Some(conn);
         }
         if !self.connecting.swap(true, Ordering::AcqRel) {
@@ -263,7 +264,7 @@ impl Cluster {
             tokio::spawn(async move {
                 match me.client.get_async_connection().await {
                     Ok(conn) => {
-                        *me.conn.lock().unwrap_or_else(|p| p.into_inner()) = Some(conn);
+                        *me.conn.lock() = Some(conn);
                     }
                     Err(e) => {
                         log::warn!("redis: cannot connect to the Redis Cluster: {e}");
@@ -279,6 +280,6 @@ impl Cluster {
 
     /// The connection failed for good: the next command makes a new one.
     fn lost(&self) {
-        *self.conn.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        *self.conn.lock() = None;
     }
 }

@@ -161,7 +161,6 @@ pub fn build(
                 gateway
                     .terminators
                     .lock()
-                    .unwrap_or_else(|p| p.into_inner())
                     .push((l.addr, Arc::clone(&terminator)));
                 Some(terminator)
             }

@@ -5,8 +5,9 @@
 //! from the histogram buckets, as Prometheus' `histogram_quantile` does), mirror matches
 //! and differences/s. Series of routes and mirrors that a reload removed are dropped.
 
+use parking_lot::Mutex;
 use std::collections::{HashMap, VecDeque};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
@@ -210,7 +211,7 @@ impl History {
         mirrors: HashMap<MirrorKey, MirrorCounts>,
         cache: (u64, u64),
     ) {
-        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut st = self.state.lock();
         let at_ms = now
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64);
@@ -259,7 +260,7 @@ impl History {
     /// A route's points taken after `since` (Unix milliseconds; 0: all) as parallel
     /// arrays, `t` their times, for the dashboard.
     pub fn route_json(&self, route: &str, since: u64) -> Value {
-        let st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let st = self.state.lock();
         let ring = st.routes.get(route);
         let col = |f: &dyn Fn(&RoutePoint) -> Value| -> Vec<Value> {
             ring.map_or_else(Vec::new, |r| {
@@ -277,7 +278,7 @@ impl History {
 
     /// A mirror's comparisons after `since` as parallel arrays, and its totals so far.
     pub fn mirror_json(&self, route: &str, upstream: &str, since: u64) -> Value {
-        let st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let st = self.state.lock();
         let key = (route.to_string(), upstream.to_string());
         let ring = st.mirrors.get(&key);
         let col = |f: &dyn Fn(&MirrorPoint) -> Value| -> Vec<Value> {
@@ -297,7 +298,7 @@ impl History {
 
     /// Cache lookups since the start: served from the cache, and all (bypasses excluded).
     pub fn cache_lookups(&self) -> (u64, u64) {
-        self.state.lock().unwrap_or_else(|p| p.into_inner()).cache
+        self.state.lock().cache
     }
 }
 

@@ -16,10 +16,11 @@
 //! With the memory spool it keeps delivering until nothing is left or
 //! `grace_period_seconds` ends; what is left then is lost (counted `dropped`).
 
+use parking_lot::Mutex;
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
@@ -34,7 +35,7 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::{watch, Notify, Semaphore};
 use tokio::task::JoinSet;
 
-use super::spool::{lock, Accepted, Found, Key, Spool};
+use super::spool::{Accepted, Found, Key, Spool};
 use super::{age, Target, Targets};
 use crate::limits::{self, Budget};
 use crate::outbound::{self, Body, Failure, Keep};
@@ -237,7 +238,7 @@ impl BackgroundService for Deliverer {
         let left: u64 = lanes
             .values()
             .map(|l| {
-                let q = lock(&l.queue);
+                let q = l.queue.lock();
                 (q.ready.len() + q.later.len() + q.inflight) as u64
             })
             .sum();
@@ -246,7 +247,7 @@ impl BackgroundService for Deliverer {
             log::info!("broadcast: spool handed over ({left} deliveries pending)");
         } else if finished.is_err() || left > 0 {
             for lane in lanes.values() {
-                let q = lock(&lane.queue);
+                let q = lane.queue.lock();
                 let n = (q.ready.len() + q.later.len() + q.inflight) as u64;
                 if n > 0 {
                     lane.target.dropped.inc_by(n);
@@ -352,7 +353,7 @@ async fn intake(lanes: Arc<ArcSwap<Lanes>>, shared: Arc<Shared>) {
                     lane.target.pending.fetch_add(1, Relaxed);
                     lane.target.pending_bytes.fetch_add(size, Relaxed);
                 }
-                lock(&lane.queue).ready.push_back(item);
+                lane.queue.lock().ready.push_back(item);
                 lane.more.notify_one();
             }
         }
@@ -382,7 +383,7 @@ async fn report(
             let first = if let Some(b) = counted {
                 b.oldest_ms
             } else {
-                let q = lock(&lane.queue);
+                let q = lane.queue.lock();
                 q.ready
                     .iter()
                     .chain(q.later.iter().map(|l| &l.0.item))
@@ -416,7 +417,7 @@ async fn run_lane(lane: Arc<Lane>, shared: Arc<Shared>) {
     let draining = !shared.spool.durable();
     loop {
         let stopping = *stop.borrow();
-        if stopping && (!draining || lock(&lane.queue).is_empty()) {
+        if stopping && (!draining || lane.queue.lock().is_empty()) {
             break;
         }
         let Ok(slot) = Arc::clone(&slots).acquire_owned().await else {
@@ -427,7 +428,7 @@ async fn run_lane(lane: Arc<Lane>, shared: Arc<Shared>) {
         };
         // The next delivery: a ready one, else a retry whose time has come.
         let (next, wake_at) = {
-            let mut q = lock(&lane.queue);
+            let mut q = lane.queue.lock();
             let now = Instant::now();
             let due = q.later.peek().is_some_and(|l| l.0.at <= now);
             let next = match q.ready.pop_front() {
@@ -462,7 +463,7 @@ async fn run_lane(lane: Arc<Lane>, shared: Arc<Shared>) {
             tokio::time::sleep(Duration::from_millis(200)).await;
         };
         let Some(probe) = probe else {
-            let mut q = lock(&lane.queue);
+            let mut q = lane.queue.lock();
             q.inflight -= 1;
             q.ready.push_front(item);
             break;
@@ -544,17 +545,17 @@ async fn attempt(lane: &Lane, shared: &Shared, mut item: Item, probe: bool) {
                     item.attempts,
                     age.as_secs()
                 );
-                *lock(&target.last_error) = Some(why);
+                *target.last_error.lock() = Some(why);
                 finish(lane, shared, &item);
                 return;
             }
             target.retried.inc();
-            *lock(&target.last_error) = Some(why);
+            *target.last_error.lock() = Some(why);
             if shared.spool.durable() {
                 // It waits anyway: let its memory go (it is read again when due).
                 item.held = None;
             }
-            let mut q = lock(&lane.queue);
+            let mut q = lane.queue.lock();
             q.inflight -= 1;
             q.seq += 1;
             let seq = q.seq;
@@ -576,7 +577,7 @@ fn finish(lane: &Lane, shared: &Shared, item: &Item) {
         lane.target.pending.fetch_sub(1, Relaxed);
         lane.target.pending_bytes.fetch_sub(item.size, Relaxed);
     }
-    let mut q = lock(&lane.queue);
+    let mut q = lane.queue.lock();
     q.inflight -= 1;
 }
 

@@ -21,19 +21,20 @@
 //! write-back delay (about 30 s) of accepted requests under `never`. A frame cut short by a
 //! crash never got its 202 and is skipped.
 
+use parking_lot::{Condvar, Mutex};
 use std::collections::{BTreeMap, HashSet};
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use bytes::Bytes;
 use tokio::sync::{watch, Notify};
 
-use super::spool::{decode, encode, lock, Accepted, Found, Key, PutError, Spool};
+use super::spool::{decode, encode, Accepted, Found, Key, PutError, Spool};
 use crate::config::Fsync;
 
 /// A segment past this size is sealed and a new one started.
@@ -207,14 +208,14 @@ impl Inner {
         let (wanted, signal) = &self.sync_wanted;
         loop {
             {
-                let mut w = lock(wanted);
+                let mut w = wanted.lock();
                 while !*w {
-                    w = signal.wait(w).unwrap_or_else(|p| p.into_inner());
+                    signal.wait(&mut w);
                 }
                 *w = false;
             }
             let (file, upto) = {
-                let w = lock(&self.writer);
+                let w = self.writer.lock();
                 (w.segment.as_ref().map(|(_, f)| Arc::clone(f)), w.written)
             };
             if let Some(file) = file {
@@ -232,7 +233,7 @@ impl Inner {
 
     /// Reads what was added to the spool since the last scan.
     fn scan(&self) -> io::Result<Vec<Found>> {
-        let mut r = lock(&self.reader);
+        let mut r = self.reader.lock();
         let mut found = Vec::new();
         let mut kept = 0u64;
         for (id, pid, path) in segment_files(&self.dir)? {
@@ -347,7 +348,7 @@ impl Inner {
     /// Reads one request back from its segment.
     fn load(&self, key: Key) -> io::Result<Arc<Accepted>> {
         let stem = {
-            let r = lock(&self.reader);
+            let r = self.reader.lock();
             r.segments.get(&key.segment).map(|s| s.stem.clone())
         };
         let stem = stem.ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "segment gone"))?;
@@ -379,7 +380,7 @@ impl Inner {
     }
 
     fn done(&self, key: Key, target: u16) {
-        let mut r = lock(&self.reader);
+        let mut r = self.reader.lock();
         let Some(seg) = r.segments.get_mut(&key.segment) else {
             return;
         };
@@ -432,7 +433,7 @@ impl Spool for DiskSpool {
             Fsync::Always => {
                 let inner = Arc::clone(inner);
                 tokio::task::spawn_blocking(move || {
-                    let mut w = lock(&inner.writer);
+                    let mut w = inner.writer.lock();
                     inner.append(&mut w, &frame)?;
                     match &w.segment {
                         Some((_, file)) => file.sync_data(),
@@ -454,19 +455,19 @@ impl Spool for DiskSpool {
                     }
                 });
                 let n = inner
-                    .append(&mut lock(&inner.writer), &frame)
+                    .append(&mut inner.writer.lock(), &frame)
                     .map_err(PutError::Io)?;
                 let mut durable = inner.durable.subscribe();
                 {
                     let (wanted, signal) = &inner.sync_wanted;
-                    *lock(wanted) = true;
+                    *wanted.lock() = true;
                     signal.notify_one();
                 }
                 let _ = durable.wait_for(|d| *d >= n).await;
             }
             Fsync::Never => {
                 inner
-                    .append(&mut lock(&inner.writer), &frame)
+                    .append(&mut inner.writer.lock(), &frame)
                     .map_err(PutError::Io)?;
             }
         }
@@ -493,7 +494,7 @@ impl Spool for DiskSpool {
         loop {
             match file.try_lock() {
                 Ok(()) => {
-                    *lock(&self.0.lock) = Some(file);
+                    *self.0.lock.lock() = Some(file);
                     return true;
                 }
                 Err(std::fs::TryLockError::WouldBlock) => {
@@ -546,7 +547,7 @@ impl Spool for DiskSpool {
     }
 
     async fn release(&self) {
-        lock(&self.0.lock).take();
+        self.0.lock.lock().take();
     }
 
     fn bytes(&self) -> u64 {

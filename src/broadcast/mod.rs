@@ -15,8 +15,9 @@ pub mod disk;
 pub mod redis;
 pub mod spool;
 
+use parking_lot::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwap;
@@ -225,7 +226,7 @@ impl Target {
             "pending": self.pending.load(Relaxed),
             "pending_bytes": self.pending_bytes.load(Relaxed),
             "oldest_seconds": (oldest > 0).then(|| age(oldest).as_secs()),
-            "last_error": spool::lock(&self.last_error).clone(),
+            "last_error": self.last_error.lock().clone(),
         })
     }
 }

@@ -33,10 +33,11 @@
 //! an attempt was in flight elsewhere may be sent twice; both carry the request's
 //! `Idempotency-Key` and `X-Request-Id`.
 
+use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -44,7 +45,7 @@ use bytes::Bytes;
 use redis::streams::{StreamAutoClaimReply, StreamId, StreamRangeReply, StreamReadReply};
 use tokio::sync::{watch, Notify};
 
-use super::spool::{self, lock, Accepted, Backlog, Found, Key, PutError, Spool};
+use super::spool::{self, Accepted, Backlog, Found, Key, PutError, Spool};
 use crate::redis_client::{RedisClient, StoreError};
 
 /// Entries a process holds per stream at most (reading no more until some are done).
@@ -298,8 +299,10 @@ impl Spool for RedisSpool {
             return;
         };
         let id = entry_id(key);
-        let size = lock(&stream.held).remove(&id).unwrap_or(0);
-        lock(&inner.acks)
+        let size = stream.held.lock().remove(&id).unwrap_or(0);
+        inner
+            .acks
+            .lock()
             .entry(key.log)
             .or_default()
             .push((id, size));
@@ -315,14 +318,14 @@ impl Spool for RedisSpool {
         let idle = inner.claim_after.as_millis() as u64 + 1_000;
         let mut handed = 0;
         for stream in inner.all_streams() {
-            let ids: Vec<String> = lock(&stream.held).keys().cloned().collect();
+            let ids: Vec<String> = stream.held.lock().keys().cloned().collect();
             handed += inner.renew(&stream, &ids, idle).await;
         }
         log::info!("spool: {handed} deliveries held by this process handed to the other instances");
     }
 
     fn follow(&self, targets: &[(String, String)]) {
-        let mut s = lock(&self.0.streams);
+        let mut s = self.0.streams.lock();
         let mut active = Vec::new();
         for (route, target) in targets {
             let index = match s.by_target.get(&(route.clone(), target.clone())) {
@@ -351,10 +354,10 @@ impl Spool for RedisSpool {
     }
 
     fn backlog(&self, route: &str, target: &str) -> Option<Backlog> {
-        let s = lock(&self.0.streams);
+        let s = self.0.streams.lock();
         let i = s.by_target.get(&(route.to_string(), target.to_string()))?;
         let stream = s.list.get(*i as usize)?;
-        let b = *lock(&stream.backlog);
+        let b = *stream.backlog.lock();
         Some(b.unwrap_or_default())
     }
 
@@ -362,7 +365,7 @@ impl Spool for RedisSpool {
         self.0
             .all_streams()
             .iter()
-            .filter_map(|s| lock(&s.backlog).map(|b| b.bytes))
+            .filter_map(|s| s.backlog.lock().map(|b| b.bytes))
             .sum()
     }
 
@@ -406,15 +409,15 @@ impl Inner {
     }
 
     fn stream(&self, index: u32) -> Option<Arc<Stream>> {
-        lock(&self.streams).list.get(index as usize).cloned()
+        self.streams.lock().list.get(index as usize).cloned()
     }
 
     fn all_streams(&self) -> Vec<Arc<Stream>> {
-        lock(&self.streams).list.clone()
+        self.streams.lock().list.clone()
     }
 
     fn active(&self) -> Vec<Arc<Stream>> {
-        let s = lock(&self.streams);
+        let s = self.streams.lock();
         s.active
             .iter()
             .filter_map(|i| s.list.get(*i as usize).cloned())
@@ -444,7 +447,7 @@ impl Inner {
 
     /// Room for more entries on a stream, for this process.
     fn room(stream: &Stream) -> usize {
-        HOLD.saturating_sub(lock(&stream.held).len())
+        HOLD.saturating_sub(stream.held.lock().len())
     }
 
     /// New entries of every target in force, as many as there is room for.
@@ -485,7 +488,7 @@ impl Inner {
     /// every half of `claim_after`).
     async fn take_over(&self) -> Vec<Found> {
         {
-            let mut last = lock(&self.last_claim);
+            let mut last = self.last_claim.lock();
             let every = self.claim_after / 2;
             if last.is_some_and(|t| t.elapsed() < every) {
                 return Vec::new();
@@ -542,7 +545,7 @@ impl Inner {
                     .unwrap_or(0),
                 _ => 0,
             };
-            lock(&stream.held).insert(entry.id.clone(), size);
+            stream.held.lock().insert(entry.id.clone(), size);
             let accepted = decode(&entry);
             let index = accepted
                 .as_ref()
@@ -560,8 +563,9 @@ impl Inner {
                         entry.id,
                         stream.key
                     );
-                    lock(&stream.held).remove(&entry.id);
-                    lock(&self.acks)
+                    stream.held.lock().remove(&entry.id);
+                    self.acks
+                        .lock()
                         .entry(stream.index)
                         .or_default()
                         .push((entry.id, size));
@@ -588,7 +592,7 @@ impl Inner {
 
     /// Sends the acknowledgements waiting; those Redis did not take wait for the next try.
     async fn flush_acks(&self) {
-        let acks = std::mem::take(&mut *lock(&self.acks));
+        let acks = std::mem::take(&mut *self.acks.lock());
         for (index, list) in acks {
             let Some(stream) = self.stream(index) else {
                 continue;
@@ -601,7 +605,8 @@ impl Inner {
                 }
                 let sent = self.script::<i64>(&invocation).await;
                 if sent.is_err() {
-                    lock(&self.acks)
+                    self.acks
+                        .lock()
                         .entry(index)
                         .or_default()
                         .extend(chunk.iter().cloned());
@@ -618,7 +623,7 @@ impl Inner {
             let got = self.script::<(u64, u64, String)>(&invocation).await;
             if let Ok((pending, bytes, first)) = got {
                 let oldest_ms = entry_key(0, &first).map_or(0, |k| k.segment);
-                *lock(&stream.backlog) = Some(Backlog {
+                *stream.backlog.lock() = Some(Backlog {
                     pending,
                     bytes,
                     oldest_ms,
@@ -664,7 +669,7 @@ async fn acknowledge(inner: Arc<Inner>) {
     loop {
         let _ = tokio::time::timeout(Duration::from_secs(1), inner.ack_wake.notified()).await;
         inner.flush_acks().await;
-        if !lock(&inner.acks).is_empty() {
+        if !inner.acks.lock().is_empty() {
             // Redis did not take them: try again in a moment.
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
@@ -682,7 +687,7 @@ async fn maintain(inner: Arc<Inner>) {
         if last_renew.elapsed() >= renew_every && !inner.stopping.load(Relaxed) {
             last_renew = Instant::now();
             for stream in inner.all_streams() {
-                let ids: Vec<String> = lock(&stream.held).keys().cloned().collect();
+                let ids: Vec<String> = stream.held.lock().keys().cloned().collect();
                 if !ids.is_empty() {
                     inner.renew(&stream, &ids, 0).await;
                 }

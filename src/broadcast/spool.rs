@@ -12,7 +12,9 @@
 
 use std::collections::HashMap;
 use std::io;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -119,11 +121,6 @@ pub trait Spool: Send + Sync {
     }
 }
 
-/// Locks a mutex, taking it over from a thread that panicked while holding it.
-pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
 /// The store when no `spool:` is configured: requests are held in memory, up to `max`
 /// bytes, and lost with the process.
 pub struct MemorySpool {
@@ -156,7 +153,7 @@ impl Spool for MemorySpool {
     async fn put(&self, a: Arc<Accepted>) -> Result<(), PutError> {
         let size = a.size();
         {
-            let mut s = lock(&self.state);
+            let mut s = self.state.lock();
             if s.bytes + size > self.max {
                 return Err(PutError::Full);
             }
@@ -185,12 +182,12 @@ impl Spool for MemorySpool {
     }
 
     async fn found(&self, wait: Duration) -> Vec<Found> {
-        let fresh = std::mem::take(&mut lock(&self.state).fresh);
+        let fresh = std::mem::take(&mut self.state.lock().fresh);
         if !fresh.is_empty() {
             return fresh;
         }
         let _ = tokio::time::timeout(wait, self.wake.notified()).await;
-        std::mem::take(&mut lock(&self.state).fresh)
+        std::mem::take(&mut self.state.lock().fresh)
     }
 
     async fn load(&self, _key: Key) -> io::Result<Arc<Accepted>> {
@@ -199,7 +196,7 @@ impl Spool for MemorySpool {
     }
 
     fn done(&self, key: Key, _target: u16) {
-        let mut s = lock(&self.state);
+        let mut s = self.state.lock();
         let Some((pending, size)) = s.held.get_mut(&key.offset) else {
             return;
         };
@@ -214,7 +211,7 @@ impl Spool for MemorySpool {
     async fn release(&self) {}
 
     fn bytes(&self) -> u64 {
-        lock(&self.state).bytes
+        self.state.lock().bytes
     }
 
     fn durable(&self) -> bool {

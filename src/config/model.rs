@@ -86,7 +86,7 @@ impl Config {
 }
 
 /// `redis:`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct RedisConfig {
     pub server: RedisServer,
     /// Connections kept open (each multiplexes many requests).
@@ -97,7 +97,7 @@ pub struct RedisConfig {
 
 /// Where Redis is: one server (`url: redis://...`), or the seed nodes of a Redis Cluster
 /// (`url: [redis://..., ...]`).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum RedisServer {
     Single(String),
     Cluster(Vec<String>),
@@ -123,7 +123,7 @@ pub struct RouteCacheConfig {
 }
 
 /// `spool:`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct SpoolConfig {
     /// Bytes held at most (a Redis spool: per target stream); full: 503.
     pub max_size: u64,
@@ -131,7 +131,7 @@ pub struct SpoolConfig {
 }
 
 /// `spool.store`: where accepted broadcast requests wait.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum SpoolStore {
     /// An append-only log in `dir` on this machine.
     Disk {
@@ -356,7 +356,7 @@ pub const MIN_DNS_INTERVAL: Duration = Duration::from_millis(100);
 
 /// `resolver:`: the DNS servers asked for `dns:` backends; absent: the system's
 /// (`/etc/resolv.conf`, with `/etc/hosts` first).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ResolverConfig {
     pub nameservers: Vec<SocketAddr>,
     /// The bound on one lookup.
@@ -429,7 +429,7 @@ pub struct HealthCheckConfig {
     pub unhealthy_after: u32,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct BreakerConfig {
     pub failures: u32,
     pub open: Duration,
@@ -606,7 +606,7 @@ pub struct HeaderRules {
     pub remove: Vec<HeaderName>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct RateLimitConfig {
     pub requests_per_second: f64,
     pub burst: u32,

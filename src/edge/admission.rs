@@ -3,10 +3,11 @@
 //! connection admitted holds a [`Slot`] for as long as it is open; dropping it gives the
 //! place back. [`super::accept`] admits, [`super::stream`] holds the slot.
 
+use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use prometheus::IntGauge;
 
@@ -72,7 +73,7 @@ impl Connections {
         let max_per_ip = self.max_per_ip.load(Relaxed);
         let ip = ip.filter(|_| max_per_ip > 0);
         if let Some((ip, shard)) = ip.and_then(|ip| Some((ip, self.shard(&ip)?))) {
-            let mut map = shard.lock().unwrap_or_else(|p| p.into_inner());
+            let mut map = shard.lock();
             let n = map.entry(ip).or_insert(0);
             if *n >= max_per_ip {
                 drop(map);
@@ -107,7 +108,7 @@ impl Drop for Slot {
         self.table.total.give_back(1);
         if let Some(ip) = self.ip {
             if let Some(shard) = self.table.shard(&ip) {
-                let mut map = shard.lock().unwrap_or_else(|p| p.into_inner());
+                let mut map = shard.lock();
                 if let Some(n) = map.get_mut(&ip) {
                     *n -= 1;
                     if *n == 0 {

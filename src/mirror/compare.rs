@@ -5,10 +5,10 @@
 //! [`judge`] says how they differ; differing pairs are kept, newest first and at most
 //! `keep` per mirror, for `GET /mirror/diffs` and the dashboard's side-by-side view.
 
+use parking_lot::Mutex;
 use std::collections::VecDeque;
 use std::hash::Hasher;
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
-use std::sync::Mutex;
 use std::time::SystemTime;
 
 use bytes::{Bytes, BytesMut};
@@ -276,7 +276,7 @@ impl Kept {
         if keep == 0 {
             return;
         }
-        let mut list = self.list.lock().unwrap_or_else(|p| p.into_inner());
+        let mut list = self.list.lock();
         let at = list.iter().position(|k| k.at <= d.at).unwrap_or(list.len());
         list.insert(at, d);
         list.truncate(keep);
@@ -285,14 +285,14 @@ impl Kept {
     /// Keeps at most `keep` pairs from now on (a reload changed `compare.keep`).
     pub fn resize(&self, keep: usize) {
         self.keep.store(keep, Relaxed);
-        let mut list = self.list.lock().unwrap_or_else(|p| p.into_inner());
+        let mut list = self.list.lock();
         list.truncate(keep);
     }
 
     /// The kept pairs as JSON, headers that differ shown with both values; values of
     /// `redact` headers never shown.
     pub fn render(&self, cfg: &CompareConfig, redact: &[HeaderName]) -> Vec<(SystemTime, Value)> {
-        let list = self.list.lock().unwrap_or_else(|p| p.into_inner());
+        let list = self.list.lock();
         list.iter()
             .map(|d| {
                 let headers: Vec<Value> =
@@ -324,7 +324,7 @@ impl Kept {
 
     /// The kept pairs in brief, newest first: what each was about and both statuses.
     pub fn summaries(&self) -> Vec<Value> {
-        let list = self.list.lock().unwrap_or_else(|p| p.into_inner());
+        let list = self.list.lock();
         list.iter()
             .map(|d| {
                 let mut v = d.summary();
@@ -345,7 +345,7 @@ impl Kept {
         cfg: &CompareConfig,
         redact: &[HeaderName],
     ) -> Option<Value> {
-        let list = self.list.lock().unwrap_or_else(|p| p.into_inner());
+        let list = self.list.lock();
         let d = list.iter().find(|d| d.request_id == request_id)?;
         let differ = differing_headers(cfg, &d.primary.headers, &d.mirror.headers);
         let mut names: Vec<&HeaderName> = d

@@ -30,10 +30,11 @@
 //! has its answer reduced by the reader as it passes and handed, or its failure, to its
 //! comparison.
 
+use parking_lot::Mutex;
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes, BytesMut};
@@ -231,7 +232,7 @@ impl Lanes {
         match self.first.get(index) {
             Some(lanes) if lanes.addr == addr => Arc::clone(lanes),
             _ => {
-                let mut found = self.found.lock().unwrap_or_else(|p| p.into_inner());
+                let mut found = self.found.lock();
                 // Backends DNS dropped go with their lanes' last copies.
                 if found.len() > 4 * self.first.len().max(16) {
                     found.retain(|_, l| Arc::strong_count(l) > 1);
@@ -264,7 +265,7 @@ fn dispatch(mirror: &Arc<Mirror>, job: Job) {
     let backend = mirror.lanes.get(job.lease.index(), job.lease.backend());
     let now_us = micros(backend.epoch, Instant::now());
     let chosen = {
-        let mut lanes = backend.lanes.lock().unwrap_or_else(|p| p.into_inner());
+        let mut lanes = backend.lanes.lock();
         lanes.retain(|l| !l.closed.load(Relaxed));
         let busy_fast = lanes
             .iter()

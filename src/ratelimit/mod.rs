@@ -20,9 +20,10 @@
 
 pub mod shared;
 
+use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Instant;
 
 use crate::config::{KeySource, LimitStore, RateLimitConfig};
@@ -169,7 +170,7 @@ impl RateLimiter {
             }
         };
         let shard = &shards[(hash as usize) % shards.len()];
-        let mut map = shard.lock().unwrap_or_else(|p| p.into_inner());
+        let mut map = shard.lock();
         let tat = map.get(&hash).copied().unwrap_or(0);
         let (next, allow) = match self.take(tat, now_ns) {
             Ok(taken) => taken,
@@ -186,9 +187,7 @@ impl RateLimiter {
     pub fn tracked_keys(&self) -> usize {
         match &self.arrivals {
             Arrivals::Global(_) | Arrivals::Shared(_) => 0,
-            Arrivals::PerKey(shards) => {
-                shards.iter().map(|s| s.lock().map_or(0, |m| m.len())).sum()
-            }
+            Arrivals::PerKey(shards) => shards.iter().map(|s| s.lock().len()).sum(),
         }
     }
 }

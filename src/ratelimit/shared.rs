@@ -26,8 +26,9 @@
 //! whether the request goes through (`allow`) or gets 503 (`deny`). In leased mode a store
 //! error only matters once the instance's lease is spent.
 
+use parking_lot::Mutex;
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
@@ -133,7 +134,7 @@ impl SharedLimit {
             return None;
         }
         let hash = crate::keys::stable_hash(key);
-        let mut leases = inner.leases.lock().unwrap_or_else(|p| p.into_inner());
+        let mut leases = inner.leases.lock();
         let lease = leases.get_mut(&hash)?;
         if lease.expires.is_some_and(|e| e <= now) {
             lease.tokens = 0;
@@ -184,7 +185,7 @@ impl SharedLimit {
             }
             // No token here: ask for a lease, or wait for the one being asked for.
             let waiting = {
-                let mut leases = inner.leases.lock().unwrap_or_else(|p| p.into_inner());
+                let mut leases = inner.leases.lock();
                 if leases.len() >= LEASE_KEYS && !leases.contains_key(&hash) {
                     leases.retain(|_, l| l.asking.is_some() || l.expires.is_some_and(|e| e > now));
                     if leases.len() >= LEASE_KEYS {
@@ -215,7 +216,6 @@ impl SharedLimit {
             let still_asking = inner
                 .leases
                 .lock()
-                .unwrap_or_else(|p| p.into_inner())
                 .get(&hash)
                 .and_then(|l| l.asking.as_ref())
                 .is_some_and(|a| Arc::ptr_eq(a, &notify));
@@ -248,7 +248,7 @@ impl Inner {
     async fn renew(&self, key: &[u8], hash: u64) -> Result<(), StoreError> {
         let got = self.take(key, self.lease).await;
         let now = Instant::now();
-        let mut leases = self.leases.lock().unwrap_or_else(|p| p.into_inner());
+        let mut leases = self.leases.lock();
         let lease = leases.entry(hash).or_default();
         if let Some(n) = lease.asking.take() {
             n.notify_waiters();

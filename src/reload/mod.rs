@@ -11,9 +11,10 @@
 pub mod command;
 pub mod control;
 
+use parking_lot::Mutex;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, OnceLock};
 use std::time::SystemTime;
 
 use async_trait::async_trait;
@@ -23,7 +24,7 @@ use serde_json::{json, Value};
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::config::{self, Config};
-use crate::gateway::{same, Gateway, Generation};
+use crate::gateway::{Gateway, Generation};
 
 /// What a reload came to.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -88,14 +89,10 @@ pub struct History {
     last: Mutex<Option<Last>>,
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
 impl History {
     /// Notes the file the process started from and the binary it runs.
     pub fn started(&self, file: Option<PathBuf>) {
-        *lock(&self.file) = file.map(|f| std::path::absolute(&f).unwrap_or(f));
+        *self.file.lock() = file.map(|f| std::path::absolute(&f).unwrap_or(f));
         let path = std::env::current_exe().unwrap_or_default();
         let _ = self.binary.set(Binary {
             identity: identity(&path),
@@ -104,7 +101,7 @@ impl History {
     }
 
     pub fn file(&self) -> Option<PathBuf> {
-        lock(&self.file).clone()
+        self.file.lock().clone()
     }
 
     /// The binary the process was started from (where its successor is found).
@@ -113,7 +110,7 @@ impl History {
     }
 
     pub fn last(&self) -> Option<Last> {
-        lock(&self.last).clone()
+        self.last.lock().clone()
     }
 
     /// Whether the binary on disk is no longer the one running.
@@ -163,16 +160,16 @@ pub fn needs_upgrade(old: &Config, new: &Config, cache_made: bool) -> Vec<String
     if old.admin.as_ref().map(|a| a.address) != new.admin.as_ref().map(|a| a.address) {
         lines.push("admin: the admin listener's address changes".into());
     }
-    if !same(&old.spool, &new.spool) {
+    if old.spool != new.spool {
         lines.push("spool: the spool's settings change".into());
     } else if matches!(
         new.spool.as_ref().map(|s| &s.store),
         Some(crate::config::SpoolStore::Redis { .. })
-    ) && !same(&old.redis, &new.redis)
+    ) && old.redis != new.redis
     {
         lines.push("redis: the Redis the spool is in changes".into());
     }
-    if !same(&old.resolver, &new.resolver) {
+    if old.resolver != new.resolver {
         lines.push("resolver: the DNS resolver's settings change".into());
     }
     if cache_made && old.cache_max_size != new.cache_max_size {
@@ -185,7 +182,7 @@ pub fn needs_upgrade(old: &Config, new: &Config, cache_made: bool) -> Vec<String
 /// valid and can be applied in place. Blocking: files are read and certificates parsed.
 pub fn reload(gw: &Gateway, file: Option<&Path>) -> Outcome {
     let history = &gw.reloads;
-    let _one = lock(&history.running);
+    let _one = history.running.lock();
     let outcome = apply(gw, file);
     gw.metrics
         .config_reloads
@@ -205,7 +202,7 @@ pub fn reload(gw: &Gateway, file: Option<&Path>) -> Outcome {
             lines.join("; ")
         ),
     }
-    *lock(&history.last) = Some(Last {
+    *history.last.lock() = Some(Last {
         at: SystemTime::now(),
         outcome: outcome.clone(),
     });
@@ -263,13 +260,13 @@ fn apply(gw: &Gateway, file: Option<&Path>) -> Outcome {
         Err(e) => return Outcome::Refused(vec![format!("{source}: {e}")]),
     };
     drop(current);
-    for (addr, terminator) in lock(&gw.terminators).iter() {
+    for (addr, terminator) in gw.terminators.lock().iter() {
         if let Some((_, c)) = tls.iter().find(|(a, _)| a == addr) {
             terminator.replace(Arc::clone(c));
         }
     }
     gw.install(next);
-    *lock(&history.file) = Some(std::path::absolute(&path).unwrap_or(path));
+    *history.file.lock() = Some(std::path::absolute(&path).unwrap_or(path));
     Outcome::Applied { generation: number }
 }
 

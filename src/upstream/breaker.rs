@@ -8,8 +8,8 @@
 //! probing, until when), and the one probe is claimed by compare-and-swap. The lock only
 //! serialises transitions (a failure while closed, a probe's result).
 
+use parking_lot::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::SeqCst};
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use crate::config::BreakerConfig;
@@ -78,13 +78,6 @@ impl Breaker {
             config: config.clone(),
             epoch: Instant::now(),
         }
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, Duration> {
-        // A panic while holding this lock cannot leave the state inconsistent: recover it.
-        self.open_for
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     fn nanos(&self, t: Instant) -> u64 {
@@ -176,7 +169,7 @@ impl Breaker {
                 }
                 return Transition::None;
             }
-            let mut open_for = self.lock();
+            let mut open_for = self.open_for.lock();
             if !self.open.load(SeqCst) || !self.probing.load(SeqCst) {
                 // A request admitted before the circuit opened: not the probe.
                 return Transition::None;
@@ -187,7 +180,7 @@ impl Breaker {
             self.probing.store(false, SeqCst);
             return Transition::Closed;
         }
-        let mut open_for = self.lock();
+        let mut open_for = self.open_for.lock();
         if self.open.load(SeqCst) {
             if !self.probing.load(SeqCst) {
                 return Transition::None;

@@ -717,8 +717,7 @@ impl Upstream {
         previous: &Upstream,
     ) -> Upstream {
         let old = previous.backends();
-        let same_breaker =
-            format!("{:?}", config.breaker) == format!("{:?}", previous.config.breaker);
+        let same_breaker = config.breaker == previous.config.breaker;
         let start = |addr: SocketAddr| match old.backends.iter().find(|b| b.addr == addr) {
             Some(b) => Start::Kept(b, same_breaker),
             None => Start::Fresh {
