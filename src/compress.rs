@@ -22,7 +22,7 @@ use pingora_http::{RequestHeader, ResponseHeader};
 use prometheus::IntCounter;
 
 use crate::config::{Coding, CompressConfig};
-use crate::metrics::Metrics;
+use crate::observe::metrics::Metrics;
 
 /// A route's compression.
 pub struct Compress {
@@ -213,7 +213,7 @@ impl Compress {
         if !self.compressible(req, resp) {
             return None;
         }
-        crate::forwarding::add_vary(resp, "Accept-Encoding");
+        crate::http::headers::add_vary(resp, "Accept-Encoding");
         let coding = self.negotiate(req)?;
         let encoder = encoder(coding)?;
         let _ = resp.insert_header(header::CONTENT_ENCODING, coding.token());

@@ -19,12 +19,12 @@ use prometheus::IntCounter;
 use tokio::sync::{mpsc, watch};
 
 use crate::config::{RouteConfig, RouteKind, UpstreamId};
-use crate::filters::Passage;
-use crate::forwarding;
+use crate::http::forwarding;
+use crate::http::passage::Passage;
 use crate::limits::{self, BodyCounter, Refusal};
 use crate::mirror::{copy_header, Copies};
+use crate::observe::span;
 use crate::outbound::{self, Keep};
-use crate::telemetry;
 use crate::upstream::{Tried, Upstream};
 
 /// A fallback's complete answer.
@@ -179,8 +179,8 @@ fn spawn_copies(
     };
     let keep = Keep::UpTo(max_body);
     for (id, upstream) in targets {
-        let span = telemetry::copy_span(&pass.trace, "fallback copy");
-        let hop = span.as_ref().map(telemetry::Span::span_id);
+        let span = span::copy_span(&pass.trace, "fallback copy");
+        let hop = span.as_ref().map(span::Span::span_id);
         let shape = |h: &mut RequestHeader| {
             forwarding::upstream_request(h, route, pass, request_id)?;
             match hop {

@@ -15,7 +15,6 @@ use std::time::{Instant, SystemTime};
 use arc_swap::{ArcSwap, Guard};
 use tokio::sync::watch;
 
-use crate::access_log::AccessLogger;
 use crate::broadcast::spool::Spool;
 use crate::broadcast::{self, Targets};
 use crate::cache;
@@ -28,8 +27,9 @@ use crate::edge::ClientPolicy;
 use crate::fallback::{self, FallbackUpstreams};
 use crate::filters::{self, Chain};
 use crate::lifecycle::Draining;
-use crate::metrics::{Metrics, RouteMetrics};
 use crate::mirror::Mirror;
+use crate::observe::access_log::AccessLogger;
+use crate::observe::metrics::{Metrics, RouteMetrics};
 use crate::ratelimit::{RateLimiter, SharedStore};
 use crate::redirect::Redirect;
 use crate::routing::Router;
@@ -366,7 +366,7 @@ impl Gateway {
         let (upstreams_watch, _) = watch::channel(generation.upstreams.clone().into());
         let (broadcast_watch, _) = watch::channel(Arc::new(generation.broadcast_targets()));
         metrics.config_generation.set(1);
-        crate::telemetry::install(config.tracing.as_ref(), &metrics);
+        crate::observe::otlp::install(config.tracing.as_ref(), &metrics);
         Ok(Gateway {
             connector,
             unrouted: RouteMetrics::new("none"),
@@ -421,7 +421,7 @@ impl Gateway {
     /// background services follow its upstreams and broadcast routes. The cache is made
     /// if `next` is the first generation to use it.
     pub fn install(&self, next: Generation) {
-        crate::telemetry::install(next.config.tracing.as_ref(), &self.metrics);
+        crate::observe::otlp::install(next.config.tracing.as_ref(), &self.metrics);
         if next.caches() {
             let _ = self
                 .cache

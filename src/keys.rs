@@ -10,8 +10,8 @@ use std::net::IpAddr;
 
 use pingora_http::RequestHeader;
 
-use crate::client::Client;
 use crate::config::KeySource;
+use crate::http::client::Client;
 
 /// The bytes of a request's key; `buf` holds a client IP's bytes. A missing header gives
 /// the empty key, so such requests are all treated alike. `identity` falls back to the

@@ -39,27 +39,29 @@ use pingora_error::{Error, ErrorSource, ErrorType, Result};
 use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::{FailToProxy, ProxyHttp, ProxyWarnLogContext, Session};
 
-use crate::access_log::Record;
 use crate::broadcast;
 use crate::cache;
-use crate::client::Client;
 use crate::compress;
 use crate::config::OnStoreError;
 use crate::config::{AccessLog, RouteId, Scheme, UpstreamId};
 use crate::edge::{self, path};
 use crate::fallback::{self, Failover};
-use crate::filters::{Passage, Stop, StopBody};
-use crate::forwarding;
 use crate::gateway::{Gateway, Generation, Route, RouteRuntime};
+use crate::http::answer::{Stop, StopBody};
+use crate::http::client::Client;
+use crate::http::errors;
+use crate::http::forwarding;
+use crate::http::passage::Passage;
+use crate::http::request_id;
+use crate::http::respond::{self, send_error};
+use crate::http::trace_context::{Origin, Trace};
 use crate::keys::{self, request_host};
 use crate::limits::{self, BodyCounter, Expect, Refusal};
 use crate::mirror::Copies;
+use crate::observe::access_log::Record;
+use crate::observe::span::{self, Kind, Span};
 use crate::ratelimit::{Check, Decision};
-use crate::request_id;
-use crate::respond::{self, send_error};
 use crate::routing::{Probe, RouteMatch};
-use crate::telemetry::{self, Kind, Span};
-use crate::trace_context::{Origin, Trace};
 use crate::tunnel;
 use crate::upstream::{concurrency, Lease, Tried};
 
@@ -723,7 +725,7 @@ impl ProxyHttp for FanoutProxy {
         ctx.request_id =
             request_id::from_client(req.headers.get(request_id::HEADER).map(|v| v.as_bytes()));
         ctx.pass.trace = Trace::of(&req.headers);
-        if let Some(tracer) = telemetry::current() {
+        if let Some(tracer) = span::current() {
             ctx.span = traced(&tracer, &mut ctx.pass.trace);
         }
         let verdict = match self.screen(session, &ctx.gen) {
@@ -1124,7 +1126,7 @@ impl ProxyHttp for FanoutProxy {
     ) -> FailToProxy {
         let mut code = match ctx.refused {
             Some(refusal) => refusal.status(),
-            None => respond::status_for(e),
+            None => errors::status_for(e),
         };
         // Only answer if no answer has started.
         let can_answer = code > 0 && session.as_downstream().response_written().is_none();
@@ -1185,7 +1187,7 @@ impl ProxyHttp for FanoutProxy {
         // backend going out and coming back — one line per change, not one per request.
         // A client that left mid-request is counted (`client_closed`) and in the access log.
         ctx.failover.primary_failed()
-            || respond::is_connect(error)
+            || errors::is_connect(error)
             || matches!(error.etype(), ErrorType::HTTPStatus(503))
             || *error.esource() == ErrorSource::Downstream
     }
@@ -1254,7 +1256,7 @@ impl ProxyHttp for FanoutProxy {
 
 /// The request's span when `tracer` samples it (parent-based, else `sample`); the trace
 /// context then names it as the parent of what the request sends.
-fn traced(tracer: &Arc<telemetry::Tracer>, trace: &mut Trace) -> Option<Span> {
+fn traced(tracer: &Arc<span::Tracer>, trace: &mut Trace) -> Option<Span> {
     let from_client = trace.origin == Origin::Client;
     if !tracer.samples(&trace.parent, from_client) {
         return None;

@@ -7,7 +7,7 @@ use http::{header, HeaderValue};
 use pingora_http::RequestHeader;
 
 use crate::config::{strip_port, RedirectConfig, Scheme};
-use crate::filters::{Stop, StopBody};
+use crate::http::answer::{Stop, StopBody};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Field {

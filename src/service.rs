@@ -12,8 +12,7 @@ use pingora_core::connectors::http::Connector;
 use pingora_http::{RequestHeader, ResponseHeader};
 
 use crate::config::ServiceUrl;
-use crate::filters::Build;
-use crate::metrics::Metrics;
+use crate::observe::metrics::Metrics;
 use crate::outbound::{self, Body, Failure, Keep};
 use crate::upstream::{Tried, Upstream};
 
@@ -42,10 +41,11 @@ impl std::fmt::Display for Unanswered {
 }
 
 impl Service {
-    pub fn new(s: &ServiceUrl, with: &Build) -> Service {
+    /// A service asked on a route's account, through the gateway's `connector`.
+    pub fn new(s: &ServiceUrl, metrics: &Arc<Metrics>, connector: &Arc<Connector>) -> Service {
         Service {
-            upstream: Arc::new(Upstream::new(&s.upstream, with.metrics)),
-            connector: Arc::clone(with.connector),
+            upstream: Arc::new(Upstream::new(&s.upstream, metrics)),
+            connector: Arc::clone(connector),
             path: s.path.clone(),
             host: s.host.clone(),
             url: s.url.clone(),

@@ -24,9 +24,10 @@ use pingora_error::{Error, ErrorType, Result};
 use pingora_proxy::Session;
 
 use crate::config::{RouteConfig, Timeouts};
-use crate::filters::Passage;
-use crate::forwarding;
-use crate::respond::{self, send_error};
+use crate::http::errors;
+use crate::http::forwarding;
+use crate::http::passage::Passage;
+use crate::http::respond::{self, send_error};
 use crate::upstream::{Lease, Tried, Upstream};
 
 /// Whether a request becomes a tunnel: an upgrade without a request body (a body would
@@ -85,7 +86,7 @@ pub async fn serve(session: &mut Session, to: Target<'_>) -> Result<Option<Arc<s
                     "upgrade to backend {label} of upstream {} failed: {e}",
                     config.name
                 );
-                failed = Some((respond::status_for(&e), label));
+                failed = Some((errors::status_for(&e), label));
                 let again = match sent {
                     false => to.upstream.has_untried(&tried),
                     true => idempotent && resends < config.retries,

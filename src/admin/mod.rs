@@ -163,12 +163,12 @@ impl AdminApp {
                             },
                             "responses": backend_classes(b.learned().classes()),
                             "errors": backend_errors(b.learned().errors()),
-                            "health_since": b.learned().health_since().map(crate::access_log::timestamp),
+                            "health_since": b.learned().health_since().map(crate::observe::access_log::timestamp),
                             "last_check": b.learned().last_check().map(|c| json!({
                                 "ok": c.failure.is_none(),
                                 "reason": c.failure,
                                 "latency_ms": c.latency.as_secs_f64() * 1000.0,
-                                "at": crate::access_log::timestamp(c.at),
+                                "at": crate::observe::access_log::timestamp(c.at),
                             })),
                             "source": b.source,
                             "weight": b.weight,
@@ -273,13 +273,13 @@ impl AdminApp {
     fn config_status(&self, gen: &crate::gateway::Generation) -> Value {
         let last = self.gw.reloads.last().map(|l| {
             let mut v = l.outcome.to_json();
-            v["at"] = json!(crate::access_log::timestamp(l.at));
+            v["at"] = json!(crate::observe::access_log::timestamp(l.at));
             v
         });
         json!({
             "generation": gen.number,
             "hash": gen.hash,
-            "since": crate::access_log::timestamp(gen.since),
+            "since": crate::observe::access_log::timestamp(gen.since),
             "file": self.gw.reloads.file().map(|f| f.display().to_string()),
             "last_reload": last,
         })

@@ -594,7 +594,7 @@ async fn send(target: &Target, a: &Accepted, connector: &Connector) -> Outcome {
     };
     lease.hold(slot);
     // A traced request's delivery attempt is a span of its trace, however late it comes.
-    let span = crate::telemetry::delivery_span(&a.header.headers, "broadcast delivery");
+    let span = crate::observe::span::delivery_span(&a.header.headers, "broadcast delivery");
     let t = &destination.upstream.config.timeouts;
     let body = Body::Full(a.body.clone());
     let mut header = match &destination.path {
@@ -611,7 +611,7 @@ async fn send(target: &Target, a: &Accepted, connector: &Connector) -> Outcome {
         let traceparent = span.traceparent().header_value();
         let _ = header
             .to_mut()
-            .insert_header(crate::trace_context::TRACEPARENT, traceparent);
+            .insert_header(crate::http::trace_context::TRACEPARENT, traceparent);
         lease.trace(span);
     }
     let answer = outbound::exchange(
@@ -643,7 +643,7 @@ fn backoff(failures: u32) -> Duration {
     let exp = BACKOFF_BASE.saturating_mul(1u32 << failures.saturating_sub(1).min(20));
     let full = exp.min(BACKOFF_MAX);
     let half = full / 2;
-    half + half.mul_f64(crate::request_id::unit_random())
+    half + half.mul_f64(crate::http::request_id::unit_random())
 }
 
 #[cfg(test)]

@@ -28,12 +28,12 @@ use pingora_proxy::Session;
 use prometheus::IntCounter;
 
 use crate::config::{BreakerConfig, RetryPolicy, RouteConfig};
-use crate::filters::Passage;
-use crate::forwarding;
+use crate::http::forwarding;
+use crate::http::passage::Passage;
+use crate::http::request_id;
+use crate::http::respond::send_error;
 use crate::limits::Refusal;
-use crate::metrics::Metrics;
-use crate::request_id;
-use crate::respond::send_error;
+use crate::observe::metrics::Metrics;
 use crate::upstream::breaker::Breaker;
 use crate::upstream::Upstream;
 pub use deliver::{Deliverer, RoutesWatch};

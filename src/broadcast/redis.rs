@@ -192,7 +192,7 @@ impl RedisSpool {
         let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
             .map(|h| h.trim().to_string())
             .unwrap_or_else(|_| "host".into());
-        let tag = (crate::request_id::unit_random() * 1e6) as u64;
+        let tag = (crate::http::request_id::unit_random() * 1e6) as u64;
         RedisSpool(Arc::new(Inner {
             client,
             max,

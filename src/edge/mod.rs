@@ -30,7 +30,7 @@ use std::time::Duration;
 use prometheus::{IntCounter, IntCounterVec};
 
 use crate::config::ClientsConfig;
-use crate::metrics::Metrics;
+use crate::observe::metrics::Metrics;
 use framing::Limits;
 
 /// What every client connection is held to (`clients:`), and where refusals are counted.

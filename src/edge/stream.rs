@@ -42,7 +42,7 @@ use tokio::time::Sleep;
 use super::admission::Slot;
 use super::framing::{Framer, Phase, Reject};
 use super::ClientPolicy;
-use crate::{request_id, respond};
+use crate::http::{request_id, respond};
 
 /// How long a refusal may take to write before the connection is simply dropped.
 const ANSWER_WRITE_TIMEOUT: Duration = Duration::from_secs(2);

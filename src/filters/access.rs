@@ -5,8 +5,10 @@ use async_trait::async_trait;
 use ipnet::IpNet;
 use pingora_proxy::Session;
 
-use super::{Passage, Reason, RequestFilter, Stop};
+use super::RequestFilter;
 use crate::config::AccessList;
+use crate::http::answer::{Reason, Stop};
+use crate::http::passage::Passage;
 
 pub struct Addresses {
     allow: Vec<IpNet>,

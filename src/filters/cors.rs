@@ -10,8 +10,10 @@ use http::Method;
 use pingora_http::ResponseHeader;
 use pingora_proxy::Session;
 
-use super::{Passage, RequestFilter, Stop, StopBody};
+use super::RequestFilter;
 use crate::config::CorsConfig;
+use crate::http::answer::{Stop, StopBody};
+use crate::http::passage::Passage;
 
 pub struct Cors {
     /// Lower case; empty: any origin.
@@ -162,7 +164,7 @@ impl RequestFilter for Cors {
     }
 
     fn response(&self, pass: &Passage, resp: &mut ResponseHeader) {
-        crate::forwarding::add_vary(resp, "Origin");
+        crate::http::headers::add_vary(resp, "Origin");
         let Some(origin) = &pass.origin else {
             return;
         };

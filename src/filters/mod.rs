@@ -24,97 +24,15 @@ pub mod rewrite;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use bytes::Bytes;
-use http::{HeaderName, HeaderValue};
 use pingora_core::connectors::http::Connector;
 use pingora_http::ResponseHeader;
 use pingora_proxy::Session;
 use prometheus::IntCounter;
 
-use crate::client::Client;
 use crate::config::RouteConfig;
-use crate::metrics::Metrics;
-use crate::trace_context::Trace;
-
-/// What one request carries through its route's filters and on to the upstream phases.
-#[derive(Debug, Default)]
-pub struct Passage {
-    pub client: Client,
-    /// The path `rewrite` made of the request's, for the upstream.
-    pub upstream_path: Option<String>,
-    /// The request's `Origin`, when `cors` allows it: its answer gets the CORS headers.
-    pub origin: Option<HeaderValue>,
-    /// Its W3C trace context, passed on to every copy of it.
-    pub trace: Trace,
-}
-
-/// Why a request was refused (`fanout_access_denied_total`'s `reason`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Reason {
-    /// `access` refused the client's address.
-    Address,
-    /// No credential, or a wrong one.
-    Credential,
-    /// A token that expired, or is not valid yet.
-    Expired,
-    /// The forward-auth service refused it, or could not decide.
-    Forward,
-}
-
-impl Reason {
-    pub const ALL: [Reason; 4] = [
-        Reason::Address,
-        Reason::Credential,
-        Reason::Expired,
-        Reason::Forward,
-    ];
-
-    pub fn label(self) -> &'static str {
-        match self {
-            Reason::Address => "address",
-            Reason::Credential => "credential",
-            Reason::Expired => "expired",
-            Reason::Forward => "forward",
-        }
-    }
-}
-
-/// The answer a filter gives instead of letting the request on.
-#[derive(Debug)]
-pub struct Stop {
-    pub status: u16,
-    pub headers: Vec<(HeaderName, HeaderValue)>,
-    pub body: StopBody,
-    /// A refusal, counted under this reason; `None` for an answer such as a preflight.
-    pub denied: Option<Reason>,
-}
-
-#[derive(Debug)]
-pub enum StopBody {
-    /// The gateway's JSON error body with this message.
-    Error(&'static str),
-    /// Nothing.
-    Empty,
-    /// A body relayed as it came (the auth service's), with its content type.
-    Relayed(Bytes, Option<HeaderValue>),
-}
-
-impl Stop {
-    /// A refusal with the gateway's JSON error body.
-    pub fn denied(status: u16, reason: Reason, message: &'static str) -> Stop {
-        Stop {
-            status,
-            headers: Vec::new(),
-            body: StopBody::Error(message),
-            denied: Some(reason),
-        }
-    }
-
-    pub fn with_header(mut self, name: HeaderName, value: HeaderValue) -> Stop {
-        self.headers.push((name, value));
-        self
-    }
-}
+use crate::http::answer::{Reason, Stop};
+use crate::http::passage::Passage;
+use crate::observe::metrics::Metrics;
 
 /// One step of a route's chain.
 #[async_trait]

@@ -6,10 +6,12 @@
 use async_trait::async_trait;
 use pingora_proxy::Session;
 
-use super::{Passage, RequestFilter, Stop, StopBody};
+use super::RequestFilter;
 use crate::config::EncodedSlashes;
 use crate::config::RewriteConfig;
 use crate::edge::path;
+use crate::http::answer::{Stop, StopBody};
+use crate::http::passage::Passage;
 
 pub struct Rewrite {
     regex: regex::Regex,

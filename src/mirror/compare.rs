@@ -402,7 +402,7 @@ impl Diff {
     fn summary(&self) -> Value {
         json!({
             "request_id": self.request_id,
-            "time": crate::access_log::timestamp(self.at),
+            "time": crate::observe::access_log::timestamp(self.at),
             "method": self.method,
             "path": self.path,
             "route": self.route,

@@ -19,7 +19,7 @@ use tokio::task::JoinHandle;
 
 use super::compare::{CompareConfig, Digest, Reduce, Seen};
 use super::{Deferred, Mirror, Outcomes};
-use crate::forwarding;
+use crate::http::forwarding;
 use crate::outbound::{Body, Piece};
 
 /// Body pieces a copy may hold before it is abandoned as too slow. Bytes are bounded

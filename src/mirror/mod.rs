@@ -59,15 +59,15 @@ use pingora_proxy::Session;
 use prometheus::{IntCounter, IntGauge};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::client::Client;
 use crate::config::MirrorConfig;
-use crate::filters::Passage;
-use crate::forwarding;
+use crate::http::client::Client;
+use crate::http::forwarding;
+use crate::http::passage::Passage;
 use crate::keys;
 use crate::limits::{self, Budget};
-use crate::metrics::Metrics;
+use crate::observe::metrics::Metrics;
+use crate::observe::span;
 use crate::outbound::{self, Body, Failure, Keep};
-use crate::telemetry;
 use crate::upstream::{Lease, Tried, Upstream};
 
 /// Outcome counters of one mirror, resolved once.
@@ -417,7 +417,7 @@ impl Copies {
                 continue;
             };
             lease.hold(slot);
-            let hop = telemetry::copy_span(&pass.trace, "mirror copy").map(|span| {
+            let hop = span::copy_span(&pass.trace, "mirror copy").map(|span| {
                 let id = span.span_id();
                 lease.trace(span);
                 id

@@ -285,7 +285,7 @@ pub fn redacted(g: &Generation) -> Value {
     json!({
         "generation": g.number,
         "hash": g.hash,
-        "since": crate::access_log::timestamp(g.since),
+        "since": crate::observe::access_log::timestamp(g.since),
         "config": redact(parsed),
     })
 }

@@ -294,7 +294,7 @@ impl Limiter {
                 let long = now.saturating_duration_since(since) >= MEASURE_LONGEST;
                 if s.samples.len() >= MEASURE_SAMPLES || long {
                     let min_rtt = Duration::from_micros(u64::from(median(&mut s.samples)));
-                    let jitter = 1.0 - 0.15 * crate::request_id::unit_random();
+                    let jitter = 1.0 - 0.15 * crate::http::request_id::unit_random();
                     s.min_rtt = Some(min_rtt);
                     s.phase = Phase::Following {
                         min_rtt,

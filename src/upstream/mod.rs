@@ -37,13 +37,13 @@ use pingora_core::upstreams::peer::HttpPeer;
 use pingora_http::RequestHeader;
 use prometheus::{IntCounter, IntGauge};
 
-use crate::client::Client;
 use crate::config::units::show_duration;
 use crate::config::{
     BackendConfig, Balance, DnsBackend, HostHeader, Protocol, ResolvesTo, UpstreamConfig,
 };
+use crate::http::client::Client;
 use crate::keys;
-use crate::metrics::Metrics;
+use crate::observe::metrics::Metrics;
 use balance::{Balancer, Candidate};
 use breaker::{Attempt, Breaker, Circuit, Transition};
 
@@ -329,7 +329,7 @@ pub struct Lease {
     held: Option<concurrency::Permit>,
     /// The attempt's span, on a traced request: its outcome is noted, and it ends with
     /// the lease.
-    span: Option<crate::telemetry::Span>,
+    span: Option<crate::observe::span::Span>,
 }
 
 impl Lease {
@@ -342,7 +342,7 @@ impl Lease {
     }
 
     /// Records this attempt as `span` (named after the backend, its outcome noted).
-    pub fn trace(&mut self, mut span: crate::telemetry::Span) {
+    pub fn trace(&mut self, mut span: crate::observe::span::Span) {
         span.attr("fanout.upstream", self.upstream.name().to_string());
         span.attr("server.address", self.backend.label.to_string());
         self.span = Some(span);
@@ -350,7 +350,7 @@ impl Lease {
 
     /// The attempt's span, on a traced request.
     pub fn span_id(&self) -> Option<[u8; 8]> {
-        self.span.as_ref().map(crate::telemetry::Span::span_id)
+        self.span.as_ref().map(crate::observe::span::Span::span_id)
     }
 
     fn note(&mut self, outcome: Result<u16, &'static str>) {
@@ -423,8 +423,8 @@ impl Lease {
 
     /// [`Self::unreachable`] or [`Self::failed`], as the error says.
     pub fn failed_with(&mut self, e: &pingora_error::Error) {
-        let timeout = crate::respond::is_timeout(e);
-        if crate::respond::is_connect(e) {
+        let timeout = crate::http::errors::is_timeout(e);
+        if crate::http::errors::is_connect(e) {
             self.unreachable(timeout)
         } else {
             self.failed(timeout)

@@ -13,7 +13,9 @@ use subtle::ConstantTimeEq;
 
 use super::{anonymous, digest, unauthorized, Digest};
 use crate::config::{ApiKeyConfig, CredentialFrom};
-use crate::filters::{Passage, Reason, RequestFilter, Stop};
+use crate::filters::RequestFilter;
+use crate::http::answer::{Reason, Stop};
+use crate::http::passage::Passage;
 
 pub struct ApiKeys {
     from: CredentialFrom,

@@ -18,7 +18,9 @@ use tokio::sync::{OnceCell, Semaphore};
 
 use super::{authorization, digest, unauthorized, Digest, Remembered, REMEMBERED};
 use crate::config::BasicAuthConfig;
-use crate::filters::{Passage, Reason, RequestFilter, Stop};
+use crate::filters::RequestFilter;
+use crate::http::answer::{Reason, Stop};
+use crate::http::passage::Passage;
 
 /// How long a verification's result is reused.
 const REMEMBER: Duration = Duration::from_secs(300);

@@ -17,7 +17,9 @@ use pingora_proxy::Session;
 
 use super::{digest, set_request_header, Remembered, REMEMBERED};
 use crate::config::ForwardAuthConfig;
-use crate::filters::{Build, Passage, Reason, RequestFilter, Stop, StopBody};
+use crate::filters::{Build, RequestFilter};
+use crate::http::answer::{Reason, Stop, StopBody};
+use crate::http::passage::Passage;
 use crate::service::Service;
 
 /// The largest auth answer body relayed to a client.
@@ -53,7 +55,7 @@ pub struct Forward {
 impl Forward {
     pub fn new(c: &ForwardAuthConfig, with: &Build) -> Forward {
         Forward {
-            service: Service::new(&c.service, with),
+            service: Service::new(&c.service, with.metrics, with.connector),
             request_headers: c.request_headers.clone(),
             response_headers: c.response_headers.clone(),
             timeout: c.timeout,

@@ -28,7 +28,9 @@ use serde_json::Value;
 
 use super::{authorization, digest, set_request_header, unauthorized, Remembered, REMEMBERED};
 use crate::config::{JwtConfig, JwtKeys};
-use crate::filters::{Build, Passage, Reason, RequestFilter, Stop};
+use crate::filters::{Build, RequestFilter};
+use crate::http::answer::{Reason, Stop};
+use crate::http::passage::Passage;
 use crate::service::Service;
 
 /// How long a checked token is remembered at most.
@@ -96,7 +98,7 @@ impl Jwt {
     pub fn new(c: &JwtConfig, with: &Build) -> Jwt {
         let keys = match &c.keys {
             JwtKeys::Url { service, refresh } => Keys::Remote(Arc::new(Remote {
-                service: Service::new(service, with),
+                service: Service::new(service, with.metrics, with.connector),
                 refresh: *refresh,
                 keys: ArcSwapOption::empty(),
                 fetched: Mutex::new(None),

@@ -2,7 +2,7 @@
 //! [`basic::Basic`] (htpasswd, bcrypt), [`api_key::ApiKeys`] (a header or a query
 //! parameter, keys from a file), [`jwt::Jwt`] (a JWKS file or URL, or an HMAC secret) and
 //! [`forward::Forward`] (an auth service is asked). A request that passes gets the
-//! identity it proved (user, key name, `sub`) on its [`Client`](crate::client::Client):
+//! identity it proved (user, key name, `sub`) on its [`Client`](crate::http::client::Client):
 //! the access log's `identity`, and `rate_limit.key: identity`. Credentials themselves are
 //! never logged, and mirrors lose them with their `redact_headers`.
 //!
@@ -19,8 +19,9 @@ use std::time::Duration;
 
 use http::{HeaderName, HeaderValue};
 
-use super::{Build, Reason, RequestFilter, Stop};
+use super::{Build, RequestFilter};
 use crate::config::AuthConfig;
+use crate::http::answer::{Reason, Stop};
 
 /// The filter for a route's `auth:`.
 pub fn build(config: &AuthConfig, with: &Build) -> Box<dyn RequestFilter> {

@@ -9,10 +9,10 @@ use http::Uri;
 use pingora_error::{Error, ErrorType, Result};
 use pingora_http::{RequestHeader, ResponseHeader};
 
-use crate::client::{self, Client};
+use super::client::{self, Client};
+use super::passage::Passage;
+use super::request_id;
 use crate::config::{HeaderRules, MirrorConfig, PathMatch, RouteConfig};
-use crate::filters::Passage;
-use crate::request_id;
 
 /// Hop-by-hop headers that are never forwarded, besides those `Connection` names and the
 /// `Proxy-*` family.
@@ -197,24 +197,6 @@ pub fn broadcast_request(
     req.insert_header(request_id::HEADER, request_id)?;
     // Stored with the request: a delivery made an hour later still joins its trace.
     pass.trace.propagate(req)
-}
-
-/// Adds `name` (a static header name as written, e.g. `Accept-Encoding`) to the answer's
-/// `Vary`, unless it is named there already or `Vary` is `*`.
-pub fn add_vary(resp: &mut ResponseHeader, name: &'static str) {
-    let present = resp
-        .headers
-        .get_all(header::VARY)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|t| {
-            let t = t.trim();
-            t == "*" || t.eq_ignore_ascii_case(name)
-        });
-    if !present {
-        let _ = resp.append_header(header::VARY, http::HeaderValue::from_static(name));
-    }
 }
 
 /// Shapes the answer that goes back to the client.

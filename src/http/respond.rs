@@ -1,51 +1,15 @@
 //! Answers the gateway writes itself: short JSON error bodies
-//! (`{"error": "...", "request_id": "..."}`) and the mapping from proxy failures to status
-//! codes (timeouts 504, other upstream failures 502, no backend 503).
+//! (`{"error": "...", "request_id": "..."}`), the gateway's own answers ([`Stop`]) and
+//! `100 Continue`. Which status a failure gets is [`super::errors`]' business.
 
 use bytes::Bytes;
-use pingora_error::{Error, ErrorSource, ErrorType, Result};
+use pingora_error::Result;
 use pingora_http::ResponseHeader;
 use pingora_proxy::Session;
 use serde_json::json;
 
-use crate::filters::{Stop, StopBody};
-use crate::request_id;
-
-/// The status code for a proxy failure.
-pub fn status_for(e: &Error) -> u16 {
-    match e.etype() {
-        ErrorType::HTTPStatus(code) => *code,
-        ErrorType::ConnectTimedout | ErrorType::ReadTimedout | ErrorType::WriteTimedout => 504,
-        _ => match e.esource() {
-            ErrorSource::Upstream => 502,
-            ErrorSource::Downstream => match e.etype() {
-                ErrorType::WriteError | ErrorType::ReadError | ErrorType::ConnectionClosed => 0,
-                _ => 400,
-            },
-            ErrorSource::Internal | ErrorSource::Unset => 500,
-        },
-    }
-}
-
-/// Whether an error is a timeout (for the `outcome` label).
-pub fn is_timeout(e: &Error) -> bool {
-    matches!(
-        e.etype(),
-        ErrorType::ConnectTimedout | ErrorType::ReadTimedout | ErrorType::WriteTimedout
-    )
-}
-
-/// Whether `e` says the backend could not be reached at all (no connection was made).
-pub fn is_connect(e: &Error) -> bool {
-    matches!(
-        e.etype(),
-        ErrorType::ConnectTimedout
-            | ErrorType::ConnectRefused
-            | ErrorType::ConnectNoRoute
-            | ErrorType::ConnectError
-            | ErrorType::ConnectProxyFailure
-    )
-}
+use super::answer::{Stop, StopBody};
+use super::request_id;
 
 /// The words of the `error` field for a status the gateway produced.
 pub fn reason(status: u16) -> &'static str {

@@ -141,9 +141,9 @@ impl TraceParent {
     /// A new trace, not sampled.
     pub fn new_root() -> TraceParent {
         let (a, b, c) = (
-            crate::request_id::random_u64(),
-            crate::request_id::random_u64(),
-            crate::request_id::random_u64(),
+            crate::http::request_id::random_u64(),
+            crate::http::request_id::random_u64(),
+            crate::http::request_id::random_u64(),
         );
         let mut trace_id = [0u8; 16];
         trace_id[..8].copy_from_slice(&a.to_be_bytes());
