@@ -4,7 +4,7 @@
 //! made: the router, the routes with their metric handles and rate limiters, the upstreams
 //! with their backends. The gateway holds the generation in force behind an `ArcSwap`; a
 //! request takes it once, at its start, and runs to its end on it, while a reload
-//! ([`crate::reload`]) builds the next generation beside it — handing over, by identity,
+//! (the reload module) builds the next generation beside it — handing over, by identity,
 //! everything learned that still means the same thing — and swaps it in.
 
 use parking_lot::Mutex;
@@ -338,8 +338,6 @@ pub struct Gateway {
     broadcast_watch: watch::Sender<Arc<HashMap<String, Arc<Targets>>>>,
     /// The TLS side of each TLS listener, by address: a reload gives it new certificates.
     pub terminators: Mutex<Vec<(std::net::SocketAddr, Arc<Terminator>)>>,
-    /// How reloads went (`/status`, the metrics), and the lock that runs one at a time.
-    pub reloads: crate::reload::History,
 }
 
 impl Gateway {
@@ -385,7 +383,6 @@ impl Gateway {
             upstreams_watch,
             broadcast_watch,
             terminators: Mutex::default(),
-            reloads: crate::reload::History::default(),
             current: ArcSwap::from_pointee(generation),
             metrics,
             started: Instant::now(),

@@ -14,7 +14,7 @@ use pingora_core::services::background::background_service;
 use pingora_core::services::listening::Service;
 use pingora_core::services::ServiceWithDependents;
 
-use crate::admin::history::{History, Sampler};
+use crate::admin::history::{Sampler, Samples};
 use crate::admin::AdminApp;
 use crate::broadcast::disk::DiskSpool;
 use crate::broadcast::redis::RedisSpool;
@@ -30,7 +30,7 @@ use crate::lifecycle::SignalWatch;
 use crate::proxy::FanoutProxy;
 use crate::redis_client::RedisClient;
 use crate::reload::control::Control;
-use crate::reload::Hangup;
+use crate::reload::{Hangup, Reloader};
 use crate::upstream::discovery::Discovery;
 use crate::upstream::health::HealthChecker;
 
@@ -136,7 +136,8 @@ pub fn build(
     let resolver = config.resolver.clone();
     let control = crate::reload::control::socket_path(&config.server.upgrade_sock);
     let gateway = Arc::new(Gateway::new(config, &source.text, spool)?);
-    gateway.reloads.started(source.file);
+    let reloader = Arc::new(Reloader::new(Arc::clone(&gateway)));
+    reloader.history.started(source.file);
     // Backends found by DNS are looked up before anything serves: no request may find
     // their upstream empty, not even the first after a graceful upgrade.
     let discovery = Discovery::new(resolver.as_ref(), &gateway.peek().upstreams)?
@@ -216,10 +217,10 @@ pub fn build(
     let mut listening = vec![server.add_service(proxy)];
 
     if let Some(admin_config) = &admin {
-        let history = Arc::new(History::new());
+        let history = Arc::new(Samples::new());
         let mut admin = Service::new(
             "fanout admin".into(),
-            HttpServer::new_app(AdminApp::new(Arc::clone(&gateway), Arc::clone(&history))),
+            HttpServer::new_app(AdminApp::new(Arc::clone(&reloader), Arc::clone(&history))),
         );
         admin.add_tcp(&admin_config.address.to_string());
         let address = Address {
@@ -242,11 +243,11 @@ pub fn build(
     ));
     server.add_service(background_service(
         "reload on SIGHUP",
-        Hangup::new(Arc::clone(&gateway)),
+        Hangup::new(Arc::clone(&reloader)),
     ));
     server.add_service(background_service(
         "control socket",
-        Control::new(Arc::clone(&gateway), control),
+        Control::new(Arc::clone(&reloader), control),
     ));
     server.add_service(background_service(
         "health checks",

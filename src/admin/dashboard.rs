@@ -11,7 +11,7 @@
 use http::{Response, StatusCode};
 use serde_json::{json, Value};
 
-use super::history::History;
+use super::history::Samples;
 use super::AdminApp;
 use crate::gateway::Generation;
 
@@ -70,7 +70,7 @@ impl AdminApp {
     /// route's series, each compared mirror's counts and kept pairs (summaries), the
     /// cache's hit ratio, the version. With `since` (the newest point the page has, in Unix
     /// milliseconds), only newer points are sent: the page keeps the rest.
-    pub(super) fn dashboard_data(&self, history: &History, query: Option<&str>) -> Value {
+    pub(super) fn dashboard_data(&self, history: &Samples, query: Option<&str>) -> Value {
         let since = query
             .unwrap_or("")
             .split('&')
@@ -140,7 +140,7 @@ impl AdminApp {
 
 /// Every compared mirror: its route and upstream, comparison series and totals, and the
 /// kept pairs as summaries (newest first).
-fn mirrors(gen: &Generation, history: &History, since: u64) -> Vec<Value> {
+fn mirrors(gen: &Generation, history: &Samples, since: u64) -> Vec<Value> {
     gen.routes
         .iter()
         .flat_map(|r| r.mirrors().iter().map(move |m| (r, m)))

@@ -72,7 +72,7 @@ struct State {
 
 /// The rings, shared by the sampler and the admin listener.
 #[derive(Default)]
-pub struct History {
+pub struct Samples {
     state: Mutex<State>,
 }
 
@@ -118,7 +118,7 @@ fn quantile(q: f64, now: &[(f64, u64)], then: &[(f64, u64)], observed: u64) -> O
     now.last().map(|b| b.0)
 }
 
-impl History {
+impl Samples {
     pub fn new() -> Self {
         Self::default()
     }
@@ -310,11 +310,11 @@ fn round(x: f64) -> f64 {
 /// The background service that samples once a second while the process runs.
 pub struct Sampler {
     gw: Arc<Gateway>,
-    history: Arc<History>,
+    history: Arc<Samples>,
 }
 
 impl Sampler {
-    pub fn new(gw: Arc<Gateway>, history: Arc<History>) -> Self {
+    pub fn new(gw: Arc<Gateway>, history: Arc<Samples>) -> Self {
         Sampler { gw, history }
     }
 }
@@ -361,7 +361,7 @@ mod tests {
 
     #[test]
     fn samples_become_rates_and_removed_series_go() {
-        let h = History::new();
+        let h = Samples::new();
         let t0 = UNIX_EPOCH + Duration::from_secs(1000);
         let routes =
             |n: u64, e: u64| HashMap::from([("prefix:/".to_string(), counts(n, e, &[(0.01, n)]))]);
@@ -393,7 +393,7 @@ mod tests {
 
     #[test]
     fn rings_are_bounded() {
-        let h = History::new();
+        let h = Samples::new();
         let key = ("r".to_string(), "shadow".to_string());
         for i in 0..(KEEP as u64 + 50) {
             let mirrors = HashMap::from([(key.clone(), [i, 2 * i, 0])]);

@@ -24,13 +24,16 @@ use serde_json::{json, Value};
 
 use crate::config::RouteKind;
 use crate::gateway::Gateway;
+use crate::reload::Reloader;
 use crate::upstream::{ErrorKind, Mark};
 use subtle::ConstantTimeEq;
 
 pub struct AdminApp {
     gw: Arc<Gateway>,
+    /// `POST /reload`, and how reloads went (`/status`).
+    reloader: Arc<Reloader>,
     /// The samples the dashboard's charts draw.
-    history: Arc<history::History>,
+    history: Arc<history::Samples>,
 }
 
 /// Compares two byte strings in constant time (`subtle`; a length difference shows, the
@@ -40,8 +43,23 @@ fn same_secret(given: &[u8], expected: &[u8]) -> bool {
 }
 
 impl AdminApp {
-    pub fn new(gw: Arc<Gateway>, history: Arc<history::History>) -> Self {
-        AdminApp { gw, history }
+    pub fn new(reloader: Arc<Reloader>, history: Arc<history::Samples>) -> Self {
+        AdminApp {
+            gw: Arc::clone(&reloader.gw),
+            reloader,
+            history,
+        }
+    }
+
+    /// `GET /config`: the configuration in force, its secrets redacted.
+    fn config_json(&self) -> Value {
+        let g = self.gw.peek();
+        json!({
+            "generation": g.number,
+            "hash": g.hash,
+            "since": crate::observe::access_log::timestamp(g.since),
+            "config": crate::config::redact::redacted(&g.text),
+        })
     }
 
     /// Whether the configuration in force asks for an admin token.
@@ -271,7 +289,7 @@ impl AdminApp {
 
     /// The configuration in force and the last reload, for `/status`.
     fn config_status(&self, gen: &crate::gateway::Generation) -> Value {
-        let last = self.gw.reloads.last().map(|l| {
+        let last = self.reloader.history.last().map(|l| {
             let mut v = l.outcome.to_json();
             v["at"] = json!(crate::observe::access_log::timestamp(l.at));
             v
@@ -280,7 +298,7 @@ impl AdminApp {
             "generation": gen.number,
             "hash": gen.hash,
             "since": crate::observe::access_log::timestamp(gen.since),
-            "file": self.gw.reloads.file().map(|f| f.display().to_string()),
+            "file": self.reloader.history.file().map(|f| f.display().to_string()),
             "last_reload": last,
         })
     }
@@ -289,7 +307,7 @@ impl AdminApp {
     /// force, 422 when it has errors, 409 when it needs a graceful upgrade (`fanout
     /// reload` performs it); in the last two the running configuration stays.
     async fn reload(&self) -> (StatusCode, Value) {
-        let outcome = crate::reload::reload_async(&self.gw, None).await;
+        let outcome = self.reloader.reload(None).await;
         let status = match outcome {
             crate::reload::Outcome::Applied { .. } => StatusCode::OK,
             crate::reload::Outcome::Refused(_) => StatusCode::UNPROCESSABLE_ENTITY,
@@ -523,7 +541,7 @@ impl ServeHttp for AdminApp {
             "/ready" => json_answer(self.ready()),
             "/status" => json_answer(self.status()),
             "/mirror/diffs" => json_answer((StatusCode::OK, self.diffs())),
-            "/config" => json_answer((StatusCode::OK, crate::reload::redacted(&self.gw.peek()))),
+            "/config" => json_answer((StatusCode::OK, self.config_json())),
             "/metrics" => answer(StatusCode::OK, "text/plain; version=0.0.4", self.metrics()),
             "/dashboard/data" => {
                 let mut resp = json_answer((

@@ -3,8 +3,10 @@
 //! collects every problem it can find, each with the key path it concerns (and the line,
 //! where the YAML parser knows it), so `fanout -t` prints one line per problem.
 
+pub mod diff;
 pub mod file;
 pub mod model;
+pub mod redact;
 pub mod units;
 mod validate;
 

@@ -15,8 +15,7 @@ use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 
-use super::reload_async;
-use crate::gateway::Gateway;
+use super::Reloader;
 
 /// The longest a request line may be, and the longest a client may take to send it.
 const MAX_REQUEST: u64 = 64 * 1024;
@@ -28,13 +27,13 @@ pub fn socket_path(upgrade_sock: &str) -> PathBuf {
 }
 
 pub struct Control {
-    gw: Arc<Gateway>,
+    reloader: Arc<Reloader>,
     path: PathBuf,
 }
 
 impl Control {
-    pub fn new(gw: Arc<Gateway>, path: PathBuf) -> Control {
-        Control { gw, path }
+    pub fn new(reloader: Arc<Reloader>, path: PathBuf) -> Control {
+        Control { reloader, path }
     }
 }
 
@@ -67,9 +66,9 @@ impl BackgroundService for Control {
             tokio::select! {
                 accepted = listener.accept() => {
                     let Ok((stream, _)) = accepted else { continue };
-                    let gw = Arc::clone(&self.gw);
+                    let reloader = Arc::clone(&self.reloader);
                     tokio::spawn(async move {
-                        if let Err(e) = serve(stream, &gw).await {
+                        if let Err(e) = serve(stream, &reloader).await {
                             log::debug!("control socket: {e}");
                         }
                     });
@@ -81,16 +80,16 @@ impl BackgroundService for Control {
 }
 
 /// What the process says of itself with every answer.
-fn whoami(gw: &Gateway) -> Value {
+fn whoami(reloader: &Reloader) -> Value {
     json!({
         "pid": std::process::id(),
         "argv": std::env::args().collect::<Vec<_>>(),
-        "exe": gw.reloads.binary_path(),
-        "generation": gw.peek().number,
+        "exe": reloader.history.binary_path(),
+        "generation": reloader.gw.peek().number,
     })
 }
 
-async fn serve(stream: UnixStream, gw: &Arc<Gateway>) -> std::io::Result<()> {
+async fn serve(stream: UnixStream, reloader: &Arc<Reloader>) -> std::io::Result<()> {
     let (read, mut write) = stream.into_split();
     let mut line = String::new();
     let mut reader = BufReader::new(read.take(MAX_REQUEST));
@@ -98,16 +97,16 @@ async fn serve(stream: UnixStream, gw: &Arc<Gateway>) -> std::io::Result<()> {
         .await
         .map_err(|_| std::io::Error::other("no request in time"))??;
     let request: Value = serde_json::from_str(&line).unwrap_or(Value::Null);
-    let mut answer = whoami(gw);
+    let mut answer = whoami(reloader);
     match request["op"].as_str() {
         Some("status") => {}
         Some("reload") => {
             let file = request["file"].as_str().map(PathBuf::from);
-            let outcome = reload_async(gw, file).await;
+            let outcome = reloader.reload(file).await;
             if let (Value::Object(a), Value::Object(o)) = (&mut answer, outcome.to_json()) {
                 a.extend(o);
             }
-            answer["generation"] = json!(gw.peek().number);
+            answer["generation"] = json!(reloader.gw.peek().number);
         }
         _ => answer["error"] = json!("unknown request: expected {\"op\": \"reload\" | \"status\"}"),
     }

@@ -1,5 +1,5 @@
 //! Reloading the configuration in place. SIGHUP, `POST /reload` and `fanout reload` (through
-//! the [`control`] socket) all come to [`reload`]: the file is read and checked exactly as
+//! the [`control`] socket) all come to [`Reloader::reload`]: the file is read and checked exactly as
 //! `-t` checks it, the changes that cannot be made in a running process are named (the
 //! listeners, `server:`, the admin address, the spool, the resolver, the cache's size, a
 //! new binary on disk), and otherwise the next [`Generation`] is built beside the one in
@@ -23,7 +23,7 @@ use pingora_core::services::background::BackgroundService;
 use serde_json::{json, Value};
 use tokio::signal::unix::{signal, SignalKind};
 
-use crate::config::{self, Config};
+use crate::config;
 use crate::gateway::{Gateway, Generation};
 
 /// What a reload came to.
@@ -126,64 +126,35 @@ impl History {
     }
 }
 
-/// The changes from `old` to `new` that a running process cannot make, one line each.
-pub fn needs_upgrade(old: &Config, new: &Config, cache_made: bool) -> Vec<String> {
-    let mut lines = Vec::new();
-    let shape = |c: &Config| -> Vec<String> {
-        c.listen
-            .iter()
-            .map(|l| {
-                let kind = match (&l.tls, l.http2) {
-                    (Some(_), _) => "tls",
-                    (None, true) => "h2c",
-                    (None, false) => "http",
-                };
-                format!(
-                    "{} {kind}{}",
-                    l.addr,
-                    if l.v6_only { " v6only" } else { "" }
-                )
-            })
-            .collect()
-    };
-    let (was, now) = (shape(old), shape(new));
-    if was != now {
-        lines.push(format!(
-            "listen: the listeners change ({} -> {})",
-            was.join(", "),
-            now.join(", ")
-        ));
+/// What reloads the gateway: the gateway and how its reloads went. SIGHUP, `POST /reload`
+/// and the control socket all hold one.
+pub struct Reloader {
+    pub gw: Arc<Gateway>,
+    pub history: History,
+}
+
+impl Reloader {
+    pub fn new(gw: Arc<Gateway>) -> Reloader {
+        Reloader {
+            gw,
+            history: History::default(),
+        }
     }
-    if old.server != new.server {
-        lines.push("server: Pingora's process settings change".into());
+
+    /// [`reload`] off the async workers (it reads files).
+    pub async fn reload(self: &Arc<Self>, file: Option<PathBuf>) -> Outcome {
+        let me = Arc::clone(self);
+        tokio::task::spawn_blocking(move || reload(&me.gw, &me.history, file.as_deref()))
+            .await
+            .unwrap_or_else(|e| Outcome::Refused(vec![format!("the reload failed: {e}")]))
     }
-    if old.admin.as_ref().map(|a| a.address) != new.admin.as_ref().map(|a| a.address) {
-        lines.push("admin: the admin listener's address changes".into());
-    }
-    if old.spool != new.spool {
-        lines.push("spool: the spool's settings change".into());
-    } else if matches!(
-        new.spool.as_ref().map(|s| &s.store),
-        Some(crate::config::SpoolStore::Redis { .. })
-    ) && old.redis != new.redis
-    {
-        lines.push("redis: the Redis the spool is in changes".into());
-    }
-    if old.resolver != new.resolver {
-        lines.push("resolver: the DNS resolver's settings change".into());
-    }
-    if cache_made && old.cache_max_size != new.cache_max_size {
-        lines.push("cache.max_size: the cache's size changes".into());
-    }
-    lines
 }
 
 /// Reads `file` (else the file the gateway runs from) and puts it in force if it is
 /// valid and can be applied in place. Blocking: files are read and certificates parsed.
-pub fn reload(gw: &Gateway, file: Option<&Path>) -> Outcome {
-    let history = &gw.reloads;
+fn reload(gw: &Gateway, history: &History, file: Option<&Path>) -> Outcome {
     let _one = history.running.lock();
-    let outcome = apply(gw, file);
+    let outcome = apply(gw, history, file);
     gw.metrics
         .config_reloads
         .with_label_values(&[outcome.result()])
@@ -209,8 +180,7 @@ pub fn reload(gw: &Gateway, file: Option<&Path>) -> Outcome {
     outcome
 }
 
-fn apply(gw: &Gateway, file: Option<&Path>) -> Outcome {
-    let history = &gw.reloads;
+fn apply(gw: &Gateway, history: &History, file: Option<&Path>) -> Outcome {
     let Some(path) = file.map(Path::to_path_buf).or_else(|| history.file()) else {
         return Outcome::Refused(vec![
             "no configuration file to reload: this gateway runs from its command line".into(),
@@ -228,7 +198,7 @@ fn apply(gw: &Gateway, file: Option<&Path>) -> Outcome {
         }
     };
     let current = gw.current();
-    let mut upgrade = needs_upgrade(&current.config, &config, gw.cache().is_some());
+    let mut upgrade = config::diff::needs_upgrade(&current.config, &config, gw.cache().is_some());
     upgrade.extend(history.binary_replaced());
     if !upgrade.is_empty() {
         return Outcome::NeedsUpgrade(upgrade);
@@ -270,73 +240,6 @@ fn apply(gw: &Gateway, file: Option<&Path>) -> Outcome {
     Outcome::Applied { generation: number }
 }
 
-/// Runs [`reload`] off the async workers (it reads files).
-pub async fn reload_async(gw: &Arc<Gateway>, file: Option<PathBuf>) -> Outcome {
-    let gw = Arc::clone(gw);
-    tokio::task::spawn_blocking(move || reload(&gw, file.as_deref()))
-        .await
-        .unwrap_or_else(|e| Outcome::Refused(vec![format!("the reload failed: {e}")]))
-}
-
-/// The configuration in force as JSON, secrets replaced by `[redacted]`: values of keys
-/// that name a password, secret or token, and passwords inside URLs.
-pub fn redacted(g: &Generation) -> Value {
-    let parsed: Value = serde_yaml::from_str(&g.text).unwrap_or(Value::Null);
-    json!({
-        "generation": g.number,
-        "hash": g.hash,
-        "since": crate::observe::access_log::timestamp(g.since),
-        "config": redact(parsed),
-    })
-}
-
-fn redact(v: Value) -> Value {
-    match v {
-        Value::Object(map) => Value::Object(
-            map.into_iter()
-                .map(|(k, v)| {
-                    let lower = k.to_ascii_lowercase();
-                    let secret = ["password", "secret", "token"]
-                        .iter()
-                        .any(|s| lower == *s || lower.ends_with(&format!("_{s}")));
-                    let v = if secret && !v.is_object() && !v.is_array() {
-                        json!("[redacted]")
-                    } else {
-                        redact(v)
-                    };
-                    (k, v)
-                })
-                .collect(),
-        ),
-        Value::Array(list) => Value::Array(list.into_iter().map(redact).collect()),
-        Value::String(s) => Value::String(redact_url(&s)),
-        other => other,
-    }
-}
-
-/// `scheme://user:password@host...` → `scheme://user:[redacted]@host...`.
-fn redact_url(s: &str) -> String {
-    let Some(scheme_end) = s.find("://") else {
-        return s.to_string();
-    };
-    let rest = &s[scheme_end + 3..];
-    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    let authority = &rest[..authority_end];
-    let Some(at) = authority.rfind('@') else {
-        return s.to_string();
-    };
-    let userinfo = &authority[..at];
-    let user = userinfo.split(':').next().unwrap_or("");
-    if !userinfo.contains(':') {
-        return s.to_string();
-    }
-    format!(
-        "{}{user}:[redacted]{}",
-        &s[..scheme_end + 3],
-        &s[scheme_end + 3 + at..]
-    )
-}
-
 /// A SIGHUP came before [`Hangup`] ran (see [`catch_hangup_until_handled`]).
 static EARLY_HANGUP: AtomicBool = AtomicBool::new(false);
 
@@ -347,12 +250,12 @@ extern "C" fn note_hangup(_: libc::c_int) {
 /// The service that turns SIGHUP into a reload. A SIGHUP that came between the start of
 /// `main` and this service is noted, not fatal, and applied as soon as the service runs.
 pub struct Hangup {
-    gw: Arc<Gateway>,
+    reloader: Arc<Reloader>,
 }
 
 impl Hangup {
-    pub fn new(gw: Arc<Gateway>) -> Hangup {
-        Hangup { gw }
+    pub fn new(reloader: Arc<Reloader>) -> Hangup {
+        Hangup { reloader }
     }
 }
 
@@ -365,13 +268,13 @@ impl BackgroundService for Hangup {
         };
         if EARLY_HANGUP.swap(false, Relaxed) {
             log::info!("SIGHUP (received while starting): reloading the configuration");
-            reload_async(&self.gw, None).await;
+            self.reloader.reload(None).await;
         }
         loop {
             tokio::select! {
                 _ = hup.recv() => {
                     log::info!("SIGHUP: reloading the configuration");
-                    reload_async(&self.gw, None).await;
+                    self.reloader.reload(None).await;
                 }
                 _ = shutdown.changed() => return,
             }
@@ -385,33 +288,5 @@ pub fn catch_hangup_until_handled() {
     // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
     unsafe {
         libc::signal(libc::SIGHUP, handler as libc::sighandler_t);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn passwords_in_urls_and_secret_keys_are_redacted() {
-        assert_eq!(
-            redact_url("redis://:hunter2@10.0.0.1:6379/0"),
-            "redis://:[redacted]@10.0.0.1:6379/0"
-        );
-        assert_eq!(
-            redact_url("redis://app:pw@h:1"),
-            "redis://app:[redacted]@h:1"
-        );
-        assert_eq!(redact_url("redis://h:1"), "redis://h:1");
-        assert_eq!(redact_url("http://user@h/x@y"), "http://user@h/x@y");
-        let v = redact(
-            json!({"redis": {"url": ["redis://:p@a:1"], "password": "x"},
-            "admin": {"token_file": "/etc/t"}, "jwt": {"secret": "s", "client_secret": "c"}}),
-        );
-        assert_eq!(v["redis"]["url"][0], "redis://:[redacted]@a:1");
-        assert_eq!(v["redis"]["password"], "[redacted]");
-        assert_eq!(v["jwt"]["secret"], "[redacted]");
-        assert_eq!(v["jwt"]["client_secret"], "[redacted]");
-        assert_eq!(v["admin"]["token_file"], "/etc/t");
     }
 }
