@@ -24,7 +24,7 @@ use crate::http::passage::Passage;
 use crate::limits::{self, BodyCounter, Refusal};
 use crate::mirror::{copy_header, Copies};
 use crate::observe::span;
-use crate::outbound::{self, Keep};
+use crate::outbound::exchange::{self, Keep};
 use crate::upstream::{Tried, Upstream};
 
 /// A fallback's complete answer.
@@ -37,7 +37,7 @@ pub struct Captured {
 /// The fallback upstreams of a proxy route, in order, and the bound on their copies.
 pub struct FallbackUpstreams {
     pub upstreams: Vec<(UpstreamId, Arc<Upstream>)>,
-    pub budget: Arc<Budget>,
+    pub budget: Arc<CopyBudget>,
 }
 
 /// One request's fallback state: its copies' answers, whether the primary failed (its
@@ -215,7 +215,7 @@ fn spawn_copies(
         copies.spawn_capture(has_body, |body| async move {
             let _slot = slot;
             let t = &u.config.timeouts;
-            let answer = outbound::exchange_until(
+            let answer = exchange::exchange_until(
                 &connector,
                 &mut lease,
                 t,
@@ -273,28 +273,28 @@ pub const HEADER: &str = "x-fanout-upstream";
 
 /// A route's fallback copies in flight, bounded by `fallback_max_inflight`; kept across a
 /// reload while the route is (copies under way stay counted against the new bound).
-pub struct Budget {
+pub struct CopyBudget {
     copies: Arc<limits::Budget>,
     /// `fanout_fallback_skipped_total`: requests that ran without fallbacks.
     pub skipped: IntCounter,
 }
 
-impl Budget {
-    pub fn new(max: usize, skipped: IntCounter) -> Arc<Budget> {
-        Arc::new(Budget {
+impl CopyBudget {
+    pub fn new(max: usize, skipped: IntCounter) -> Arc<CopyBudget> {
+        Arc::new(CopyBudget {
             copies: Arc::new(limits::Budget::new(max)),
             skipped,
         })
     }
 
     /// The same budget under a reloaded `fallback_max_inflight`.
-    pub fn resized(self: &Arc<Self>, max: usize) -> Arc<Budget> {
+    pub fn resized(self: &Arc<Self>, max: usize) -> Arc<CopyBudget> {
         self.copies.set_max(max);
         Arc::clone(self)
     }
 
     /// Takes `n` slots, all or none (then the skip is counted).
-    pub fn take(&self, n: usize) -> Option<Vec<Slot>> {
+    pub fn take(&self, n: usize) -> Option<Vec<CopySlot>> {
         let slots = self.copies.hold_each(n);
         if slots.is_none() {
             self.skipped.inc();
@@ -306,19 +306,19 @@ impl Budget {
 /// What keeps one request's fallback copies in check: their slots in the route's budget,
 /// and the signal that their answers are no longer wanted (the sender, in [`Fallbacks`]).
 pub struct Leash {
-    pub slots: Vec<Slot>,
+    pub slots: Vec<CopySlot>,
     pub wanted: watch::Receiver<()>,
 }
 
 impl Leash {
-    pub fn new(slots: Vec<Slot>) -> (Leash, watch::Sender<()>) {
+    pub fn new(slots: Vec<CopySlot>) -> (Leash, watch::Sender<()>) {
         let (tx, wanted) = watch::channel(());
         (Leash { slots, wanted }, tx)
     }
 }
 
 /// One fallback copy's place in its route's budget, given back when the copy ends.
-pub type Slot = limits::Held;
+pub type CopySlot = limits::Held;
 
 /// The fallback answers of one request, one per fallback copy (`None`: that one failed).
 pub struct Fallbacks {

@@ -15,6 +15,7 @@ use std::time::{Instant, SystemTime};
 use arc_swap::{ArcSwap, Guard};
 use tokio::sync::watch;
 
+use crate::app::lifecycle::Draining;
 use crate::broadcast::spool::Spool;
 use crate::broadcast::{self, Targets};
 use crate::cache;
@@ -26,7 +27,6 @@ use crate::edge::handshake::Terminator;
 use crate::edge::ClientPolicy;
 use crate::fallback::{self, FallbackUpstreams};
 use crate::filters::{self, Chain};
-use crate::lifecycle::Draining;
 use crate::mirror::Mirror;
 use crate::observe::access_log::AccessLogger;
 use crate::observe::metrics::{Metrics, RouteMetrics};
@@ -157,7 +157,7 @@ impl Route {
                         .collect(),
                     budget: match previous.and_then(|p| p.proxy()?.fallbacks.as_ref()) {
                         Some(before) => before.budget.resized(*fallback_max_inflight),
-                        None => fallback::Budget::new(
+                        None => fallback::CopyBudget::new(
                             *fallback_max_inflight,
                             metrics.fallback_skipped.with_label_values(&[&r.label]),
                         ),

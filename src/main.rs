@@ -6,8 +6,8 @@
 /// (bench/RESULTS.md).
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-use fanout::cli::{self, Cli, Mode};
-use fanout::{demo, server};
+use fanout::app::cli::{self, Cli, Mode};
+use fanout::app::{demo, server};
 
 /// What is logged without `RUST_LOG`: fanout's own lines from `info` up, Pingora's from
 /// `warn` up (its start-up narrates a dozen `info` lines; `RUST_LOG=info` shows them).
@@ -33,7 +33,7 @@ fn main() {
 
 fn run(cli: Cli) -> i32 {
     if let Some(address) = &cli.health_check {
-        return match fanout::probe::health(address) {
+        return match fanout::app::probe::health(address) {
             Ok(line) => {
                 println!("{line}");
                 0
@@ -90,7 +90,7 @@ fn run(cli: Cli) -> i32 {
     } else {
         server::Announcement::Log(server::serving_line(&config))
     };
-    let source = server::Source { text, file };
+    let source = server::ConfigSource { text, file };
     let (server, _gateway) = match server::build(config, source, process, extra, Some(announcement))
     {
         Ok(built) => built,

@@ -272,16 +272,16 @@ fn gateway() -> SocketAddr {
             d = dir.display()
         );
         let config = fanout::config::from_yaml(&yaml, "fuzz").expect("fuzz configuration");
-        let process = fanout::server::ProcessOptions {
+        let process = fanout::app::server::ProcessOptions {
             daemon: false,
             upgrade: false,
         };
-        let source = fanout::server::Source {
+        let source = fanout::app::server::Source {
             text: yaml.clone(),
             file: None,
         };
         let (server, _gateway) =
-            fanout::server::build(config, source, process, Vec::new(), None).expect("fanout server");
+            fanout::app::server::build(config, source, process, Vec::new(), None).expect("fanout server");
         std::thread::spawn(move || server.run_forever());
         let addr: SocketAddr = ([127, 0, 0, 1], port).into();
         let deadline = Instant::now() + Duration::from_secs(10);

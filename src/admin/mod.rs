@@ -309,9 +309,9 @@ impl AdminApp {
     async fn reload(&self) -> (StatusCode, Value) {
         let outcome = self.reloader.reload(None).await;
         let status = match outcome {
-            crate::reload::Outcome::Applied { .. } => StatusCode::OK,
-            crate::reload::Outcome::Refused(_) => StatusCode::UNPROCESSABLE_ENTITY,
-            crate::reload::Outcome::NeedsUpgrade(_) => StatusCode::CONFLICT,
+            crate::reload::ReloadOutcome::Applied { .. } => StatusCode::OK,
+            crate::reload::ReloadOutcome::Refused(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            crate::reload::ReloadOutcome::NeedsUpgrade(_) => StatusCode::CONFLICT,
         };
         (status, outcome.to_json())
     }

@@ -38,7 +38,7 @@ use tokio::task::JoinSet;
 use super::spool::{Accepted, Found, Key, Spool};
 use super::{age, Target, Targets};
 use crate::limits::{self, Budget};
-use crate::outbound::{self, Body, Failure, Keep};
+use crate::outbound::exchange::{self, Body, Failure, Keep};
 use crate::upstream::Tried;
 
 /// Attempts in flight at once per target.
@@ -614,7 +614,7 @@ async fn send(target: &Target, a: &Accepted, connector: &Connector) -> Outcome {
             .insert_header(crate::http::trace_context::TRACEPARENT, traceparent);
         lease.trace(span);
     }
-    let answer = outbound::exchange(
+    let answer = exchange::exchange(
         connector,
         &mut lease,
         t,

@@ -46,7 +46,7 @@ use redis::streams::{StreamAutoClaimReply, StreamId, StreamRangeReply, StreamRea
 use tokio::sync::{watch, Notify};
 
 use super::spool::{self, Accepted, Backlog, Found, Key, PutError, Spool};
-use crate::redis_client::{RedisClient, StoreError};
+use crate::outbound::redis::{RedisClient, StoreError};
 
 /// Entries a process holds per stream at most (reading no more until some are done).
 pub const HOLD: usize = 128;

@@ -38,10 +38,10 @@ pub enum Malformed {
 }
 
 /// The source address a header names: `None` for `LOCAL`, `UNKNOWN` or non-IP ones.
-pub type Source = Option<SocketAddr>;
+pub type ProxiedSource = Option<SocketAddr>;
 
 /// Reads the header off `io`, byte-exact, and parses it.
-pub async fn read_header<R: AsyncRead + Unpin>(io: &mut R) -> Result<Source, Malformed> {
+pub async fn read_header<R: AsyncRead + Unpin>(io: &mut R) -> Result<ProxiedSource, Malformed> {
     let mut buf = Vec::with_capacity(64);
     let mut first = [0u8; 12];
     match io.read(&mut first[..1]).await {
@@ -85,7 +85,7 @@ pub async fn read_header<R: AsyncRead + Unpin>(io: &mut R) -> Result<Source, Mal
 }
 
 /// The source address of a complete header.
-pub fn parse(bytes: &[u8]) -> Result<Source, Malformed> {
+pub fn parse(bytes: &[u8]) -> Result<ProxiedSource, Malformed> {
     match HeaderResult::parse(bytes) {
         HeaderResult::V1(Ok(h)) => Ok(match h.addresses {
             v1::Addresses::Tcp4(a) => Some(SocketAddr::from((a.source_address, a.source_port))),

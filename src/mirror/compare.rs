@@ -42,8 +42,8 @@ pub struct Reduce {
 
 impl Reduce {
     /// The digest for the body of an answer with these headers.
-    pub fn digest(self, headers: &HeaderMap) -> Digest {
-        Digest::new(self.max_body, self.json && is_json(headers))
+    pub fn digest(self, headers: &HeaderMap) -> BodyDigest {
+        BodyDigest::new(self.max_body, self.json && is_json(headers))
     }
 }
 
@@ -94,7 +94,7 @@ pub struct Seen {
 
 /// A body reduced as it streams past: length, hash of its first `max_body` bytes, excerpt,
 /// and optionally a copy (for JSON comparison, up to `max_body`).
-pub struct Digest {
+pub struct BodyDigest {
     max_body: u64,
     length: u64,
     hasher: std::collections::hash_map::DefaultHasher,
@@ -102,10 +102,10 @@ pub struct Digest {
     copy: Option<BytesMut>,
 }
 
-impl Digest {
+impl BodyDigest {
     /// `copy`: keep the body too (dropped once it passes `max_body`).
-    pub fn new(max_body: u64, copy: bool) -> Digest {
-        Digest {
+    pub fn new(max_body: u64, copy: bool) -> BodyDigest {
+        BodyDigest {
             max_body,
             length: 0,
             hasher: Default::default(),
@@ -460,7 +460,7 @@ mod tests {
         for (k, v) in headers {
             h.append(*k, v.parse().unwrap());
         }
-        let mut d = Digest::new(256, json && is_json(&h));
+        let mut d = BodyDigest::new(256, json && is_json(&h));
         for piece in body.chunks(7) {
             d.update(piece);
         }

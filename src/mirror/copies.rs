@@ -17,10 +17,10 @@ use prometheus::IntCounter;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
-use super::compare::{CompareConfig, Digest, Reduce, Seen};
+use super::compare::{BodyDigest, CompareConfig, Reduce, Seen};
 use super::{Deferred, Mirror, Outcomes};
 use crate::http::forwarding;
-use crate::outbound::{Body, Piece};
+use crate::outbound::exchange::{Body, Piece};
 
 /// Body pieces a copy may hold before it is abandoned as too slow. Bytes are bounded
 /// separately: past the mirror's `max_body_bytes` the copy is abandoned (`too_large`), so a
@@ -120,7 +120,7 @@ pub struct Copies {
 pub(super) struct Primary {
     to: Option<oneshot::Sender<Seen>>,
     reduce: Reduce,
-    head: Option<(u16, HeaderMap, Digest)>,
+    head: Option<(u16, HeaderMap, BodyDigest)>,
 }
 
 impl Primary {

@@ -1,7 +1,7 @@
 //! Pipelined HTTP/1.1 connections ("lanes") that carry a mirror's copies that are whole
 //! when they start: copies without a body, and copies whose body arrived complete in its
 //! first piece (up to 64 KiB, the common case for API bodies). Longer or trickling bodies
-//! stream through the connector instead ([`crate::outbound`]), never buffered here.
+//! stream through the connector instead ([`crate::outbound::exchange`]), never buffered here.
 //!
 //! A copy sent on a connection of its own costs about as much as the upstream half of a
 //! proxied request: a write that wakes the mirror, a read, pool bookkeeping. Behind a fast
@@ -46,8 +46,8 @@ use pingora_http::RequestHeader;
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
-use super::{Mirror, Pairing, Permit};
-use crate::upstream::eyeballs::Addresses;
+use super::{CopyPermit, Mirror, Pairing};
+use crate::upstream::eyeballs::ResolvedAddresses;
 use crate::upstream::Lease;
 
 /// Copies a lane carries at once at most.
@@ -69,7 +69,7 @@ struct Job {
     head: bool,
     lease: Lease,
     deadline: Instant,
-    permit: Permit,
+    permit: CopyPermit,
     /// Times a closing lane handed this copy to another.
     handovers: u8,
     /// Written once to a lane that then closed without saying whether it processed it.
@@ -84,7 +84,7 @@ pub fn send(
     header: &RequestHeader,
     body: Option<Bytes>,
     lease: Lease,
-    permit: Permit,
+    permit: CopyPermit,
     pairing: Option<Pairing>,
 ) {
     let mut own_host;
@@ -203,7 +203,7 @@ impl Lane {
 pub struct BackendLanes {
     addr: SocketAddr,
     /// A backend written by name: its addresses, tried in turn.
-    addresses: Option<Arc<Addresses>>,
+    addresses: Option<Arc<ResolvedAddresses>>,
     lanes: Mutex<Vec<Arc<Lane>>>,
     epoch: Instant,
 }
@@ -344,7 +344,7 @@ struct LaneTask {
 }
 
 impl LaneTask {
-    async fn run(mut self, addr: SocketAddr, addresses: Option<Arc<Addresses>>) {
+    async fn run(mut self, addr: SocketAddr, addresses: Option<Arc<ResolvedAddresses>>) {
         let t = &self.mirror.upstream.config.timeouts;
         let (connect, idle) = (t.connect, t.idle);
         let connected = match addresses {

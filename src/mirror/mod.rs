@@ -1,7 +1,7 @@
 //! Traffic mirroring, and the copies that fallback routes share with it. For each sampled
 //! request on a route with `mirror:` entries, the primary starts one copy per mirror: a
 //! task that sends the client's request, reshaped for the mirror, to one backend of the
-//! mirror's upstream through Pingora's HTTP connector ([`crate::outbound`]) and counts the
+//! mirror's upstream through Pingora's HTTP connector ([`crate::outbound::exchange`]) and counts the
 //! outcome. Copies skip everything that belongs to the client's request (rate limits, the
 //! access log, route metrics, further mirroring) because they never enter the proxy phases.
 //!
@@ -67,7 +67,7 @@ use crate::keys;
 use crate::limits::{self, Budget};
 use crate::observe::metrics::Metrics;
 use crate::observe::span;
-use crate::outbound::{self, Body, Failure, Keep};
+use crate::outbound::exchange::{self, Body, Failure, Keep};
 use crate::upstream::{Lease, Tried, Upstream};
 
 /// Outcome counters of one mirror, resolved once.
@@ -194,10 +194,10 @@ impl Mirror {
         self.upstream.name()
     }
 
-    fn try_acquire(self: &Arc<Self>) -> Option<Permit> {
+    fn try_acquire(self: &Arc<Self>) -> Option<CopyPermit> {
         let slot = self.inflight.hold(1)?;
         self.inflight_gauge.inc();
-        Some(Permit {
+        Some(CopyPermit {
             mirror: Arc::clone(self),
             _slot: slot,
         })
@@ -214,12 +214,12 @@ impl Mirror {
 }
 
 /// One slot of a mirror's `max_inflight`; released when the copy ends, however it ends.
-pub struct Permit {
+pub struct CopyPermit {
     mirror: Arc<Mirror>,
     _slot: limits::Held,
 }
 
-impl Drop for Permit {
+impl Drop for CopyPermit {
     fn drop(&mut self) {
         self.mirror.inflight_gauge.dec();
     }
@@ -233,7 +233,7 @@ struct Deferred {
     mirror: Arc<Mirror>,
     header: RequestHeader,
     lease: Lease,
-    permit: Permit,
+    permit: CopyPermit,
     declared: u64,
     connector: Arc<Connector>,
     pairing: Option<Pairing>,
@@ -288,7 +288,7 @@ async fn mirror_task(
     connector: Arc<Connector>,
     mut lease: Lease,
     header: RequestHeader,
-    permit: Permit,
+    permit: CopyPermit,
     body: Body,
     pairing: Option<Pairing>,
 ) {
@@ -297,7 +297,7 @@ async fn mirror_task(
         (Some(c), Some(_)) => Keep::Digest(c.config.reduce()),
         _ => Keep::Discard,
     };
-    let answer = outbound::exchange(&connector, &mut lease, timeouts, limit, &header, body, keep);
+    let answer = exchange::exchange(&connector, &mut lease, timeouts, limit, &header, body, keep);
     let seen = match answer.await {
         Ok(answer) => {
             m.count_answer(answer.status);
@@ -320,7 +320,7 @@ impl Pairing {
     /// once when the primary's answer has already passed (or is gone), else in a task that
     /// waits for it up to the mirror's `timeout`, holding the copy's `max_inflight` slot so
     /// that comparisons in flight stay bounded. Lanes and connector copies both end here.
-    fn conclude(mut self, m: &Arc<Mirror>, seen: Option<Seen>, permit: Permit) {
+    fn conclude(mut self, m: &Arc<Mirror>, seen: Option<Seen>, permit: CopyPermit) {
         let Some(cmp) = &m.compare else { return };
         let Some(mirror) = seen else {
             return cmp.count(Verdict::Incomplete);

@@ -1,7 +1,7 @@
 //! The reader of answers on a mirror lane: HTTP/1.1 answers arriving pipelined on one
 //! connection, read one after the other, so that each copy's status can be counted and the
 //! connection reused. Bodies are skipped, except that the answer to a compared copy is
-//! reduced as it passes (head kept, body fed to a [`Digest`]: hash, length, excerpt, and a
+//! reduced as it passes (head kept, body fed to a [`BodyDigest`]: hash, length, excerpt, and a
 //! JSON body up to the comparison's `max_body`); it holds at most one answer head
 //! ([`MAX_HEAD`]) of bytes besides. Anything it cannot frame exactly (a bad length, a bad
 //! chunk, an answer nobody asked for) ends the connection.
@@ -9,7 +9,7 @@
 use bytes::{Buf, Bytes, BytesMut};
 use http::{HeaderMap, HeaderName, HeaderValue};
 
-use super::compare::{Digest, Reduce, Seen};
+use super::compare::{BodyDigest, Reduce, Seen};
 
 /// Longest answer head (or trailer section) read before the connection is given up.
 pub const MAX_HEAD: usize = 64 * 1024;
@@ -104,7 +104,7 @@ enum ChunkAt {
 pub struct Reader {
     state: ReadState,
     /// The head and body digest of the answer being reduced.
-    reducing: Option<(HeaderMap, Digest)>,
+    reducing: Option<(HeaderMap, BodyDigest)>,
 }
 
 impl Reader {
@@ -304,7 +304,7 @@ fn parse_head(inb: &[u8], head_request: bool, keep: bool) -> Result<Option<Head>
 fn read_chunked(
     mut at: ChunkAt,
     inb: &mut BytesMut,
-    mut digest: Option<&mut Digest>,
+    mut digest: Option<&mut BodyDigest>,
 ) -> Result<Option<ChunkAt>, ()> {
     loop {
         match at {
@@ -444,7 +444,7 @@ mod tests {
         // The second (chunked) answer is compared; the others are skipped as usual.
         let mut awaited = plain(&[false, false, true, false, false]);
         awaited[1].reduce = reduce;
-        let mut digest = Digest::new(10, false);
+        let mut digest = BodyDigest::new(10, false);
         digest.update(b"abc0123456789abcdef");
         let mut headers = HeaderMap::new();
         headers.insert("transfer-encoding", HeaderValue::from_static("chunked"));

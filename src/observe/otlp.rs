@@ -48,7 +48,7 @@ fn tracer(config: &TracingConfig, metrics: &Arc<Metrics>) -> Tracer {
     let (queue, rx) = mpsc::channel(config.max_queue.max(1));
     let outcome = |o: &str| metrics.tracing_spans.with_label_values(&[o]);
     let exporter = Exporter {
-        service: crate::service::Service::standalone(&config.collector, metrics),
+        service: crate::outbound::service::Service::standalone(&config.collector, metrics),
         resource: resource(&config.service_name),
         exported: outcome("exported"),
         failed: outcome("failed"),
@@ -126,7 +126,7 @@ fn encode(s: SpanData) -> opentelemetry_proto::tonic::trace::v1::Span {
 }
 
 struct Exporter {
-    service: crate::service::Service,
+    service: crate::outbound::service::Service,
     resource: Resource,
     exported: IntCounter,
     failed: IntCounter,

@@ -35,8 +35,8 @@ use tokio::sync::Notify;
 
 use super::Decision;
 use crate::config::OnStoreError;
-use crate::redis_client::RedisClient;
-pub use crate::redis_client::StoreError;
+use crate::outbound::redis::RedisClient;
+pub use crate::outbound::redis::StoreError;
 
 /// The connections to Redis, shared by every route with `store: redis`.
 pub type SharedStore = RedisClient;

@@ -28,7 +28,7 @@ use crate::gateway::{Gateway, Generation};
 
 /// What a reload came to.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Outcome {
+pub enum ReloadOutcome {
     /// The file is in force as this generation.
     Applied { generation: u64 },
     /// The file has errors (one line each): nothing changed.
@@ -38,22 +38,22 @@ pub enum Outcome {
     NeedsUpgrade(Vec<String>),
 }
 
-impl Outcome {
+impl ReloadOutcome {
     /// The `result` label of `fanout_config_reloads_total`.
     pub fn result(&self) -> &'static str {
         match self {
-            Outcome::Applied { .. } => "ok",
-            Outcome::Refused(_) => "error",
-            Outcome::NeedsUpgrade(_) => "upgrade",
+            ReloadOutcome::Applied { .. } => "ok",
+            ReloadOutcome::Refused(_) => "error",
+            ReloadOutcome::NeedsUpgrade(_) => "upgrade",
         }
     }
 
     pub fn to_json(&self) -> Value {
         let mut v = json!({ "result": self.result() });
         match self {
-            Outcome::Applied { generation } => v["generation"] = json!(generation),
-            Outcome::Refused(l) => v["errors"] = json!(l),
-            Outcome::NeedsUpgrade(l) => v["needs_upgrade"] = json!(l),
+            ReloadOutcome::Applied { generation } => v["generation"] = json!(generation),
+            ReloadOutcome::Refused(l) => v["errors"] = json!(l),
+            ReloadOutcome::NeedsUpgrade(l) => v["needs_upgrade"] = json!(l),
         }
         v
     }
@@ -75,7 +75,7 @@ fn identity(path: &Path) -> Option<(u64, u64, SystemTime)> {
 #[derive(Debug, Clone)]
 pub struct Last {
     pub at: SystemTime,
-    pub outcome: Outcome,
+    pub outcome: ReloadOutcome,
 }
 
 /// Where the configuration comes from, and how reloads went.
@@ -142,17 +142,17 @@ impl Reloader {
     }
 
     /// [`reload`] off the async workers (it reads files).
-    pub async fn reload(self: &Arc<Self>, file: Option<PathBuf>) -> Outcome {
+    pub async fn reload(self: &Arc<Self>, file: Option<PathBuf>) -> ReloadOutcome {
         let me = Arc::clone(self);
         tokio::task::spawn_blocking(move || reload(&me.gw, &me.history, file.as_deref()))
             .await
-            .unwrap_or_else(|e| Outcome::Refused(vec![format!("the reload failed: {e}")]))
+            .unwrap_or_else(|e| ReloadOutcome::Refused(vec![format!("the reload failed: {e}")]))
     }
 }
 
 /// Reads `file` (else the file the gateway runs from) and puts it in force if it is
 /// valid and can be applied in place. Blocking: files are read and certificates parsed.
-fn reload(gw: &Gateway, history: &History, file: Option<&Path>) -> Outcome {
+fn reload(gw: &Gateway, history: &History, file: Option<&Path>) -> ReloadOutcome {
     let _one = history.running.lock();
     let outcome = apply(gw, history, file);
     gw.metrics
@@ -160,15 +160,15 @@ fn reload(gw: &Gateway, history: &History, file: Option<&Path>) -> Outcome {
         .with_label_values(&[outcome.result()])
         .inc();
     match &outcome {
-        Outcome::Applied { generation } => log::info!(
+        ReloadOutcome::Applied { generation } => log::info!(
             "configuration reloaded: generation {generation} ({}) in force",
             gw.peek().hash
         ),
-        Outcome::Refused(lines) => log::error!(
+        ReloadOutcome::Refused(lines) => log::error!(
             "configuration reload refused, the running configuration stays: {}",
             lines.join("; ")
         ),
-        Outcome::NeedsUpgrade(lines) => log::warn!(
+        ReloadOutcome::NeedsUpgrade(lines) => log::warn!(
             "configuration not reloaded in place, it needs a graceful upgrade (`fanout reload` performs it): {}",
             lines.join("; ")
         ),
@@ -180,28 +180,28 @@ fn reload(gw: &Gateway, history: &History, file: Option<&Path>) -> Outcome {
     outcome
 }
 
-fn apply(gw: &Gateway, history: &History, file: Option<&Path>) -> Outcome {
+fn apply(gw: &Gateway, history: &History, file: Option<&Path>) -> ReloadOutcome {
     let Some(path) = file.map(Path::to_path_buf).or_else(|| history.file()) else {
-        return Outcome::Refused(vec![
+        return ReloadOutcome::Refused(vec![
             "no configuration file to reload: this gateway runs from its command line".into(),
         ]);
     };
     let source = path.display().to_string();
     let text = match std::fs::read_to_string(&path) {
         Ok(t) => t,
-        Err(e) => return Outcome::Refused(vec![format!("{source}: cannot read file: {e}")]),
+        Err(e) => return ReloadOutcome::Refused(vec![format!("{source}: cannot read file: {e}")]),
     };
     let config = match config::from_yaml(&text, &source) {
         Ok(c) => c,
         Err(errors) => {
-            return Outcome::Refused(errors.to_string().lines().map(String::from).collect())
+            return ReloadOutcome::Refused(errors.to_string().lines().map(String::from).collect())
         }
     };
     let current = gw.current();
     let mut upgrade = config::diff::needs_upgrade(&current.config, &config, gw.cache().is_some());
     upgrade.extend(history.binary_replaced());
     if !upgrade.is_empty() {
-        return Outcome::NeedsUpgrade(upgrade);
+        return ReloadOutcome::NeedsUpgrade(upgrade);
     }
     // Every certificate is read again, and every listener's TLS settings built, before
     // anything changes: a bad one refuses the whole file.
@@ -211,7 +211,10 @@ fn apply(gw: &Gateway, history: &History, file: Option<&Path>) -> Outcome {
             match crate::tls::server_config(&t.certificates, t.min_tls13, l.http2) {
                 Ok(c) => tls.push((l.addr, c)),
                 Err(e) => {
-                    return Outcome::Refused(vec![format!("{source}: listen {}: {e}", l.addr)])
+                    return ReloadOutcome::Refused(vec![format!(
+                        "{source}: listen {}: {e}",
+                        l.addr
+                    )])
                 }
             }
         }
@@ -227,7 +230,7 @@ fn apply(gw: &Gateway, history: &History, file: Option<&Path>) -> Outcome {
         Some(&current),
     ) {
         Ok(g) => g,
-        Err(e) => return Outcome::Refused(vec![format!("{source}: {e}")]),
+        Err(e) => return ReloadOutcome::Refused(vec![format!("{source}: {e}")]),
     };
     drop(current);
     for (addr, terminator) in gw.terminators.lock().iter() {
@@ -237,7 +240,7 @@ fn apply(gw: &Gateway, history: &History, file: Option<&Path>) -> Outcome {
     }
     gw.install(next);
     *history.file.lock() = Some(std::path::absolute(&path).unwrap_or(path));
-    Outcome::Applied { generation: number }
+    ReloadOutcome::Applied { generation: number }
 }
 
 /// A SIGHUP came before [`Hangup`] ran (see [`catch_hangup_until_handled`]).

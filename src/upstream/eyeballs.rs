@@ -6,10 +6,10 @@
 //! time, so a name whose IPv6 address refuses (`localhost` for an IPv4-only service)
 //! costs one refused attempt, once.
 //!
-//! [`Addresses`] lives in the backend's learned state (kept across reloads, updated in
+//! [`ResolvedAddresses`] lives in the backend's learned state (kept across reloads, updated in
 //! place when DNS answers otherwise); [`Connector`] is the Pingora `L4Connect` its peers
 //! carry, so requests, WebSocket tunnels and health checks all connect this way, and the
-//! mirror's own lanes call [`Addresses::connect`].
+//! mirror's own lanes call [`ResolvedAddresses::connect`].
 
 use std::io;
 use std::net::SocketAddr;
@@ -30,14 +30,14 @@ pub(crate) const ATTEMPT_DELAY: Duration = Duration::from_millis(250);
 
 /// The addresses one backend's name resolved to last, and the one that connected last.
 #[derive(Debug)]
-pub struct Addresses {
+pub struct ResolvedAddresses {
     all: ArcSwap<Vec<SocketAddr>>,
     last_good: parking_lot::Mutex<Option<SocketAddr>>,
 }
 
-impl Addresses {
-    pub fn new(all: Vec<SocketAddr>) -> Addresses {
-        Addresses {
+impl ResolvedAddresses {
+    pub fn new(all: Vec<SocketAddr>) -> ResolvedAddresses {
+        ResolvedAddresses {
             all: ArcSwap::from_pointee(all),
             last_good: parking_lot::Mutex::new(None),
         }
@@ -139,7 +139,7 @@ async fn race(order: &[SocketAddr]) -> io::Result<(TcpStream, SocketAddr)> {
 /// address.
 #[derive(Debug, Clone)]
 pub struct Connector {
-    pub addresses: Arc<Addresses>,
+    pub addresses: Arc<ResolvedAddresses>,
     /// Pingora applies no `connection_timeout` to a custom connector: this is it.
     pub timeout: Duration,
 }
@@ -171,7 +171,7 @@ mod tests {
 
     #[test]
     fn families_take_turns_ipv6_first_and_the_last_good_address_leads() {
-        let all = Addresses::new(vec![
+        let all = ResolvedAddresses::new(vec![
             a("127.0.0.1:80"),
             a("127.0.0.2:80"),
             a("[::1]:80"),
@@ -206,7 +206,7 @@ mod tests {
             let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
             l.local_addr().unwrap()
         };
-        let all = Addresses::new(vec![dead, live]);
+        let all = ResolvedAddresses::new(vec![dead, live]);
         let started = std::time::Instant::now();
         let stream = all.connect(Duration::from_secs(5)).await.unwrap();
         assert_eq!(stream.peer_addr().unwrap(), live);
@@ -220,7 +220,7 @@ mod tests {
             let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
             l.local_addr().unwrap()
         };
-        let all = Addresses::new(vec![dead]);
+        let all = ResolvedAddresses::new(vec![dead]);
         let e = all.connect(Duration::from_secs(5)).await.unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::ConnectionRefused);
         assert!(e.to_string().contains(&dead.to_string()), "{e}");

@@ -190,7 +190,7 @@ pub struct BackendState {
     host_header: Option<http::HeaderValue>,
     /// A backend written by name: every address the name resolves to, tried in turn
     /// (its peers connect through them). `None`: its one address.
-    pub addresses: Option<Arc<eyeballs::Addresses>>,
+    pub addresses: Option<Arc<eyeballs::ResolvedAddresses>>,
     pub outcomes: Outcomes,
 }
 
@@ -569,7 +569,7 @@ fn backend_state(
     b: &BackendConfig,
     source: Arc<str>,
     start: Start<'_>,
-    addresses: Option<Arc<eyeballs::Addresses>>,
+    addresses: Option<Arc<eyeballs::ResolvedAddresses>>,
     metrics: &Metrics,
 ) -> BackendState {
     let (learned, breaker, addresses) = match start {
@@ -828,7 +828,7 @@ impl Upstream {
             let known = |b: &&Arc<BackendState>| {
                 *b.source == *source && b.weight == dns.weight && b.addr.port() == dns.port
             };
-            let fresh = |addr: SocketAddr, addresses: Option<Arc<eyeballs::Addresses>>| {
+            let fresh = |addr: SocketAddr, addresses: Option<Arc<eyeballs::ResolvedAddresses>>| {
                 let config = BackendConfig {
                     addr,
                     weight: dns.weight,
@@ -884,7 +884,7 @@ impl Upstream {
                         next.push(Arc::clone(b));
                         continue;
                     }
-                    let addresses = Arc::new(eyeballs::Addresses::new(addrs.to_vec()));
+                    let addresses = Arc::new(eyeballs::ResolvedAddresses::new(addrs.to_vec()));
                     // Its identity (balancing, reloads): the address tried first now.
                     let Some(&addr) = addresses.order().first() else {
                         continue; // not resolved yet

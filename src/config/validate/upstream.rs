@@ -9,12 +9,12 @@ use super::*;
 /// [`DEFAULT_DNS_INTERVAL`] ([`crate::upstream::discovery`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) struct BackendAddr {
-    pub target: Target,
+    pub target: BackendTarget,
     pub https: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(super) enum Target {
+pub(super) enum BackendTarget {
     Addr(SocketAddr),
     /// A host name (lower case) and a port.
     Name(String, u16),
@@ -30,7 +30,7 @@ pub(super) fn parse_backend_addr(text: &str) -> Result<BackendAddr, String> {
     let t = t.trim_end_matches('/');
     if let Ok(addr) = t.parse::<SocketAddr>() {
         return Ok(BackendAddr {
-            target: Target::Addr(addr),
+            target: BackendTarget::Addr(addr),
             https,
         });
     }
@@ -42,7 +42,7 @@ pub(super) fn parse_backend_addr(text: &str) -> Result<BackendAddr, String> {
         return Err(invalid());
     }
     Ok(BackendAddr {
-        target: Target::Name(host, port),
+        target: BackendTarget::Name(host, port),
         https,
     })
 }
@@ -199,7 +199,7 @@ pub(super) fn build_upstream(
         }
         match parse_backend_addr(&address) {
             Ok(BackendAddr {
-                target: Target::Addr(addr),
+                target: BackendTarget::Addr(addr),
                 https: tls,
             }) => {
                 if backends.iter().any(|seen| seen.addr == addr) {
@@ -215,7 +215,7 @@ pub(super) fn build_upstream(
                 }
             }
             Ok(BackendAddr {
-                target: Target::Name(name, port),
+                target: BackendTarget::Name(name, port),
                 https: tls,
             }) => {
                 https.push(tls);

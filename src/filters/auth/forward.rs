@@ -20,7 +20,7 @@ use crate::config::ForwardAuthConfig;
 use crate::filters::{Build, RequestFilter};
 use crate::http::answer::{Reason, Stop, StopBody};
 use crate::http::passage::Passage;
-use crate::service::Service;
+use crate::outbound::service::Service;
 
 /// The largest auth answer body relayed to a client.
 const MAX_BODY: u64 = 64 * 1024;

@@ -31,7 +31,7 @@ use crate::config::{JwtConfig, JwtKeys};
 use crate::filters::{Build, RequestFilter};
 use crate::http::answer::{Reason, Stop};
 use crate::http::passage::Passage;
-use crate::service::Service;
+use crate::outbound::service::Service;
 
 /// How long a checked token is remembered at most.
 const REMEMBER: Duration = Duration::from_secs(300);

@@ -16,6 +16,7 @@ use pingora_core::services::ServiceWithDependents;
 
 use crate::admin::history::{Sampler, Samples};
 use crate::admin::AdminApp;
+use crate::app::lifecycle::SignalWatch;
 use crate::broadcast::disk::DiskSpool;
 use crate::broadcast::redis::RedisSpool;
 use crate::broadcast::spool::{MemorySpool, Spool};
@@ -26,9 +27,8 @@ use crate::edge::accept::{Edge, EdgeListener};
 use crate::edge::bind::{Address, BindFirst};
 use crate::edge::handshake::Terminator;
 use crate::gateway::Gateway;
-use crate::lifecycle::SignalWatch;
+use crate::outbound::redis::RedisClient;
 use crate::proxy::FanoutProxy;
-use crate::redis_client::RedisClient;
 use crate::reload::control::Control;
 use crate::reload::{Hangup, Reloader};
 use crate::upstream::discovery::Discovery;
@@ -87,7 +87,7 @@ impl pingora_core::services::background::BackgroundService for Announce {
 /// Where the configuration came from: its text, and the file a reload reads again (none
 /// in quick mode and the demo).
 #[derive(Debug, Default, Clone)]
-pub struct Source {
+pub struct ConfigSource {
     pub text: String,
     pub file: Option<std::path::PathBuf>,
 }
@@ -117,7 +117,7 @@ fn open_spool(config: &Config) -> Result<Arc<dyn Spool>, String> {
 /// Builds the server and its services. Extra services (the demo's backends) ride along.
 pub fn build(
     config: Config,
-    source: Source,
+    source: ConfigSource,
     process: ProcessOptions,
     extra: Vec<Box<dyn ServiceWithDependents>>,
     announcement: Option<Announcement>,

@@ -49,7 +49,7 @@ pub struct Cli {
     /// Ask a running fanout's admin listener for /health (default 127.0.0.1:9091) and exit 0
     /// when it answers 2xx, 1 otherwise: the container image's HEALTHCHECK.
     #[arg(long = "health-check", value_name = "ADDR", num_args = 0..=1,
-          default_missing_value = crate::probe::DEFAULT_ADDRESS)]
+          default_missing_value = crate::app::probe::DEFAULT_ADDRESS)]
     pub health_check: Option<String>,
     /// Where `-c` and the quick-mode flags came from (command line or environment).
     #[arg(skip)]
@@ -427,7 +427,7 @@ pub fn load(cli: &Cli, mode: &Mode) -> Result<(Config, String), ConfigErrors> {
             }
         },
         Mode::Demo => (
-            crate::demo::config_yaml(cli.quick.listen.as_deref(), cli.admin.as_deref()),
+            crate::app::demo::config_yaml(cli.quick.listen.as_deref(), cli.admin.as_deref()),
             "demo".to_string(),
         ),
     };

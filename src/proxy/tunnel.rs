@@ -44,7 +44,7 @@ pub fn wanted(session: &Session) -> bool {
 }
 
 /// Where a tunnel request goes.
-pub struct Target<'a> {
+pub struct TunnelTarget<'a> {
     pub upstream: &'a Arc<Upstream>,
     pub route: &'a RouteConfig,
     /// The client, and the path a `rewrite` made for the upstream.
@@ -56,7 +56,7 @@ pub struct Target<'a> {
 /// Serves an upgrade request to its end: the backend's answer relayed (a `101` and the
 /// tunnel after it, or its refusal), or 502/503/504 when no backend answered. Returns the
 /// backend that answered, for the access log; an error only when the client's side failed.
-pub async fn serve(session: &mut Session, to: Target<'_>) -> Result<Option<Arc<str>>> {
+pub async fn serve(session: &mut Session, to: TunnelTarget<'_>) -> Result<Option<Arc<str>>> {
     let mut head = session.req_header().clone();
     forwarding::upstream_request(&mut head, to.route, to.pass, to.request_id)?;
     let config = &to.upstream.config;
@@ -166,7 +166,7 @@ async fn relay(
     session: &mut Session,
     mut backend: Http1Session,
     lease: &mut Lease,
-    to: &Target<'_>,
+    to: &TunnelTarget<'_>,
 ) -> Result<()> {
     let Some(mut resp) = backend.resp_header().cloned() else {
         return Error::e_explain(ErrorType::InternalError, "answer head vanished");

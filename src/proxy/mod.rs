@@ -28,6 +28,8 @@
 //! 7. `fail_to_proxy`: the JSON error answer (413, 502, 503, 504), or a fallback's answer.
 //! 8. `logging`: metrics, totals, the access log line; the backend lease is released.
 
+pub mod tunnel;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -62,7 +64,6 @@ use crate::observe::access_log::Record;
 use crate::observe::span::{self, Kind, Span};
 use crate::ratelimit::{Check, Decision};
 use crate::routing::{Probe, RouteMatch};
-use crate::tunnel;
 use crate::upstream::{concurrency, Lease, Tried};
 
 pub struct FanoutProxy {
@@ -599,7 +600,7 @@ impl FanoutProxy {
             Verdict::Proxy => Ok(false),
             Verdict::Tunnel(upstream) => {
                 if let Some(route) = self.route(ctx) {
-                    let target = tunnel::Target {
+                    let target = tunnel::TunnelTarget {
                         upstream: &ctx.gen.upstreams[upstream],
                         route: &route.config,
                         pass: &ctx.pass,

@@ -13,7 +13,7 @@ use pingora_http::{RequestHeader, ResponseHeader};
 
 use crate::config::ServiceUrl;
 use crate::observe::metrics::Metrics;
-use crate::outbound::{self, Body, Failure, Keep};
+use crate::outbound::exchange::{self, Body, Failure, Keep};
 use crate::upstream::{Tried, Upstream};
 
 pub struct Service {
@@ -99,7 +99,7 @@ impl Service {
             return Err(Unanswered::Failed("no backend available".into()));
         };
         let timeouts = &self.upstream.config.timeouts;
-        let answer = outbound::exchange(
+        let answer = exchange::exchange(
             &self.connector,
             &mut lease,
             timeouts,
