@@ -254,7 +254,7 @@ impl Generation {
         let routes: Vec<Route> = config
             .routes
             .iter()
-            .map(|r| {
+            .map(|r| -> Result<Route, String> {
                 let before =
                     previous.and_then(|p| p.routes.iter().find(|o| o.config.label == r.label));
                 let limiter = r.rate_limit.as_ref().map(|l| {
@@ -268,7 +268,7 @@ impl Generation {
                         None => Arc::new(RateLimiter::new(l, &r.label, shared_store.as_ref())),
                     }
                 });
-                Route {
+                Ok(Route {
                     metrics: RouteMetrics::new(&r.label),
                     rate_limiter: limiter,
                     rate_limited: metrics.rate_limited.with_label_values(&[&r.label]),
@@ -276,11 +276,11 @@ impl Generation {
                         .rate_limit_store_errors
                         .with_label_values(&[&r.label]),
                     kind: Route::runtime(r, &upstreams, metrics, before),
-                    filters: Chain::build(r, &build),
+                    filters: Chain::build(r, &build)?,
                     config: r.clone(),
-                }
+                })
             })
-            .collect();
+            .collect::<Result<_, _>>()?;
         Ok(Generation {
             number,
             hash: text_hash(&text),

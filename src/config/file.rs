@@ -348,6 +348,17 @@ pub struct FileRoute {
     pub cors: Option<FileCors>,
     pub rewrite: Option<FileRewrite>,
     pub compress: Option<FileCompress>,
+    pub plugins: Option<Vec<FilePlugin>>,
+}
+
+/// `plugins: [{ name, config }]`: a filter the program registered under `name`, built from
+/// `config` by its own constructor.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FilePlugin {
+    pub name: String,
+    #[serde(default)]
+    pub config: serde_yaml::Value,
 }
 
 /// `routes[].compress`: answers compressed for clients that accept it.

@@ -276,6 +276,14 @@ pub struct UpstreamConfig {
     pub host_header: HostHeader,
 }
 
+/// One of a route's `plugins:`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PluginConfig {
+    pub name: String,
+    /// Handed to the constructor registered under `name`.
+    pub config: serde_yaml::Value,
+}
+
 /// `upstreams.*.host_header`.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub enum HostHeader {
@@ -598,6 +606,9 @@ pub struct RouteConfig {
     pub rewrite: Option<RewriteConfig>,
     /// Answers compressed for clients that accept it.
     pub compress: Option<CompressConfig>,
+    /// Filters the program registered, by name, with their `config` (checked by their
+    /// constructors: `filters::plugins`).
+    pub plugins: Vec<PluginConfig>,
 }
 
 #[derive(Debug, Clone, Default)]

@@ -9,7 +9,9 @@
 //! 3. [`auth`] (`auth:`, one kind): `basic`, `api_key`, `jwt` or `forward` (401, or the
 //!    auth service's own 401/403, or 503 when it cannot decide); on success the identity
 //!    is set on the request's [`Client`] and headers the route names are set;
-//! 4. [`rewrite::Rewrite`] (`rewrite:`): the path the upstream will see, normalised again.
+//! 4. [`plugins`] (`plugins:`): filters the program registered, in the route's order (they
+//!    see the identity `auth` found);
+//! 5. [`rewrite::Rewrite`] (`rewrite:`): the path the upstream will see, normalised again.
 //!
 //! The chain runs after routing and before anything leaves the gateway: no upstream,
 //! mirror, fallback, broadcast target or cache hit sees a request a filter stopped. Each
@@ -19,6 +21,7 @@
 pub mod access;
 pub mod auth;
 pub mod cors;
+pub mod plugins;
 pub mod rewrite;
 
 use std::sync::Arc;
@@ -59,9 +62,10 @@ pub struct Chain {
 }
 
 impl Chain {
-    /// The chain of `route`'s `access`, `cors`, `auth` and `rewrite`; empty when it has
-    /// none of them (then [`Chain::is_empty`], and the proxy skips it).
-    pub fn build(route: &RouteConfig, with: &Build) -> Chain {
+    /// The chain of `route`'s `access`, `cors`, `auth`, `plugins` and `rewrite`; empty
+    /// when it has none of them (then [`Chain::is_empty`], and the proxy skips it). `Err`:
+    /// a plugin's constructor refused its `config`.
+    pub fn build(route: &RouteConfig, with: &Build) -> Result<Chain, String> {
         let mut filters: Vec<Box<dyn RequestFilter>> = Vec::new();
         if let Some(list) = &route.access {
             filters.push(Box::new(access::Addresses::new(list)));
@@ -72,6 +76,11 @@ impl Chain {
         if let Some(auth) = &route.auth {
             filters.push(auth::build(auth, with));
         }
+        for (i, plugin) in route.plugins.iter().enumerate() {
+            let filter = plugins::build(plugin)
+                .map_err(|why| format!("route {}: plugins[{i}]: {why}", route.label))?;
+            filters.push(filter);
+        }
         if let Some(rewrite) = &route.rewrite {
             filters.push(Box::new(rewrite::Rewrite::new(rewrite)));
         }
@@ -80,7 +89,7 @@ impl Chain {
                 .access_denied
                 .with_label_values(&[&route.label, r.label()])
         });
-        Chain { filters, denied }
+        Ok(Chain { filters, denied })
     }
 
     pub fn is_empty(&self) -> bool {

@@ -28,6 +28,7 @@ mod mirror;
 mod otel;
 mod overload;
 mod paths;
+mod plugins;
 mod quick_start;
 mod reload;
 mod resilience;

@@ -161,6 +161,17 @@ pub(super) fn build_routes(
         let rewrite = f
             .rewrite
             .and_then(|r| build_rewrite(ck, &format!("{path}.rewrite"), r));
+        let mut plugins: Vec<PluginConfig> = Vec::new();
+        for (i, p) in f.plugins.unwrap_or_default().into_iter().enumerate() {
+            if p.name.trim().is_empty() {
+                ck.err(&format!("{path}.plugins[{i}].name"), "must not be empty");
+            } else {
+                plugins.push(PluginConfig {
+                    name: p.name,
+                    config: p.config,
+                });
+            }
+        }
         if rewrite.is_some() && !matches!(kind, Some(RouteKind::Proxy { .. }) | None) {
             ck.err(
                 &format!("{path}.rewrite"),
@@ -471,6 +482,7 @@ pub(super) fn build_routes(
             cors,
             rewrite,
             compress,
+            plugins,
         });
     }
     out

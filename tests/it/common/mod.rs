@@ -410,7 +410,28 @@ impl Gateway {
         Gateway::launch_env(|_, _| Vec::new(), make_args)
     }
 
+    /// Like [`Gateway::start`], running `binary` (a program built on the library) instead
+    /// of `fanout`.
+    pub fn start_binary(binary: &std::path::Path, body: &str) -> Gateway {
+        Gateway::launch_binary(
+            binary,
+            |_, _| Vec::new(),
+            |port, admin_port, dir| {
+                let conf = write_conf(dir, admin_port, &format!("[\"127.0.0.1:{port}\"]"), body);
+                vec!["-c".to_string(), conf.display().to_string()]
+            },
+        )
+    }
+
     fn launch_env(
+        make_env: impl Fn(u16, u16) -> Vec<(String, String)>,
+        make_args: impl Fn(u16, u16, &std::path::Path) -> Vec<String>,
+    ) -> Gateway {
+        Gateway::launch_binary(std::path::Path::new(fanout_bin()), make_env, make_args)
+    }
+
+    fn launch_binary(
+        binary: &std::path::Path,
         make_env: impl Fn(u16, u16) -> Vec<(String, String)>,
         make_args: impl Fn(u16, u16, &std::path::Path) -> Vec<String>,
     ) -> Gateway {
@@ -420,7 +441,7 @@ impl Gateway {
             let args = make_args(port, admin_port, &dir);
             let file =
                 |name: &str| Stdio::from(std::fs::File::create(dir.join(name)).expect("log file"));
-            let child = Command::new(fanout_bin())
+            let child = Command::new(binary)
                 .args(&args)
                 .envs(make_env(port, admin_port))
                 .stdout(file("stdout"))

@@ -1,0 +1,102 @@
+//! The extension point: `examples/custom_filter.rs`, a gateway built on the library with a
+//! filter of its own (`tenant`), run as a user would run it. Its `-t` checks a route's
+//! `plugins:` through the filter's constructor; the stock `fanout` says it knows no such
+//! filter; the running gateway refuses and lets on requests as the filter says, and adds to
+//! their answers.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use crate::common::*;
+
+/// The example's binary, built beside `fanout` (`cargo test` builds examples; a run limited
+/// to this test binary builds it here).
+fn example() -> PathBuf {
+    let dir = std::path::Path::new(fanout_bin())
+        .parent()
+        .expect("the binaries' directory")
+        .join("examples");
+    let bin = dir.join("custom_filter");
+    if !bin.exists() {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let built = Command::new(cargo)
+            .args(["build", "--release", "--example", "custom_filter"])
+            .status()
+            .expect("cargo build --example custom_filter");
+        assert!(built.success(), "the example did not build");
+    }
+    bin
+}
+
+fn routes(backend: std::net::SocketAddr, config: &str) -> String {
+    format!(
+        "upstreams:\n  api:\n    backends: [\"{backend}\"]\n\
+         routes:\n  - match: {{ prefix: / }}\n    upstream: api\n    plugins:\n      - name: tenant\n        config: {config}\n"
+    )
+}
+
+fn check_with(binary: &std::path::Path, yaml: &str) -> (bool, String) {
+    let dir = scratch_dir();
+    let conf = dir.join("fanout.yaml");
+    std::fs::write(&conf, format!("listen: 127.0.0.1:1\n{yaml}")).expect("write conf");
+    let out = Command::new(binary)
+        .args(["-t", "-c", &conf.display().to_string()])
+        .output()
+        .expect("-t");
+    let _ = std::fs::remove_dir_all(&dir);
+    let text =
+        String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout);
+    (out.status.success(), text)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_program_with_its_own_filter_checks_and_runs_it() {
+    let bin = example();
+    let backend = Backend::start("api").await;
+    let good = routes(backend.addr, "{ header: X-Tenant, allow: [acme, globex] }");
+
+    // -t: the filter's constructor is the check.
+    let (ok, out) = check_with(&bin, &good);
+    assert!(ok, "{out}");
+    let (ok, out) = check_with(&bin, &routes(backend.addr, "{ header: X-Tenant }"));
+    assert!(!ok);
+    assert_eq!(
+        out.trim(),
+        "routes[0].plugins[0]: config.allow: a list of tenants is required",
+        "one line naming the place"
+    );
+    // The stock binary registers no filter: it says so, and which it knows.
+    let (ok, out) = check_with(std::path::Path::new(fanout_bin()), &good);
+    assert!(!ok);
+    assert!(
+        out.contains("routes[0].plugins[0]: no filter is registered as \"tenant\" (this binary registers none)"),
+        "{out}"
+    );
+
+    let gw = Gateway::start_binary(&bin, &good);
+    let c = client();
+    let send = |tenant: Option<&'static str>| {
+        let mut req = c.get(gw.url("/orders"));
+        if let Some(t) = tenant {
+            req = req.header("x-tenant", t);
+        }
+        req.send()
+    };
+    let refused = send(None).await.unwrap();
+    assert_eq!(refused.status(), 403);
+    assert_eq!(refused.headers()["x-tenant-checked"], "yes");
+    assert_eq!(send(Some("initech")).await.unwrap().status(), 403);
+    let allowed = send(Some("acme")).await.unwrap();
+    assert_eq!(allowed.status(), 200);
+    assert_eq!(allowed.headers()["x-tenant-checked"], "yes");
+    assert_eq!(
+        backend.hits(),
+        1,
+        "only the allowed request reached the backend"
+    );
+    let metrics = metrics_text(&c, &gw).await;
+    assert!(
+        metrics.contains("fanout_access_denied_total{reason=\"credential\",route=\"prefix:/\"} 2"),
+        "{metrics}"
+    );
+}
