@@ -36,17 +36,7 @@ fn routes(backend: std::net::SocketAddr, config: &str) -> String {
 }
 
 fn check_with(binary: &std::path::Path, yaml: &str) -> (bool, String) {
-    let dir = scratch_dir();
-    let conf = dir.join("fanout.yaml");
-    std::fs::write(&conf, format!("listen: 127.0.0.1:1\n{yaml}")).expect("write conf");
-    let out = Command::new(binary)
-        .args(["-t", "-c", &conf.display().to_string()])
-        .output()
-        .expect("-t");
-    let _ = std::fs::remove_dir_all(&dir);
-    let text =
-        String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout);
-    (out.status.success(), text)
+    check_yaml_with(binary, &format!("listen: 127.0.0.1:1\n{yaml}"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -703,10 +703,15 @@ pub async fn wait_all_received(b: &Backend, ids: &[String], limit: Duration) {
 /// `fanout -t` on `yaml` written to a scratch file: whether it passed, and what it printed
 /// (stderr, then stdout).
 pub fn check_yaml(yaml: &str) -> (bool, String) {
+    check_yaml_with(std::path::Path::new(fanout_bin()), yaml)
+}
+
+/// [`check_yaml`] with another binary built on the library.
+pub fn check_yaml_with(binary: &std::path::Path, yaml: &str) -> (bool, String) {
     let dir = scratch_dir();
     let conf = dir.join("fanout.yaml");
     std::fs::write(&conf, yaml).expect("write conf");
-    let out = Command::new(fanout_bin())
+    let out = Command::new(binary)
         .args(["-t", "-c", &conf.display().to_string()])
         .output()
         .expect("fanout -t");
