@@ -436,3 +436,85 @@ impl Gateway {
         self.current.store(Arc::new(next));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::upstream::Mark;
+
+    fn generation(yaml: &str, number: u64, previous: Option<&Generation>) -> Generation {
+        let config = crate::config::from_yaml(yaml, "test").expect("valid configuration");
+        let metrics = Arc::new(Metrics::new().expect("metrics"));
+        let connector = Arc::new(Connector::new(None));
+        Generation::new(
+            Arc::new(config),
+            yaml.into(),
+            number,
+            &metrics,
+            &connector,
+            previous,
+        )
+        .expect("generation")
+    }
+
+    const BASE: &str = "listen: 127.0.0.1:1\n\
+        upstreams:\n  u:\n    backends: [127.0.0.1:9001, 127.0.0.1:9002]\n  gone:\n    backends: [127.0.0.1:9009]\n\
+        routes:\n  - { match: { prefix: /a }, upstream: u, rate_limit: { requests_per_second: 5, burst: 5 } }\n  \
+          - { match: { prefix: /b }, upstream: u, rate_limit: { requests_per_second: 5, burst: 5 } }\n";
+
+    #[test]
+    fn a_new_generation_keeps_what_still_means_the_same() {
+        let first = generation(BASE, 1, None);
+        let u = &first.upstreams[0];
+        let kept_backend = Arc::clone(&u.backends().backends[0]);
+        kept_backend.set_mark(Mark::Draining);
+        // /a's limit stays, /b's changes; 127.0.0.1:9002 leaves and 9003 arrives.
+        let next_yaml = BASE.replace("9002", "9003").replace(
+            "prefix: /b }, upstream: u, rate_limit: { requests_per_second: 5",
+            "prefix: /b }, upstream: u, rate_limit: { requests_per_second: 7",
+        );
+        let second = generation(&next_yaml, 2, Some(&first));
+        assert_eq!(second.number, 2);
+        let u2 = &second.upstreams[0];
+        let backends = u2.backends();
+        let b0 = &backends.backends[0];
+        assert_eq!(b0.addr, kept_backend.addr);
+        assert_eq!(b0.mark(), Mark::Draining, "the mark stays with the backend");
+        assert!(
+            std::ptr::eq(b0.learned(), kept_backend.learned()),
+            "what it learned is the same state"
+        );
+        assert_eq!(
+            backends.backends[1].mark(),
+            Mark::Active,
+            "the new one starts afresh"
+        );
+        let limiter = |g: &Generation, i: usize| {
+            Arc::clone(g.routes[i].rate_limiter.as_ref().expect("limit"))
+        };
+        assert!(
+            Arc::ptr_eq(&limiter(&first, 0), &limiter(&second, 0)),
+            "same limit: same buckets"
+        );
+        assert!(
+            !Arc::ptr_eq(&limiter(&first, 1), &limiter(&second, 1)),
+            "another limit: new buckets"
+        );
+        assert_ne!(first.hash, second.hash);
+    }
+
+    #[test]
+    fn a_plugin_its_constructor_refuses_refuses_the_generation() {
+        crate::filters::plugins::register("refuses-all", |_| Err("not today".into()));
+        let yaml = "listen: 127.0.0.1:1\nupstreams:\n  u:\n    backends: [127.0.0.1:9001]\n\
+            routes:\n  - { match: { prefix: / }, upstream: u, plugins: [{ name: refuses-all }] }\n";
+        let config = crate::config::from_yaml(yaml, "test").expect("valid shape");
+        let metrics = Arc::new(Metrics::new().expect("metrics"));
+        let connector = Arc::new(Connector::new(None));
+        let built = Generation::new(Arc::new(config), yaml.into(), 1, &metrics, &connector, None);
+        let Err(why) = built else {
+            panic!("built a generation with a refused plugin");
+        };
+        assert!(why.contains("plugins[0]: not today"), "{why}");
+    }
+}

@@ -116,3 +116,81 @@ impl Chain {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pingora_proxy::Session;
+
+    /// A plugin that notes, on each answer, its name and whether CORS had run before it.
+    struct Note(&'static str);
+
+    #[async_trait]
+    impl RequestFilter for Note {
+        async fn request(&self, _session: &mut Session, _pass: &mut Passage) -> Result<(), Stop> {
+            Ok(())
+        }
+
+        fn response(&self, _pass: &Passage, resp: &mut ResponseHeader) {
+            let cors_first = resp
+                .headers
+                .contains_key(http::header::ACCESS_CONTROL_ALLOW_ORIGIN);
+            let _ = resp.append_header("x-step", format!("{}:{cors_first}", self.0));
+        }
+    }
+
+    #[test]
+    fn a_chain_runs_cors_then_the_plugins_in_the_routes_order() {
+        plugins::register("note-one", |_| Ok(Box::new(Note("one"))));
+        plugins::register("note-two", |_| Ok(Box::new(Note("two"))));
+        let yaml = "listen: 127.0.0.1:1\nupstreams:\n  u:\n    backends: [127.0.0.1:9001]\n\
+            routes:\n  - match: { prefix: / }\n    upstream: u\n    cors: { origins: [\"https://app.example\"] }\n    \
+            plugins: [{ name: note-two }, { name: note-one }]\n";
+        let config = crate::config::from_yaml(yaml, "test").expect("valid configuration");
+        let metrics = Arc::new(Metrics::new().expect("metrics"));
+        let connector = Arc::new(Connector::new(None));
+        let with = Build {
+            metrics: &metrics,
+            connector: &connector,
+        };
+        let chain = Chain::build(&config.routes[0], &with).expect("chain");
+        assert!(!chain.is_empty());
+        let pass = Passage {
+            origin: Some(http::HeaderValue::from_static("https://app.example")),
+            ..Passage::default()
+        };
+        let mut resp = ResponseHeader::build(200, None).expect("answer");
+        chain.response(&pass, &mut resp);
+        let steps: Vec<&str> = resp
+            .headers
+            .get_all("x-step")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .collect();
+        assert_eq!(steps, ["two:true", "one:true"]);
+    }
+
+    #[test]
+    fn a_route_without_steps_has_an_empty_chain_and_an_unknown_plugin_is_named() {
+        let yaml = "listen: 127.0.0.1:1\nupstreams:\n  u:\n    backends: [127.0.0.1:9001]\n\
+            routes:\n  - { match: { prefix: /a }, upstream: u }\n  \
+            - { match: { prefix: /b }, upstream: u, plugins: [{ name: nowhere }] }\n";
+        let config = crate::config::from_yaml(yaml, "test").expect("valid configuration");
+        let metrics = Arc::new(Metrics::new().expect("metrics"));
+        let connector = Arc::new(Connector::new(None));
+        let with = Build {
+            metrics: &metrics,
+            connector: &connector,
+        };
+        assert!(Chain::build(&config.routes[0], &with)
+            .expect("chain")
+            .is_empty());
+        let Err(why) = Chain::build(&config.routes[1], &with) else {
+            panic!("an unknown plugin was built");
+        };
+        assert!(
+            why.contains("no filter is registered as \"nowhere\""),
+            "{why}"
+        );
+    }
+}
