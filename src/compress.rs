@@ -191,13 +191,8 @@ impl Compress {
             .headers
             .get(header::CONTENT_ENCODING)
             .is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"identity"));
-        let no_transform = resp
-            .headers
-            .get_all(header::CACHE_CONTROL)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .any(|d| d.trim().eq_ignore_ascii_case("no-transform"));
+        let no_transform =
+            crate::http::headers::list_has(&resp.headers, header::CACHE_CONTROL, "no-transform");
         let short = resp
             .headers
             .get(header::CONTENT_LENGTH)
@@ -230,11 +225,7 @@ impl Compress {
 
 /// The codings a request's `Accept-Encoding` names, with their q-values (1 when absent).
 fn accepted(req: &RequestHeader) -> Vec<(String, f32)> {
-    req.headers
-        .get_all(header::ACCEPT_ENCODING)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
+    crate::http::headers::list(&req.headers, header::ACCEPT_ENCODING)
         .filter_map(|item| {
             let mut parts = item.split(';');
             let name = parts.next()?.trim().to_ascii_lowercase();

@@ -287,14 +287,8 @@ pub fn refreshed(merged: &ResponseHeader, not_modified: &http::HeaderMap) -> Res
 /// route that compresses, the coding this request gets, which stands for its
 /// `Accept-Encoding`.
 pub fn variance(meta: &CacheMeta, req: &RequestHeader, coding: Option<&str>) -> Option<[u8; 16]> {
-    let mut names: Vec<String> = meta
-        .headers()
-        .get_all(header::VARY)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(|n| n.trim().to_ascii_lowercase())
-        .filter(|n| !n.is_empty())
+    let mut names: Vec<String> = crate::http::headers::list(meta.headers(), header::VARY)
+        .map(str::to_ascii_lowercase)
         .collect();
     if names.is_empty() {
         return None;

@@ -10,6 +10,7 @@ use pingora_error::{Error, ErrorType, Result};
 use pingora_http::{RequestHeader, ResponseHeader};
 
 use super::client::{self, Client};
+use super::headers;
 use super::passage::Passage;
 use super::request_id;
 use crate::config::{HeaderRules, MirrorConfig, PathMatch, RouteConfig};
@@ -27,26 +28,13 @@ const HOP_BY_HOP: [HeaderName; 5] = [
 /// A request to switch protocols (`Connection: upgrade` and `Upgrade`, e.g. WebSocket).
 pub fn is_upgrade(req: &RequestHeader) -> bool {
     req.headers.contains_key(header::UPGRADE)
-        && req
-            .headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+        && headers::list_has(&req.headers, header::CONNECTION, "upgrade")
 }
 
 /// Names of the headers to drop from `headers` as hop-by-hop: one pass over the names, no
 /// allocation unless there is something to drop (this runs twice per request).
 fn hop_by_hop(headers: &http::HeaderMap) -> Vec<HeaderName> {
-    let named = |name: &str| {
-        headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .any(|t| t.trim().eq_ignore_ascii_case(name))
-    };
+    let named = |name: &str| headers::list_has(headers, header::CONNECTION, name);
     headers
         .keys()
         .filter(|k| HOP_BY_HOP.contains(k) || k.as_str().starts_with("proxy-") || named(k.as_str()))
@@ -107,13 +95,7 @@ pub fn upstream_request(
         .flatten();
     // `TE: trailers` says the client takes trailers (gRPC needs it); h2 allows that value
     // alone (RFC 9113 §8.2.2), and it stays true through the gateway.
-    let trailers = req
-        .headers
-        .get_all(header::TE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|t| t.trim().eq_ignore_ascii_case("trailers"));
+    let trailers = headers::list_has(&req.headers, header::TE, "trailers");
     forwarded(req, client)?;
     if let Some(protocol) = upgrade {
         req.insert_header(header::CONNECTION, "upgrade")?;
