@@ -1,26 +1,26 @@
 //! fanout: an HTTP gateway on Pingora. One module per concern; `proxy` is the thin layer
 //! of Pingora phases that delegates to the others, and `main.rs` only wires.
 
-pub mod admin;
+pub(crate) mod admin;
 pub mod app;
-pub mod broadcast;
-pub mod cache;
-pub mod compress;
+pub(crate) mod broadcast;
+pub(crate) mod cache;
+pub(crate) mod compress;
 pub mod config;
 pub mod edge;
-pub mod fallback;
+pub(crate) mod fallback;
 pub mod filters;
-pub mod gateway;
+pub(crate) mod gateway;
 pub mod http;
-pub mod keys;
-pub mod limits;
+pub(crate) mod keys;
+pub(crate) mod limits;
 pub mod mirror;
-pub mod observe;
-pub mod outbound;
-pub mod proxy;
-pub mod ratelimit;
-pub mod redirect;
-pub mod reload;
+pub(crate) mod observe;
+pub(crate) mod outbound;
+pub(crate) mod proxy;
+pub(crate) mod ratelimit;
+pub(crate) mod redirect;
+pub(crate) mod reload;
 pub mod routing;
-pub mod tls;
-pub mod upstream;
+pub(crate) mod tls;
+pub(crate) mod upstream;

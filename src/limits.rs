@@ -44,6 +44,7 @@ impl Budget {
     }
 
     /// Units held now.
+    #[cfg(test)]
     pub fn used(&self) -> usize {
         self.used.load(Relaxed)
     }

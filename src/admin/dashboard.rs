@@ -43,11 +43,6 @@ pub fn asset(path: &str, token_required: bool) -> Option<(&'static str, Vec<u8>)
     Some((content_type, body.as_bytes().to_vec()))
 }
 
-/// The size of everything the page loads, for the README.
-pub fn page_bytes() -> usize {
-    INDEX.len() + SCRIPT.len() + STYLE.len() + ICON.len()
-}
-
 /// Adds the headers every dashboard answer carries: no caching of data, no framing, no
 /// sniffing, no referrer, and the content policy.
 pub fn harden(resp: &mut Response<Vec<u8>>) {
