@@ -431,5 +431,11 @@ pub fn load(cli: &Cli, mode: &Mode) -> Result<(Config, String), ConfigErrors> {
             "demo".to_string(),
         ),
     };
-    config::from_yaml(&text, &source).map(|c| (c, text))
+    let config = config::from_yaml(&text, &source)?;
+    // Each route's `plugins:`, checked by the filters' own constructors.
+    let problems = crate::filters::plugins::check(&config);
+    if !problems.is_empty() {
+        return Err(config::located(&text, &source, problems));
+    }
+    Ok((config, text))
 }

@@ -67,14 +67,6 @@ fn run(cli: Cli) -> i32 {
             return 1;
         }
     };
-    // Each route's `plugins:`, checked by the filters' own constructors.
-    let problems = crate::filters::plugins::check(&config);
-    if !problems.is_empty() {
-        for p in &problems {
-            eprintln!("{p}");
-        }
-        return 1;
-    }
     for w in &config.warnings {
         eprintln!("fanout: warning: {}: {}", w.path, w.message);
     }

@@ -79,13 +79,17 @@ pub fn read(path: &Path) -> Result<String, ConfigErrors> {
 
 /// Validates configuration text; `source` names it in messages.
 pub fn from_yaml(text: &str, source: &str) -> Result<Config, ConfigErrors> {
-    validate::build(text).map_err(|mut errors| {
-        validate::attach_lines(text, &mut errors);
-        ConfigErrors {
-            source: source.to_string(),
-            errors,
-        }
-    })
+    validate::build(text).map_err(|errors| located(text, source, errors))
+}
+
+/// `errors` found in `text` (named `source` in messages), each with the line its path is
+/// on: for checks made outside this module (the filters' constructors, `plugins:`).
+pub fn located(text: &str, source: &str, mut errors: Vec<ConfigError>) -> ConfigErrors {
+    validate::attach_lines(text, &mut errors);
+    ConfigErrors {
+        source: source.to_string(),
+        errors,
+    }
 }
 
 #[cfg(test)]

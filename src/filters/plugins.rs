@@ -21,7 +21,7 @@ use std::sync::Arc;
 use parking_lot::RwLock;
 
 use super::RequestFilter;
-use crate::config::{Config, PluginConfig};
+use crate::config::{Config, ConfigError, PluginConfig};
 
 /// Makes a filter from a route's `config` value, or says why it cannot (one line).
 pub type Constructor =
@@ -66,14 +66,14 @@ pub(crate) fn build(plugin: &PluginConfig) -> Result<Box<dyn RequestFilter>, Str
     }
 }
 
-/// Every route's plugins built once and dropped: one line per problem, each naming where
-/// it is (`routes[2].plugins[0]: ...`).
-pub fn check(config: &Config) -> Vec<String> {
+/// Every route's plugins built once and dropped: a problem each, at its place
+/// (`routes[2].plugins[0]`), reported like the file's other errors.
+pub fn check(config: &Config) -> Vec<ConfigError> {
     let mut problems = Vec::new();
     for (r, route) in config.routes.iter().enumerate() {
         for (i, plugin) in route.plugins.iter().enumerate() {
             if let Err(why) = build(plugin) {
-                problems.push(format!("routes[{r}].plugins[{i}]: {why}"));
+                problems.push(ConfigError::new(format!("routes[{r}].plugins[{i}]"), why));
             }
         }
     }
