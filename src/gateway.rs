@@ -442,7 +442,7 @@ mod tests {
     use super::*;
     use crate::upstream::Mark;
 
-    fn generation(yaml: &str, number: u64, previous: Option<&Generation>) -> Generation {
+    fn build(yaml: &str, number: u64, previous: Option<&Generation>) -> Result<Generation, String> {
         let config = crate::config::from_yaml(yaml, "test").expect("valid configuration");
         let metrics = Arc::new(Metrics::new().expect("metrics"));
         let connector = Arc::new(Connector::new(None));
@@ -454,7 +454,10 @@ mod tests {
             &connector,
             previous,
         )
-        .expect("generation")
+    }
+
+    fn generation(yaml: &str, number: u64, previous: Option<&Generation>) -> Generation {
+        build(yaml, number, previous).expect("generation")
     }
 
     const BASE: &str = "listen: 127.0.0.1:1\n\
@@ -508,11 +511,7 @@ mod tests {
         crate::filters::plugins::register("refuses-all", |_| Err("not today".into()));
         let yaml = "listen: 127.0.0.1:1\nupstreams:\n  u:\n    backends: [127.0.0.1:9001]\n\
             routes:\n  - { match: { prefix: / }, upstream: u, plugins: [{ name: refuses-all }] }\n";
-        let config = crate::config::from_yaml(yaml, "test").expect("valid shape");
-        let metrics = Arc::new(Metrics::new().expect("metrics"));
-        let connector = Arc::new(Connector::new(None));
-        let built = Generation::new(Arc::new(config), yaml.into(), 1, &metrics, &connector, None);
-        let Err(why) = built else {
+        let Err(why) = build(yaml, 1, None) else {
             panic!("built a generation with a refused plugin");
         };
         assert!(why.contains("plugins[0]: not today"), "{why}");

@@ -139,13 +139,8 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_chain_runs_cors_then_the_plugins_in_the_routes_order() {
-        plugins::register("note-one", |_| Ok(Box::new(Note("one"))));
-        plugins::register("note-two", |_| Ok(Box::new(Note("two"))));
-        let yaml = "listen: 127.0.0.1:1\nupstreams:\n  u:\n    backends: [127.0.0.1:9001]\n\
-            routes:\n  - match: { prefix: / }\n    upstream: u\n    cors: { origins: [\"https://app.example\"] }\n    \
-            plugins: [{ name: note-two }, { name: note-one }]\n";
+    /// The chain of each route of `yaml`.
+    fn chains(yaml: &str) -> Vec<Result<Chain, String>> {
         let config = crate::config::from_yaml(yaml, "test").expect("valid configuration");
         let metrics = Arc::new(Metrics::new().expect("metrics"));
         let connector = Arc::new(Connector::new(None));
@@ -153,7 +148,21 @@ mod tests {
             metrics: &metrics,
             connector: &connector,
         };
-        let chain = Chain::build(&config.routes[0], &with).expect("chain");
+        config
+            .routes
+            .iter()
+            .map(|r| Chain::build(r, &with))
+            .collect()
+    }
+
+    #[test]
+    fn a_chain_runs_cors_then_the_plugins_in_the_routes_order() {
+        plugins::register("note-one", |_| Ok(Box::new(Note("one"))));
+        plugins::register("note-two", |_| Ok(Box::new(Note("two"))));
+        let yaml = "listen: 127.0.0.1:1\nupstreams:\n  u:\n    backends: [127.0.0.1:9001]\n\
+            routes:\n  - match: { prefix: / }\n    upstream: u\n    cors: { origins: [\"https://app.example\"] }\n    \
+            plugins: [{ name: note-two }, { name: note-one }]\n";
+        let chain = chains(yaml).remove(0).expect("chain");
         assert!(!chain.is_empty());
         let pass = Passage {
             origin: Some(http::HeaderValue::from_static("https://app.example")),

@@ -84,8 +84,9 @@ impl ResolvedAddresses {
         let won = tokio::time::timeout(timeout, race(&order)).await;
         match won {
             Ok(Ok((stream, addr))) => {
+                // TCP_NODELAY is the caller's: Pingora sets it on every connection, the
+                // mirror's lanes on theirs.
                 *self.last_good.lock() = Some(addr);
-                let _ = stream.set_nodelay(true);
                 Ok(stream)
             }
             Ok(Err(e)) => Err(e),
