@@ -516,4 +516,34 @@ mod tests {
         };
         assert!(why.contains("plugins[0]: not today"), "{why}");
     }
+
+    struct Nothing;
+
+    #[async_trait::async_trait]
+    impl crate::filters::RequestFilter for Nothing {
+        async fn request(
+            &self,
+            _session: &mut pingora_proxy::Session,
+            _pass: &mut crate::http::passage::Passage,
+        ) -> Result<(), crate::http::answer::Stop> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_reload_builds_a_routes_plugins_again_from_their_config() {
+        use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+        static MADE: AtomicUsize = AtomicUsize::new(0);
+        crate::filters::plugins::register("counted-by-gateway-tests", |_| {
+            MADE.fetch_add(1, SeqCst);
+            Ok(Box::new(Nothing))
+        });
+        let yaml = "listen: 127.0.0.1:1\nupstreams:\n  u:\n    backends: [127.0.0.1:9001]\n\
+            routes:\n  - { match: { prefix: / }, upstream: u, plugins: [{ name: counted-by-gateway-tests }] }\n";
+        let first = generation(yaml, 1, None);
+        assert_eq!(MADE.load(SeqCst), 1);
+        let second = generation(yaml, 2, Some(&first));
+        assert_eq!(MADE.load(SeqCst), 2, "a new filter, its state afresh");
+        assert!(!second.routes[0].filters.is_empty());
+    }
 }
