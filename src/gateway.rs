@@ -26,10 +26,11 @@ use crate::edge::admission::Connections;
 use crate::edge::handshake::Terminator;
 use crate::edge::ClientPolicy;
 use crate::fallback::{self, FallbackUpstreams};
-use crate::filters::{self, Chain};
+use crate::filters::{self, Chain, RequestFilter};
 use crate::mirror::Mirror;
 use crate::observe::access_log::AccessLogger;
 use crate::observe::metrics::{Metrics, RouteMetrics};
+use crate::ratelimit::step::Limit;
 use crate::ratelimit::{RateLimiter, SharedStore};
 use crate::redirect::Redirect;
 use crate::routing::Router;
@@ -41,14 +42,12 @@ use prometheus::IntCounter;
 pub struct Route {
     pub config: RouteConfig,
     pub metrics: RouteMetrics,
-    /// Kept across reloads while the route's label and limit (and `redis:`) stay the same.
+    /// Kept across reloads while the route's label and limit (and `redis:`) stay the same;
+    /// the chain's last step uses it.
     pub rate_limiter: Option<Arc<RateLimiter>>,
-    pub rate_limited: IntCounter,
-    /// Decisions the shared store (Redis) did not give in time.
-    pub rate_limit_store_errors: IntCounter,
     /// What the route does with an admitted request, and what that needs.
     pub kind: RouteRuntime,
-    /// Its access, auth, CORS and rewrite steps, built once.
+    /// Its access, CORS, auth, plugin, rewrite and rate-limit steps, built once.
     pub filters: Chain,
 }
 
@@ -268,15 +267,21 @@ impl Generation {
                         None => Arc::new(RateLimiter::new(l, &r.label, shared_store.as_ref())),
                     }
                 });
+                let limit_step = limiter.as_ref().map(|l| -> Box<dyn RequestFilter> {
+                    Box::new(Limit::new(
+                        Arc::clone(l),
+                        metrics.rate_limited.with_label_values(&[&r.label]),
+                        metrics
+                            .rate_limit_store_errors
+                            .with_label_values(&[&r.label]),
+                        &r.label,
+                    ))
+                });
                 Ok(Route {
                     metrics: RouteMetrics::new(&r.label),
                     rate_limiter: limiter,
-                    rate_limited: metrics.rate_limited.with_label_values(&[&r.label]),
-                    rate_limit_store_errors: metrics
-                        .rate_limit_store_errors
-                        .with_label_values(&[&r.label]),
                     kind: Route::runtime(r, &upstreams, metrics, before),
-                    filters: Chain::build(r, &build)?,
+                    filters: Chain::build(r, &build, limit_step)?,
                     config: r.clone(),
                 })
             })
@@ -435,6 +440,16 @@ impl Gateway {
         self.metrics.config_generation.set(next.number as i64);
         self.current.store(Arc::new(next));
     }
+}
+
+/// A generation built from a YAML text, for unit tests elsewhere in the crate.
+#[cfg(test)]
+pub(crate) fn test_generation(yaml: &str) -> Generation {
+    let config = crate::config::from_yaml(yaml, "test").expect("valid configuration");
+    let metrics = Arc::new(Metrics::new().expect("metrics"));
+    let connector = Arc::new(Connector::new(None));
+    Generation::new(Arc::new(config), yaml.into(), 1, &metrics, &connector, None)
+        .expect("generation")
 }
 
 #[cfg(test)]

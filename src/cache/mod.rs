@@ -363,6 +363,26 @@ pub fn client_wants_fresh(req: &RequestHeader) -> bool {
                 .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"no-cache")))
 }
 
+/// What the cache did for an answer on a cached route, from the cache's `phase`
+/// (`looked_up`: its key was computed, so a later "bypass" means the answer could not be
+/// stored, a miss): counted in `results` (by [`Outcome::index`]) and told in `X-Cache`.
+pub(crate) fn report(
+    phase: CachePhase,
+    looked_up: bool,
+    results: &[prometheus::IntCounter],
+    resp: &mut ResponseHeader,
+) -> pingora_error::Result<Outcome> {
+    let outcome = match Outcome::of(phase) {
+        Outcome::Bypass if looked_up => Outcome::Miss,
+        outcome => outcome,
+    };
+    if let Some(counter) = results.get(outcome.index()) {
+        counter.inc();
+    }
+    resp.insert_header("x-cache", outcome.header())?;
+    Ok(outcome)
+}
+
 /// What the cache did for a request, as `X-Cache` says it and the metrics count it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {

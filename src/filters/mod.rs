@@ -11,12 +11,17 @@
 //!    is set on the request's [`Client`] and headers the route names are set;
 //! 4. [`plugins`] (`plugins:`): filters the program registered, in the route's order (they
 //!    see the identity `auth` found);
-//! 5. [`rewrite::Rewrite`] (`rewrite:`): the path the upstream will see, normalised again.
+//! 5. [`rewrite::Rewrite`] (`rewrite:`): the path the upstream will see, normalised again;
+//! 6. the rate limit (`rate_limit:`, `crate::ratelimit::step`): 429, or the tokens left for
+//!    the answer's `X-RateLimit-*` headers. The gateway builds it around the route's
+//!    limiter (kept across reloads) and hands it to [`Chain::build`].
 //!
 //! The chain runs after routing and before anything leaves the gateway: no upstream,
 //! mirror, fallback, broadcast target or cache hit sees a request a filter stopped. Each
 //! filter may also add to the answer ([`RequestFilter::response`]): CORS headers go on
 //! upstream answers and on the gateway's own (a 401 a browser script must be able to read).
+//! The chain is built once per configuration; a route without any of these steps has an
+//! empty chain, and the proxy skips it.
 
 pub mod access;
 pub mod auth;
@@ -62,10 +67,15 @@ pub struct Chain {
 }
 
 impl Chain {
-    /// The chain of `route`'s `access`, `cors`, `auth`, `plugins` and `rewrite`; empty
-    /// when it has none of them (then [`Chain::is_empty`], and the proxy skips it). `Err`:
-    /// a plugin's constructor refused its `config`.
-    pub fn build(route: &RouteConfig, with: &Build) -> Result<Chain, String> {
+    /// The chain of `route`'s `access`, `cors`, `auth`, `plugins` and `rewrite`, then its
+    /// `rate_limit` step when it has one; empty when it has none of them (then
+    /// [`Chain::is_empty`], and the proxy skips it). `Err`: a plugin's constructor refused
+    /// its `config`.
+    pub fn build(
+        route: &RouteConfig,
+        with: &Build,
+        rate_limit: Option<Box<dyn RequestFilter>>,
+    ) -> Result<Chain, String> {
         let mut filters: Vec<Box<dyn RequestFilter>> = Vec::new();
         if let Some(list) = &route.access {
             filters.push(Box::new(access::Addresses::new(list)));
@@ -84,6 +94,7 @@ impl Chain {
         if let Some(rewrite) = &route.rewrite {
             filters.push(Box::new(rewrite::Rewrite::new(rewrite)));
         }
+        filters.extend(rate_limit);
         let denied = Reason::ALL.map(|r| {
             with.metrics
                 .access_denied
@@ -151,7 +162,7 @@ mod tests {
         config
             .routes
             .iter()
-            .map(|r| Chain::build(r, &with))
+            .map(|r| Chain::build(r, &with, None))
             .collect()
     }
 
@@ -191,10 +202,10 @@ mod tests {
             metrics: &metrics,
             connector: &connector,
         };
-        assert!(Chain::build(&config.routes[0], &with)
+        assert!(Chain::build(&config.routes[0], &with, None)
             .expect("chain")
             .is_empty());
-        let Err(why) = Chain::build(&config.routes[1], &with) else {
+        let Err(why) = Chain::build(&config.routes[1], &with, None) else {
             panic!("an unknown plugin was built");
         };
         assert!(

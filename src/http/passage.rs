@@ -1,6 +1,6 @@
 //! What one request carries from its route's filters on to the upstream phases and to
 //! every copy made of it: the client (and the identity auth found), the path `rewrite`
-//! made, the origin CORS allowed, the trace context.
+//! made, the origin CORS allowed, the trace context, the tokens its rate limit left.
 
 use http::HeaderValue;
 
@@ -17,4 +17,7 @@ pub struct Passage {
     pub origin: Option<HeaderValue>,
     /// Its W3C trace context, passed on to every copy of it.
     pub trace: Trace,
+    /// Tokens left in the client's rate-limit bucket after this request, on a limited
+    /// route (`X-RateLimit-Remaining`).
+    pub(crate) rate_remaining: Option<u64>,
 }

@@ -8,24 +8,9 @@ use pingora_http::ResponseHeader;
 use pingora_proxy::Session;
 use serde_json::json;
 
+pub use super::answer::reason;
 use super::answer::{Stop, StopBody};
 use super::request_id;
-
-/// The words of the `error` field for a status the gateway produced.
-pub fn reason(status: u16) -> &'static str {
-    match status {
-        400 => "bad request",
-        404 => "no route",
-        405 => "method not allowed",
-        413 => "request body too large",
-        429 => "rate limit exceeded",
-        501 => "not implemented",
-        502 => "upstream unavailable",
-        503 => "no healthy backend",
-        504 => "upstream timed out",
-        _ => "internal error",
-    }
-}
 
 /// The JSON body of an error answer.
 pub fn error_body(message: &str, request_id: &str) -> Bytes {
@@ -39,25 +24,27 @@ pub fn error_body(message: &str, request_id: &str) -> Bytes {
 pub async fn send_error(
     session: &mut Session,
     status: u16,
-    message: &str,
+    message: &'static str,
     request_id: &str,
     extra: &[(&'static str, String)],
     close: bool,
 ) -> Result<()> {
-    let body = error_body(message, request_id);
-    let mut resp = ResponseHeader::build(status, Some(4 + extra.len()))?;
-    resp.insert_header("content-type", "application/json")?;
-    resp.insert_header("content-length", body.len().to_string())?;
-    resp.insert_header(request_id::HEADER, request_id)?;
-    for (name, value) in extra {
-        resp.insert_header(*name, value.as_str())?;
-    }
-    if close || session.is_process_shutting_down() {
-        session.as_downstream_mut().set_keepalive(None);
-        resp.insert_header("connection", "close")?;
-    }
-    session.write_response_header(Box::new(resp), false).await?;
-    session.write_response_body(Some(body), true).await
+    let headers = extra
+        .iter()
+        .filter_map(|(name, value)| {
+            Some((
+                http::HeaderName::from_static(name),
+                http::HeaderValue::from_str(value).ok()?,
+            ))
+        })
+        .collect();
+    let stop = Stop {
+        status,
+        headers,
+        body: StopBody::Error(message),
+        denied: None,
+    };
+    send_stop(session, stop, request_id, close, |_| {}).await
 }
 
 /// Writes an answer a route's filter (or a redirect route) gave: its status and headers,

@@ -1,109 +1,31 @@
 //! From a request's head to what becomes of it ([`Admission`]): the edge's screening, the
-//! route, the route's filters, its rate limit (local or in Redis), the upstream's
-//! concurrency limit, and the dispatch to proxying, a tunnel, a broadcast or an answer the
-//! gateway gives itself ([`OwnAnswer`]); [`FanoutProxy::settle`] carries the verdict out.
+//! route (404/405, and 413 for a declared body over its limit), the route's chain of steps
+//! (access, CORS, auth, plugins, rewrite, rate limit: `crate::filters`), and the dispatch by
+//! the route's kind to proxying, a tunnel, a broadcast or an answer the gateway gives
+//! itself; [`FanoutProxy::settle`] carries out what is not simply proxied.
 
 use super::*;
-
-/// What the rate limit's decision means for the request: `None` to go on (the tokens left
-/// noted in `remaining` for `X-RateLimit-Remaining`), else the 429.
-pub(super) fn limited(
-    remaining_after: &mut Option<u64>,
-    route: &Route,
-    decision: Decision,
-    req: &RequestHeader,
-) -> Option<OwnAnswer> {
-    let limit = route.rate_limiter.as_ref().map_or(0.0, |l| l.limit);
-    match decision {
-        Decision::Allow { remaining } => {
-            *remaining_after = Some(remaining);
-            None
-        }
-        Decision::Deny { retry_after_secs } => {
-            route.rate_limited.inc();
-            let (has_body, _) = limits::declared_body(req);
-            Some(OwnAnswer {
-                status: 429,
-                message: respond::reason(429),
-                headers: vec![
-                    ("retry-after", retry_after_secs.to_string()),
-                    ("x-ratelimit-limit", limit.to_string()),
-                    ("x-ratelimit-remaining", "0".to_string()),
-                ],
-                close: has_body,
-            })
-        }
-    }
-}
 
 /// What becomes of a client request once admitted or refused.
 pub(super) enum Admission {
     /// Proxy it (its mirror copies, if any, are started).
     Proxy,
     /// An upgrade (WebSocket): relay the handshake, then bytes both ways ([`super::tunnel`]).
-    Tunnel(UpstreamId),
+    Tunnel {
+        route: RouteId,
+        upstream: UpstreamId,
+    },
     /// A broadcast route: read the body, answer 202, deliver in the background.
-    Broadcast,
-    /// Refused or answered by the gateway itself.
-    Answer(OwnAnswer),
-    /// The route has filters (access, auth, CORS, rewrite): run them, then go on with
-    /// [`FanoutProxy::limit`].
-    Filter,
-    /// Answered by a filter or a redirect route.
-    Stop(Stop),
-    /// The route's rate limit is in Redis: ask it, then dispatch ([`FanoutProxy::admit_shared`]).
-    AskLimit,
-    /// An HTTP/2 request that declares `content-length: 0` on a stream not known to be
-    /// ended: wait for its end, then admit it ([`edge::h2::await_empty_end`]).
-    AwaitEnd,
-}
-
-/// An answer the gateway gives itself instead of proxying.
-pub(super) struct OwnAnswer {
-    pub(super) status: u16,
-    pub(super) message: &'static str,
-    pub(super) headers: Vec<(&'static str, String)>,
-    /// The request's body stays unread: the connection cannot carry another request.
-    pub(super) close: bool,
-}
-
-impl OwnAnswer {
-    pub(super) fn status(status: u16) -> OwnAnswer {
-        OwnAnswer {
-            status,
-            message: respond::reason(status),
-            headers: Vec::new(),
-            close: false,
-        }
-    }
-
-    /// The same answer, for [`respond::send_stop`].
-    pub(super) fn into_stop(self) -> Stop {
-        Stop {
-            status: self.status,
-            headers: self
-                .headers
-                .into_iter()
-                .filter_map(|(name, value)| {
-                    Some((
-                        http::HeaderName::from_static(name),
-                        http::HeaderValue::from_str(&value).ok()?,
-                    ))
-                })
-                .collect(),
-            body: StopBody::Error(self.message),
-            denied: None,
-        }
-    }
-
-    pub(super) fn refusal(r: Refusal) -> OwnAnswer {
-        OwnAnswer {
-            status: r.status(),
-            message: r.message(),
-            headers: Vec::new(),
-            close: true,
-        }
-    }
+    Broadcast {
+        route: RouteId,
+        targets: Arc<Targets>,
+    },
+    /// Answered by the gateway itself: no route, a step's refusal (401, 403, 429), a
+    /// preflight, a redirect. The connection stays open unless the body was left unread.
+    Answer(Stop),
+    /// Refused for what the request is (bad request, over the body limit, an expectation
+    /// the gateway does not meet): answered, and the connection closed.
+    Refuse(Refusal),
 }
 
 impl FanoutProxy {
@@ -116,23 +38,24 @@ impl FanoutProxy {
         session: &mut Session,
         ctx: &mut RequestCtx,
     ) -> Result<Option<u16>> {
-        let limit = ctx
-            .route
-            .map_or(u64::MAX, |id| ctx.gen.routes[id].config.max_body_bytes);
-        let answer = ctx
+        let limit = ctx.body_limit();
+        let Some(routed) = ctx.routed.as_mut() else {
+            return Ok(None);
+        };
+        let answer = routed
             .failover
-            .first_answer(session, &mut ctx.copies, &mut ctx.body, limit)
+            .first_answer(session, &mut routed.copies, &mut ctx.body, limit)
             .await;
         let answer = match answer {
             Ok(Some(answer)) => answer,
             Ok(None) => return Ok(None),
             Err(refusal) => {
                 ctx.refused = Some(refusal);
-                ctx.copies = Copies::default();
+                routed.copies = Copies::default();
                 return Ok(None);
             }
         };
-        let route = self.route(ctx).map(|r| &r.config);
+        let route = ctx.route().map(|r| &r.config);
         let name = ctx.gen.upstreams[answer.upstream].name();
         fallback::send(session, answer, route, &ctx.request_id, name)
             .await
@@ -184,9 +107,10 @@ impl FanoutProxy {
         Ok(())
     }
 
-    /// Routes a client request and applies every check that may refuse it, in order:
-    /// route (404/405), declared body size (413), rate limit (429).
-    pub(super) fn admit(&self, session: &Session, ctx: &mut RequestCtx) -> Admission {
+    /// Routes a screened request, runs its route's steps and dispatches it. A request that
+    /// matches no route gets 404 (405 when only its method is wrong); one that declares a
+    /// body over its route's limit gets 413.
+    pub(super) async fn admit(&self, session: &mut Session, ctx: &mut RequestCtx) -> Admission {
         let req = session.req_header();
         let router = &ctx.gen.router;
         let local = match router.needs_listener {
@@ -204,32 +128,62 @@ impl FanoutProxy {
         };
         let id = match router.find(&probe) {
             RouteMatch::Found(id) => id,
-            RouteMatch::MethodNotAllowed => return Admission::Answer(OwnAnswer::status(405)),
-            RouteMatch::NotFound => return Admission::Answer(OwnAnswer::status(404)),
+            RouteMatch::MethodNotAllowed => return Admission::Answer(Stop::error(405)),
+            RouteMatch::NotFound => return Admission::Answer(Stop::error(404)),
         };
-        ctx.route = Some(id);
-        let route = &ctx.gen.routes[id];
-        if let Err(r) = limits::check_length(req, route.config.max_body_bytes) {
-            return Admission::Answer(OwnAnswer::refusal(r));
-        }
-        if !route.filters.is_empty() {
-            return Admission::Filter;
-        }
-        self.limit(session, ctx)
+        let mut routed = Routed::new(id);
+        let admission = self.admit_routed(session, ctx, &mut routed).await;
+        ctx.routed = Some(routed);
+        admission
     }
 
-    /// Runs the route's filters: a request they stop is answered, one they pass goes on
-    /// to the rate limit.
-    pub(super) async fn filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Admission {
-        let Some(id) = ctx.route else {
-            return Admission::Answer(OwnAnswer::status(404));
-        };
-        let gen = Arc::clone(&ctx.gen);
+    /// The route's body limit (413), its steps, then [`Self::dispatch`].
+    async fn admit_routed(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        routed: &mut Routed,
+    ) -> Admission {
+        let route = &ctx.gen.routes[routed.id];
+        if let Err(r) = limits::check_length(session.req_header(), route.config.max_body_bytes) {
+            return Admission::Refuse(r);
+        }
+        if !route.filters.is_empty() {
+            if let Err(stop) = self.run_steps(session, ctx, routed.id).await {
+                return Admission::Answer(stop);
+            }
+        }
+        self.dispatch(session, ctx, routed)
+    }
+
+    /// An HTTP/2 request that declares `content-length: 0` on a stream not known to be
+    /// ended: admitted once its end has come ([`edge::h2::await_empty_end`]).
+    pub(super) async fn admit_when_ended(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+    ) -> Admission {
+        match edge::h2::await_empty_end(session, ctx.gen.clients.body_timeout).await {
+            Ok(()) => self.admit(session, ctx).await,
+            Err(r) => {
+                ctx.gen.clients.refused.bad_request.inc();
+                Admission::Refuse(Refusal::Edge(r))
+            }
+        }
+    }
+
+    /// Runs the route's chain of steps, in a span of its own on a traced request.
+    async fn run_steps(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        id: RouteId,
+    ) -> Result<(), Stop> {
         let mut span = ctx
             .span
             .as_ref()
             .map(|s| s.child("access and auth", Kind::Internal));
-        let decided = gen.routes[id].filters.run(session, &mut ctx.pass).await;
+        let decided = ctx.gen.routes[id].filters.run(session, &mut ctx.pass).await;
         if let Some(span) = &mut span {
             match &decided {
                 Ok(()) => span.attr("fanout.decision", "passed"),
@@ -242,96 +196,26 @@ impl FanoutProxy {
                 }
             }
         }
-        drop(span);
-        match decided {
-            Ok(()) => self.limit(session, ctx),
-            Err(stop) => Admission::Stop(stop),
-        }
-    }
-
-    /// The route's rate limit (429), then [`Self::dispatch`].
-    pub(super) fn limit(&self, session: &Session, ctx: &mut RequestCtx) -> Admission {
-        let Some(route) = ctx.route.map(|id| &ctx.gen.routes[id]) else {
-            return Admission::Answer(OwnAnswer::status(404));
-        };
-        let req = session.req_header();
-        if let Some(limiter) = &route.rate_limiter {
-            let mut buf = [0u8; 16];
-            let key = keys::key_bytes(req, &ctx.pass.client, &limiter.key, &mut buf);
-            match limiter.decide(key, Instant::now()) {
-                Check::Now(decision) => {
-                    if let Some(answer) = limited(&mut ctx.rate_remaining, route, decision, req) {
-                        return Admission::Answer(answer);
-                    }
-                }
-                Check::Ask(_) => return Admission::AskLimit,
-            }
-        }
-        self.dispatch(session, ctx)
-    }
-
-    /// The decision of a route whose rate limit lives in Redis (`store: redis`), then the
-    /// rest of [`Self::admit`]. Redis not answering within `redis.timeout` is a store error:
-    /// counted, then `on_store_error` lets the request through or answers 503.
-    pub(super) async fn admit_shared(&self, session: &Session, ctx: &mut RequestCtx) -> Admission {
-        let Some(route) = ctx.route.map(|id| &ctx.gen.routes[id]) else {
-            return Admission::Answer(OwnAnswer::status(404));
-        };
-        let Some(limiter) = route.rate_limiter.as_ref() else {
-            return self.dispatch(session, ctx);
-        };
-        let mut buf = [0u8; 16];
-        let key = keys::key_bytes(
-            session.req_header(),
-            &ctx.pass.client,
-            &limiter.key,
-            &mut buf,
-        )
-        .to_vec();
-        let Check::Ask(shared) = limiter.decide(&key, Instant::now()) else {
-            return self.dispatch(session, ctx);
-        };
-        match shared.check(&key).await {
-            Ok(decision) => {
-                let req = session.req_header();
-                if let Some(answer) = limited(&mut ctx.rate_remaining, route, decision, req) {
-                    return Admission::Answer(answer);
-                }
-            }
-            Err(e) => {
-                route.rate_limit_store_errors.inc();
-                log::debug!("rate limit of {}: {e}", route.config.label);
-                if shared.on_error == OnStoreError::Deny {
-                    let (has_body, _) = limits::declared_body(session.req_header());
-                    return Admission::Answer(OwnAnswer {
-                        status: 503,
-                        message: "rate limit store unavailable",
-                        headers: vec![("retry-after", "1".to_string())],
-                        close: has_body,
-                    });
-                }
-            }
-        }
-        self.dispatch(session, ctx)
+        decided
     }
 
     /// The route's kind decides what becomes of an admitted request.
-    pub(super) fn dispatch(&self, session: &Session, ctx: &mut RequestCtx) -> Admission {
-        let Some(id) = ctx.route else {
-            return Admission::Answer(OwnAnswer::status(404));
-        };
-        let route = &ctx.gen.routes[id];
+    fn dispatch(&self, session: &Session, ctx: &RequestCtx, routed: &mut Routed) -> Admission {
+        let route = &ctx.gen.routes[routed.id];
         match &route.kind {
             // An upgrade (WebSocket) becomes a tunnel to one backend: never mirrored, and
             // no fallback can take over a tunnel.
-            RouteRuntime::Proxy(p) if tunnel::wanted(session) => Admission::Tunnel(p.upstream),
+            RouteRuntime::Proxy(p) if tunnel::wanted(session) => Admission::Tunnel {
+                route: routed.id,
+                upstream: p.upstream,
+            },
             RouteRuntime::Proxy(_) if forwarding::is_upgrade(session.req_header()) => {
                 Admission::Proxy
             }
             RouteRuntime::Proxy(p) => {
                 let connector = &self.gw.connector;
                 if !p.mirrors.is_empty() {
-                    ctx.copies =
+                    routed.copies =
                         Copies::start(session, &ctx.pass, &p.mirrors, &ctx.request_id, connector);
                 }
                 if let Some(fallbacks) = &p.fallbacks {
@@ -340,14 +224,22 @@ impl FanoutProxy {
                         pass: &ctx.pass,
                         request_id: &ctx.request_id,
                     };
-                    ctx.failover =
-                        Failover::start(&mut ctx.copies, of, &route.config, fallbacks, connector);
+                    routed.failover = Failover::start(
+                        &mut routed.copies,
+                        of,
+                        &route.config,
+                        fallbacks,
+                        connector,
+                    );
                 }
                 Admission::Proxy
             }
-            RouteRuntime::Broadcast(_) => Admission::Broadcast,
+            RouteRuntime::Broadcast(targets) => Admission::Broadcast {
+                route: routed.id,
+                targets: Arc::clone(targets),
+            },
             RouteRuntime::Redirect(r) => {
-                Admission::Stop(r.answer(session.req_header(), ctx.pass.client.https))
+                Admission::Answer(r.answer(session.req_header(), ctx.pass.client.https))
             }
         }
     }
@@ -358,133 +250,75 @@ impl FanoutProxy {
         &self,
         session: &mut Session,
         ctx: &mut RequestCtx,
-        verdict: Admission,
+        admission: Admission,
         expect: Expect,
     ) -> Result<bool> {
         // `Expect: 100-continue` is answered here, once the request is admitted (route,
         // size and rate limits passed): the client sends its body at once instead of waiting
         // for a backend's `100` that may never come. A refusal above went out without the
         // body being read.
-        let verdict = match verdict {
-            // Nothing is routed, copied or sent upstream before the stream has shown that
-            // it carries no data.
-            Admission::AwaitEnd => {
-                match edge::h2::await_empty_end(session, ctx.gen.clients.body_timeout).await {
-                    Ok(()) => self.admit(session, ctx),
-                    Err(r) => {
-                        ctx.gen.clients.refused.bad_request.inc();
-                        Admission::Answer(OwnAnswer::refusal(Refusal::Edge(r)))
-                    }
-                }
-            }
-            v => v,
-        };
-        let verdict = match verdict {
-            Admission::Filter => self.filter(session, ctx).await,
-            v => v,
-        };
-        let verdict = match verdict {
-            Admission::AskLimit => self.admit_shared(session, ctx).await,
-            v => v,
-        };
-        let verdict = match (verdict, expect) {
+        let admission = match (admission, expect) {
             (
-                v @ (Admission::Proxy | Admission::Broadcast | Admission::Tunnel(_)),
+                Admission::Proxy | Admission::Broadcast { .. } | Admission::Tunnel { .. },
                 Expect::Unsupported,
-            ) => {
-                drop(v);
-                Admission::Answer(OwnAnswer::refusal(Refusal::Expectation))
-            }
-            (v @ (Admission::Proxy | Admission::Broadcast), Expect::Continue) => {
+            ) => Admission::Refuse(Refusal::Expectation),
+            (a @ (Admission::Proxy | Admission::Broadcast { .. }), Expect::Continue) => {
                 session
                     .req_header_mut()
                     .remove_header(&http::header::EXPECT);
                 respond::send_continue(session).await?;
-                v
+                a
             }
-
-            (v, _) => v,
+            (a, _) => a,
         };
-        match verdict {
-            Admission::Proxy => Ok(false),
-            Admission::Tunnel(upstream) => {
-                if let Some(route) = self.route(ctx) {
-                    let target = tunnel::TunnelTarget {
-                        upstream: &ctx.gen.upstreams[upstream],
-                        route: &route.config,
-                        pass: &ctx.pass,
-                        connector: &self.gw.connector,
-                        request_id: &ctx.request_id,
-                    };
-                    ctx.backend = tunnel::serve(session, target).await?;
+        let draining = self.gw.draining.is_set();
+        let (stop, close) = match admission {
+            Admission::Proxy => return Ok(false),
+            Admission::Tunnel { route, upstream } => {
+                let target = tunnel::TunnelTarget {
+                    upstream: &ctx.gen.upstreams[upstream],
+                    route: &ctx.gen.routes[route].config,
+                    pass: &ctx.pass,
+                    connector: &self.gw.connector,
+                    request_id: &ctx.request_id,
+                };
+                let backend = tunnel::serve(session, target).await?;
+                if let Some(routed) = ctx.routed.as_mut() {
+                    routed.backend = backend;
                 }
-                Ok(true)
+                return Ok(true);
             }
-            Admission::Broadcast => {
-                let route = ctx.route.map(|id| &ctx.gen.routes[id]);
-                if let Some((route, RouteRuntime::Broadcast(targets))) = route.map(|r| (r, &r.kind))
-                {
-                    let closing = self.gw.draining.is_set();
-                    broadcast::accept(
-                        session,
-                        &route.config,
-                        targets,
-                        &*self.gw.spool,
-                        &ctx.pass,
-                        &ctx.request_id,
-                        closing,
-                    )
-                    .await?;
-                }
-                Ok(true)
-            }
-            Admission::Answer(a) => {
-                let close = a.close || self.gw.draining.is_set();
-                let chain = ctx
-                    .route
-                    .map(|id| &ctx.gen.routes[id].filters)
-                    .filter(|c| !c.is_empty());
-                match chain {
-                    // A route with filters: they add to the gateway's own answers too (a
-                    // 429 a page's script must be able to read carries its CORS headers).
-                    Some(chain) => {
-                        respond::send_stop(session, a.into_stop(), &ctx.request_id, close, |h| {
-                            chain.response(&ctx.pass, h)
-                        })
-                        .await?
-                    }
-                    None => {
-                        send_error(
-                            session,
-                            a.status,
-                            a.message,
-                            &ctx.request_id,
-                            &a.headers,
-                            close,
-                        )
-                        .await?
-                    }
-                }
-                Ok(true)
-            }
-            Admission::Stop(stop) => {
-                let close =
-                    limits::declared_body(session.req_header()).0 || self.gw.draining.is_set();
-                let route = ctx.route.map(|id| &ctx.gen.routes[id].filters);
-                respond::send_stop(session, stop, &ctx.request_id, close, |head| {
-                    if let Some(chain) = route {
-                        chain.response(&ctx.pass, head)
-                    }
-                })
+            Admission::Broadcast { route, targets } => {
+                broadcast::accept(
+                    session,
+                    &ctx.gen.routes[route].config,
+                    &targets,
+                    &*self.gw.spool,
+                    &ctx.pass,
+                    &ctx.request_id,
+                    draining,
+                )
                 .await?;
-                Ok(true)
+                return Ok(true);
             }
-            // Decided above: never here.
-            Admission::AskLimit | Admission::AwaitEnd | Admission::Filter => {
-                let a = OwnAnswer::status(500);
-                send_error(session, 500, a.message, &ctx.request_id, &[], true).await?;
-                Ok(true)
+            Admission::Answer(stop) => {
+                let unread = limits::declared_body(session.req_header()).0;
+                (stop, unread || draining)
             }
-        }
+            Admission::Refuse(refusal) => (
+                Stop::error_saying(refusal.status(), refusal.message()),
+                true,
+            ),
+        };
+        // A routed request's steps add to the gateway's own answers too (a 429 a page's
+        // script must be able to read carries its CORS headers).
+        let chain = ctx.route().map(|r| &r.filters).filter(|c| !c.is_empty());
+        respond::send_stop(session, stop, &ctx.request_id, close, |head| {
+            if let Some(chain) = chain {
+                chain.response(&ctx.pass, head)
+            }
+        })
+        .await?;
+        Ok(true)
     }
 }

@@ -46,8 +46,9 @@ pub(super) fn finish_request_span(
         downstream.body_bytes_sent() as i64,
     );
     if let Some(u) = ctx
-        .failover
-        .answered_by()
+        .routed
+        .as_ref()
+        .and_then(|r| r.failover.answered_by())
         .or_else(|| route.and_then(Route::upstream))
     {
         span.attr("fanout.upstream", ctx.gen.upstreams[u].name().to_string());

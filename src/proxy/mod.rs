@@ -3,11 +3,13 @@
 //!
 //! 1. `request_filter`: count it, settle its request id, hold an HTTP/2 request to the
 //!    edge's limits and grammar (400/414/431; HTTP/1.1 ones met them before Pingora parsed
-//!    them), normalise the path (400), route it (404/405), refuse a declared body over the
-//!    limit (413).
-//!    Sampled requests on mirrored routes start their copies here, and fallback routes
-//!    their fallback copies ([`mirror`], [`fallback`]): tasks that send the request elsewhere through
-//!    Pingora's connector and never enter these phases.
+//!    them), normalise the path (400), then [`admission`]: route it (404/405, and from
+//!    then on the request carries its [`context::Routed`] state), refuse a declared body
+//!    over the limit (413), run the route's chain of steps (`crate::filters`: access,
+//!    CORS, auth, plugins, rewrite, rate limit; 401/403/429), and dispatch by the route's
+//!    kind. Sampled requests on mirrored routes start their copies there, and fallback
+//!    routes their fallback copies ([`mirror`], [`fallback`]): tasks that send the request
+//!    elsewhere through Pingora's connector and never enter these phases.
 //! 2. `request_body_filter`: count the streaming body against the limit (413, upstream
 //!    request aborted) and feed it to the copies.
 //! 3. On a route with `cache:` ([`cache`]): `request_cache_filter` turns the cache on,
@@ -18,24 +20,26 @@
 //! 4. `upstream_peer`: lease a backend from the route's upstream (503 when none is left).
 //! 5. `upstream_request_filter` / `upstream_response_filter` / `response_filter`:
 //!    forwarding headers, hop-by-hop removal, route header rules, `strip_prefix`
-//!    ([`crate::http::forwarding`]); a primary's 5xx on a fallback route hands over to the fallbacks;
-//!    `X-Cache`, rate-limit headers. `response_body_filter` feeds the primary's body to
-//!    mirror comparisons.
-//! 6. `fail_to_connect` / `error_while_proxy`: decide retries (a connect failure, or an
-//!    idempotent request that failed before any answer reached the client, goes to another
-//!    backend while the upstream's `retries` allow; a request whose client left, or whose
-//!    own body broke its framing, is over and never sent again).
+//!    ([`crate::http::forwarding`]); compression ([`compress`]); a primary's 5xx on a
+//!    fallback route hands over to the fallbacks; `X-Cache` ([`cache::report`]); the
+//!    answer side of the route's steps (CORS, `X-RateLimit-*`, plugins').
+//!    `response_body_filter` feeds the primary's body to mirror comparisons.
+//! 6. `fail_to_connect` / `error_while_proxy`: decide retries ([`context`]: a connect
+//!    failure, or an idempotent request that failed before any answer reached the client,
+//!    goes to another backend while the upstream's `retries` allow; a request whose client
+//!    left, or whose own body broke its framing, is over and never sent again).
 //! 7. `fail_to_proxy`: the JSON error answer (413, 502, 503, 504), or a fallback's answer.
-//! 8. `logging`: metrics, totals, the access log line; the backend lease is released.
+//! 8. `logging`: metrics, totals, the access log line ([`finish`]); the backend lease is
+//!    released.
 
 mod admission;
 mod context;
 mod finish;
 pub mod tunnel;
 
-use admission::{Admission, OwnAnswer};
+use admission::Admission;
 pub use context::RequestCtx;
-use context::{attempt_failed, grpc_status, AttemptFailure};
+use context::{attempt_failed, grpc_status, on_route, upstream_of, AttemptFailure, Routed};
 use finish::{finish_request_span, millis, protocol, traced};
 
 use std::sync::Arc;
@@ -49,15 +53,14 @@ use pingora_error::{Error, ErrorSource, ErrorType, Result};
 use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::{FailToProxy, ProxyHttp, ProxyWarnLogContext, Session};
 
-use crate::broadcast;
+use crate::broadcast::{self, Targets};
 use crate::cache;
 use crate::compress;
-use crate::config::OnStoreError;
 use crate::config::{AccessLog, RouteId, Scheme, UpstreamId};
 use crate::edge::{self, path};
 use crate::fallback::{self, Failover};
 use crate::gateway::{Gateway, Generation, Route, RouteRuntime};
-use crate::http::answer::{Stop, StopBody};
+use crate::http::answer::Stop;
 use crate::http::client::Client;
 use crate::http::errors;
 use crate::http::forwarding;
@@ -65,14 +68,13 @@ use crate::http::passage::Passage;
 use crate::http::request_id;
 use crate::http::respond::{self, send_error};
 use crate::http::trace_context::{Origin, Trace};
-use crate::keys::{self, request_host};
+use crate::keys::request_host;
 use crate::limits::{self, BodyCounter, Expect, Refusal};
 use crate::mirror::Copies;
 use crate::observe::access_log::Record;
 use crate::observe::span::{self, Kind, Span};
-use crate::ratelimit::{Check, Decision};
 use crate::routing::{Probe, RouteMatch};
-use crate::upstream::{concurrency, Lease, Tried};
+use crate::upstream::{concurrency, Lease, Tried, Upstream};
 
 pub struct FanoutProxy {
     gw: Arc<Gateway>,
@@ -81,15 +83,6 @@ pub struct FanoutProxy {
 impl FanoutProxy {
     pub fn new(gw: Arc<Gateway>) -> Self {
         FanoutProxy { gw }
-    }
-
-    fn route<'a>(&self, ctx: &'a RequestCtx) -> Option<&'a Route> {
-        ctx.route.map(|id| &ctx.gen.routes[id])
-    }
-
-    /// The upstream this request goes to: the route's.
-    fn target(&self, ctx: &RequestCtx) -> Option<UpstreamId> {
-        self.route(ctx).and_then(Route::upstream)
     }
 }
 
@@ -103,33 +96,7 @@ impl ProxyHttp for FanoutProxy {
     fn init_downstream_modules(&self, _modules: &mut pingora_core::modules::http::HttpModules) {}
 
     fn new_ctx(&self) -> RequestCtx {
-        RequestCtx {
-            start: Instant::now(),
-            gen: self.gw.current(),
-            request_id: String::new(),
-            route: None,
-            lease: None,
-            backend: None,
-            tried: Tried::default(),
-            attempts: 0,
-            resends: 0,
-            grpc_status: None,
-            body: BodyCounter::default(),
-            refused: None,
-            copies: Copies::default(),
-            failover: Failover::default(),
-            rate_remaining: None,
-            cache: None,
-            pass: Passage::default(),
-            not_modified: None,
-            encoder: None,
-            retrying: None,
-            permit: None,
-            shed: false,
-            span: None,
-            cache_span: None,
-            cache_looked_up: false,
-        }
+        RequestCtx::new(self.gw.current())
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
@@ -142,28 +109,28 @@ impl ProxyHttp for FanoutProxy {
         if let Some(tracer) = span::current() {
             ctx.span = traced(&tracer, &mut ctx.pass.trace);
         }
-        let verdict = match self.screen(session, &ctx.gen) {
-            Ok(()) if edge::h2::declares_empty_body(session.req_header()) => Admission::AwaitEnd,
-            Ok(()) => self.admit(session, ctx),
+        let admission = match self.screen(session, &ctx.gen) {
+            // Nothing is routed, copied or sent upstream before the stream has shown that
+            // it carries no data.
+            Ok(()) if edge::h2::declares_empty_body(session.req_header()) => {
+                Box::pin(self.admit_when_ended(session, ctx)).await
+            }
+            // The route's steps are awaited within `admit`: their future is small (a chain
+            // of boxed steps).
+            Ok(()) => self.admit(session, ctx).await,
             Err(r) => {
                 ctx.gen.clients.refused.bad_request.inc();
-                Admission::Answer(OwnAnswer::refusal(r))
+                Admission::Refuse(r)
             }
         };
-        let verdict = match verdict {
-            // A route's filters are awaited here, not in `settle`: their future is small
-            // (a chain of boxed steps), and a request they pass is then the common case.
-            Admission::Filter => self.filter(session, ctx).await,
-            v => v,
-        };
         let expect = limits::expectation(session.req_header());
-        if matches!((&verdict, &expect), (Admission::Proxy, Expect::Nothing)) {
-            // The common case awaits nothing: the others live in a future of their own,
-            // boxed only when needed, so this phase's future stays small (async_trait
+        if matches!((&admission, &expect), (Admission::Proxy, Expect::Nothing)) {
+            // The common case awaits nothing more: the others live in a future of their
+            // own, boxed only when needed, so this phase's future stays small (async_trait
             // moves every phase's whole future onto the heap, per request).
             return Ok(false);
         }
-        Box::pin(self.settle(session, ctx, verdict, expect)).await
+        Box::pin(self.settle(session, ctx, admission, expect)).await
     }
 
     async fn request_body_filter(
@@ -179,9 +146,7 @@ impl ProxyHttp for FanoutProxy {
             // then the terminator itself: a stray `0\r\n\r\n` left on a pooled connection.
             *body = None;
         }
-        let limit = ctx
-            .route
-            .map_or(u64::MAX, |id| ctx.gen.routes[id].config.max_body_bytes);
+        let limit = ctx.body_limit();
         let replayed = match body.as_ref().map(|chunk| ctx.body.add(chunk.len(), limit)) {
             None => 0,
             Some(Ok(replayed)) => replayed,
@@ -193,28 +158,28 @@ impl ProxyHttp for FanoutProxy {
                 );
             }
         };
-        if !ctx.copies.is_empty() {
-            // A retry's replay of bytes the copies already have is not theirs to get again.
-            match body.as_ref() {
-                Some(chunk) if replayed == chunk.len() && !end_of_stream => {}
-                Some(chunk) if replayed == chunk.len() => ctx.copies.feed(None, true),
-                Some(chunk) if replayed > 0 => ctx
-                    .copies
-                    .feed(Some(&chunk.slice(replayed..)), end_of_stream),
-                chunk => ctx.copies.feed(chunk, end_of_stream),
+        let copies = match ctx.routed.as_mut() {
+            Some(routed) if !routed.copies.is_empty() => &mut routed.copies,
+            _ => return Ok(()),
+        };
+        // A retry's replay of bytes the copies already have is not theirs to get again.
+        match body.as_ref() {
+            Some(chunk) if replayed == chunk.len() && !end_of_stream => {}
+            Some(chunk) if replayed == chunk.len() => copies.feed(None, true),
+            Some(chunk) if replayed > 0 => {
+                copies.feed(Some(&chunk.slice(replayed..)), end_of_stream)
             }
+            chunk => copies.feed(chunk, end_of_stream),
         }
         Ok(())
     }
 
     fn request_cache_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<()> {
-        let route_cache = self.route(ctx).and_then(|r| r.config.cache.as_ref());
-        if let (Some(cache), Some(rc)) = (self.gw.cache(), route_cache) {
+        let span = ctx.span.as_ref();
+        let (route, routed) = on_route(&ctx.gen, &mut ctx.routed)?;
+        if let (Some(cache), Some(rc)) = (self.gw.cache(), route.config.cache.as_ref()) {
             cache.enable(session, rc);
-            ctx.cache_span = ctx
-                .span
-                .as_ref()
-                .map(|s| s.child("cache lookup", Kind::Internal));
+            routed.cache_span = span.map(|s| s.child("cache lookup", Kind::Internal));
         }
         Ok(())
     }
@@ -224,9 +189,9 @@ impl ProxyHttp for FanoutProxy {
         session: &Session,
         ctx: &mut RequestCtx,
     ) -> Result<pingora_cache::CacheKey> {
-        ctx.cache_looked_up = true;
-        let label = self.route(ctx).map_or("", |r| r.config.label.as_str());
-        Ok(cache::key(label, session.req_header()))
+        let (route, routed) = on_route(&ctx.gen, &mut ctx.routed)?;
+        routed.cache_looked_up = true;
+        Ok(cache::key(&route.config.label, session.req_header()))
     }
 
     fn response_cache_filter(
@@ -237,8 +202,9 @@ impl ProxyHttp for FanoutProxy {
     ) -> Result<pingora_cache::RespCacheable> {
         let refuse =
             pingora_cache::RespCacheable::Uncacheable(pingora_cache::NoCacheReason::NeverEnabled);
-        let not_modified = ctx.not_modified.take();
-        let Some(rc) = self.route(ctx).and_then(|r| r.config.cache.as_ref()) else {
+        let (route, routed) = on_route(&ctx.gen, &mut ctx.routed)?;
+        let not_modified = routed.not_modified.take();
+        let Some(rc) = route.config.cache.as_ref() else {
             return Ok(refuse);
         };
         Ok(match not_modified {
@@ -259,8 +225,8 @@ impl ProxyHttp for FanoutProxy {
     ) -> Option<[u8; 16]> {
         // On a compressing route, requests vary by the coding they get, not by the text of
         // their Accept-Encoding: one variant per coding.
-        let coding = self
-            .route(ctx)
+        let coding = ctx
+            .route()
             .and_then(|r| r.proxy()?.compress.as_ref())
             .map(|c| c.negotiate(req).map_or("identity", |c| c.token()));
         cache::variance(meta, req, coding)
@@ -273,7 +239,7 @@ impl ProxyHttp for FanoutProxy {
         end_of_stream: bool,
         ctx: &mut RequestCtx,
     ) -> Result<Option<Duration>> {
-        if let Some(encoder) = ctx.encoder.as_mut() {
+        if let Some(encoder) = ctx.routed.as_mut().and_then(|r| r.encoder.as_mut()) {
             encoder.feed(body, end_of_stream);
         }
         Ok(None)
@@ -308,20 +274,17 @@ impl ProxyHttp for FanoutProxy {
         session: &mut Session,
         ctx: &mut RequestCtx,
     ) -> Result<Box<HttpPeer>> {
-        let upstream = self
-            .target(ctx)
-            .map(|u| &ctx.gen.upstreams[u])
-            .ok_or_else(|| {
-                Error::explain(ErrorType::InternalError, "request has no proxy route")
-            })?;
+        let span = ctx.span.as_ref();
+        let (route, routed) = on_route(&ctx.gen, &mut ctx.routed)?;
+        let upstream = &ctx.gen.upstreams[upstream_of(route)?];
         // Release the previous attempt's slot before choosing, so least_conn sees true loads.
-        ctx.lease = None;
+        routed.lease = None;
         ctx.body.restart();
-        if let (Some(limiter), None) = (&upstream.concurrency, &ctx.permit) {
+        if let (Some(limiter), None) = (&upstream.concurrency, &routed.permit) {
             match limiter.acquire().await {
-                Ok(permit) => ctx.permit = Some(permit),
+                Ok(permit) => routed.permit = Some(permit),
                 Err(concurrency::Shed) => {
-                    ctx.shed = true;
+                    routed.shed = true;
                     return Error::e_explain(
                         ErrorType::HTTPStatus(503),
                         "over the upstream's concurrency limit",
@@ -330,19 +293,19 @@ impl ProxyHttp for FanoutProxy {
             }
         }
         let lease = upstream
-            .select_for(session.req_header(), &ctx.pass.client, &ctx.tried)
+            .select_for(session.req_header(), &ctx.pass.client, &routed.tried)
             .ok_or_else(|| Error::explain(ErrorType::HTTPStatus(503), "no healthy backend"))?;
-        ctx.tried.add(lease.index());
-        ctx.attempts += 1;
-        ctx.backend = Some(Arc::clone(&lease.backend().label));
+        routed.tried.add(lease.index());
+        routed.attempts += 1;
+        routed.backend = Some(Arc::clone(&lease.backend().label));
         let peer = lease.backend().peer();
         let mut lease = lease;
-        if let Some(span) = &ctx.span {
+        if let Some(span) = span {
             let mut attempt = span.child("upstream attempt", Kind::Client);
-            attempt.attr("fanout.attempt", i64::from(ctx.attempts));
+            attempt.attr("fanout.attempt", i64::from(routed.attempts));
             lease.trace(attempt);
         }
-        ctx.lease = Some(lease);
+        routed.lease = Some(lease);
         Ok(peer)
     }
 
@@ -352,14 +315,14 @@ impl ProxyHttp for FanoutProxy {
         upstream_request: &mut RequestHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
-        let route = self
-            .route(ctx)
-            .ok_or_else(|| Error::explain(ErrorType::InternalError, "request has no route"))?;
-        forwarding::upstream_request(upstream_request, &route.config, &ctx.pass, &ctx.request_id)?;
-        if let Some(lease) = &ctx.lease {
+        let pass = &ctx.pass;
+        let request_id = &ctx.request_id;
+        let (route, routed) = on_route(&ctx.gen, &mut ctx.routed)?;
+        forwarding::upstream_request(upstream_request, &route.config, pass, request_id)?;
+        if let Some(lease) = &routed.lease {
             lease.backend().set_host(upstream_request)?;
         }
-        match ctx.lease.as_ref().and_then(Lease::span_id) {
+        match routed.lease.as_ref().and_then(Lease::span_id) {
             // A traced attempt: the upstream's parent is the attempt's span.
             Some(attempt) => ctx.pass.trace.propagate_under(upstream_request, attempt),
             None => Ok(()),
@@ -384,20 +347,21 @@ impl ProxyHttp for FanoutProxy {
         upstream_response: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
-        let status = upstream_response.status;
-        if let (Some(lease), false) = (ctx.lease.as_mut(), status.is_informational()) {
-            lease.answered(status.as_u16());
-        }
         // A trailers-only gRPC answer carries its status in the head.
         ctx.grpc_status = grpc_status(&upstream_response.headers);
-        if status == http::StatusCode::NOT_MODIFIED && ctx.cache_looked_up {
-            ctx.not_modified = Some(upstream_response.headers.clone());
+        let (route, routed) = on_route(&ctx.gen, &mut ctx.routed)?;
+        let status = upstream_response.status;
+        if let (Some(lease), false) = (routed.lease.as_mut(), status.is_informational()) {
+            lease.answered(status.as_u16());
         }
-        if let Some(c) = self.route(ctx).and_then(|r| r.proxy()?.compress.as_ref()) {
+        if status == http::StatusCode::NOT_MODIFIED && routed.cache_looked_up {
+            routed.not_modified = Some(upstream_response.headers.clone());
+        }
+        if let Some(c) = route.proxy().and_then(|p| p.compress.as_ref()) {
             // Before the cache stores it: a compressed answer is stored as its own variant.
-            ctx.encoder = c.start(session.req_header(), upstream_response);
+            routed.encoder = c.start(session.req_header(), upstream_response);
         }
-        if ctx.failover.primary_fails_with(status.as_u16()) {
+        if routed.failover.primary_fails_with(status.as_u16()) {
             // The primary failed: its answer is not used; fail_to_proxy picks a fallback's.
             return Error::e_explain(
                 ErrorType::HTTPStatus(status.as_u16()),
@@ -413,31 +377,24 @@ impl ProxyHttp for FanoutProxy {
         upstream_response: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
+        let (route, routed) = on_route(&ctx.gen, &mut ctx.routed)?;
         // Comparisons see the answer as the upstream (or the cache) gave it.
-        ctx.copies.primary_head(
+        routed.copies.primary_head(
             upstream_response.status.as_u16(),
             &upstream_response.headers,
         );
         // The primary's answer is the client's: the fallbacks' are not needed.
-        let target = self.target(ctx);
-        if let (true, Some(u)) = (ctx.failover.primary_answers(target), target) {
+        let upstream = route.upstream();
+        if let (true, Some(u)) = (routed.failover.primary_answers(upstream), upstream) {
             upstream_response.insert_header(fallback::HEADER, ctx.gen.upstreams[u].name())?;
         }
-        if let Some(results) = ctx
-            .route
-            .map(|id| &ctx.gen.routes[id])
-            .and_then(|r| r.proxy()?.cache_results.as_ref())
-        {
-            let outcome = match cache::Outcome::of(session.cache.phase()) {
-                cache::Outcome::Bypass if ctx.cache_looked_up => cache::Outcome::Miss,
-                outcome => outcome,
-            };
-            ctx.cache = Some(outcome);
-            results[outcome.index()].inc();
-            if let Some(mut span) = ctx.cache_span.take() {
+        if let Some(results) = route.proxy().and_then(|p| p.cache_results.as_ref()) {
+            let phase = session.cache.phase();
+            let outcome = cache::report(phase, routed.cache_looked_up, results, upstream_response)?;
+            routed.cache = Some(outcome);
+            if let Some(mut span) = routed.cache_span.take() {
                 span.attr("fanout.cache", outcome.label());
             }
-            upstream_response.insert_header("x-cache", outcome.header())?;
         }
         if self.gw.draining.is_set() || session.is_process_shutting_down() {
             // Stopping or handing over to a new process: close each client connection after
@@ -445,25 +402,15 @@ impl ProxyHttp for FanoutProxy {
             session.as_downstream_mut().set_keepalive(None);
             upstream_response.insert_header(header::CONNECTION, "close")?;
         }
-        if let (Some(remaining), Some(limiter)) = (
-            ctx.rate_remaining,
-            self.route(ctx).and_then(|r| r.rate_limiter.as_ref()),
-        ) {
-            upstream_response.insert_header("x-ratelimit-limit", limiter.limit.to_string())?;
-            upstream_response.insert_header("x-ratelimit-remaining", remaining.to_string())?;
-        }
-        if let Some(route) = self.route(ctx).filter(|r| !r.filters.is_empty()) {
+        // The route's steps add to its answers (CORS, X-RateLimit-*, a plugin's headers).
+        if !route.filters.is_empty() {
             route.filters.response(&ctx.pass, upstream_response);
         }
         let req = session.req_header();
         if !req.method.is_safe() && (200..400).contains(&upstream_response.status.as_u16()) {
             self.invalidate(req, upstream_response, &ctx.gen);
         }
-        forwarding::response(
-            upstream_response,
-            self.route(ctx).map(|r| &r.config),
-            &ctx.request_id,
-        )
+        forwarding::response(upstream_response, Some(&route.config), &ctx.request_id)
     }
 
     fn response_body_filter(
@@ -474,7 +421,9 @@ impl ProxyHttp for FanoutProxy {
         ctx: &mut RequestCtx,
     ) -> Result<Option<Duration>> {
         // Hashed as it passes, never held: a comparison costs the client nothing.
-        ctx.copies.primary_body(body.as_deref(), end_of_stream);
+        if let Some(routed) = ctx.routed.as_mut() {
+            routed.copies.primary_body(body.as_deref(), end_of_stream);
+        }
         Ok(None)
     }
 
@@ -485,19 +434,24 @@ impl ProxyHttp for FanoutProxy {
         ctx: &mut RequestCtx,
         mut e: Box<Error>,
     ) -> Box<Error> {
+        let Ok((route, routed)) = on_route(&ctx.gen, &mut ctx.routed) else {
+            return e;
+        };
+        let Ok(upstream) = upstream_of(route).map(|u| &ctx.gen.upstreams[u]) else {
+            return e;
+        };
         if e.etype == ErrorType::TLSHandshakeFailure {
             // The usual cause is configuration (CA, name, protocol): say which backend.
-            let upstream = self.target(ctx).map(|u| ctx.gen.upstreams[u].name());
             log::error!(
                 "TLS to backend {} of upstream {} failed: {}",
-                ctx.backend.as_deref().unwrap_or("?"),
-                upstream.unwrap_or("?"),
+                routed.backend.as_deref().unwrap_or("?"),
+                upstream.name(),
                 e
             );
         }
-        attempt_failed(ctx, &e);
+        attempt_failed(routed, &e);
         // Nothing reached the backend: any request may go to another one.
-        self.decide_retry(ctx, &mut e, AttemptFailure::NotSent);
+        routed.decide_retry(upstream, &mut e, AttemptFailure::NotSent);
         e
     }
 
@@ -510,7 +464,10 @@ impl ProxyHttp for FanoutProxy {
         _client_reused: bool,
     ) -> Box<Error> {
         let mut e = e.more_context(format!("Peer: {peer}"));
-        if ctx.refused.is_some() || ctx.failover.primary_failed() {
+        let Ok((route, routed)) = on_route(&ctx.gen, &mut ctx.routed) else {
+            return e;
+        };
+        if ctx.refused.is_some() || routed.failover.primary_failed() {
             // The gateway cut the request off itself (body limit, or failing over to a
             // fallback): not a reason to retry.
             e.set_retry(false);
@@ -523,12 +480,15 @@ impl ProxyHttp for FanoutProxy {
             ctx.gen.clients.refused.downstream(&e).inc();
             return e;
         }
-        attempt_failed(ctx, &e);
+        attempt_failed(routed, &e);
+        let Ok(upstream) = upstream_of(route).map(|u| &ctx.gen.upstreams[u]) else {
+            return e;
+        };
         let downstream = session.as_downstream();
         let safe = session.req_header().method.is_idempotent()
             && !downstream.retry_buffer_truncated()
             && downstream.response_written().is_none();
-        self.decide_retry(ctx, &mut e, AttemptFailure::Sent { safe });
+        routed.decide_retry(upstream, &mut e, AttemptFailure::Sent { safe });
         e
     }
 
@@ -546,8 +506,10 @@ impl ProxyHttp for FanoutProxy {
         let can_answer = code > 0 && session.as_downstream().response_written().is_none();
         // A request shed before anything was sent, with no body left unread, leaves its
         // connection fit for the next one: an overload is no time for clients to reconnect.
-        let reusable = ctx.shed && can_answer && !limits::declared_body(session.req_header()).0;
-        if can_answer && ctx.refused.is_none() && ctx.failover.armed() {
+        let shed = ctx.routed.as_ref().is_some_and(|r| r.shed);
+        let armed = ctx.routed.as_ref().is_some_and(|r| r.failover.armed());
+        let reusable = shed && can_answer && !limits::declared_body(session.req_header()).0;
+        if can_answer && ctx.refused.is_none() && armed {
             match self.fallback_answer(session, ctx).await {
                 Ok(Some(status)) => code = status,
                 Ok(None) => {
@@ -567,7 +529,7 @@ impl ProxyHttp for FanoutProxy {
                 }
             }
         } else if can_answer {
-            let (message, extra) = match (ctx.refused, ctx.shed) {
+            let (message, extra) = match (ctx.refused, shed) {
                 (Some(refusal), _) => (refusal.message(), None),
                 (None, true) => (
                     "upstream over its concurrency limit",
@@ -600,7 +562,9 @@ impl ProxyHttp for FanoutProxy {
         // access log has each request, the metrics count them, and the breaker logs each
         // backend going out and coming back — one line per change, not one per request.
         // A client that left mid-request is counted (`client_closed`) and in the access log.
-        ctx.failover.primary_failed()
+        ctx.routed
+            .as_ref()
+            .is_some_and(|r| r.failover.primary_failed())
             || errors::is_connect(error)
             || matches!(error.etype(), ErrorType::HTTPStatus(503))
             || *error.esource() == ErrorSource::Downstream
@@ -620,14 +584,19 @@ impl ProxyHttp for FanoutProxy {
     }
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
-        ctx.lease = None;
+        if let Some(routed) = ctx.routed.as_mut() {
+            routed.lease = None;
+        }
         let elapsed = ctx.start.elapsed();
         let status = session
             .as_downstream()
             .response_written()
             .map_or(0, |r| r.status.as_u16());
-        let route = ctx.route.map(|id| &ctx.gen.routes[id]);
-        if let Some(span) = ctx.span.take() {
+        let backend = ctx.routed.as_mut().and_then(|r| r.backend.take());
+        let span = ctx.span.take();
+        let routed = ctx.routed.as_ref();
+        let route = routed.map(|r| &ctx.gen.routes[r.id]);
+        if let Some(span) = span {
             finish_request_span(span, session, ctx, route, status, e);
         }
         let route_metrics = route.map_or(&self.gw.unrouted, |r| &r.metrics);
@@ -653,13 +622,12 @@ impl ProxyHttp for FanoutProxy {
                 status,
                 grpc_status: ctx.grpc_status,
                 route: route.map(|r| Arc::clone(r.metrics.label())),
-                upstream: ctx
-                    .failover
-                    .answered_by()
+                upstream: routed
+                    .and_then(|r| r.failover.answered_by())
                     .or_else(|| route.and_then(Route::upstream))
                     .map(|u| Arc::clone(&ctx.gen.upstreams[u].name)),
-                backend: ctx.backend.take(),
-                cache: ctx.cache.map(cache::Outcome::label),
+                backend,
+                cache: routed.and_then(|r| r.cache).map(cache::Outcome::label),
                 duration_ms: millis(elapsed),
                 bytes_in: downstream.body_bytes_read() as u64,
                 bytes_out: downstream.body_bytes_sent() as u64,

@@ -17,8 +17,12 @@
 //! With `store: redis` the arrival times live in Redis instead, shared by every instance
 //! ([`shared`]): the same GCRA, run there by one script per decision, or per lease of
 //! `lease` tokens that the instance then spends locally.
+//!
+//! [`step::Limit`] is how a route uses its limiter: the last step of the route's chain,
+//! with the 429 on the request side and the `X-RateLimit-*` headers on the answer side.
 
 pub mod shared;
+pub(crate) mod step;
 
 use parking_lot::Mutex;
 use std::collections::HashMap;
