@@ -33,6 +33,7 @@ use crate::observe::metrics::{Metrics, RouteMetrics};
 use crate::ratelimit::step::Limit;
 use crate::ratelimit::{RateLimiter, SharedStore};
 use crate::redirect::Redirect;
+use crate::routing::split::Split;
 use crate::routing::Router;
 use crate::upstream::Upstream;
 use pingora_core::connectors::http::Connector;
@@ -267,21 +268,38 @@ impl Generation {
                         None => Arc::new(RateLimiter::new(l, &r.label, shared_store.as_ref())),
                     }
                 });
-                let limit_step = limiter.as_ref().map(|l| -> Box<dyn RequestFilter> {
-                    Box::new(Limit::new(
+                let mut steps: Vec<Box<dyn RequestFilter>> = Vec::new();
+                if let Some(l) = &limiter {
+                    steps.push(Box::new(Limit::new(
                         Arc::clone(l),
                         metrics.rate_limited.with_label_values(&[&r.label]),
                         metrics
                             .rate_limit_store_errors
                             .with_label_values(&[&r.label]),
                         &r.label,
-                    ))
-                });
+                    )));
+                }
+                if let RouteKind::Proxy {
+                    upstream,
+                    split: Some(split),
+                    ..
+                } = &r.kind
+                {
+                    steps.push(Box::new(Split::new(
+                        split,
+                        *upstream,
+                        &r.label,
+                        |u| config.upstreams[u].name.to_string(),
+                        |route, upstream| {
+                            metrics.split_requests.with_label_values(&[route, upstream])
+                        },
+                    )));
+                }
                 Ok(Route {
                     metrics: RouteMetrics::new(&r.label),
                     rate_limiter: limiter,
                     kind: Route::runtime(r, &upstreams, metrics, before),
-                    filters: Chain::build(r, &build, limit_step)?,
+                    filters: Chain::build(r, &build, steps)?,
                     config: r.clone(),
                 })
             })

@@ -1,7 +1,9 @@
 //! Per-request keys and the hashing and sampling built on them. A [`KeySource`] from the
-//! configuration (`client_ip`, `path`, `header:NAME`, `global`) names where a key comes
-//! from; [`key_bytes`] reads it from a request and its [`Client`] without allocating. Consistent hashing,
-//! mirror sampling (`sample_by`) and rate limits all key requests this way.
+//! configuration (`client_ip`, `path`, `header:NAME`, `cookie:NAME`, `query:NAME`,
+//! `identity`, `random`, `global`) names where a key comes
+//! from; [`key_bytes`] reads it from a request and its [`Client`] without allocating.
+//! Consistent hashing, mirror sampling (`sample_by`), rate limits and traffic splits all
+//! key requests this way; [`bucket`] is a split's side as a pure function of the key.
 
 use std::cell::Cell;
 use std::collections::hash_map::RandomState;
@@ -12,6 +14,7 @@ use pingora_http::RequestHeader;
 
 use crate::config::KeySource;
 use crate::http::client::Client;
+use crate::http::headers::{cookie, query_raw};
 
 /// The bytes of a request's key; `buf` holds a client IP's bytes. A missing header gives
 /// the empty key, so such requests are all treated alike. `identity` falls back to the
@@ -43,6 +46,12 @@ pub fn key_bytes<'a>(
         },
         KeySource::Path => req.uri.path().as_bytes(),
         KeySource::Header(name) => req.headers.get(name).map_or(b"", |v| v.as_bytes()),
+        KeySource::Cookie(name) => cookie(&req.headers, name).unwrap_or(b""),
+        KeySource::Query(name) => query_raw(req.uri.query(), name).map_or(b"", str::as_bytes),
+        KeySource::Random => {
+            buf[..8].copy_from_slice(&random_u64().to_le_bytes());
+            &buf[..8]
+        }
         KeySource::Global => b"",
     }
 }
@@ -59,6 +68,14 @@ pub fn stable_hash(bytes: &[u8]) -> u64 {
     h = (h ^ (h >> 30)).wrapping_mul(0xbf58476d1ce4e5b9);
     h = (h ^ (h >> 27)).wrapping_mul(0x94d049bb133111eb);
     h ^ (h >> 31)
+}
+
+pub use crate::config::BUCKETS;
+
+/// The bucket (0..[`BUCKETS`]) of a key: the same in every process, so every instance of a
+/// fleet puts a user on the same side.
+pub fn bucket(key: &[u8]) -> u32 {
+    (stable_hash(key) % u64::from(BUCKETS)) as u32
 }
 
 thread_local! {

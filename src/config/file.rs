@@ -349,6 +349,42 @@ pub struct FileRoute {
     pub rewrite: Option<FileRewrite>,
     pub compress: Option<FileCompress>,
     pub plugins: Option<Vec<FilePlugin>>,
+    pub split: Option<FileSplit>,
+}
+
+/// `split: { key, to: { UPSTREAM: SHARE, ... } }`; `to` keeps the file's order.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileSplit {
+    pub key: Option<String>,
+    pub to: serde_yaml::Mapping,
+}
+
+/// A percentage: `5%`, or a plain number of percent (`5`, `0.5`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum Percent {
+    Number(f64),
+    Text(String),
+}
+
+impl Percent {
+    /// In hundredths of a percent (basis points), 0..=10,000.
+    pub fn basis_points(&self) -> Result<u32, String> {
+        let value = match self {
+            Percent::Number(n) => *n,
+            Percent::Text(t) => t
+                .trim()
+                .trim_end_matches('%')
+                .trim()
+                .parse::<f64>()
+                .map_err(|_| format!("{t:?} is not a percentage such as 5% or 0.5%"))?,
+        };
+        if !(0.0..=100.0).contains(&value) {
+            return Err(format!("{value}% is out of range 0%..=100%"));
+        }
+        Ok((value * 100.0).round() as u32)
+    }
 }
 
 /// `plugins: [{ name, config }]`: a filter the program registered under `name`, built from
@@ -548,7 +584,8 @@ pub enum Fsync {
     Never,
 }
 
-/// `match:` — exactly one of `path` (exact) and `prefix`, optionally `host` and `methods`.
+/// `match:` — exactly one of `path` (exact) and `prefix`, optionally `host`, `methods`,
+/// `scheme`, `listener`, `headers`, `cookies` and `query`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FileMatch {
@@ -560,6 +597,15 @@ pub struct FileMatch {
     pub scheme: Option<String>,
     /// A `listen[].name`.
     pub listener: Option<String>,
+    /// Header name → `VALUE`, `~REGEX` or `*`.
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    /// Cookie name → the same.
+    #[serde(default)]
+    pub cookies: BTreeMap<String, String>,
+    /// Query parameter → the same.
+    #[serde(default)]
+    pub query: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

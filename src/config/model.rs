@@ -393,22 +393,44 @@ pub enum KeySource {
     Header(HeaderName),
     /// The authenticated user or key (`auth`'s result), else the client address.
     Identity,
+    /// One cookie's value (not the whole `Cookie` field).
+    Cookie(String),
+    /// One query parameter's value, as sent.
+    Query(String),
+    /// A fresh random key per request.
+    Random,
 }
 
 impl KeySource {
-    /// Parses `client_ip`, `path`, `global` or `header:NAME`, accepting only `allowed` kinds.
+    /// Parses `client_ip`, `path`, `global`, `identity`, `random`, `header:NAME`,
+    /// `cookie:NAME` or `query:NAME`, accepting only `allowed` kinds.
     pub fn parse(text: &str, allowed: &[&str]) -> Result<KeySource, String> {
         let expected = || format!("expected one of {}", allowed.join(", "));
+        let named = |prefix: &str| {
+            let name = text.strip_prefix(prefix)?.trim();
+            Some(match name.is_empty() {
+                true => Err(format!(
+                    "{text:?} names no {}",
+                    prefix.trim_end_matches(':')
+                )),
+                false => Ok(name.to_string()),
+            })
+        };
         let key = if let Some(name) = text.strip_prefix("header:") {
             let name = HeaderName::from_bytes(name.trim().as_bytes())
                 .map_err(|_| format!("invalid header name {name:?} in {text:?}"))?;
             KeySource::Header(name)
+        } else if let Some(name) = named("cookie:") {
+            KeySource::Cookie(name?)
+        } else if let Some(name) = named("query:") {
+            KeySource::Query(name?)
         } else {
             match text {
                 "client_ip" => KeySource::ClientIp,
                 "path" => KeySource::Path,
                 "global" => KeySource::Global,
                 "identity" => KeySource::Identity,
+                "random" => KeySource::Random,
                 _ => return Err(format!("invalid key {text:?}, {}", expected())),
             }
         };
@@ -418,6 +440,9 @@ impl KeySource {
             KeySource::Global => "global",
             KeySource::Header(_) => "header:NAME",
             KeySource::Identity => "identity",
+            KeySource::Cookie(_) => "cookie:NAME",
+            KeySource::Query(_) => "query:NAME",
+            KeySource::Random => "random",
         };
         if allowed.contains(&kind) {
             Ok(key)
@@ -525,12 +550,97 @@ pub struct Conditions {
     pub scheme: Option<Scheme>,
     /// `match.listener`: a `listen[].name`.
     pub listener: Option<String>,
+    /// `match.headers`: by lower-case name.
+    pub headers: Vec<(String, ValueMatch)>,
+    /// `match.cookies`: by cookie name.
+    pub cookies: Vec<(String, ValueMatch)>,
+    /// `match.query`: by parameter name (values compared percent-decoded).
+    pub query: Vec<(String, ValueMatch)>,
 }
 
 impl Conditions {
     /// How many conditions there are: more is more specific.
     pub fn count(&self) -> usize {
-        usize::from(self.scheme.is_some()) + usize::from(self.listener.is_some())
+        usize::from(self.scheme.is_some())
+            + usize::from(self.listener.is_some())
+            + self.headers.len()
+            + self.cookies.len()
+            + self.query.len()
+    }
+
+    /// Whether any condition reads the request's fields (headers, cookies, query).
+    pub fn reads_request(&self) -> bool {
+        !(self.headers.is_empty() && self.cookies.is_empty() && self.query.is_empty())
+    }
+}
+
+/// What a `match.headers`, `match.cookies` or `match.query` value asks of the field.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum ValueMatch {
+    /// `"*"`: present, with any value.
+    Present,
+    /// A plain value: exactly this.
+    Exact(String),
+    /// `"~REGEX"`: a value the expression finds a match in (anchor it with `^…$`).
+    Pattern(Pattern),
+}
+
+impl ValueMatch {
+    /// From a configured value: `*`, `~REGEX` or an exact value.
+    pub fn parse(text: &str) -> Result<ValueMatch, String> {
+        if text == "*" {
+            return Ok(ValueMatch::Present);
+        }
+        match text.strip_prefix('~') {
+            Some(source) => regex::Regex::new(source)
+                .map(|regex| ValueMatch::Pattern(Pattern { regex }))
+                .map_err(|e| format!("{source:?} is not a regular expression: {e}")),
+            None => Ok(ValueMatch::Exact(text.to_string())),
+        }
+    }
+
+    /// Whether a field's value (`None`: absent) satisfies this.
+    pub fn holds(&self, value: Option<&[u8]>) -> bool {
+        match (self, value) {
+            (_, None) => false,
+            (ValueMatch::Present, Some(_)) => true,
+            (ValueMatch::Exact(want), Some(v)) => want.as_bytes() == v,
+            (ValueMatch::Pattern(p), Some(v)) => {
+                std::str::from_utf8(v).is_ok_and(|v| p.regex.is_match(v))
+            }
+        }
+    }
+}
+
+/// A compiled regular expression, compared (for duplicate routes) by its text.
+#[derive(Debug, Clone)]
+pub struct Pattern {
+    pub regex: regex::Regex,
+}
+
+impl PartialEq for Pattern {
+    fn eq(&self, other: &Pattern) -> bool {
+        self.regex.as_str() == other.regex.as_str()
+    }
+}
+
+impl Eq for Pattern {}
+
+impl PartialOrd for Pattern {
+    fn partial_cmp(&self, other: &Pattern) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Pattern {
+    fn cmp(&self, other: &Pattern) -> std::cmp::Ordering {
+        self.regex.as_str().cmp(other.regex.as_str())
+    }
+}
+
+impl std::hash::Hash for Pattern {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.regex.as_str().hash(state)
     }
 }
 
@@ -549,6 +659,8 @@ pub enum RouteKind {
         fallback_max_body: u64,
         /// Fallback copies of this route at once; over it a request runs without them.
         fallback_max_inflight: usize,
+        /// `split:`, when some requests go to other upstreams.
+        split: Option<SplitConfig>,
     },
     /// Answer 202 at once and deliver to every target in the background.
     Broadcast {
@@ -557,6 +669,20 @@ pub enum RouteKind {
     },
     /// The gateway answers with a redirect; no upstream is asked.
     Redirect(RedirectConfig),
+}
+
+/// Buckets a split divides keys into: shares are counted in hundredths of a percent.
+pub const BUCKETS: u32 = 10_000;
+
+/// `split:` on a proxy route: shares of its requests that go to other upstreams, the rest
+/// to the route's own.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SplitConfig {
+    /// Who stays on which side: a hash of this key picks one of 10,000 buckets.
+    pub key: KeySource,
+    /// The other sides in the file's order, each with its share in buckets (basis points:
+    /// 500 is 5 %); their sum is at most 10,000.
+    pub to: Vec<(UpstreamId, u32)>,
 }
 
 /// `redirect:`: `Location` built from `to`, whose `{scheme}`, `{host}`, `{path}` and

@@ -13,8 +13,11 @@
 //!    see the identity `auth` found);
 //! 5. [`rewrite::Rewrite`] (`rewrite:`): the path the upstream will see, normalised again;
 //! 6. the rate limit (`rate_limit:`, `crate::ratelimit::step`): 429, or the tokens left for
-//!    the answer's `X-RateLimit-*` headers. The gateway builds it around the route's
-//!    limiter (kept across reloads) and hands it to [`Chain::build`].
+//!    the answer's `X-RateLimit-*` headers;
+//! 7. the split (`split:`, `crate::routing::split`): which upstream the request goes to.
+//!
+//! The gateway builds the last two around what it keeps across reloads (the route's
+//! limiter, its upstreams) and hands them to [`Chain::build`].
 //!
 //! The chain runs after routing and before anything leaves the gateway: no upstream,
 //! mirror, fallback, broadcast target or cache hit sees a request a filter stopped. Each
@@ -67,14 +70,14 @@ pub struct Chain {
 }
 
 impl Chain {
-    /// The chain of `route`'s `access`, `cors`, `auth`, `plugins` and `rewrite`, then its
-    /// `rate_limit` step when it has one; empty when it has none of them (then
+    /// The chain of `route`'s `access`, `cors`, `auth`, `plugins` and `rewrite`, then the
+    /// steps the gateway made (`rate_limit`, `split`); empty when it has none of them (then
     /// [`Chain::is_empty`], and the proxy skips it). `Err`: a plugin's constructor refused
     /// its `config`.
     pub fn build(
         route: &RouteConfig,
         with: &Build,
-        rate_limit: Option<Box<dyn RequestFilter>>,
+        then: Vec<Box<dyn RequestFilter>>,
     ) -> Result<Chain, String> {
         let mut filters: Vec<Box<dyn RequestFilter>> = Vec::new();
         if let Some(list) = &route.access {
@@ -94,7 +97,7 @@ impl Chain {
         if let Some(rewrite) = &route.rewrite {
             filters.push(Box::new(rewrite::Rewrite::new(rewrite)));
         }
-        filters.extend(rate_limit);
+        filters.extend(then);
         let denied = Reason::ALL.map(|r| {
             with.metrics
                 .access_denied
@@ -162,7 +165,7 @@ mod tests {
         config
             .routes
             .iter()
-            .map(|r| Chain::build(r, &with, None))
+            .map(|r| Chain::build(r, &with, Vec::new()))
             .collect()
     }
 
@@ -202,10 +205,10 @@ mod tests {
             metrics: &metrics,
             connector: &connector,
         };
-        assert!(Chain::build(&config.routes[0], &with, None)
+        assert!(Chain::build(&config.routes[0], &with, Vec::new())
             .expect("chain")
             .is_empty());
-        let Err(why) = Chain::build(&config.routes[1], &with, None) else {
+        let Err(why) = Chain::build(&config.routes[1], &with, Vec::new()) else {
             panic!("an unknown plugin was built");
         };
         assert!(

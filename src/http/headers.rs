@@ -1,5 +1,5 @@
 //! Header field helpers shared by the features: the comma-separated lists many fields are
-//! (RFC 9110 5.6.1), and `Vary`.
+//! (RFC 9110 5.6.1), `Vary`, a request's cookies (RFC 6265 5.4) and query parameters.
 
 use http::header::{self, AsHeaderName};
 use http::HeaderMap;
@@ -30,4 +30,41 @@ pub fn add_vary(resp: &mut ResponseHeader, name: &'static str) {
     if !present {
         let _ = resp.append_header(header::VARY, http::HeaderValue::from_static(name));
     }
+}
+
+/// The value of the cookie `name` in the request's `Cookie` fields (RFC 6265 5.4: `name=value`
+/// pairs separated by `; `; HTTP/2 may split them over several fields), the first if sent
+/// twice.
+pub fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a [u8]> {
+    headers
+        .get_all(http::header::COOKIE)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|&b| b == b';'))
+        .find_map(|pair| {
+            let pair = pair.trim_ascii();
+            let eq = pair.iter().position(|&b| b == b'=')?;
+            let value = pair[eq + 1..].trim_ascii();
+            let value = value
+                .strip_prefix(b"\"")
+                .and_then(|v| v.strip_suffix(b"\""))
+                .unwrap_or(value);
+            (pair[..eq].trim_ascii() == name.as_bytes()).then_some(value)
+        })
+}
+
+/// The value of the query parameter `name`, percent-decoded (`+` as a space), the first if
+/// given twice.
+pub fn query_param(query: Option<&str>, name: &str) -> Option<String> {
+    form_urlencoded::parse(query?.as_bytes())
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.into_owned())
+}
+
+/// The value of the query parameter `name` as sent (not decoded), the first if given twice:
+/// a key read without allocating.
+pub fn query_raw<'a>(query: Option<&'a str>, name: &str) -> Option<&'a str> {
+    query?.split('&').find_map(|pair| {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        (k == name).then_some(v)
+    })
 }

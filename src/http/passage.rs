@@ -1,6 +1,7 @@
 //! What one request carries from its route's filters on to the upstream phases and to
 //! every copy made of it: the client (and the identity auth found), the path `rewrite`
-//! made, the origin CORS allowed, the trace context, the tokens its rate limit left.
+//! made, the origin CORS allowed, the trace context, the tokens its rate limit left, the
+//! upstream its route's split chose.
 
 use http::HeaderValue;
 
@@ -20,4 +21,7 @@ pub struct Passage {
     /// Tokens left in the client's rate-limit bucket after this request, on a limited
     /// route (`X-RateLimit-Remaining`).
     pub(crate) rate_remaining: Option<u64>,
+    /// The upstream a `split` (or a rollout) chose for this request instead of the route's
+    /// own.
+    pub(crate) upstream: Option<crate::config::UpstreamId>,
 }

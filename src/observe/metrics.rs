@@ -32,6 +32,7 @@ pub struct Metrics {
     pub client_connections: IntGaugeVec,
     pub client_refused: IntCounterVec,
     pub access_denied: IntCounterVec,
+    pub split_requests: IntCounterVec,
     pub compressed_responses: IntCounterVec,
     pub shed: IntCounterVec,
     pub concurrency_limit: IntGaugeVec,
@@ -206,6 +207,12 @@ impl Metrics {
                 "fanout_access_denied_total",
                 "Requests refused by a route's access or auth, by reason",
                 &["route", "reason"],
+            )?,
+            split_requests: counter(
+                &reg,
+                "fanout_split_requests_total",
+                "Requests of a route with `split` or `rollout`, by the upstream its side sent them to",
+                &["route", "upstream"],
             )?,
             compressed_responses: counter(
                 &reg,

@@ -109,8 +109,19 @@ impl FanoutProxy {
 
     /// Routes a screened request, runs its route's steps and dispatches it. A request that
     /// matches no route gets 404 (405 when only its method is wrong); one that declares a
-    /// body over its route's limit gets 413.
+    /// body over its route's limit gets 413. A route without steps (the common case)
+    /// awaits nothing: the steps' future is boxed only where there are steps, so this
+    /// phase's future, moved to the heap per request, stays small.
     pub(super) async fn admit(&self, session: &mut Session, ctx: &mut RequestCtx) -> Admission {
+        match self.route(session, ctx) {
+            Err(answer) => answer,
+            Ok(id) if ctx.gen.routes[id].filters.is_empty() => self.dispatch(session, ctx, id),
+            Ok(id) => Box::pin(self.steps_then_dispatch(session, ctx, id)).await,
+        }
+    }
+
+    /// The request's route (its [`Routed`] state set up), or the answer: 404, 405, 413.
+    fn route(&self, session: &Session, ctx: &mut RequestCtx) -> Result<RouteId, Admission> {
         let req = session.req_header();
         let router = &ctx.gen.router;
         let local = match router.needs_listener {
@@ -125,35 +136,44 @@ impl FanoutProxy {
             listener: local
                 .as_ref()
                 .and_then(|a| crate::config::listener_name(&ctx.gen.config.listen, a)),
+            headers: Some(&req.headers),
+            query: req.uri.query(),
         };
         let id = match router.find(&probe) {
             RouteMatch::Found(id) => id,
-            RouteMatch::MethodNotAllowed => return Admission::Answer(Stop::error(405)),
-            RouteMatch::NotFound => return Admission::Answer(Stop::error(404)),
+            RouteMatch::MethodNotAllowed => return Err(Admission::Answer(Stop::error(405))),
+            RouteMatch::NotFound => return Err(Admission::Answer(Stop::error(404))),
         };
-        let mut routed = Routed::new(id);
-        let admission = self.admit_routed(session, ctx, &mut routed).await;
-        ctx.routed = Some(routed);
-        admission
+        ctx.routed = Some(Routed::new(id));
+        let limit = ctx.gen.routes[id].config.max_body_bytes;
+        limits::check_length(req, limit).map_err(Admission::Refuse)?;
+        Ok(id)
     }
 
-    /// The route's body limit (413), its steps, then [`Self::dispatch`].
-    async fn admit_routed(
+    /// Runs the route's steps: a request they stop is answered, one they pass dispatched.
+    async fn steps_then_dispatch(
         &self,
         session: &mut Session,
         ctx: &mut RequestCtx,
-        routed: &mut Routed,
+        id: RouteId,
     ) -> Admission {
-        let route = &ctx.gen.routes[routed.id];
-        if let Err(r) = limits::check_length(session.req_header(), route.config.max_body_bytes) {
-            return Admission::Refuse(r);
+        let chain = &ctx.gen.routes[id].filters;
+        let span = ctx.span.as_ref();
+        match run_steps(session, chain, &mut ctx.pass, span).await {
+            Ok(()) => self.dispatch(session, ctx, id),
+            Err(stop) => Admission::Answer(stop),
         }
-        if !route.filters.is_empty() {
-            if let Err(stop) = self.run_steps(session, ctx, routed.id).await {
-                return Admission::Answer(stop);
-            }
-        }
-        self.dispatch(session, ctx, routed)
+    }
+
+    /// [`dispatch`] for the request routed to `id`.
+    fn dispatch(&self, session: &Session, ctx: &mut RequestCtx, id: RouteId) -> Admission {
+        let routed = ctx.routed.get_or_insert_with(|| Routed::new(id));
+        let with = Dispatch {
+            pass: &ctx.pass,
+            request_id: &ctx.request_id,
+            connector: &self.gw.connector,
+        };
+        dispatch(session, &ctx.gen.routes[id], routed, with)
     }
 
     /// An HTTP/2 request that declares `content-length: 0` on a stream not known to be
@@ -168,78 +188,6 @@ impl FanoutProxy {
             Err(r) => {
                 ctx.gen.clients.refused.bad_request.inc();
                 Admission::Refuse(Refusal::Edge(r))
-            }
-        }
-    }
-
-    /// Runs the route's chain of steps, in a span of its own on a traced request.
-    async fn run_steps(
-        &self,
-        session: &mut Session,
-        ctx: &mut RequestCtx,
-        id: RouteId,
-    ) -> Result<(), Stop> {
-        let mut span = ctx
-            .span
-            .as_ref()
-            .map(|s| s.child("access and auth", Kind::Internal));
-        let decided = ctx.gen.routes[id].filters.run(session, &mut ctx.pass).await;
-        if let Some(span) = &mut span {
-            match &decided {
-                Ok(()) => span.attr("fanout.decision", "passed"),
-                Err(stop) => {
-                    span.attr("fanout.decision", "stopped");
-                    span.attr("http.response.status_code", i64::from(stop.status));
-                    if let Some(reason) = stop.denied {
-                        span.fail(format!("denied: {reason:?}"));
-                    }
-                }
-            }
-        }
-        decided
-    }
-
-    /// The route's kind decides what becomes of an admitted request.
-    fn dispatch(&self, session: &Session, ctx: &RequestCtx, routed: &mut Routed) -> Admission {
-        let route = &ctx.gen.routes[routed.id];
-        match &route.kind {
-            // An upgrade (WebSocket) becomes a tunnel to one backend: never mirrored, and
-            // no fallback can take over a tunnel.
-            RouteRuntime::Proxy(p) if tunnel::wanted(session) => Admission::Tunnel {
-                route: routed.id,
-                upstream: p.upstream,
-            },
-            RouteRuntime::Proxy(_) if forwarding::is_upgrade(session.req_header()) => {
-                Admission::Proxy
-            }
-            RouteRuntime::Proxy(p) => {
-                let connector = &self.gw.connector;
-                if !p.mirrors.is_empty() {
-                    routed.copies =
-                        Copies::start(session, &ctx.pass, &p.mirrors, &ctx.request_id, connector);
-                }
-                if let Some(fallbacks) = &p.fallbacks {
-                    let of = fallback::Of {
-                        session,
-                        pass: &ctx.pass,
-                        request_id: &ctx.request_id,
-                    };
-                    routed.failover = Failover::start(
-                        &mut routed.copies,
-                        of,
-                        &route.config,
-                        fallbacks,
-                        connector,
-                    );
-                }
-                Admission::Proxy
-            }
-            RouteRuntime::Broadcast(targets) => Admission::Broadcast {
-                route: routed.id,
-                targets: Arc::clone(targets),
-            },
-            RouteRuntime::Redirect(r) => {
-                Admission::Answer(r.answer(session.req_header(), ctx.pass.client.https))
             }
         }
     }
@@ -320,5 +268,82 @@ impl FanoutProxy {
         })
         .await?;
         Ok(true)
+    }
+}
+
+/// Runs the route's chain of steps, in a span of its own on a traced request.
+async fn run_steps(
+    session: &mut Session,
+    chain: &Chain,
+    pass: &mut Passage,
+    request_span: Option<&Span>,
+) -> Result<(), Stop> {
+    let mut span = request_span.map(|s| s.child("access and auth", Kind::Internal));
+    let decided = chain.run(session, pass).await;
+    if let Some(span) = &mut span {
+        match &decided {
+            Ok(()) => span.attr("fanout.decision", "passed"),
+            Err(stop) => {
+                span.attr("fanout.decision", "stopped");
+                span.attr("http.response.status_code", i64::from(stop.status));
+                if let Some(reason) = stop.denied {
+                    span.fail(format!("denied: {reason:?}"));
+                }
+            }
+        }
+    }
+    decided
+}
+
+/// What [`dispatch`] reads besides the route.
+struct Dispatch<'a> {
+    pass: &'a Passage,
+    request_id: &'a str,
+    connector: &'a Arc<pingora_core::connectors::http::Connector>,
+}
+
+/// The route's kind decides what becomes of an admitted request.
+fn dispatch(session: &Session, route: &Route, routed: &mut Routed, with: Dispatch) -> Admission {
+    match &route.kind {
+        // An upgrade (WebSocket) becomes a tunnel to one backend: never mirrored, and
+        // no fallback can take over a tunnel.
+        RouteRuntime::Proxy(p) if tunnel::wanted(session) => Admission::Tunnel {
+            route: routed.id,
+            upstream: with.pass.upstream.unwrap_or(p.upstream),
+        },
+        RouteRuntime::Proxy(_) if forwarding::is_upgrade(session.req_header()) => Admission::Proxy,
+        RouteRuntime::Proxy(p) => {
+            if !p.mirrors.is_empty() {
+                routed.copies = Copies::start(
+                    session,
+                    with.pass,
+                    &p.mirrors,
+                    with.request_id,
+                    with.connector,
+                );
+            }
+            if let Some(fallbacks) = &p.fallbacks {
+                let of = fallback::Of {
+                    session,
+                    pass: with.pass,
+                    request_id: with.request_id,
+                };
+                routed.failover = Failover::start(
+                    &mut routed.copies,
+                    of,
+                    &route.config,
+                    fallbacks,
+                    with.connector,
+                );
+            }
+            Admission::Proxy
+        }
+        RouteRuntime::Broadcast(targets) => Admission::Broadcast {
+            route: routed.id,
+            targets: Arc::clone(targets),
+        },
+        RouteRuntime::Redirect(r) => {
+            Admission::Answer(r.answer(session.req_header(), with.pass.client.https))
+        }
     }
 }

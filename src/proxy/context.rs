@@ -146,10 +146,11 @@ pub(super) fn on_route<'a>(
     }
 }
 
-/// The upstream of a proxy route: only a proxy route's requests are let on to one (a
-/// broadcast or redirect route's are settled in `request_filter`).
-pub(super) fn upstream_of(route: &Route) -> Result<UpstreamId> {
-    route.upstream().ok_or_else(|| {
+/// The upstream a request on a proxy route goes to: the one its split chose, else the
+/// route's. Only a proxy route's requests are let on to an upstream (a broadcast or redirect
+/// route's are settled in `request_filter`).
+pub(super) fn upstream_of(route: &Route, pass: &Passage) -> Result<UpstreamId> {
+    pass.upstream.or(route.upstream()).ok_or_else(|| {
         Error::explain(
             ErrorType::InternalError,
             "proxy phase on a route with no upstream",
@@ -232,7 +233,7 @@ mod tests {
         let (route, routed) = on_route(&ctx.gen, &mut ctx.routed).expect("routed");
         assert_eq!(route.config.label, ctx.gen.routes[0].config.label);
         assert_eq!(routed.id, 0);
-        assert!(upstream_of(route).is_ok());
+        assert!(upstream_of(route, &Passage::default()).is_ok());
     }
 
     #[test]
@@ -240,7 +241,7 @@ mod tests {
         let mut ctx = ctx();
         ctx.routed = Some(Routed::new(1));
         let (route, _) = on_route(&ctx.gen, &mut ctx.routed).expect("routed");
-        assert!(upstream_of(route).is_err());
+        assert!(upstream_of(route, &Passage::default()).is_err());
     }
 
     #[test]

@@ -49,6 +49,7 @@ pub(super) fn finish_request_span(
         .routed
         .as_ref()
         .and_then(|r| r.failover.answered_by())
+        .or(ctx.pass.upstream)
         .or_else(|| route.and_then(Route::upstream))
     {
         span.attr("fanout.upstream", ctx.gen.upstreams[u].name().to_string());

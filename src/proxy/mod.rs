@@ -59,6 +59,7 @@ use crate::compress;
 use crate::config::{AccessLog, RouteId, Scheme, UpstreamId};
 use crate::edge::{self, path};
 use crate::fallback::{self, Failover};
+use crate::filters::Chain;
 use crate::gateway::{Gateway, Generation, Route, RouteRuntime};
 use crate::http::answer::Stop;
 use crate::http::client::Client;
@@ -276,7 +277,7 @@ impl ProxyHttp for FanoutProxy {
     ) -> Result<Box<HttpPeer>> {
         let span = ctx.span.as_ref();
         let (route, routed) = on_route(&ctx.gen, &mut ctx.routed)?;
-        let upstream = &ctx.gen.upstreams[upstream_of(route)?];
+        let upstream = &ctx.gen.upstreams[upstream_of(route, &ctx.pass)?];
         // Release the previous attempt's slot before choosing, so least_conn sees true loads.
         routed.lease = None;
         ctx.body.restart();
@@ -384,7 +385,7 @@ impl ProxyHttp for FanoutProxy {
             &upstream_response.headers,
         );
         // The primary's answer is the client's: the fallbacks' are not needed.
-        let upstream = route.upstream();
+        let upstream = ctx.pass.upstream.or(route.upstream());
         if let (true, Some(u)) = (routed.failover.primary_answers(upstream), upstream) {
             upstream_response.insert_header(fallback::HEADER, ctx.gen.upstreams[u].name())?;
         }
@@ -437,7 +438,7 @@ impl ProxyHttp for FanoutProxy {
         let Ok((route, routed)) = on_route(&ctx.gen, &mut ctx.routed) else {
             return e;
         };
-        let Ok(upstream) = upstream_of(route).map(|u| &ctx.gen.upstreams[u]) else {
+        let Ok(upstream) = upstream_of(route, &ctx.pass).map(|u| &ctx.gen.upstreams[u]) else {
             return e;
         };
         if e.etype == ErrorType::TLSHandshakeFailure {
@@ -481,7 +482,7 @@ impl ProxyHttp for FanoutProxy {
             return e;
         }
         attempt_failed(routed, &e);
-        let Ok(upstream) = upstream_of(route).map(|u| &ctx.gen.upstreams[u]) else {
+        let Ok(upstream) = upstream_of(route, &ctx.pass).map(|u| &ctx.gen.upstreams[u]) else {
             return e;
         };
         let downstream = session.as_downstream();
@@ -624,6 +625,7 @@ impl ProxyHttp for FanoutProxy {
                 route: route.map(|r| Arc::clone(r.metrics.label())),
                 upstream: routed
                     .and_then(|r| r.failover.answered_by())
+                    .or(ctx.pass.upstream)
                     .or_else(|| route.and_then(Route::upstream))
                     .map(|u| Arc::clone(&ctx.gen.upstreams[u].name)),
                 backend,

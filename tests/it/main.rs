@@ -35,6 +35,7 @@ mod resilience;
 mod routing;
 mod shared_limits;
 mod spool;
+mod steering;
 mod tls;
 mod trace;
 mod upgrade;

@@ -25,6 +25,9 @@ pub(super) fn build_routes(
         found
     };
     let mut out: Vec<RouteConfig> = Vec::new();
+    // A `~REGEX` condition's order and equality are its text's, which never changes (the
+    // compiled expression's inner cache is what the lint sees).
+    #[allow(clippy::mutable_key_type)]
     let mut seen: BTreeMap<(Option<String>, String, Conditions), usize> = BTreeMap::new();
     for (i, value) in items.into_iter().enumerate() {
         let path = format!("routes[{i}]");
@@ -84,8 +87,12 @@ pub(super) fn build_routes(
                     .enumerate()
                     .filter_map(|(j, n)| lookup(ck, &format!("{path}.fallback[{j}]"), n))
                     .collect();
+                let split = f.split.as_ref().and_then(|sp| {
+                    build_split(ck, &format!("{path}.split"), sp, upstream, &lookup)
+                });
                 upstream.map(|upstream| RouteKind::Proxy {
                     upstream,
+                    split,
                     fallback,
                     fallback_max_body: f
                         .fallback_max_body
@@ -575,7 +582,74 @@ pub(super) fn header_rules(
     out
 }
 
-/// `match.scheme` and `match.listener`.
+/// `split:` of a proxy route whose own upstream is `own`.
+fn build_split(
+    ck: &mut Checker,
+    at: &str,
+    f: &FileSplit,
+    own: Option<UpstreamId>,
+    lookup: &dyn Fn(&mut Checker, &str, &str) -> Option<UpstreamId>,
+) -> Option<SplitConfig> {
+    let before = ck.errors.len();
+    let key = match &f.key {
+        None => KeySource::ClientIp,
+        Some(k) => KeySource::parse(k, &["client_ip", "header:NAME", "cookie:NAME", "random"])
+            .unwrap_or_else(|e| {
+                ck.err(&format!("{at}.key"), e);
+                KeySource::ClientIp
+            }),
+    };
+    if f.to.is_empty() {
+        ck.err(&format!("{at}.to"), "names no upstream".to_string());
+    }
+    let mut to: Vec<(UpstreamId, u32)> = Vec::new();
+    for (name, share) in &f.to {
+        let Some(name) = name.as_str() else {
+            ck.err(
+                &format!("{at}.to"),
+                format!("{name:?} is not an upstream name"),
+            );
+            continue;
+        };
+        let here = format!("{at}.to.{name}");
+        let share = serde_yaml::from_value::<Percent>(share.clone())
+            .map_err(|_| format!("{share:?} is not a percentage such as 5%"))
+            .and_then(|p| p.basis_points());
+        let share = match share {
+            Ok(s) => s,
+            Err(e) => {
+                ck.err(&here, e);
+                continue;
+            }
+        };
+        let Some(u) = lookup(ck, &here, name) else {
+            continue;
+        };
+        if Some(u) == own {
+            ck.err(
+                &here,
+                "is the route's own upstream: it gets what the split leaves".to_string(),
+            );
+        } else if to.iter().any(|(t, _)| *t == u) {
+            ck.err(&here, "is named twice".to_string());
+        } else {
+            to.push((u, share));
+        }
+    }
+    let total: u32 = to.iter().map(|(_, s)| s).sum();
+    if total > BUCKETS {
+        ck.err(
+            &format!("{at}.to"),
+            format!(
+                "the shares add up to {}%, over 100%",
+                f64::from(total) / 100.0
+            ),
+        );
+    }
+    (ck.errors.len() == before).then_some(SplitConfig { key, to })
+}
+
+/// `match.scheme`, `match.listener`, `match.headers`, `match.cookies`, `match.query`.
 fn build_conditions(
     ck: &mut Checker,
     mpath: &str,
@@ -612,8 +686,8 @@ fn build_conditions(
     if let (Some(scheme), Some(name)) = (scheme, &listener) {
         let kinds = reachable_schemes(
             &Conditions {
-                scheme: None,
                 listener: Some(name.clone()),
+                ..Conditions::default()
             },
             listen,
         );
@@ -627,7 +701,41 @@ fn build_conditions(
             );
         }
     }
-    Conditions { scheme, listener }
+    let fields = |ck: &mut Checker, kind: &str, map: &BTreeMap<String, String>, header: bool| {
+        let mut out = Vec::new();
+        for (name, value) in map {
+            let at = format!("{mpath}.{kind}.{name}");
+            if name.is_empty() {
+                ck.err(&format!("{mpath}.{kind}"), "an empty name".to_string());
+                continue;
+            }
+            if header && http::HeaderName::from_bytes(name.as_bytes()).is_err() {
+                ck.err(&at, format!("{name:?} is not a header name"));
+                continue;
+            }
+            match ValueMatch::parse(value) {
+                Ok(m) => out.push((
+                    match header {
+                        true => name.to_ascii_lowercase(),
+                        false => name.clone(),
+                    },
+                    m,
+                )),
+                Err(e) => ck.err(&at, e),
+            }
+        }
+        out
+    };
+    let headers = fields(ck, "headers", &m.headers, true);
+    let cookies = fields(ck, "cookies", &m.cookies, false);
+    let query = fields(ck, "query", &m.query, false);
+    Conditions {
+        scheme,
+        listener,
+        headers,
+        cookies,
+        query,
+    }
 }
 
 /// The schemes by which requests can reach a route with `conditions`: those of the

@@ -136,7 +136,16 @@ pub(super) fn build_upstream(
     let hash_key = match (&f.hash_key, balance) {
         (None, _) => KeySource::ClientIp,
         (Some(k), Balance::ConsistentHash) => {
-            match KeySource::parse(k, &["client_ip", "path", "header:NAME"]) {
+            match KeySource::parse(
+                k,
+                &[
+                    "client_ip",
+                    "path",
+                    "header:NAME",
+                    "cookie:NAME",
+                    "query:NAME",
+                ],
+            ) {
                 Ok(k) => k,
                 Err(e) => {
                     ck.err(&format!("{path}.hash_key"), e);

@@ -1,4 +1,5 @@
-//! Routing: from a request's host, path and method to one configured route.
+//! Routing: from a request's host, path, method and fields to one configured route; and,
+//! on a route with `split:`, which upstream a request goes to ([`split`]).
 //!
 //! Precedence: routes that name the request's `host` are tried before routes
 //! without one (like nginx's server blocks); within each group an exact `path` beats any
@@ -6,19 +7,25 @@
 //! only routes of other methods answers 405 rather than 404. Prefixes are plain byte
 //! prefixes, as nginx's `location /api` and Envoy's `prefix`.
 //!
-//! `match.scheme` and `match.listener` narrow a route further: among the routes registered
-//! at one path, those with more conditions are tried first, and a route whose conditions
-//! do not hold is passed over as if absent (a shorter prefix may then match).
+//! `match.scheme`, `match.listener`, `match.headers`, `match.cookies` and `match.query`
+//! narrow a route further: among the routes registered at one path, those with more
+//! conditions are tried first, and a route whose conditions do not hold is passed over as
+//! if absent (a shorter prefix may then match). Conditions are only looked at among the
+//! few routes registered at the paths the request's path walks through, never over the
+//! whole table.
 //!
 //! Lookup never scans the route list: exact paths sit in a hash map, prefixes in a byte
 //! radix trie walked once along the path, so the cost grows with the path's length, not
 //! with the number of routes (`bench/routing.rs` measures 10,000 routes).
 
+pub(crate) mod split;
+
 use std::collections::HashMap;
 
-use http::Method;
+use http::{HeaderMap, Method};
 
 use crate::config::{strip_port, Conditions, PathMatch, RouteConfig, RouteId, Scheme};
+use crate::http::headers::{cookie, query_param};
 
 /// What routing looks at in a request.
 #[derive(Debug, Clone, Copy)]
@@ -30,6 +37,10 @@ pub struct Probe<'a> {
     pub scheme: Scheme,
     /// The `name:` of the listener the request came in on.
     pub listener: Option<&'a str>,
+    /// The request's header fields, for `match.headers` and `match.cookies`.
+    pub headers: Option<&'a HeaderMap>,
+    /// The request's query, for `match.query`.
+    pub query: Option<&'a str>,
 }
 
 /// What a lookup found.
@@ -51,10 +62,22 @@ struct Entry {
 impl Entry {
     fn conditions_hold(&self, probe: &Probe) -> bool {
         let c = &self.conditions;
-        c.scheme.is_none_or(|s| s == probe.scheme)
+        let basic = c.scheme.is_none_or(|s| s == probe.scheme)
             && c.listener
                 .as_deref()
-                .is_none_or(|l| probe.listener == Some(l))
+                .is_none_or(|l| probe.listener == Some(l));
+        if !basic || !c.reads_request() {
+            return basic;
+        }
+        let headers = probe.headers;
+        let header = |name: &str| headers?.get(name).map(|v| v.as_bytes());
+        c.headers.iter().all(|(name, m)| m.holds(header(name)))
+            && c.cookies
+                .iter()
+                .all(|(name, m)| m.holds(headers.and_then(|h| cookie(h, name))))
+            && c.query.iter().all(|(name, m)| {
+                m.holds(query_param(probe.query, name).as_deref().map(str::as_bytes))
+            })
     }
 }
 
@@ -110,6 +133,8 @@ impl Router {
             method,
             scheme: Scheme::Http,
             listener: None,
+            headers: None,
+            query: None,
         })
     }
 
@@ -375,6 +400,8 @@ mod tests {
             method: &Method::GET,
             scheme,
             listener,
+            headers: None,
+            query: None,
         }) {
             RouteMatch::Found(id) => config.routes[id].label.clone(),
             other => format!("{other:?}"),
@@ -385,6 +412,53 @@ mod tests {
         // Not on its listener: the route is passed over, a shorter prefix answers.
         assert_eq!(label(Scheme::Https, Some("public"), "/admin/x"), "any");
         assert!(router.needs_listener);
+    }
+
+    #[test]
+    fn header_cookie_and_query_conditions_narrow_a_path_and_more_of_them_win() {
+        let text = "listen: 127.0.0.1:1\nupstreams:\n  u: { backends: [127.0.0.1:2] }\nroutes:\n\
+            \x20 - { name: all, match: { prefix: /api }, upstream: u }\n\
+            \x20 - { name: canary, match: { prefix: /api, headers: { X-Canary: \"1\" } }, upstream: u }\n\
+            \x20 - { name: beta, match: { prefix: /api, cookies: { beta: \"~^(on|1)$\" } }, upstream: u }\n\
+            \x20 - { name: both, match: { prefix: /api, headers: { x-canary: \"*\" }, query: { v: \"2 x\" } }, upstream: u }\n";
+        let config = from_yaml(text, "test").expect("valid config");
+        let router = Router::new(&config.routes);
+        let label = |fields: &[(&str, &str)], query: Option<&str>| {
+            let mut headers = HeaderMap::new();
+            for (name, value) in fields {
+                headers.append(
+                    http::HeaderName::from_bytes(name.as_bytes()).expect("name"),
+                    http::HeaderValue::from_str(value).expect("value"),
+                );
+            }
+            match router.find(&Probe {
+                host: None,
+                path: "/api/x",
+                method: &Method::GET,
+                scheme: Scheme::Http,
+                listener: None,
+                headers: Some(&headers),
+                query,
+            }) {
+                RouteMatch::Found(id) => config.routes[id].label.clone(),
+                other => format!("{other:?}"),
+            }
+        };
+        assert_eq!(label(&[], None), "all");
+        assert_eq!(label(&[("x-canary", "1")], None), "canary");
+        assert_eq!(label(&[("x-canary", "2")], None), "all");
+        assert_eq!(label(&[("cookie", "a=b; beta=on")], None), "beta");
+        // Over two fields, as HTTP/2 sends them; a value that only starts alike is not one.
+        assert_eq!(
+            label(&[("cookie", "a=b"), ("cookie", "beta=1")], None),
+            "beta"
+        );
+        assert_eq!(label(&[("cookie", "beta=only")], None), "all");
+        assert_eq!(label(&[("cookie", "nobeta=on")], None), "all");
+        // Two conditions beat one; the query value is compared decoded.
+        assert_eq!(label(&[("x-canary", "1")], Some("v=2+x")), "both");
+        assert_eq!(label(&[("x-canary", "1")], Some("v=2%20x")), "both");
+        assert_eq!(label(&[("x-canary", "1")], Some("v=3")), "canary");
     }
 
     #[test]

@@ -1,0 +1,155 @@
+//! Traffic steering end to end: routes chosen by header, cookie and query; `split` sending
+//! a share of the keys to another upstream, one side per key, growing only by adding keys;
+//! what `-t` refuses.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use crate::common::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn header_cookie_and_query_conditions_pick_the_route() {
+    let (v1, v2, beta, q) = (
+        Backend::start("v1").await,
+        Backend::start("v2").await,
+        Backend::start("beta").await,
+        Backend::start("q").await,
+    );
+    let gw = Gateway::start(&format!(
+        "upstreams:\n  v1: {{ backends: [{}] }}\n  v2: {{ backends: [{}] }}\n  beta: {{ backends: [{}] }}\n  q: {{ backends: [{}] }}\n\
+         routes:\n\
+         \x20 - {{ match: {{ prefix: /api }}, upstream: v1 }}\n\
+         \x20 - {{ match: {{ prefix: /api, headers: {{ X-Canary: \"1\" }} }}, upstream: v2 }}\n\
+         \x20 - {{ match: {{ prefix: /api, cookies: {{ beta: \"~^(on|1)$\" }} }}, upstream: beta }}\n\
+         \x20 - {{ match: {{ prefix: /api, headers: {{ X-Canary: \"*\" }}, query: {{ v: \"2\" }} }}, upstream: q }}\n",
+        v1.addr, v2.addr, beta.addr, q.addr
+    ));
+    let c = client();
+    let via = |path: &str, fields: &[(&str, &str)]| {
+        let mut req = c.get(gw.url(path));
+        for (k, v) in fields {
+            req = req.header(*k, *v);
+        }
+        async move {
+            let resp = req.send().await.unwrap();
+            assert_eq!(resp.status(), 200);
+            resp.headers()["x-backend"].to_str().unwrap().to_string()
+        }
+    };
+    assert_eq!(via("/api/x", &[]).await, "v1");
+    assert_eq!(via("/api/x", &[("x-canary", "1")]).await, "v2");
+    assert_eq!(via("/api/x", &[("x-canary", "0")]).await, "v1");
+    assert_eq!(
+        via("/api/x", &[("cookie", "theme=dark; beta=on")]).await,
+        "beta"
+    );
+    assert_eq!(via("/api/x", &[("cookie", "beta=off")]).await, "v1");
+    // Two conditions beat one.
+    assert_eq!(via("/api/x?v=2", &[("x-canary", "1")]).await, "q");
+    assert_eq!(via("/api/x?v=3", &[("x-canary", "1")]).await, "v2");
+}
+
+/// Sends one request per key in `users`, `rounds` times, and returns each key's side.
+async fn sides(gw: &Gateway, users: &[String], rounds: usize) -> HashMap<String, String> {
+    let c = client();
+    let mut seen: HashMap<String, String> = HashMap::new();
+    for _ in 0..rounds {
+        for u in users {
+            let resp = c
+                .get(gw.url("/api/x"))
+                .header("x-user-id", u)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(resp.status(), 200);
+            let side = resp.headers()["x-backend"].to_str().unwrap().to_string();
+            if let Some(before) = seen.insert(u.clone(), side.clone()) {
+                assert_eq!(before, side, "user {u} changed sides");
+            }
+        }
+    }
+    seen
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_split_sends_its_share_of_keys_and_growing_it_only_adds_keys() {
+    let (v1, v3) = (Backend::start("v1").await, Backend::start("v3").await);
+    let conf = |share: u32| {
+        format!(
+            "upstreams:\n  api_v1: {{ backends: [{}] }}\n  api_v3: {{ backends: [{}] }}\n\
+             routes:\n  - name: api\n    match: {{ prefix: /api }}\n    upstream: api_v1\n    \
+             split: {{ key: header:X-User-Id, to: {{ api_v3: {share}% }} }}\n",
+            v1.addr, v3.addr
+        )
+    };
+    let gw = Gateway::start(&conf(20));
+    let users: Vec<String> = (0..400).map(|i| format!("user-{i}")).collect();
+    // 2,000 requests from 400 keys: each key keeps its side.
+    let first = sides(&gw, &users, 5).await;
+    let on_v3 = first.values().filter(|s| *s == "v3").count();
+    let share = on_v3 as f64 / users.len() as f64 * 100.0;
+    assert!(
+        (17.0..=23.0).contains(&share),
+        "{share}% of keys on v3, not 20% ± 3"
+    );
+    let text = metrics_text(&client(), &gw).await;
+    let count = |upstream: &str| -> f64 {
+        let needle =
+            format!("fanout_split_requests_total{{route=\"api\",upstream=\"{upstream}\"}} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(needle.as_str()))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(-1.0)
+    };
+    assert_eq!(count("api_v3"), (on_v3 * 5) as f64, "{text}");
+    assert_eq!(count("api_v1"), ((400 - on_v3) * 5) as f64);
+
+    // Raised to 40%: every key that was on v3 stays there; the others only join it.
+    gw.rewrite(&format!("127.0.0.1:{}", gw.port), &conf(40));
+    signal(gw.pid(), "-HUP");
+    let c = client();
+    eventually(
+        Duration::from_secs(10),
+        "the 40% split in force",
+        || async { status_json(&c, &gw).await["config"]["generation"] == 2 },
+    )
+    .await;
+    let second = sides(&gw, &users, 1).await;
+    for (u, side) in &first {
+        if side == "v3" {
+            assert_eq!(second[u], "v3", "{u} left the side that grew");
+        }
+    }
+    let grown = second.values().filter(|s| *s == "v3").count() as f64 / 4.0;
+    assert!(
+        (37.0..=43.0).contains(&grown),
+        "{grown}% on v3 after raising to 40%"
+    );
+}
+
+#[test]
+fn check_refuses_a_split_that_cannot_be() {
+    let upstreams = "listen: 127.0.0.1:1\nupstreams:\n  a: { backends: [127.0.0.1:2] }\n  b: { backends: [127.0.0.1:3] }\n  c: { backends: [127.0.0.1:4] }\n";
+    let cases = [
+        ("split: { to: { b: 60%, c: 50% } }", "over 100%"),
+        ("split: { to: { a: 5% } }", "the route's own upstream"),
+        ("split: { to: { nowhere: 5% } }", "unknown upstream"),
+        ("split: { to: { b: 120 } }", "out of range"),
+        ("split: { key: path, to: { b: 5% } }", "not allowed here"),
+    ];
+    for (split, says) in cases {
+        let yaml =
+            format!("{upstreams}routes:\n  - {{ match: {{ prefix: / }}, upstream: a, {split} }}\n");
+        let (ok, out) = check_yaml(&yaml);
+        assert!(!ok, "accepted: {split}");
+        assert!(out.contains("routes[0].split"), "{split}: {out}");
+        assert!(out.contains(says), "{split}: expected {says:?} in {out}");
+    }
+    let bad_match = format!(
+        "{upstreams}routes:\n  - {{ match: {{ prefix: /, cookies: {{ beta: \"~(\" }} }}, upstream: a }}\n"
+    );
+    let (ok, out) = check_yaml(&bad_match);
+    assert!(!ok);
+    assert!(out.contains("routes[0].match.cookies.beta"), "{out}");
+    assert!(out.contains("not a regular expression"), "{out}");
+}
