@@ -207,6 +207,17 @@ pub struct FileUpstream {
     pub concurrency: Option<FileConcurrency>,
     /// `pass` | `backend` | a literal host.
     pub host_header: Option<String>,
+    pub sticky: Option<FileSticky>,
+}
+
+/// `upstreams.*.sticky`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileSticky {
+    pub cookie: Option<String>,
+    pub ttl: Option<Dur>,
+    pub secure: Option<bool>,
+    pub http_only: Option<bool>,
 }
 
 /// `upstreams.*.concurrency`: the adaptive limit on requests in flight.

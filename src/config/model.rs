@@ -104,6 +104,10 @@ pub enum RedisServer {
 }
 
 pub const DEFAULT_REDIS_POOL: usize = 16;
+/// `sticky.cookie` when not given.
+pub const DEFAULT_STICKY_COOKIE: &str = "fanout_affinity";
+/// `sticky.ttl` when not given.
+pub const DEFAULT_STICKY_TTL: Duration = Duration::from_secs(3600);
 pub const DEFAULT_REDIS_TIMEOUT: Duration = Duration::from_millis(50);
 
 pub const DEFAULT_CACHE_MAX_SIZE: u64 = 256 * 1024 * 1024;
@@ -274,6 +278,19 @@ pub struct UpstreamConfig {
     pub protocol: Protocol,
     /// `host_header:` what `Host` the backends get.
     pub host_header: HostHeader,
+    /// `sticky:`: session affinity by a signed cookie.
+    pub sticky: Option<StickyConfig>,
+}
+
+/// `upstreams.*.sticky`: the first answer sets a cookie naming its backend; later requests
+/// carrying it go back to that backend while it is available.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StickyConfig {
+    pub cookie: String,
+    pub ttl: Duration,
+    /// `None`: `Secure` when the client came over TLS.
+    pub secure: Option<bool>,
+    pub http_only: bool,
 }
 
 /// One of a route's `plugins:`.

@@ -81,6 +81,8 @@ pub(super) struct Routed {
     pub(super) not_modified: Option<http::HeaderMap>,
     /// Compresses the upstream's answer, on a route with `compress:` ([`compress`]).
     pub(super) encoder: Option<compress::Encoder>,
+    /// The backend the request's affinity cookie named, on a `sticky:` upstream.
+    pub(super) sticky: Option<sticky::Wanted>,
 }
 
 impl Routed {
@@ -102,6 +104,7 @@ impl Routed {
             cache_looked_up: false,
             not_modified: None,
             encoder: None,
+            sticky: None,
         }
     }
 }

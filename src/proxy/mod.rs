@@ -75,7 +75,7 @@ use crate::mirror::Copies;
 use crate::observe::access_log::Record;
 use crate::observe::span::{self, Kind, Span};
 use crate::routing::{Probe, RouteMatch};
-use crate::upstream::{concurrency, Lease, Tried, Upstream};
+use crate::upstream::{concurrency, sticky, Lease, Tried, Upstream};
 
 pub struct FanoutProxy {
     gw: Arc<Gateway>,
@@ -293,8 +293,14 @@ impl ProxyHttp for FanoutProxy {
                 }
             }
         }
-        let lease = upstream
-            .select_for(session.req_header(), &ctx.pass.client, &routed.tried)
+        let req = session.req_header();
+        if let Some(config) = &upstream.config.sticky {
+            routed.sticky = sticky::wanted(config, &req.headers);
+        }
+        let lease = routed
+            .sticky
+            .and_then(|w| upstream.select_sticky(w.backend, &routed.tried))
+            .or_else(|| upstream.select_for(req, &ctx.pass.client, &routed.tried))
             .ok_or_else(|| Error::explain(ErrorType::HTTPStatus(503), "no healthy backend"))?;
         routed.tried.add(lease.index());
         routed.attempts += 1;
@@ -402,6 +408,18 @@ impl ProxyHttp for FanoutProxy {
             // its current answer, so the client reconnects to the process that goes on.
             session.as_downstream_mut().set_keepalive(None);
             upstream_response.insert_header(header::CONNECTION, "close")?;
+        }
+        // A sticky upstream's answer names its backend for the client's next requests,
+        // unless the client's cookie already does.
+        if let (Some(lease), Some(u)) = (&routed.lease, upstream) {
+            if let Some(config) = &ctx.gen.upstreams[u].config.sticky {
+                let id = lease.backend().sticky_id;
+                if routed.sticky.is_none_or(|w| w.backend != id || w.renew) {
+                    if let Some(cookie) = sticky::set_cookie(config, id, ctx.pass.client.https) {
+                        upstream_response.append_header(header::SET_COOKIE, cookie)?;
+                    }
+                }
+            }
         }
         // The route's steps add to its answers (CORS, X-RateLimit-*, a plugin's headers).
         if !route.filters.is_empty() {

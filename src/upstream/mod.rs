@@ -21,6 +21,7 @@ pub mod discovery;
 pub mod eyeballs;
 pub mod follow;
 pub mod health;
+pub(crate) mod sticky;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{
@@ -192,6 +193,8 @@ pub struct BackendState {
     /// (its peers connect through them). `None`: its one address.
     pub addresses: Option<Arc<eyeballs::ResolvedAddresses>>,
     pub outcomes: Outcomes,
+    /// Its id in `sticky:` cookies ([`sticky::backend_id`]).
+    pub sticky_id: u64,
 }
 
 impl BackendState {
@@ -617,6 +620,7 @@ fn backend_state(
             error: outcome("error"),
             timeout: outcome("timeout"),
         },
+        sticky_id: sticky::backend_id(&config.name, &label),
         label,
     }
 }
@@ -1040,31 +1044,54 @@ impl Upstream {
                 None if !tried.is_empty() => set.balancer.pick(bs, key, usable)?,
                 None => return None,
             };
-            let backend = &bs[index];
-            let probe = match &backend.breaker {
-                None => false,
-                Some(b) => match b.admit(now) {
-                    Some(probe) => probe,
-                    None => {
-                        // Another request took the probe meanwhile: choose again.
-                        refused.add(index);
-                        continue;
-                    }
-                },
-            };
-            backend.learned.inflight.fetch_add(1, Relaxed);
-            return Some(Lease {
-                upstream: Arc::clone(self),
-                backend: Arc::clone(backend),
-                index,
-                probe,
-                reported: false,
-                since: self.concurrency.as_ref().map(|_| now),
-                held: None,
-                span: None,
-            });
+            match self.lease(&bs[index], index, now) {
+                Some(lease) => return Some(lease),
+                // Another request took the probe meanwhile: choose again.
+                None => refused.add(index),
+            }
         }
         None
+    }
+
+    /// The backend whose `sticky:` id is `id`, leased, if it is available and not yet
+    /// `tried`; `None` sends the request to [`Upstream::select_for`].
+    pub fn select_sticky(self: &Arc<Self>, id: u64, tried: &Tried) -> Option<Lease> {
+        let now = Instant::now();
+        let set = self.set.load();
+        let (index, backend) = set
+            .backends
+            .iter()
+            .enumerate()
+            .find(|(_, b)| b.sticky_id == id)?;
+        if tried.contains(index) || !backend.available(now) {
+            return None;
+        }
+        self.lease(backend, index, now)
+    }
+
+    /// Leases `backend` (at `index`), unless its circuit is half-open and another request
+    /// holds the probe.
+    fn lease(
+        self: &Arc<Self>,
+        backend: &Arc<BackendState>,
+        index: usize,
+        now: Instant,
+    ) -> Option<Lease> {
+        let probe = match &backend.breaker {
+            None => false,
+            Some(b) => b.admit(now)?,
+        };
+        backend.learned.inflight.fetch_add(1, Relaxed);
+        Some(Lease {
+            upstream: Arc::clone(self),
+            backend: Arc::clone(backend),
+            index,
+            probe,
+            reported: false,
+            since: self.concurrency.as_ref().map(|_| now),
+            held: None,
+            span: None,
+        })
     }
 }
 
@@ -1096,6 +1123,7 @@ mod tests {
             tls: None,
             protocol: crate::config::Protocol::H1,
             host_header: HostHeader::Pass,
+            sticky: None,
         };
         let metrics = Arc::new(Metrics::new().expect("metrics"));
         Arc::new(Upstream::new(&config, &metrics))

@@ -153,3 +153,144 @@ fn check_refuses_a_split_that_cannot_be() {
     assert!(out.contains("routes[0].match.cookies.beta"), "{out}");
     assert!(out.contains("not a regular expression"), "{out}");
 }
+
+/// The `fanout_affinity` cookie pair of an answer's `Set-Cookie`, if it sets one.
+fn affinity(resp: &reqwest::Response) -> Option<String> {
+    resp.headers()
+        .get_all("set-cookie")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .find(|v| v.starts_with("fanout_affinity="))
+        .and_then(|v| v.split(';').next())
+        .map(str::to_string)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sticky_cookie_keeps_a_client_on_its_backend_until_that_backend_goes() {
+    let (a, b, c3) = (
+        Backend::start("a").await,
+        Backend::start("b").await,
+        Backend::start("c").await,
+    );
+    let gw = Gateway::start(&format!(
+        "upstreams:\n  app:\n    balance: least_conn\n    sticky: {{ ttl: 1h }}\n    backends: [{}, {}, {}]\n\
+         \x20   health_check: {{ path: /health, interval: 100ms, timeout: 1s, unhealthy_after: 1, healthy_after: 1 }}\n\
+         routes:\n  - {{ match: {{ prefix: / }}, upstream: app }}\n",
+        a.addr, b.addr, c3.addr
+    ));
+    let c = client();
+    let first = c.get(gw.url("/x")).send().await.unwrap();
+    assert_eq!(first.status(), 200);
+    let cookie = affinity(&first).expect("the first answer sets the cookie");
+    let text = first.headers()["set-cookie"].to_str().unwrap().to_string();
+    assert!(
+        text.contains("HttpOnly") && text.contains("Max-Age=3600"),
+        "{text}"
+    );
+    let home = first.headers()["x-backend"].to_str().unwrap().to_string();
+    assert!(
+        !cookie.contains("127.0.0.1"),
+        "the cookie shows the address: {cookie}"
+    );
+    // 30 requests with the cookie: the same backend each time, and no new cookie.
+    for _ in 0..30 {
+        let resp = c
+            .get(gw.url("/x"))
+            .header("cookie", &cookie)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.headers()["x-backend"].to_str().unwrap(), home);
+        assert_eq!(affinity(&resp), None, "a valid cookie is not set again");
+    }
+    // A forged value is ignored (balanced as usual, a genuine cookie set), not an error.
+    let resp = c
+        .get(gw.url("/x"))
+        .header("cookie", "fanout_affinity=AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert!(affinity(&resp).is_some());
+    // Its backend goes down: the client is balanced to another and its cookie renewed.
+    let down = [&a, &b, &c3]
+        .into_iter()
+        .find(|x| x.state.name == home)
+        .unwrap();
+    down.set_healthy(false);
+    eventually(
+        Duration::from_secs(10),
+        "the backend out of rotation",
+        || async {
+            let resp = c
+                .get(gw.url("/x"))
+                .header("cookie", &cookie)
+                .send()
+                .await
+                .unwrap();
+            resp.headers()["x-backend"].to_str().unwrap() != home
+        },
+    )
+    .await;
+    let resp = c
+        .get(gw.url("/x"))
+        .header("cookie", &cookie)
+        .send()
+        .await
+        .unwrap();
+    let moved = resp.headers()["x-backend"].to_str().unwrap().to_string();
+    let renewed = affinity(&resp).expect("the cookie is renewed for the new backend");
+    assert_ne!(renewed, cookie);
+    for _ in 0..10 {
+        let resp = c
+            .get(gw.url("/x"))
+            .header("cookie", &renewed)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.headers()["x-backend"].to_str().unwrap(), moved);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consistent_hash_on_one_cookie_ignores_the_others() {
+    let (a, b, c3) = (
+        Backend::start("a").await,
+        Backend::start("b").await,
+        Backend::start("c").await,
+    );
+    let gw = Gateway::start(&format!(
+        "upstreams:\n  app:\n    balance: consistent_hash\n    hash_key: cookie:session\n    backends: [{}, {}, {}]\n\
+         routes:\n  - {{ match: {{ prefix: / }}, upstream: app }}\n",
+        a.addr, b.addr, c3.addr
+    ));
+    let c = client();
+    for user in 0..20 {
+        let mut seen = std::collections::HashSet::new();
+        for other in 0..5 {
+            let cookie = format!("theme=t{other}; session=user-{user}; ts={}", other * 7);
+            let resp = c
+                .get(gw.url("/x"))
+                .header("cookie", cookie)
+                .send()
+                .await
+                .unwrap();
+            seen.insert(resp.headers()["x-backend"].to_str().unwrap().to_string());
+        }
+        assert_eq!(
+            seen.len(),
+            1,
+            "user-{user} moved when another cookie changed: {seen:?}"
+        );
+    }
+}
+
+#[test]
+fn check_refuses_a_sticky_cookie_that_cannot_be() {
+    let yaml = "listen: 127.0.0.1:1\nupstreams:\n  a: { backends: [127.0.0.1:2], sticky: { cookie: \"my cookie\", ttl: 0s } }\n\
+        routes:\n  - { match: { prefix: / }, upstream: a }\n";
+    let (ok, out) = check_yaml(yaml);
+    assert!(!ok);
+    assert!(out.contains("upstreams.a.sticky.cookie"), "{out}");
+    assert!(out.contains("upstreams.a.sticky.ttl"), "{out}");
+}

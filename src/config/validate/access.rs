@@ -435,6 +435,7 @@ pub(super) fn service_url(
             .collect(),
         discover: Vec::new(),
         host_header: HostHeader::Pass,
+        sticky: None,
         health_check: None,
         breaker: None,
         timeouts: Timeouts {

@@ -381,7 +381,33 @@ pub(super) fn build_upstream(
             }
         },
     };
+    let sticky = f.sticky.map(|st| {
+        let cookie = st
+            .cookie
+            .unwrap_or_else(|| DEFAULT_STICKY_COOKIE.to_string());
+        let token = !cookie.is_empty()
+            && cookie
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
+        if !token {
+            ck.err(
+                &format!("{path}.sticky.cookie"),
+                format!("{cookie:?} is not a cookie name (letters, digits, -_.!#$%&'*+^`|~)"),
+            );
+        }
+        let ttl = st.ttl.map_or(DEFAULT_STICKY_TTL, |d| d.0);
+        if ttl.is_zero() {
+            ck.err(&format!("{path}.sticky.ttl"), "must be more than 0s");
+        }
+        StickyConfig {
+            cookie,
+            ttl,
+            secure: st.secure,
+            http_only: st.http_only.unwrap_or(true),
+        }
+    });
     (ck.errors.len() == before).then(|| UpstreamConfig {
+        sticky,
         retry_budget,
         concurrency,
         name: name.to_string(),
