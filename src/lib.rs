@@ -21,6 +21,7 @@ pub(crate) mod proxy;
 pub(crate) mod ratelimit;
 pub(crate) mod redirect;
 pub(crate) mod reload;
+pub mod rollout;
 pub mod routing;
 pub(crate) mod tls;
 pub(crate) mod upstream;
