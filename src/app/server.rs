@@ -130,6 +130,9 @@ pub fn build(
         conf: None,
     };
     let spool = open_spool(&config)?;
+    if let crate::config::StateConfig::Disk { dir } = &config.state {
+        crate::upstream::sticky::keep_key_in(dir)?;
+    }
     let listen = config.listen.clone();
     let admin = config.admin.clone();
     let server_conf = config.server_copy()?;

@@ -37,6 +37,9 @@ pub fn needs_upgrade(old: &Config, new: &Config, cache_made: bool) -> Vec<String
     if old.admin.as_ref().map(|a| a.address) != new.admin.as_ref().map(|a| a.address) {
         lines.push("admin: the admin listener's address changes".into());
     }
+    if old.state != new.state {
+        lines.push("state: where durable state is kept changes".into());
+    }
     if old.spool != new.spool {
         lines.push("spool: the spool's settings change".into());
     } else if matches!(

@@ -573,7 +573,15 @@ pub struct FileSpool {
     pub claim_after: Option<Dur>,
 }
 
-/// `spool.store`.
+/// `state:` — durable state other than the spool.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileState {
+    pub store: Option<FileSpoolStore>,
+    pub dir: Option<String>,
+}
+
+/// `spool.store`, and `state.store`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum FileSpoolStore {

@@ -51,7 +51,23 @@ pub struct Config {
     pub resolver: Option<ResolverConfig>,
     /// `tracing:`; absent: no spans (the `traceparent` is still passed on).
     pub tracing: Option<TracingConfig>,
+    /// `state:`; absent: in memory, for the life of the process.
+    pub state: StateConfig,
 }
+
+/// Where durable state other than the spool lives (`state:`): today the key that signs
+/// `sticky:` cookies.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum StateConfig {
+    /// For the life of the process (the default).
+    #[default]
+    Memory,
+    /// Files in this directory, kept across restarts and upgrades.
+    Disk { dir: std::path::PathBuf },
+}
+
+/// `state.dir` when not given.
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/fanout/state";
 
 /// `tracing:`: OpenTelemetry spans over OTLP/HTTP.
 #[derive(Debug, Clone)]

@@ -7,11 +7,16 @@
 //! The cookie is opaque and signed: base64url of the backend's id (a stable hash of the
 //! upstream's name and the backend's label, never its address), an expiry time, and a
 //! truncated HMAC-SHA256 of both under the process's affinity key. A forged, altered or
-//! expired value is ignored, never an error. The key is random per process, kept across
-//! reloads: after a restart, or on another instance of a fleet, a cookie is not
-//! recognised, the request is balanced and the cookie renewed (a key shared through
-//! `state:` is to come).
+//! expired value is ignored, never an error. The key is random and kept across reloads;
+//! with `state: { store: disk }` it is kept in the state directory ([`keep_key_in`]), so
+//! cookies stay valid across restarts and upgrades (and on every instance that shares the
+//! directory's key file). Without it, after a restart a cookie is not recognised, the
+//! request is balanced and the cookie renewed.
 
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
 use std::sync::OnceLock;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -32,23 +37,60 @@ const LEN: usize = 8 + 4 + TAG;
 
 static KEY: OnceLock<hmac::Key> = OnceLock::new();
 
-fn key() -> &'static hmac::Key {
-    KEY.get_or_init(|| {
-        let mut secret = [0u8; 32];
+/// The key file in the state directory.
+const KEY_FILE: &str = "affinity.key";
+
+/// Signs cookies with the key kept in `dir` (made on first use: 32 random bytes, readable
+/// by the owner only). Called once at start, before any request.
+pub(crate) fn keep_key_in(dir: &Path) -> Result<(), String> {
+    let fail = |what: &str, e: std::io::Error| format!("state.dir {}: {what}: {e}", dir.display());
+    fs::create_dir_all(dir).map_err(|e| fail("cannot create it", e))?;
+    let path = dir.join(KEY_FILE);
+    let secret = match fs::read(&path) {
+        Ok(bytes) if bytes.len() == 32 => bytes,
+        Ok(bytes) => {
+            return Err(format!(
+                "{}: {} bytes, not a key of 32 (remove it to make a new one)",
+                path.display(),
+                bytes.len()
+            ))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let secret = random_secret();
+            let mut file = fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&path)
+                .map_err(|e| fail("cannot write the affinity key", e))?;
+            file.write_all(&secret)
+                .and_then(|()| file.sync_all())
+                .map_err(|e| fail("cannot write the affinity key", e))?;
+            secret.to_vec()
+        }
+        Err(e) => return Err(fail("cannot read the affinity key", e)),
+    };
+    // Set once per process: a graceful upgrade's new process reads the same file.
+    let _ = KEY.set(hmac::Key::new(hmac::HMAC_SHA256, &secret));
+    Ok(())
+}
+
+/// 32 bytes from the operating system's generator.
+fn random_secret() -> [u8; 32] {
+    let mut secret = [0u8; 32];
+    let rng = ring::rand::SystemRandom::new();
+    if ring::rand::SecureRandom::fill(&rng, &mut secret).is_err() {
+        // No OS randomness (never seen on Linux): the per-thread generator, seeded from
+        // the process's random hasher state.
         for chunk in secret.chunks_mut(8) {
             chunk.copy_from_slice(&keys::random_u64().to_le_bytes());
         }
-        // Mixed with the OS's randomness through ring, so the per-thread generator's seed
-        // alone does not make the key.
-        let rng = ring::rand::SystemRandom::new();
-        let mut os = [0u8; 32];
-        if ring::rand::SecureRandom::fill(&rng, &mut os).is_ok() {
-            for (s, o) in secret.iter_mut().zip(os) {
-                *s ^= o;
-            }
-        }
-        hmac::Key::new(hmac::HMAC_SHA256, &secret)
-    })
+    }
+    secret
+}
+
+fn key() -> &'static hmac::Key {
+    KEY.get_or_init(|| hmac::Key::new(hmac::HMAC_SHA256, &random_secret()))
 }
 
 /// A backend's id in cookies: the same in every process for the same upstream and label.

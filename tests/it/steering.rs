@@ -294,3 +294,67 @@ fn check_refuses_a_sticky_cookie_that_cannot_be() {
     assert!(out.contains("upstreams.a.sticky.cookie"), "{out}");
     assert!(out.contains("upstreams.a.sticky.ttl"), "{out}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_state_on_disk_a_sticky_cookie_outlives_a_restart() {
+    let (a, b, c3) = (
+        Backend::start("a").await,
+        Backend::start("b").await,
+        Backend::start("c").await,
+    );
+    let state = scratch_dir().join("state");
+    let body = format!(
+        "state: {{ store: disk, dir: {} }}\n\
+         upstreams:\n  app:\n    sticky: {{}}\n    backends: [{}, {}, {}]\n\
+         routes:\n  - {{ match: {{ prefix: / }}, upstream: app }}\n",
+        state.display(),
+        a.addr,
+        b.addr,
+        c3.addr
+    );
+    let c = client();
+    let (cookie, home) = {
+        let gw = Gateway::start(&body);
+        let resp = c.get(gw.url("/x")).send().await.unwrap();
+        let home = resp.headers()["x-backend"].to_str().unwrap().to_string();
+        (affinity(&resp).expect("a cookie"), home)
+    };
+    let key = state.join("affinity.key");
+    let meta = std::fs::metadata(&key).expect("the key file");
+    assert_eq!(meta.len(), 32);
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+    // Another process on the same state: the cookie is recognised, no new one is set.
+    let gw = Gateway::start(&body);
+    for _ in 0..10 {
+        let resp = c
+            .get(gw.url("/x"))
+            .header("cookie", &cookie)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.headers()["x-backend"].to_str().unwrap(), home);
+        assert_eq!(affinity(&resp), None);
+    }
+    let _ = std::fs::remove_dir_all(state.parent().unwrap());
+}
+
+#[test]
+fn check_refuses_state_it_cannot_keep() {
+    let routes = "upstreams:\n  a: { backends: [127.0.0.1:2] }\nroutes:\n  - { match: { prefix: / }, upstream: a }\n";
+    for (state, says) in [
+        (
+            "state: { store: disk, dir: relative/dir }",
+            "not an absolute path",
+        ),
+        (
+            "state: { store: memory, dir: /tmp/x }",
+            "applies only to `store: disk`",
+        ),
+        ("state: { store: redis }", "not supported yet"),
+    ] {
+        let (ok, out) = check_yaml(&format!("listen: 127.0.0.1:1\n{state}\n{routes}"));
+        assert!(!ok, "accepted: {state}");
+        assert!(out.contains(says), "{state}: {out}");
+    }
+}

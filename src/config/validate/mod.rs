@@ -214,6 +214,10 @@ pub(super) fn build(text: &str) -> Result<Config, Vec<ConfigError>> {
     let spool = sections
         .parse::<FileSpool>(&mut ck, "spool")
         .and_then(|f| build_spool(&mut ck, f));
+    let state = sections
+        .parse::<FileState>(&mut ck, "state")
+        .map(|f| build_state(&mut ck, f))
+        .unwrap_or_default();
     let cache_max_size = sections
         .parse::<FileCache>(&mut ck, "cache")
         .and_then(|c| c.max_size)
@@ -296,6 +300,7 @@ pub(super) fn build(text: &str) -> Result<Config, Vec<ConfigError>> {
             redis,
             resolver,
             tracing,
+            state,
         })
     } else {
         Err(ck.errors)

@@ -234,6 +234,34 @@ pub(super) fn build_resolver(ck: &mut Checker, f: FileResolver) -> Option<Resolv
 /// `spool:`: `store` (disk by default, which needs `dir`), and the keys of that store.
 /// With `store: disk` the directory must be one, or be creatable (its nearest existing
 /// ancestor is a writable directory).
+/// `state: { store, dir }`.
+pub(super) fn build_state(ck: &mut Checker, f: FileState) -> StateConfig {
+    match (f.store.unwrap_or(FileSpoolStore::Memory), f.dir) {
+        (FileSpoolStore::Memory, None) => StateConfig::Memory,
+        (FileSpoolStore::Memory, Some(_)) => {
+            ck.err("state.dir", "applies only to `store: disk`");
+            StateConfig::Memory
+        }
+        (FileSpoolStore::Disk, dir) => {
+            let dir = std::path::PathBuf::from(dir.as_deref().unwrap_or(DEFAULT_STATE_DIR));
+            if !dir.is_absolute() {
+                ck.err(
+                    "state.dir",
+                    format!("{} is not an absolute path", dir.display()),
+                );
+            }
+            StateConfig::Disk { dir }
+        }
+        (FileSpoolStore::Redis, _) => {
+            ck.err(
+                "state.store",
+                "redis is not supported yet (memory or disk; a fleet's shared state is to come)",
+            );
+            StateConfig::Memory
+        }
+    }
+}
+
 pub(super) fn build_spool(ck: &mut Checker, f: FileSpool) -> Option<SpoolConfig> {
     let max_size = f.max_size.map_or(DEFAULT_SPOOL_MAX_SIZE, |s| s.0);
     if max_size < MIN_SPOOL_MAX_SIZE {
