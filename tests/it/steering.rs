@@ -154,6 +154,15 @@ fn check_refuses_a_split_that_cannot_be() {
     assert!(out.contains("not a regular expression"), "{out}");
 }
 
+/// Backends named a, b and c.
+async fn three_backends() -> (Backend, Backend, Backend) {
+    (
+        Backend::start("a").await,
+        Backend::start("b").await,
+        Backend::start("c").await,
+    )
+}
+
 /// The `fanout_affinity` cookie pair of an answer's `Set-Cookie`, if it sets one.
 fn affinity(resp: &reqwest::Response) -> Option<String> {
     resp.headers()
@@ -167,11 +176,7 @@ fn affinity(resp: &reqwest::Response) -> Option<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sticky_cookie_keeps_a_client_on_its_backend_until_that_backend_goes() {
-    let (a, b, c3) = (
-        Backend::start("a").await,
-        Backend::start("b").await,
-        Backend::start("c").await,
-    );
+    let (a, b, c3) = three_backends().await;
     let gw = Gateway::start(&format!(
         "upstreams:\n  app:\n    balance: least_conn\n    sticky: {{ ttl: 1h }}\n    backends: [{}, {}, {}]\n\
          \x20   health_check: {{ path: /health, interval: 100ms, timeout: 1s, unhealthy_after: 1, healthy_after: 1 }}\n\
@@ -254,11 +259,7 @@ async fn a_sticky_cookie_keeps_a_client_on_its_backend_until_that_backend_goes()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn consistent_hash_on_one_cookie_ignores_the_others() {
-    let (a, b, c3) = (
-        Backend::start("a").await,
-        Backend::start("b").await,
-        Backend::start("c").await,
-    );
+    let (a, b, c3) = three_backends().await;
     let gw = Gateway::start(&format!(
         "upstreams:\n  app:\n    balance: consistent_hash\n    hash_key: cookie:session\n    backends: [{}, {}, {}]\n\
          routes:\n  - {{ match: {{ prefix: / }}, upstream: app }}\n",
@@ -297,11 +298,7 @@ fn check_refuses_a_sticky_cookie_that_cannot_be() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_state_on_disk_a_sticky_cookie_outlives_a_restart() {
-    let (a, b, c3) = (
-        Backend::start("a").await,
-        Backend::start("b").await,
-        Backend::start("c").await,
-    );
+    let (a, b, c3) = three_backends().await;
     let state = scratch_dir().join("state");
     let body = format!(
         "state: {{ store: disk, dir: {} }}\n\
