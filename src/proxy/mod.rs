@@ -178,7 +178,12 @@ impl ProxyHttp for FanoutProxy {
     fn request_cache_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<()> {
         let span = ctx.span.as_ref();
         let (route, routed) = on_route(&ctx.gen, &mut ctx.routed)?;
-        if let (Some(cache), Some(rc)) = (self.gw.cache(), route.config.cache.as_ref()) {
+        // A request its split sent to another upstream neither reads nor fills the route's
+        // cache: the entries are the route's own upstream's answers.
+        let own_side = ctx.pass.upstream.is_none();
+        if let (Some(cache), Some(rc), true) =
+            (self.gw.cache(), route.config.cache.as_ref(), own_side)
+        {
             cache.enable(session, rc);
             routed.cache_span = span.map(|s| s.child("cache lookup", Kind::Internal));
         }

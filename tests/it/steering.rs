@@ -355,3 +355,45 @@ fn check_refuses_state_it_cannot_keep() {
         assert!(out.contains(says), "{state}: {out}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_split_side_neither_reads_nor_fills_the_routes_cache() {
+    let (v1, v3) = (Backend::start("v1").await, Backend::start("v3").await);
+    let gw = Gateway::start(&format!(
+        "upstreams:\n  api_v1: {{ backends: [{}] }}\n  api_v3: {{ backends: [{}] }}\n\
+         routes:\n  - match: {{ prefix: /api }}\n    upstream: api_v1\n    cache: {{ ttl: 60s }}\n    \
+         split: {{ key: header:X-User-Id, to: {{ api_v3: 50% }} }}\n",
+        v1.addr, v3.addr
+    ));
+    let c = client();
+    let ask = |user: String| {
+        let req = c.get(gw.url("/api/page")).header("x-user-id", user);
+        async move {
+            let resp = req.send().await.unwrap();
+            assert_eq!(resp.status(), 200);
+            let backend = resp.headers()["x-backend"].to_str().unwrap().to_string();
+            let cache = resp.headers()["x-cache"].to_str().unwrap().to_string();
+            (backend, cache)
+        }
+    };
+    // Find one user on each side.
+    let mut on = std::collections::HashMap::new();
+    for i in 0..200 {
+        let user = format!("user-{i}");
+        let (backend, _) = ask(user.clone()).await;
+        on.entry(backend).or_insert(user);
+        if on.len() == 2 {
+            break;
+        }
+    }
+    let (base_user, side_user) = (on["v1"].clone(), on["v3"].clone());
+    // The baseline's answer is cached and served to its users; the side's users always
+    // reach the side, and never get the baseline's entry.
+    assert_eq!(ask(base_user.clone()).await, ("v1".into(), "HIT".into()));
+    for _ in 0..3 {
+        assert_eq!(ask(side_user.clone()).await, ("v3".into(), "BYPASS".into()));
+    }
+    let before = v3.hits();
+    ask(side_user).await;
+    assert_eq!(v3.hits(), before + 1);
+}
