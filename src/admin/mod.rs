@@ -231,8 +231,18 @@ impl AdminApp {
                     "methods": c.methods.as_ref().map(|ms| ms.iter().map(|m| m.as_str()).collect::<Vec<_>>()),
                 });
                 match &c.kind {
-                    RouteKind::Proxy { upstream, fallback, .. } => {
+                    RouteKind::Proxy { upstream, fallback, split, .. } => {
                         v["upstream"] = json!(name(upstream));
+                        if let Some(split) = split {
+                            v["split"] = json!(split
+                                .to
+                                .iter()
+                                .map(|(u, share)| json!({
+                                    "upstream": name(u),
+                                    "percent": f64::from(*share) / 100.0,
+                                }))
+                                .collect::<Vec<_>>());
+                        }
                         if !fallback.is_empty() {
                             v["fallback"] = json!(fallback.iter().map(name).collect::<Vec<_>>());
                         }

@@ -102,6 +102,12 @@ async fn a_split_sends_its_share_of_keys_and_growing_it_only_adds_keys() {
             .unwrap_or(-1.0)
     };
     assert_eq!(count("api_v3"), (on_v3 * 5) as f64, "{text}");
+    let status = status_json(&client(), &gw).await;
+    assert_eq!(
+        status["routes"][0]["split"],
+        serde_json::json!([{ "upstream": "api_v3", "percent": 20.0 }]),
+        "{status}"
+    );
     assert_eq!(count("api_v1"), ((400 - on_v3) * 5) as f64);
 
     // Raised to 40%: every key that was on v3 stays there; the others only join it.
