@@ -109,7 +109,15 @@ pub async fn accept(
     while let Some(chunk) = session.read_request_body().await? {
         if (body.len() + chunk.len()) as u64 > route.max_body_bytes {
             let r = Refusal::TooLarge;
-            return send_error(session, r.status(), r.message(), request_id, &[], true).await;
+            return send_error(
+                session,
+                r.status(),
+                r.message(),
+                request_id,
+                Vec::new(),
+                true,
+            )
+            .await;
         }
         body.extend_from_slice(&chunk);
     }
@@ -138,8 +146,11 @@ pub async fn accept(
     };
     if let Some(message) = refused {
         // Push back rather than accept what might not be delivered.
-        let retry = [("retry-after", "1".to_string())];
-        return send_error(session, 503, message, request_id, &retry, closing).await;
+        let retry = vec![(
+            http::header::RETRY_AFTER,
+            http::HeaderValue::from_static("1"),
+        )];
+        return send_error(session, 503, message, request_id, retry, closing).await;
     }
     let answer =
         serde_json::json!({ "request_id": request_id, "targets": targets.list.len() }).to_string();

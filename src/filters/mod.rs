@@ -198,17 +198,9 @@ mod tests {
         let yaml = "listen: 127.0.0.1:1\nupstreams:\n  u:\n    backends: [127.0.0.1:9001]\n\
             routes:\n  - { match: { prefix: /a }, upstream: u }\n  \
             - { match: { prefix: /b }, upstream: u, plugins: [{ name: nowhere }] }\n";
-        let config = crate::config::from_yaml(yaml, "test").expect("valid configuration");
-        let metrics = Arc::new(Metrics::new().expect("metrics"));
-        let connector = Arc::new(Connector::new(None));
-        let with = Build {
-            metrics: &metrics,
-            connector: &connector,
-        };
-        assert!(Chain::build(&config.routes[0], &with, Vec::new())
-            .expect("chain")
-            .is_empty());
-        let Err(why) = Chain::build(&config.routes[1], &with, Vec::new()) else {
+        let mut built = chains(yaml);
+        assert!(built.remove(0).expect("chain").is_empty());
+        let Err(why) = built.remove(0) else {
             panic!("an unknown plugin was built");
         };
         assert!(

@@ -26,21 +26,12 @@ pub async fn send_error(
     status: u16,
     message: &'static str,
     request_id: &str,
-    extra: &[(&'static str, String)],
+    extra: Vec<(http::HeaderName, http::HeaderValue)>,
     close: bool,
 ) -> Result<()> {
-    let headers = extra
-        .iter()
-        .filter_map(|(name, value)| {
-            Some((
-                http::HeaderName::from_static(name),
-                http::HeaderValue::from_str(value).ok()?,
-            ))
-        })
-        .collect();
     let stop = Stop {
         status,
-        headers,
+        headers: extra,
         body: StopBody::Error(message),
         denied: None,
     };

@@ -299,7 +299,9 @@ impl ProxyHttp for FanoutProxy {
             }
         }
         let req = session.req_header();
-        if let Some(config) = &upstream.config.sticky {
+        let config = upstream.config.sticky.as_ref();
+        if let (Some(config), 0) = (config, routed.attempts) {
+            // Read on the first attempt only: a retry keeps what it found.
             routed.sticky = sticky::wanted(config, &req.headers);
         }
         let lease = routed
@@ -543,7 +545,8 @@ impl ProxyHttp for FanoutProxy {
                     };
                     code = status;
                     if let Err(write_error) =
-                        send_error(session, status, message, &ctx.request_id, &[], true).await
+                        send_error(session, status, message, &ctx.request_id, Vec::new(), true)
+                            .await
                     {
                         log::debug!("could not send the {status} answer: {write_error}");
                     }
@@ -554,22 +557,15 @@ impl ProxyHttp for FanoutProxy {
             }
         } else if can_answer {
             let (message, extra) = match (ctx.refused, shed) {
-                (Some(refusal), _) => (refusal.message(), None),
+                (Some(refusal), _) => (refusal.message(), Vec::new()),
                 (None, true) => (
                     "upstream over its concurrency limit",
-                    Some(("retry-after", "1".to_string())),
+                    vec![(header::RETRY_AFTER, http::HeaderValue::from_static("1"))],
                 ),
-                (None, false) => (respond::reason(code), None),
+                (None, false) => (respond::reason(code), Vec::new()),
             };
-            if let Err(write_error) = send_error(
-                session,
-                code,
-                message,
-                &ctx.request_id,
-                extra.as_slice(),
-                !reusable,
-            )
-            .await
+            if let Err(write_error) =
+                send_error(session, code, message, &ctx.request_id, extra, !reusable).await
             {
                 log::debug!("could not send the {code} answer: {write_error}");
             }

@@ -107,7 +107,7 @@ pub async fn serve(session: &mut Session, to: TunnelTarget<'_>) -> Result<Option
         status,
         respond::reason(status),
         to.request_id,
-        &[],
+        Vec::new(),
         true,
     )
     .await?;

@@ -160,6 +160,15 @@ fn check_refuses_a_split_that_cannot_be() {
     assert!(out.contains("not a regular expression"), "{out}");
 }
 
+/// A request for `/x` carrying `cookie`.
+async fn with_cookie(c: &reqwest::Client, gw: &Gateway, cookie: &str) -> reqwest::Response {
+    c.get(gw.url("/x"))
+        .header("cookie", cookie)
+        .send()
+        .await
+        .unwrap()
+}
+
 /// Backends named a, b and c.
 async fn three_backends() -> (Backend, Backend, Backend) {
     (
@@ -205,12 +214,7 @@ async fn a_sticky_cookie_keeps_a_client_on_its_backend_until_that_backend_goes()
     );
     // 30 requests with the cookie: the same backend each time, and no new cookie.
     for _ in 0..30 {
-        let resp = c
-            .get(gw.url("/x"))
-            .header("cookie", &cookie)
-            .send()
-            .await
-            .unwrap();
+        let resp = with_cookie(&c, &gw, &cookie).await;
         assert_eq!(resp.headers()["x-backend"].to_str().unwrap(), home);
         assert_eq!(affinity(&resp), None, "a valid cookie is not set again");
     }
@@ -233,32 +237,17 @@ async fn a_sticky_cookie_keeps_a_client_on_its_backend_until_that_backend_goes()
         Duration::from_secs(10),
         "the backend out of rotation",
         || async {
-            let resp = c
-                .get(gw.url("/x"))
-                .header("cookie", &cookie)
-                .send()
-                .await
-                .unwrap();
+            let resp = with_cookie(&c, &gw, &cookie).await;
             resp.headers()["x-backend"].to_str().unwrap() != home
         },
     )
     .await;
-    let resp = c
-        .get(gw.url("/x"))
-        .header("cookie", &cookie)
-        .send()
-        .await
-        .unwrap();
+    let resp = with_cookie(&c, &gw, &cookie).await;
     let moved = resp.headers()["x-backend"].to_str().unwrap().to_string();
     let renewed = affinity(&resp).expect("the cookie is renewed for the new backend");
     assert_ne!(renewed, cookie);
     for _ in 0..10 {
-        let resp = c
-            .get(gw.url("/x"))
-            .header("cookie", &renewed)
-            .send()
-            .await
-            .unwrap();
+        let resp = with_cookie(&c, &gw, &renewed).await;
         assert_eq!(resp.headers()["x-backend"].to_str().unwrap(), moved);
     }
 }
@@ -330,12 +319,7 @@ async fn with_state_on_disk_a_sticky_cookie_outlives_a_restart() {
     // Another process on the same state: the cookie is recognised, no new one is set.
     let gw = Gateway::start(&body);
     for _ in 0..10 {
-        let resp = c
-            .get(gw.url("/x"))
-            .header("cookie", &cookie)
-            .send()
-            .await
-            .unwrap();
+        let resp = with_cookie(&c, &gw, &cookie).await;
         assert_eq!(resp.headers()["x-backend"].to_str().unwrap(), home);
         assert_eq!(affinity(&resp), None);
     }
@@ -402,4 +386,36 @@ async fn a_split_side_neither_reads_nor_fills_the_routes_cache() {
     let before = v3.hits();
     ask(side_user).await;
     assert_eq!(v3.hits(), before + 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_keeps_sticky_cookies_valid() {
+    let (a, b, c3) = three_backends().await;
+    let conf = |extra: &str| {
+        format!(
+            "upstreams:\n  app:\n    sticky: {{}}\n    backends: [{}, {}, {}]\n\
+             routes:\n  - {{ match: {{ prefix: / }}, upstream: app }}\n{extra}",
+            a.addr, b.addr, c3.addr
+        )
+    };
+    let gw = Gateway::start(&conf(""));
+    let c = client();
+    let first = c.get(gw.url("/x")).send().await.unwrap();
+    let cookie = affinity(&first).expect("a cookie");
+    let home = first.headers()["x-backend"].to_str().unwrap().to_string();
+    // A reload that changes the routes: the signing key and the backends' ids stay.
+    gw.rewrite(
+        &format!("127.0.0.1:{}", gw.port),
+        &conf("  - { match: { prefix: /other }, upstream: app }\n"),
+    );
+    signal(gw.pid(), "-HUP");
+    eventually(Duration::from_secs(10), "the reload in force", || async {
+        status_json(&c, &gw).await["config"]["generation"] == 2
+    })
+    .await;
+    for _ in 0..10 {
+        let resp = with_cookie(&c, &gw, &cookie).await;
+        assert_eq!(resp.headers()["x-backend"].to_str().unwrap(), home);
+        assert_eq!(affinity(&resp), None, "the cookie is still recognised");
+    }
 }
